@@ -1,0 +1,3 @@
+//! Tests of the router against real prost/pbjson messages.
+
+use super::*;
