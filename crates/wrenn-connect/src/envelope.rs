@@ -43,7 +43,10 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn new(limit: usize) -> Self {
-        Self { buf: BytesMut::new(), limit }
+        Self {
+            buf: BytesMut::new(),
+            limit,
+        }
     }
 
     pub fn push(&mut self, chunk: &[u8]) {
@@ -51,13 +54,17 @@ impl Decoder {
     }
 
     /// The next whole envelope, `Ok(None)` when more bytes are needed.
-    pub fn next(&mut self) -> Result<Option<Envelope>, EnvelopeError> {
+    pub fn next_envelope(&mut self) -> Result<Option<Envelope>, EnvelopeError> {
         if self.buf.len() < HEADER_LEN {
             return Ok(None);
         }
-        let size = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        let size =
+            u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
         if size > self.limit {
-            return Err(EnvelopeError::TooLarge { size, limit: self.limit });
+            return Err(EnvelopeError::TooLarge {
+                size,
+                limit: self.limit,
+            });
         }
         if self.buf.len() < HEADER_LEN + size {
             return Ok(None);
@@ -70,7 +77,11 @@ impl Decoder {
 
     /// Call at end of input: leftover bytes mean a truncated envelope.
     pub fn finish(&self) -> Result<(), EnvelopeError> {
-        if self.buf.is_empty() { Ok(()) } else { Err(EnvelopeError::Truncated(self.buf.len())) }
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(EnvelopeError::Truncated(self.buf.len()))
+        }
     }
 }
 
@@ -86,7 +97,7 @@ mod tests {
         let mut got = Vec::new();
         for byte in wire {
             d.push(&[byte]);
-            while let Some(e) = d.next().unwrap() {
+            while let Some(e) = d.next_envelope().unwrap() {
                 got.push(e);
             }
         }
@@ -100,11 +111,14 @@ mod tests {
     fn oversized_and_truncated_envelopes_are_errors() {
         let mut d = Decoder::new(4);
         d.push(&encode(0, b"12345"));
-        assert_eq!(d.next(), Err(EnvelopeError::TooLarge { size: 5, limit: 4 }));
+        assert_eq!(
+            d.next_envelope(),
+            Err(EnvelopeError::TooLarge { size: 5, limit: 4 })
+        );
 
         let mut d = Decoder::new(1024);
         d.push(&encode(0, b"12345")[..7]);
-        assert_eq!(d.next(), Ok(None));
+        assert_eq!(d.next_envelope(), Ok(None));
         assert_eq!(d.finish(), Err(EnvelopeError::Truncated(7)));
     }
 }

@@ -8,16 +8,11 @@ use futures::{Stream, StreamExt};
 ///
 /// The timer restarts after every item, so a busy stream sends no keepalives. The stream ends
 /// when `inner` ends.
-pub fn with_keepalive<S, T, F>(inner: S, interval: Duration, make: F) -> impl Stream<Item = T> + Send
-where
-    S: Stream<Item = T> + Send + 'static,
-    T: Send + 'static,
-    F: Fn() -> T + Send + 'static,
-{
-    async_stream(inner, interval, make)
-}
-
-fn async_stream<S, T, F>(inner: S, interval: Duration, make: F) -> impl Stream<Item = T> + Send
+pub fn with_keepalive<S, T, F>(
+    inner: S,
+    interval: Duration,
+    make: F,
+) -> impl Stream<Item = T> + Send
 where
     S: Stream<Item = T> + Send + 'static,
     T: Send + 'static,

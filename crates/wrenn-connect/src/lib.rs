@@ -23,7 +23,7 @@ mod server;
 pub use envelope::{Decoder, Envelope, EnvelopeError, FLAG_COMPRESSED, FLAG_END_STREAM, encode};
 pub use error::{Code, ConnectError, WireError};
 pub use keepalive::with_keepalive;
-pub use server::{BoxStream, Codec, Message, RequestContext, RpcRouter, DEFAULT_MAX_MESSAGE_BYTES};
+pub use server::{BoxStream, Codec, DEFAULT_MAX_MESSAGE_BYTES, Message, RequestContext, RpcRouter};
 
 /// The header that sets the keepalive cadence of server streams (seconds).
 pub const KEEPALIVE_HEADER: &str = "keepalive-ping-interval";

@@ -24,8 +24,14 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, ConnectError>> + Send + 'static>>;
 
 /// What a message type needs to travel in both codecs.
-pub trait Message: prost::Message + Default + Serialize + DeserializeOwned + Send + 'static {}
-impl<T> Message for T where T: prost::Message + Default + Serialize + DeserializeOwned + Send + 'static {}
+pub trait Message:
+    prost::Message + Default + Serialize + DeserializeOwned + Send + 'static
+{
+}
+impl<T> Message for T where
+    T: prost::Message + Default + Serialize + DeserializeOwned + Send + 'static
+{
+}
 
 /// The wire encoding of a call's messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,7 +128,10 @@ enum Kind {
 
 impl RpcRouter {
     pub fn new() -> Self {
-        Self { router: axum::Router::new(), max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES }
+        Self {
+            router: axum::Router::new(),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        }
     }
 
     /// Limit for one message (and for a whole unary body). Set before adding procedures.
@@ -159,7 +168,7 @@ impl RpcRouter {
                 Box::pin(async move {
                     let (ctx, body) = match prepare(req, Kind::Unary) {
                         Ok(x) => x,
-                        Err(rejection) => return rejection,
+                        Err(rejection) => return *rejection,
                     };
                     let codec = ctx.codec;
                     let timeout = ctx.timeout;
@@ -198,7 +207,7 @@ impl RpcRouter {
                 Box::pin(async move {
                     let (ctx, body) = match prepare(req, Kind::Stream) {
                         Ok(x) => x,
-                        Err(rejection) => return rejection,
+                        Err(rejection) => return *rejection,
                     };
                     let codec = ctx.codec;
                     let timeout = ctx.timeout;
@@ -208,7 +217,11 @@ impl RpcRouter {
                         let mut messages = decode_stream::<Req>(body, codec, limit, encoding);
                         let first = match messages.next().await {
                             Some(m) => m?,
-                            None => return Err(ConnectError::invalid_argument("missing request message")),
+                            None => {
+                                return Err(ConnectError::invalid_argument(
+                                    "missing request message",
+                                ));
+                            }
                         };
                         if messages.next().await.is_some() {
                             return Err(ConnectError::invalid_argument(
@@ -247,14 +260,15 @@ impl RpcRouter {
                 Box::pin(async move {
                     let (ctx, body) = match prepare(req, Kind::Stream) {
                         Ok(x) => x,
-                        Err(rejection) => return rejection,
+                        Err(rejection) => return *rejection,
                     };
                     let codec = ctx.codec;
                     let timeout = ctx.timeout;
                     let encoding = content_encoding(&ctx.headers, "connect-content-encoding");
                     let messages = decode_stream::<Req>(body, codec, limit, encoding);
                     let result = with_deadline(timeout, f(ctx, messages)).await;
-                    let stream: BoxStream<Resp> = futures::stream::once(async move { result }).boxed();
+                    let stream: BoxStream<Resp> =
+                        futures::stream::once(async move { result }).boxed();
                     stream_response(codec, stream)
                 })
             }),
@@ -268,14 +282,16 @@ impl RpcRouter {
 }
 
 /// Checks method and content type; splits the request into context and body.
-fn prepare(req: Request, kind: Kind) -> Result<(RequestContext, Body), Response> {
+fn prepare(req: Request, kind: Kind) -> Result<(RequestContext, Body), Box<Response>> {
     let (parts, body) = req.into_parts();
     if parts.method != Method::POST {
-        return Err((
-            StatusCode::METHOD_NOT_ALLOWED,
-            [(header::ALLOW, HeaderValue::from_static("POST"))],
-        )
-            .into_response());
+        return Err(Box::new(
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                [(header::ALLOW, HeaderValue::from_static("POST"))],
+            )
+                .into_response(),
+        ));
     }
     let content_type = parts
         .headers
@@ -297,11 +313,16 @@ fn prepare(req: Request, kind: Kind) -> Result<(RequestContext, Body), Response>
                 Kind::Unary => "application/json, application/proto",
                 Kind::Stream => "application/connect+json, application/connect+proto",
             };
-            return Err((
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                [(http::HeaderName::from_static("accept-post"), HeaderValue::from_static(accept))],
-            )
-                .into_response());
+            return Err(Box::new(
+                (
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    [(
+                        http::HeaderName::from_static("accept-post"),
+                        HeaderValue::from_static(accept),
+                    )],
+                )
+                    .into_response(),
+            ));
         }
     };
     let timeout = match parts.headers.get(crate::TIMEOUT_HEADER) {
@@ -318,15 +339,20 @@ fn prepare(req: Request, kind: Kind) -> Result<(RequestContext, Body), Response>
                 Some(ms) => Some(Duration::from_millis(ms)),
                 None => {
                     let e = ConnectError::invalid_argument("invalid Connect-Timeout-Ms header");
-                    return Err(match kind {
+                    return Err(Box::new(match kind {
                         Kind::Unary => unary_error(&e),
                         Kind::Stream => stream_error(codec, &e),
-                    });
+                    }));
                 }
             }
         }
     };
-    let ctx = RequestContext { headers: parts.headers, extensions: parts.extensions, timeout, codec };
+    let ctx = RequestContext {
+        headers: parts.headers,
+        extensions: parts.extensions,
+        timeout,
+        codec,
+    };
     Ok((ctx, body))
 }
 
@@ -345,7 +371,9 @@ fn decompress(encoding: Option<&str>, bytes: Bytes) -> Result<Bytes, ConnectErro
             let mut out = Vec::new();
             flate2::read::GzDecoder::new(&bytes[..])
                 .read_to_end(&mut out)
-                .map_err(|e| ConnectError::invalid_argument(format!("decompress gzip message: {e}")))?;
+                .map_err(|e| {
+                    ConnectError::invalid_argument(format!("decompress gzip message: {e}"))
+                })?;
             Ok(out.into())
         }
         Some(other) => Err(ConnectError::unimplemented(format!(
@@ -355,14 +383,17 @@ fn decompress(encoding: Option<&str>, bytes: Bytes) -> Result<Bytes, ConnectErro
 }
 
 fn too_large(size: usize, limit: usize) -> ConnectError {
-    ConnectError::resource_exhausted(format!("message size {size} is larger than configured max {limit}"))
+    ConnectError::resource_exhausted(format!(
+        "message size {size} is larger than configured max {limit}"
+    ))
 }
 
 async fn read_limited(body: Body, limit: usize) -> Result<Bytes, ConnectError> {
     let mut data = body.into_data_stream();
     let mut buf = bytes::BytesMut::new();
     while let Some(chunk) = data.next().await {
-        let chunk = chunk.map_err(|e| ConnectError::new(Code::Canceled, format!("read request body: {e}")))?;
+        let chunk = chunk
+            .map_err(|e| ConnectError::new(Code::Canceled, format!("read request body: {e}")))?;
         if buf.len() + chunk.len() > limit {
             return Err(too_large(buf.len() + chunk.len(), limit));
         }
@@ -372,13 +403,22 @@ async fn read_limited(body: Body, limit: usize) -> Result<Bytes, ConnectError> {
 }
 
 /// Decodes a body of envelopes into messages, lazily, as the client sends them.
-fn decode_stream<T: Message>(body: Body, codec: Codec, limit: usize, encoding: Option<String>) -> BoxStream<T> {
+fn decode_stream<T: Message>(
+    body: Body,
+    codec: Codec,
+    limit: usize,
+    encoding: Option<String>,
+) -> BoxStream<T> {
     struct State {
         data: axum::body::BodyDataStream,
         decoder: Decoder,
         done: bool,
     }
-    let state = State { data: body.into_data_stream(), decoder: Decoder::new(limit), done: false };
+    let state = State {
+        data: body.into_data_stream(),
+        decoder: Decoder::new(limit),
+        done: false,
+    };
     futures::stream::unfold(state, move |mut st| {
         let encoding = encoding.clone();
         async move {
@@ -386,11 +426,13 @@ fn decode_stream<T: Message>(body: Body, codec: Codec, limit: usize, encoding: O
                 return None;
             }
             loop {
-                match st.decoder.next() {
+                match st.decoder.next_envelope() {
                     Err(e) => {
                         st.done = true;
                         let err = match e {
-                            envelope::EnvelopeError::TooLarge { size, limit } => too_large(size, limit),
+                            envelope::EnvelopeError::TooLarge { size, limit } => {
+                                too_large(size, limit)
+                            }
                             other => ConnectError::invalid_argument(other.to_string()),
                         };
                         return Some((Err(err), st));
@@ -423,13 +465,21 @@ fn decode_stream<T: Message>(body: Body, codec: Codec, limit: usize, encoding: O
                     Some(Ok(chunk)) => st.decoder.push(&chunk),
                     Some(Err(e)) => {
                         st.done = true;
-                        return Some((Err(ConnectError::new(Code::Canceled, format!("read request body: {e}"))), st));
+                        return Some((
+                            Err(ConnectError::new(
+                                Code::Canceled,
+                                format!("read request body: {e}"),
+                            )),
+                            st,
+                        ));
                     }
                     None => {
                         st.done = true;
                         return match st.decoder.finish() {
                             Ok(()) => None,
-                            Err(e) => Some((Err(ConnectError::invalid_argument(e.to_string())), st)),
+                            Err(e) => {
+                                Some((Err(ConnectError::invalid_argument(e.to_string())), st))
+                            }
                         };
                     }
                 }
@@ -452,13 +502,19 @@ async fn with_deadline<T>(
 }
 
 /// Ends `stream` with `deadline_exceeded` once `deadline` passes.
-fn bounded<T: Send + 'static>(stream: BoxStream<T>, deadline: tokio::time::Instant) -> BoxStream<T> {
+fn bounded<T: Send + 'static>(
+    stream: BoxStream<T>,
+    deadline: tokio::time::Instant,
+) -> BoxStream<T> {
     futures::stream::unfold(Some(stream), move |state| async move {
         let mut stream = state?;
         match tokio::time::timeout_at(deadline, stream.next()).await {
             Ok(Some(item)) => Some((item, Some(stream))),
             Ok(None) => None,
-            Err(_) => Some((Err(ConnectError::deadline_exceeded("the operation timed out")), None)),
+            Err(_) => Some((
+                Err(ConnectError::deadline_exceeded("the operation timed out")),
+                None,
+            )),
         }
     })
     .boxed()
@@ -469,7 +525,12 @@ fn unary_ok<T: Message>(codec: Codec, msg: &T) -> Response {
         Codec::Json => "application/json",
         Codec::Proto => "application/proto",
     };
-    (StatusCode::OK, [(header::CONTENT_TYPE, content_type)], codec.encode(msg)).into_response()
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, content_type)],
+        codec.encode(msg),
+    )
+        .into_response()
 }
 
 fn unary_error(e: &ConnectError) -> Response {
@@ -486,18 +547,22 @@ fn unary_error(e: &ConnectError) -> Response {
 /// An error item ends the stream and goes into the end-of-stream message.
 fn stream_response<T: Message>(codec: Codec, stream: BoxStream<T>) -> Response {
     let content_type = stream_content_type(codec);
-    let frames = futures::stream::unfold((Some(stream), false), move |(stream, ended)| async move {
-        if ended {
-            return None;
-        }
-        let mut stream = stream?;
-        let (frame, next) = match stream.next().await {
-            Some(Ok(msg)) => (envelope::encode(0, &codec.encode(&msg)), (Some(stream), false)),
-            Some(Err(e)) => (end_stream(Some(&e)), (None, true)),
-            None => (end_stream(None), (None, true)),
-        };
-        Some((Ok::<_, std::convert::Infallible>(frame), next))
-    });
+    let frames =
+        futures::stream::unfold((Some(stream), false), move |(stream, ended)| async move {
+            if ended {
+                return None;
+            }
+            let mut stream = stream?;
+            let (frame, next) = match stream.next().await {
+                Some(Ok(msg)) => (
+                    envelope::encode(0, &codec.encode(&msg)),
+                    (Some(stream), false),
+                ),
+                Some(Err(e)) => (end_stream(Some(&e)), (None, true)),
+                None => (end_stream(None), (None, true)),
+            };
+            Some((Ok::<_, std::convert::Infallible>(frame), next))
+        });
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, content_type)
@@ -527,7 +592,10 @@ fn end_stream(error: Option<&ConnectError>) -> Bytes {
         Some(e) => serde_json::json!({ "error": e.to_json() }),
         None => serde_json::json!({}),
     };
-    envelope::encode(FLAG_END_STREAM, &serde_json::to_vec(&body).expect("end-stream JSON serializes"))
+    envelope::encode(
+        FLAG_END_STREAM,
+        &serde_json::to_vec(&body).expect("end-stream JSON serializes"),
+    )
 }
 
 #[cfg(test)]

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The project's test command (the README's second command, and what CI runs).
+#
+# Runs formatting and lint checks, then every test in the workspace. Tests that boot real
+# microVMs run when QEMU is installed (scripts/setup.sh installs it); set WRENN_VM_TESTS=0 to
+# skip them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+if [ -z "${WRENN_VM_TESTS:-}" ] && command -v qemu-system-x86_64 >/dev/null; then
+  export WRENN_VM_TESTS=1
+fi
+
+echo "==> cargo test (WRENN_VM_TESTS=${WRENN_VM_TESTS:-0})"
+cargo test --workspace --no-fail-fast
