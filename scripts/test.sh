@@ -19,3 +19,11 @@ fi
 
 echo "==> cargo test (WRENN_VM_TESTS=${WRENN_VM_TESTS:-0})"
 cargo test --workspace --no-fail-fast
+
+echo "==> official E2B SDK tests"
+scripts/sdk-env.sh
+cargo build -p envd
+.venv/bin/python -m pytest tests/sdk -q -p no:cacheprovider
+if command -v node >/dev/null; then
+  node --test tests/sdk/
+fi
