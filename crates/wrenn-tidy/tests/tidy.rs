@@ -1,0 +1,129 @@
+//! Tidy checks over the workspace sources.
+
+use std::path::{Path, PathBuf};
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if path.is_dir() {
+            if name != "target" && !name.starts_with('.') && name != "node_modules" {
+                rust_files(&path, out);
+            }
+        } else if name.ends_with(".rs") {
+            out.push(path);
+        }
+    }
+}
+
+fn sources() -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    rust_files(&workspace_root().join("crates"), &mut files);
+    files
+}
+
+/// Every module starts with a `//!` line saying what it is for.
+#[test]
+fn every_module_has_a_doc_header() {
+    let missing: Vec<_> = sources()
+        .into_iter()
+        .filter(|p| {
+            let text = std::fs::read_to_string(p).unwrap();
+            let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+            !first.starts_with("//!") && !first.starts_with("#![")
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "files without a `//!` header: {missing:#?}"
+    );
+}
+
+/// Modules are `foo.rs` + `foo/`, never `foo/mod.rs` (test support directories excepted).
+#[test]
+fn no_mod_rs() {
+    let bad: Vec<_> = sources()
+        .into_iter()
+        .filter(|p| p.file_name().unwrap() == "mod.rs" && !p.to_string_lossy().contains("/tests/"))
+        .collect();
+    assert!(bad.is_empty(), "mod.rs files: {bad:#?}");
+}
+
+/// Crate dependency directions from ARCHITECTURE.md.
+#[test]
+fn dependency_directions() {
+    // (crate, internal crates it must never depend on)
+    let rules: &[(&str, &[&str])] = &[
+        (
+            "wrenn-proto",
+            &[
+                "envd",
+                "wrenn-connect",
+                "wrenn-agent",
+                "wrenn-server",
+                "wrenn-qmp",
+            ],
+        ),
+        (
+            "wrenn-connect",
+            &["envd", "wrenn-agent", "wrenn-server", "wrenn-qmp"],
+        ),
+        (
+            "envd",
+            &[
+                "wrenn-agent",
+                "wrenn-server",
+                "wrenn-qmp",
+                "wrenn-hostnet",
+                "wrenn-core",
+                "wrenn-api",
+            ],
+        ),
+        (
+            "wrenn-core",
+            &[
+                "envd",
+                "wrenn-agent",
+                "wrenn-server",
+                "wrenn-qmp",
+                "wrenn-connect",
+                "wrenn-api",
+            ],
+        ),
+        (
+            "wrenn-qmp",
+            &["envd", "wrenn-agent", "wrenn-server", "wrenn-core"],
+        ),
+        (
+            "wrenn-server",
+            &["envd", "wrenn-agent", "wrenn-qmp", "wrenn-hostnet"],
+        ),
+    ];
+    let root = workspace_root();
+    let mut bad = Vec::new();
+    for (krate, forbidden) in rules {
+        let manifest = root.join("crates").join(krate).join("Cargo.toml");
+        let Ok(text) = std::fs::read_to_string(&manifest) else {
+            continue;
+        };
+        for dep in *forbidden {
+            let uses = text.lines().any(|l| {
+                let l = l.trim_start();
+                l.starts_with(&format!("{dep} "))
+                    || l.starts_with(&format!("{dep}."))
+                    || l.starts_with(&format!("{dep}="))
+            });
+            if uses {
+                bad.push(format!("{krate} depends on {dep}"));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{bad:?}");
+}
