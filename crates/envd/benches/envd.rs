@@ -25,9 +25,15 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     format!("{cpu}, {cores} cores, envd as a host process on loopback (no VM)")
 }
 
@@ -56,7 +62,9 @@ async fn main() {
 
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("blob.bin");
-    let data: Vec<u8> = (0..FILE_MB * 1024 * 1024).map(|i| (i * 7 + i / 4096) as u8).collect();
+    let data: Vec<u8> = (0..FILE_MB * 1024 * 1024)
+        .map(|i| (i * 7 + i / 4096) as u8)
+        .collect();
     let data = bytes::Bytes::from(data);
     let mut up = Vec::new();
     let mut down = Vec::new();
@@ -71,7 +79,11 @@ async fn main() {
             .send()
             .await
             .expect("upload");
-        assert!(resp.status().is_success(), "upload status {}", resp.status());
+        assert!(
+            resp.status().is_success(),
+            "upload status {}",
+            resp.status()
+        );
         up.push(t.elapsed());
 
         let t = Instant::now();
@@ -82,7 +94,11 @@ async fn main() {
             .send()
             .await
             .expect("download");
-        assert!(resp.status().is_success(), "download status {}", resp.status());
+        assert!(
+            resp.status().is_success(),
+            "download status {}",
+            resp.status()
+        );
         let got = resp.bytes().await.expect("download body");
         down.push(t.elapsed());
         assert_eq!(got.len(), data.len());
@@ -112,5 +128,8 @@ async fn exec_true(envd: &support::Envd) {
         .await;
     let (msgs, end) = stream.collect(Duration::from_secs(30)).await;
     assert_eq!(end, json!({}), "clean end of stream");
-    assert!(msgs.iter().any(|m| m["event"].get("end").is_some()), "an end event: {msgs:?}");
+    assert!(
+        msgs.iter().any(|m| m["event"].get("end").is_some()),
+        "an end event: {msgs:?}"
+    );
 }

@@ -45,6 +45,10 @@ pub struct Config {
     #[arg(long, env = "ENVD_NO_PORT_FORWARD")]
     pub no_port_forward: bool,
 
+    /// The guest's external address: loopback-only listeners are forwarded from it.
+    #[arg(long, env = "ENVD_FORWARD_ADDRESS", default_value = "169.254.0.21")]
+    pub forward_address: std::net::IpAddr,
+
     /// Run as the guest's service: set `E2B_SANDBOX=true` for processes.
     #[arg(long, env = "ENVD_IN_SANDBOX")]
     pub in_sandbox: bool,
@@ -58,6 +62,12 @@ impl Config {
     /// A configuration for tests: loopback on an ephemeral port, no cgroups, no forwarder.
     pub fn for_tests() -> Self {
         use clap::Parser;
-        Config::parse_from(["envd", "--listen", "127.0.0.1:0", "--no-cgroups", "--no-port-forward"])
+        Config::parse_from([
+            "envd",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-cgroups",
+            "--no-port-forward",
+        ])
     }
 }

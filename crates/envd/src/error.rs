@@ -42,7 +42,9 @@ impl EnvdError {
             K::NotFound => EnvdError::NotFound(format!("path '{}' does not exist", path.display())),
             K::PermissionDenied => EnvdError::PermissionDenied(msg),
             K::AlreadyExists => EnvdError::AlreadyExists(msg),
-            K::StorageFull | K::QuotaExceeded => EnvdError::NotEnoughSpace("not enough disk space available".into()),
+            K::StorageFull | K::QuotaExceeded => {
+                EnvdError::NotEnoughSpace("not enough disk space available".into())
+            }
             K::InvalidInput | K::NotADirectory | K::IsADirectory | K::InvalidFilename => {
                 EnvdError::InvalidArgument(msg)
             }
@@ -70,7 +72,9 @@ impl EnvdError {
     pub fn http_status(&self) -> StatusCode {
         match self {
             EnvdError::NotFound(_) => StatusCode::NOT_FOUND,
-            EnvdError::InvalidArgument(_) | EnvdError::FailedPrecondition(_) => StatusCode::BAD_REQUEST,
+            EnvdError::InvalidArgument(_) | EnvdError::FailedPrecondition(_) => {
+                StatusCode::BAD_REQUEST
+            }
             EnvdError::AlreadyExists(_) => StatusCode::CONFLICT,
             EnvdError::PermissionDenied(_) => StatusCode::FORBIDDEN,
             EnvdError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
@@ -106,7 +110,10 @@ pub fn json_error(status: StatusCode, message: &str) -> Response {
     (
         status,
         [
-            (http::header::CONTENT_TYPE, "application/json; charset=utf-8"),
+            (
+                http::header::CONTENT_TYPE,
+                "application/json; charset=utf-8",
+            ),
             (http::header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         ],
         body.to_string(),

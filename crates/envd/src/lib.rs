@@ -12,6 +12,7 @@
 
 pub mod cgroups;
 pub mod config;
+mod creds;
 pub mod error;
 pub mod filesystem;
 pub mod http;
@@ -19,6 +20,7 @@ pub mod lifecycle;
 pub mod paths;
 pub mod ports;
 pub mod process;
+pub mod rng;
 pub mod server;
 pub mod state;
 pub mod telemetry;
@@ -40,7 +42,10 @@ pub fn app(envd: Arc<Envd>) -> axum::Router {
         .merge(process::router(envd.clone()))
         .merge(filesystem::router(envd.clone()))
         .merge(http::router(envd.clone()))
-        .layer(axum::middleware::from_fn_with_state(envd, http::auth::require_access_token))
+        .layer(axum::middleware::from_fn_with_state(
+            envd,
+            http::auth::require_access_token,
+        ))
 }
 
 /// Runs envd until SIGTERM/SIGINT.

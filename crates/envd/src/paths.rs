@@ -9,9 +9,15 @@ use std::path::{Component, Path, PathBuf};
 use crate::error::EnvdError;
 use crate::user::User;
 
-pub fn resolve(path: &str, user: &User, default_workdir: Option<&Path>) -> Result<PathBuf, EnvdError> {
+pub fn resolve(
+    path: &str,
+    user: &User,
+    default_workdir: Option<&Path>,
+) -> Result<PathBuf, EnvdError> {
     if path.contains('\0') {
-        return Err(EnvdError::InvalidArgument("path contains a NUL byte".into()));
+        return Err(EnvdError::InvalidArgument(
+            "path contains a NUL byte".into(),
+        ));
     }
     let joined = if path.is_empty() {
         default_workdir.map_or_else(|| user.home.clone(), Path::to_path_buf)
@@ -65,7 +71,10 @@ mod tests {
         assert_eq!(r("", Some("/work")), PathBuf::from("/work"));
         assert_eq!(r("~", None), PathBuf::from("/home/user"));
         assert_eq!(r("~/a/b", None), PathBuf::from("/home/user/a/b"));
-        assert_eq!(r("rel.txt", Some("/work")), PathBuf::from("/home/user/rel.txt"));
+        assert_eq!(
+            r("rel.txt", Some("/work")),
+            PathBuf::from("/home/user/rel.txt")
+        );
         assert_eq!(r("/tmp/../etc/./x", None), PathBuf::from("/etc/x"));
         assert_eq!(r("/../../", None), PathBuf::from("/"));
         assert!(resolve("a\0b", &u, None).is_err());

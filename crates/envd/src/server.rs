@@ -40,10 +40,13 @@ impl Connections {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let in_flight = Arc::new(AtomicUsize::new(0));
         let close = Arc::new(Notify::new());
-        self.open
-            .lock()
-            .expect("connections lock")
-            .insert(id, ConnEntry { in_flight: in_flight.clone(), close: close.clone() });
+        self.open.lock().expect("connections lock").insert(
+            id,
+            ConnEntry {
+                in_flight: in_flight.clone(),
+                close: close.clone(),
+            },
+        );
         (id, in_flight, close)
     }
 
@@ -129,14 +132,24 @@ async fn serve_connection(
             let guard = InFlight::new(in_flight.clone(), activity.clone());
             let app = app.clone();
             async move {
-                let resp = app.oneshot(req.map(axum::body::Body::new)).await.unwrap_or_else(|e| match e {});
-                Ok::<_, std::convert::Infallible>(resp.map(|body| GuardedBody { inner: body, _guard: guard }))
+                let resp = app
+                    .oneshot(req.map(axum::body::Body::new))
+                    .await
+                    .unwrap_or_else(|e| match e {});
+                Ok::<_, std::convert::Infallible>(resp.map(|body| GuardedBody {
+                    inner: body,
+                    _guard: guard,
+                }))
             }
         })
     };
 
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).keep_alive(true);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -208,7 +221,10 @@ impl Body for GuardedBody {
     type Data = Bytes;
     type Error = axum::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 

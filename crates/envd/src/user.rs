@@ -48,12 +48,12 @@ fn find_user(passwd: &str, group: &str, name: &str) -> Option<User> {
     let mut groups = vec![gid];
     for g in group.lines() {
         let gf: Vec<&str> = g.split(':').collect();
-        if gf.len() >= 4 && gf[3].split(',').any(|m| m == name) {
-            if let Ok(id) = gf[2].parse::<u32>() {
-                if !groups.contains(&id) {
-                    groups.push(id);
-                }
-            }
+        if gf.len() >= 4
+            && gf[3].split(',').any(|m| m == name)
+            && let Ok(id) = gf[2].parse::<u32>()
+            && !groups.contains(&id)
+        {
+            groups.push(id);
         }
     }
     Some(User {
@@ -87,16 +87,25 @@ impl Names {
                 })
                 .collect()
         };
-        Names { users: parse(PASSWD), groups: parse(GROUP) }
+        Names {
+            users: parse(PASSWD),
+            groups: parse(GROUP),
+        }
     }
 
     /// The user name, or the number as text when unknown (as upstream does).
     pub fn user(&self, uid: u32) -> String {
-        self.users.get(&uid).cloned().unwrap_or_else(|| uid.to_string())
+        self.users
+            .get(&uid)
+            .cloned()
+            .unwrap_or_else(|| uid.to_string())
     }
 
     pub fn group(&self, gid: u32) -> String {
-        self.groups.get(&gid).cloned().unwrap_or_else(|| gid.to_string())
+        self.groups
+            .get(&gid)
+            .cloned()
+            .unwrap_or_else(|| gid.to_string())
     }
 }
 
@@ -105,13 +114,23 @@ pub fn basic_auth_user(headers: &HeaderMap) -> Result<Option<String>, EnvdError>
     let Some(value) = headers.get(http::header::AUTHORIZATION) else {
         return Ok(None);
     };
-    let bad = || EnvdError::Unauthenticated("invalid Authorization header: expected Basic base64(\"user:\")".into());
+    let bad = || {
+        EnvdError::Unauthenticated(
+            "invalid Authorization header: expected Basic base64(\"user:\")".into(),
+        )
+    };
     let value = value.to_str().map_err(|_| bad())?;
     let encoded = value.strip_prefix("Basic ").ok_or_else(bad)?;
-    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).map_err(|_| bad())?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .map_err(|_| bad())?;
     let decoded = String::from_utf8(decoded).map_err(|_| bad())?;
     let name = decoded.split(':').next().unwrap_or("");
-    Ok(if name.is_empty() { None } else { Some(name.to_owned()) })
+    Ok(if name.is_empty() {
+        None
+    } else {
+        Some(name.to_owned())
+    })
 }
 
 #[cfg(test)]
@@ -135,7 +154,10 @@ mod tests {
     fn parses_basic_auth() {
         let mut h = HeaderMap::new();
         assert_eq!(basic_auth_user(&h).unwrap(), None);
-        h.insert(http::header::AUTHORIZATION, "Basic cm9vdDo=".parse().unwrap());
+        h.insert(
+            http::header::AUTHORIZATION,
+            "Basic cm9vdDo=".parse().unwrap(),
+        );
         assert_eq!(basic_auth_user(&h).unwrap().as_deref(), Some("root"));
         h.insert(http::header::AUTHORIZATION, "Bearer x".parse().unwrap());
         assert!(basic_auth_user(&h).is_err());

@@ -20,7 +20,15 @@ pub struct Envd {
 impl Envd {
     /// envd on loopback with no cgroups and no port forwarder, plus `extra` flags.
     pub fn start(extra: &[&str]) -> Envd {
-        Self::start_with(&["--listen", "127.0.0.1:0", "--no-cgroups", "--no-port-forward"], extra)
+        Self::start_with(
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--no-cgroups",
+                "--no-port-forward",
+            ],
+            extra,
+        )
     }
 
     /// envd with exactly `base_args` then `extra`.
@@ -36,7 +44,10 @@ impl Envd {
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         let addr = loop {
-            let line = lines.next().expect("envd exited before listening").expect("read stdout");
+            let line = lines
+                .next()
+                .expect("envd exited before listening")
+                .expect("read stdout");
             if let Some(a) = line.strip_prefix("listening on ") {
                 break a.trim().parse().expect("address");
             }
@@ -47,7 +58,10 @@ impl Envd {
             child,
             base: format!("http://{addr}"),
             addr,
-            client: reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap(),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
         }
     }
 
@@ -60,7 +74,12 @@ impl Envd {
     }
 
     /// A unary Connect call with the JSON codec. Returns (HTTP status, JSON body).
-    pub async fn unary(&self, procedure: &str, body: Value, headers: &[(&str, &str)]) -> (u16, Value) {
+    pub async fn unary(
+        &self,
+        procedure: &str,
+        body: Value,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
         let mut req = self
             .client
             .post(self.url(procedure))
@@ -73,7 +92,11 @@ impl Envd {
         let resp = req.send().await.expect("send");
         let status = resp.status().as_u16();
         let bytes = resp.bytes().await.expect("body");
-        let json = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).expect("JSON body") };
+        let json = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).expect("JSON body")
+        };
         (status, json)
     }
 
@@ -90,7 +113,10 @@ impl Envd {
         }
         let resp = req.send().await.expect("send");
         assert_eq!(resp.status().as_u16(), 200, "streams answer 200");
-        Stream { resp, buf: BytesMut::new() }
+        Stream {
+            resp,
+            buf: BytesMut::new(),
+        }
     }
 }
 
@@ -126,19 +152,26 @@ pub struct Stream {
 impl Stream {
     /// The next envelope, or `None` when the body ended. Panics after `timeout`.
     pub async fn next_within(&mut self, timeout: Duration) -> Option<Item> {
-        tokio::time::timeout(timeout, self.next()).await.expect("stream item in time")
+        tokio::time::timeout(timeout, self.next())
+            .await
+            .expect("stream item in time")
     }
 
     pub async fn next(&mut self) -> Option<Item> {
         loop {
             if self.buf.len() >= 5 {
-                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize;
                 if self.buf.len() >= 5 + len {
                     let flags = self.buf[0];
                     self.buf.advance(5);
                     let payload: Bytes = self.buf.split_to(len).freeze();
                     let v: Value = serde_json::from_slice(&payload).expect("JSON envelope");
-                    return Some(if flags & 0x02 != 0 { Item::End(v) } else { Item::Message(v) });
+                    return Some(if flags & 0x02 != 0 {
+                        Item::End(v)
+                    } else {
+                        Item::Message(v)
+                    });
                 }
             }
             match self.resp.chunk().await.expect("read stream") {
@@ -164,7 +197,10 @@ impl Stream {
 /// `Authorization` header value for `user`.
 pub fn basic(user: &str) -> String {
     use base64::Engine;
-    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:")))
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:"))
+    )
 }
 
 /// Base64 of bytes, as proto3 JSON encodes `bytes`.
@@ -175,5 +211,45 @@ pub fn b64(data: &[u8]) -> String {
 
 pub fn unb64(s: &str) -> Vec<u8> {
     use base64::Engine;
-    base64::engine::general_purpose::STANDARD.decode(s).expect("base64")
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .expect("base64")
+}
+
+/// The path of the envd binary under test.
+pub fn envd_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_envd")
+}
+
+/// envd started through `program args` (e.g. `sh -c '...; exec "$0" "$@"' <envd_bin()> ...`),
+/// which must end by exec-ing envd so the child process is envd itself.
+pub fn start_envd_via(program: &str, args: &[&str]) -> Envd {
+    let mut child = Command::new(program)
+        .args(args)
+        .env_remove("ENVD_ACCESS_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn envd");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("envd exited before listening")
+            .expect("read stdout");
+        if let Some(a) = line.strip_prefix("listening on ") {
+            break a.trim().parse().expect("address");
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Envd {
+        child,
+        base: format!("http://{addr}"),
+        addr,
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap(),
+    }
 }
