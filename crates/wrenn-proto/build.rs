@@ -6,7 +6,10 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto/envd");
-    let protos = [root.join("process/process.proto"), root.join("filesystem/filesystem.proto")];
+    let protos = [
+        root.join("process/process.proto"),
+        root.join("filesystem/filesystem.proto"),
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={}", p.display());
     }

@@ -38,7 +38,10 @@ mod tests {
         assert_eq!(json["type"], "FILE_TYPE_FILE");
         assert_eq!(json["size"], "123");
         assert_eq!(json["symlinkTarget"], "/x");
-        assert!(json.get("mode").is_none(), "zero values are omitted: {json}");
+        assert!(
+            json.get("mode").is_none(),
+            "zero values are omitted: {json}"
+        );
 
         let end = ProcessEvent {
             event: Some(process_event::Event::End(process_event::EndEvent {
