@@ -17,6 +17,11 @@ if [ -z "${WRENN_VM_TESTS:-}" ] && command -v qemu-system-x86_64 >/dev/null; the
   export WRENN_VM_TESTS=1
 fi
 
+if [ "${WRENN_VM_TESTS:-0}" = 1 ]; then
+  echo "==> static envd for guest images"
+  scripts/build-guest-envd.sh
+fi
+
 echo "==> cargo test (WRENN_VM_TESTS=${WRENN_VM_TESTS:-0})"
 cargo test --workspace --no-fail-fast
 
