@@ -22,12 +22,13 @@ if [ "${WRENN_VM_TESTS:-0}" = 1 ]; then
   scripts/build-guest-envd.sh
 fi
 
+# The official E2B SDKs (Python venv, JS node_modules): some Rust tests drive them too.
+scripts/sdk-env.sh
+
 echo "==> cargo test (WRENN_VM_TESTS=${WRENN_VM_TESTS:-0})"
 cargo test --workspace --no-fail-fast
 
 echo "==> official E2B SDK tests"
-scripts/sdk-env.sh
-cargo build -p envd
 .venv/bin/python -m pytest tests/sdk -q -p no:cacheprovider
 if command -v node >/dev/null; then
   node --test tests/sdk/

@@ -15,11 +15,13 @@
 //! application messages, and the messages are prost types shared with the rest of the
 //! workspace; the `connectrpc` crate brings its own message library instead.
 
+mod client;
 mod envelope;
 mod error;
 mod keepalive;
 mod server;
 
+pub use client::{Client, ClientError};
 pub use envelope::{Decoder, Envelope, EnvelopeError, FLAG_COMPRESSED, FLAG_END_STREAM, encode};
 pub use error::{Code, ConnectError, WireError};
 pub use keepalive::with_keepalive;

@@ -1,0 +1,155 @@
+//! How the control plane reaches host agents: the [`AgentClient`] trait, its implementation
+//! over our Connect client, and the registry of clients per host.
+//!
+//! Everything the control plane does to a VM goes through this trait, so the control plane can
+//! run on another machine than its agents, and ring-2 tests can stand in a test double.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use wrenn_agent_proto::paths;
+use wrenn_agent_proto::v1::{
+    CreateRequest, CreateResponse, HostInfoRequest, HostInfoResponse, KillRequest, KillResponse,
+    ListRequest, ListResponse, LogEntry, LogsRequest, MetricsRequest, MetricsResponse,
+    PauseRequest, PauseResponse, ResumeRequest, ResumeResponse, SetTimeoutRequest,
+    SetTimeoutResponse, SnapshotRequest, SnapshotResponse,
+};
+use wrenn_connect::{Client, ConnectError};
+
+use crate::store::HostRecord;
+
+/// The agent RPC, one method per procedure of `wrenn.agent.v1.AgentService`.
+#[async_trait]
+pub trait AgentClient: Send + Sync {
+    async fn create(&self, req: CreateRequest) -> Result<CreateResponse, ConnectError>;
+    async fn list(&self, req: ListRequest) -> Result<ListResponse, ConnectError>;
+    async fn kill(&self, req: KillRequest) -> Result<KillResponse, ConnectError>;
+    async fn pause(&self, req: PauseRequest) -> Result<PauseResponse, ConnectError>;
+    async fn resume(&self, req: ResumeRequest) -> Result<ResumeResponse, ConnectError>;
+    async fn set_timeout(&self, req: SetTimeoutRequest)
+    -> Result<SetTimeoutResponse, ConnectError>;
+    async fn metrics(&self, req: MetricsRequest) -> Result<MetricsResponse, ConnectError>;
+    /// The log lines up to now (`follow` is ignored here: the REST API returns a page).
+    async fn logs(&self, req: LogsRequest) -> Result<Vec<LogEntry>, ConnectError>;
+    async fn snapshot(&self, req: SnapshotRequest) -> Result<SnapshotResponse, ConnectError>;
+    async fn host_info(&self, req: HostInfoRequest) -> Result<HostInfoResponse, ConnectError>;
+}
+
+/// Makes the client for a host (over the network in production; a test double in tests).
+pub trait AgentConnector: Send + Sync {
+    fn connect(&self, rpc_url: &str) -> Result<Arc<dyn AgentClient>, ConnectError>;
+}
+
+/// [`AgentClient`] over Connect (JSON codec, so agent traffic is readable in captures).
+#[derive(Debug, Clone)]
+pub struct ConnectAgentClient {
+    /// Quick calls (everything but create/resume/pause/snapshot).
+    quick: Client,
+    /// Calls that start, restore or snapshot a VM; cold paths under TCG take seconds.
+    slow: Client,
+}
+
+impl ConnectAgentClient {
+    pub fn new(rpc_url: &str) -> Result<Self, ConnectError> {
+        let base =
+            Client::new(rpc_url).map_err(|e| ConnectError::invalid_argument(e.to_string()))?;
+        Ok(ConnectAgentClient {
+            quick: base.clone().with_timeout(Duration::from_secs(15)),
+            slow: base.with_timeout(Duration::from_secs(120)),
+        })
+    }
+}
+
+#[async_trait]
+impl AgentClient for ConnectAgentClient {
+    async fn create(&self, req: CreateRequest) -> Result<CreateResponse, ConnectError> {
+        self.slow.unary(paths::CREATE, &req).await
+    }
+    async fn list(&self, req: ListRequest) -> Result<ListResponse, ConnectError> {
+        self.quick.unary(paths::LIST, &req).await
+    }
+    async fn kill(&self, req: KillRequest) -> Result<KillResponse, ConnectError> {
+        self.quick.unary(paths::KILL, &req).await
+    }
+    async fn pause(&self, req: PauseRequest) -> Result<PauseResponse, ConnectError> {
+        self.slow.unary(paths::PAUSE, &req).await
+    }
+    async fn resume(&self, req: ResumeRequest) -> Result<ResumeResponse, ConnectError> {
+        self.slow.unary(paths::RESUME, &req).await
+    }
+    async fn set_timeout(
+        &self,
+        req: SetTimeoutRequest,
+    ) -> Result<SetTimeoutResponse, ConnectError> {
+        self.quick.unary(paths::SET_TIMEOUT, &req).await
+    }
+    async fn metrics(&self, req: MetricsRequest) -> Result<MetricsResponse, ConnectError> {
+        self.quick.unary(paths::METRICS, &req).await
+    }
+    async fn logs(&self, mut req: LogsRequest) -> Result<Vec<LogEntry>, ConnectError> {
+        req.follow = false;
+        let stream = self
+            .quick
+            .server_stream::<_, LogEntry>(paths::LOGS, &req)
+            .await?;
+        stream.try_collect().await
+    }
+    async fn snapshot(&self, req: SnapshotRequest) -> Result<SnapshotResponse, ConnectError> {
+        self.slow.unary(paths::SNAPSHOT, &req).await
+    }
+    async fn host_info(&self, req: HostInfoRequest) -> Result<HostInfoResponse, ConnectError> {
+        self.quick.unary(paths::HOST_INFO, &req).await
+    }
+}
+
+/// The default connector: Connect over plain HTTP.
+#[derive(Debug, Default)]
+pub struct ConnectConnector;
+
+impl AgentConnector for ConnectConnector {
+    fn connect(&self, rpc_url: &str) -> Result<Arc<dyn AgentClient>, ConnectError> {
+        Ok(Arc::new(ConnectAgentClient::new(rpc_url)?))
+    }
+}
+
+type CachedClient = (String, Arc<dyn AgentClient>);
+
+/// One client per host, made on first use and kept (its connection pool with it).
+pub struct Agents {
+    connector: Arc<dyn AgentConnector>,
+    /// Host ID -> (RPC URL the client was made for, client).
+    clients: Mutex<HashMap<String, CachedClient>>,
+}
+
+impl Agents {
+    pub fn new(connector: Arc<dyn AgentConnector>) -> Self {
+        Agents {
+            connector,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The client for `host`; a new one if the host's RPC URL changed.
+    pub fn client(&self, host: &HostRecord) -> Result<Arc<dyn AgentClient>, ConnectError> {
+        let mut clients = self.clients.lock().expect("agents lock");
+        if let Some((url, c)) = clients.get(host.id.as_str())
+            && *url == host.rpc_url
+        {
+            return Ok(c.clone());
+        }
+        let c = self.connector.connect(&host.rpc_url)?;
+        clients.insert(
+            host.id.as_str().to_owned(),
+            (host.rpc_url.clone(), c.clone()),
+        );
+        Ok(c)
+    }
+
+    /// A client for a host that is not registered yet (registration asks it for its info).
+    pub fn connect(&self, rpc_url: &str) -> Result<Arc<dyn AgentClient>, ConnectError> {
+        self.connector.connect(rpc_url)
+    }
+}

@@ -1,0 +1,42 @@
+//! The control plane's settings, built once by the binary before anything starts.
+
+use std::time::Duration;
+
+use wrenn_core::Deadline;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `postgres://...`, `sqlite://PATH` or a plain SQLite file path.
+    pub database_url: String,
+    /// Key of the envd access-token HMAC. Changing it invalidates every live token.
+    pub secret: Vec<u8>,
+    /// Token for the `/admin` routes (`X-Admin-Token`); `None` disables them.
+    pub admin_token: Option<String>,
+    /// Domain of `<port>-<sandboxID>.<domain>` host names, routed by the edge proxy and
+    /// returned as `domain` to the SDKs. `None`: the SDKs use their own `E2B_DOMAIN`.
+    pub domain: Option<String>,
+    /// Timeout rules (maximum timeout).
+    pub deadline: Deadline,
+    /// The agent's backstop deadline is the sandbox's end plus this.
+    pub backstop_grace_secs: i64,
+    /// How often the reaper looks for expired sandboxes.
+    pub reaper_interval: Duration,
+    /// Envd version reported for sandboxes whose template record has none.
+    pub default_envd_version: String,
+}
+
+impl Config {
+    /// Defaults for everything but the database, the secret and the admin token.
+    pub fn new(database_url: impl Into<String>, secret: Vec<u8>) -> Self {
+        Config {
+            database_url: database_url.into(),
+            secret,
+            admin_token: None,
+            domain: None,
+            deadline: Deadline::default(),
+            backstop_grace_secs: 60,
+            reaper_interval: Duration::from_secs(1),
+            default_envd_version: "0.6.4".to_owned(),
+        }
+    }
+}

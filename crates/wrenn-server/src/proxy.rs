@@ -1,0 +1,361 @@
+//! The edge proxy: routes SDK traffic for sandboxes to the proxy of the host agent that runs
+//! them, per request (the SDKs share one connection between sandboxes).
+//!
+//! A request is for a sandbox when it has an `E2b-Sandbox-Id` header (port from
+//! `E2b-Sandbox-Port`, default envd's 49983), a host name `<port>-<sandboxID>.<domain>`, or a
+//! `signature=` query on `/files` (a signed URL: the sandbox is the one whose access token
+//! produced the signature). Bodies stream both ways; WebSocket (and any HTTP/1.1) upgrades are
+//! spliced through. The agent proxy gets the same routing headers, so it needs no state from
+//! us.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::service::ControlPlane;
+
+/// envd's port, used when a request names a sandbox but no port.
+pub(crate) const ENVD_PORT: u16 = 49983;
+const SANDBOX_ID_HEADER: &str = "e2b-sandbox-id";
+const SANDBOX_PORT_HEADER: &str = "e2b-sandbox-port";
+
+/// How a request names its sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Route {
+    Sandbox { id: String, port: u16 },
+    Signed,
+}
+
+/// Whether this request goes to a sandbox (the demux rule of the single-port setup), and how.
+pub(crate) fn classify(req: &Request, domain: Option<&str>) -> Option<Route> {
+    let headers = req.headers();
+    if let Some(id) = headers.get(SANDBOX_ID_HEADER).and_then(|v| v.to_str().ok()) {
+        let port = headers
+            .get(SANDBOX_PORT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or(ENVD_PORT);
+        return Some(Route::Sandbox {
+            id: id.trim().to_owned(),
+            port,
+        });
+    }
+    if let Some(domain) = domain {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| req.uri().host())
+            .unwrap_or("");
+        let host = host
+            .rsplit_once(':')
+            .filter(|(_, p)| p.parse::<u16>().is_ok())
+            .map_or(host, |(h, _)| h);
+        if let Some(label) = host.strip_suffix(domain).and_then(|h| h.strip_suffix('.'))
+            && let Some((port, id)) = label.split_once('-')
+            && let Ok(port) = port.parse()
+        {
+            return Some(Route::Sandbox {
+                id: id.to_owned(),
+                port,
+            });
+        }
+    }
+    let query = req.uri().query().unwrap_or("");
+    if req.uri().path() == "/files"
+        && form_urlencoded::parse(query.as_bytes()).any(|(k, _)| k == "signature")
+    {
+        return Some(Route::Signed);
+    }
+    None
+}
+
+/// Forwards requests to agent proxies.
+#[derive(Clone)]
+pub(crate) struct Proxy {
+    client: Client<HttpConnector, Body>,
+}
+
+impl Proxy {
+    pub(crate) fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        Proxy { client }
+    }
+
+    pub(crate) async fn handle(
+        &self,
+        cp: Arc<ControlPlane>,
+        route: Route,
+        req: Request,
+    ) -> Response {
+        let (id, port) = match route {
+            Route::Sandbox { id, port } => (id, port),
+            Route::Signed => {
+                match signed_sandbox(&cp, req.method().clone(), req.uri().clone()).await {
+                    Ok(Some(id)) => (id, ENVD_PORT),
+                    Ok(None) => return not_found(""),
+                    Err(resp) => return resp,
+                }
+            }
+        };
+        let (rec, host) = match cp.route(&id).await {
+            Ok(Some(x)) => x,
+            Ok(None) => return not_found(&id),
+            Err(e) => {
+                tracing::error!(sandbox_id = %id, error = %e, "proxy lookup failed");
+                return bad_gateway(
+                    &id,
+                    "Internal error while looking up the sandbox".to_owned(),
+                );
+            }
+        };
+        self.forward(rec.id.as_str(), port, &host.proxy_url, req)
+            .await
+    }
+
+    async fn forward(&self, id: &str, port: u16, base: &str, req: Request) -> Response {
+        let (mut parts, body) = req.into_parts();
+        let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+        let upgrade = upgrade_protocol(&parts.headers);
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let uri = match format!("{}{}", base.trim_end_matches('/'), path).parse() {
+            Ok(u) => u,
+            Err(_) => return bad_gateway(id, format!("Bad proxy address for sandbox {id}")),
+        };
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers);
+        headers.remove(header::HOST);
+        if let Some(proto) = &upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, proto.clone());
+        }
+        headers.insert(
+            HeaderName::from_static(SANDBOX_ID_HEADER),
+            HeaderValue::from_str(id).expect("IDs are ASCII"),
+        );
+        headers.insert(
+            HeaderName::from_static(SANDBOX_PORT_HEADER),
+            HeaderValue::from(port),
+        );
+        let mut out = http::Request::new(body);
+        *out.method_mut() = parts.method;
+        *out.uri_mut() = uri;
+        *out.headers_mut() = headers;
+
+        let mut resp = match self.client.request(out).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(sandbox_id = %id, error = %e, "host proxy unreachable");
+                return bad_gateway(id, format!("The host of sandbox {id} is unreachable"));
+            }
+        };
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(client_side) = on_upgrade else {
+                return bad_gateway(id, "Upgrade is not possible on this connection".to_owned());
+            };
+            let backend_side = hyper::upgrade::on(&mut resp);
+            let sid = id.to_owned();
+            tokio::spawn(async move {
+                match tokio::try_join!(client_side, backend_side) {
+                    Ok((a, b)) => {
+                        let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
+                        if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
+                            tracing::debug!(sandbox_id = %sid, error = %e, "upgraded connection ended");
+                        }
+                    }
+                    Err(e) => tracing::debug!(sandbox_id = %sid, error = %e, "upgrade failed"),
+                }
+            });
+            let (parts, _) = resp.into_parts();
+            return Response::from_parts(parts, Body::empty());
+        }
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Response::from_parts(parts, Body::new(body))
+    }
+}
+
+/// The sandbox a signed `/files` URL belongs to (`Err` for a malformed one).
+async fn signed_sandbox(
+    cp: &ControlPlane,
+    method: http::Method,
+    uri: http::Uri,
+) -> Result<Option<String>, Response> {
+    let query = uri.query().unwrap_or("");
+    let (mut path, mut username, mut signature, mut expiration) = (None, String::new(), None, None);
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "path" => path = Some(v.into_owned()),
+            "username" => username = v.into_owned(),
+            // Base64 has no spaces: a space is a `+` that the client did not percent-encode.
+            "signature" => signature = Some(v.replace(' ', "+")),
+            "signature_expiration" => expiration = v.parse::<i64>().ok(),
+            _ => {}
+        }
+    }
+    let operation = match method {
+        http::Method::GET | http::Method::HEAD => "read",
+        http::Method::POST | http::Method::PUT => "write",
+        _ => return Ok(None),
+    };
+    let (Some(path), Some(signature)) = (path, signature) else {
+        return Ok(None);
+    };
+    match cp
+        .find_by_signature(&path, operation, &username, &signature, expiration)
+        .await
+    {
+        Ok(found) => Ok(found.map(|s| s.id.to_string())),
+        Err(e) => {
+            tracing::error!(error = %e, "signed URL lookup failed");
+            Err(bad_gateway(
+                "",
+                "Internal error while looking up the sandbox".to_owned(),
+            ))
+        }
+    }
+}
+
+fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let wants = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        });
+    if wants {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// The SDKs read "was not found" in a 502 as "the sandbox is not running".
+fn not_found(id: &str) -> Response {
+    let message = if id.is_empty() {
+        "The sandbox was not found".to_owned()
+    } else {
+        format!("The sandbox {id} was not found")
+    };
+    bad_gateway(id, message)
+}
+
+fn bad_gateway(id: &str, message: String) -> Response {
+    let body = serde_json::json!({"code": 502, "message": message, "sandboxId": id});
+    (StatusCode::BAD_GATEWAY, axum::Json(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(uri: &str, headers: &[(&str, &str)]) -> Request {
+        let mut b = http::Request::builder().uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(Body::empty()).unwrap()
+    }
+
+    #[test]
+    fn demux_rule() {
+        let sbx = |id: &str, port| {
+            Some(Route::Sandbox {
+                id: id.into(),
+                port,
+            })
+        };
+        let d = Some("wrenn.test");
+        assert_eq!(
+            classify(&req("/health", &[("e2b-sandbox-id", "abc")]), d),
+            sbx("abc", ENVD_PORT)
+        );
+        assert_eq!(
+            classify(
+                &req(
+                    "/x",
+                    &[("E2b-Sandbox-Id", "abc"), ("E2b-Sandbox-Port", "49999")]
+                ),
+                d
+            ),
+            sbx("abc", 49999)
+        );
+        assert_eq!(
+            classify(&req("/", &[("host", "8080-abc.wrenn.test")]), d),
+            sbx("abc", 8080)
+        );
+        assert_eq!(
+            classify(&req("/", &[("host", "8080-abc.wrenn.test:3000")]), d),
+            sbx("abc", 8080)
+        );
+        assert_eq!(
+            classify(&req("/", &[("host", "8080-abc.other.test")]), d),
+            None
+        );
+        assert_eq!(classify(&req("/", &[("host", "api.wrenn.test")]), d), None);
+        assert_eq!(
+            classify(&req("/", &[("host", "8080-abc.wrenn.test")]), None),
+            None
+        );
+        assert_eq!(
+            classify(&req("/files?path=/a&signature=v1_x", &[]), d),
+            Some(Route::Signed)
+        );
+        assert_eq!(classify(&req("/files?path=/a", &[]), d), None);
+        assert_eq!(classify(&req("/health", &[]), d), None);
+        assert_eq!(classify(&req("/v2/sandboxes", &[]), d), None);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("x-access-token", HeaderValue::from_static("t"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-access-token"));
+    }
+}

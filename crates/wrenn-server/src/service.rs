@@ -1,0 +1,976 @@
+//! The control plane's operations on sandboxes, teams, hosts and snapshots: what the REST
+//! handlers, the reaper and the edge proxy call.
+//!
+//! Operations on one sandbox are serialized by a per-sandbox lock inside this process, and
+//! their state changes are compare-and-set in the store, so they are also safe between
+//! replicas. The agent is asked to act only after the record says an operation is under way
+//! (`pausing`, `resuming`), and the record is moved on only after the agent answered.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
+use base64::Engine as _;
+use time::OffsetDateTime;
+use wrenn_agent_proto::v1 as agent;
+use wrenn_api::{
+    ConnectSandbox, CreatedApiKey, Lifecycle, ListedSandbox, NewSandbox, NewSnapshot, PauseSandbox,
+    Sandbox, SandboxDetail, SandboxLog, SandboxLogEntry, SandboxLogs, SandboxMetric, SnapshotInfo,
+    Team,
+};
+use wrenn_connect::{Code, ConnectError};
+use wrenn_core::{
+    HostCapacity, HostId, PlacementRequest, SandboxId, SandboxState, TeamId, TemplateId,
+    UnixMillis, backstop, pick_host,
+};
+
+use crate::agents::{AgentClient, AgentConnector, Agents};
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::store::{
+    Cursor, HostRecord, SandboxFilter, SandboxRecord, SnapshotRecord, Store, StoreError,
+    TeamRecord, TemplateRecord,
+};
+use crate::tokens;
+
+/// The control plane's shared state.
+pub struct ControlPlane {
+    pub(crate) config: Config,
+    pub(crate) store: Store,
+    agents: Agents,
+    locks: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+}
+
+/// The current time.
+pub(crate) fn now() -> UnixMillis {
+    UnixMillis(
+        i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+            .unwrap_or(i64::MAX),
+    )
+}
+
+pub(crate) fn to_datetime(t: UnixMillis) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(t.0) * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+fn random_id() -> String {
+    SandboxId::from_random(rand::random()).as_str().to_owned()
+}
+
+/// Encodes a list cursor for the `x-next-token` header (opaque to clients).
+pub(crate) fn encode_cursor(c: &Cursor) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}:{}", c.time, c.id))
+}
+
+pub(crate) fn decode_cursor(token: &str) -> Result<Cursor, ApiError> {
+    let bad = || ApiError::BadRequest("Invalid next token".to_owned());
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad())?;
+    let raw = String::from_utf8(raw).map_err(|_| bad())?;
+    let (time, id) = raw.split_once(':').ok_or_else(bad)?;
+    Ok(Cursor {
+        time: time.parse().map_err(|_| bad())?,
+        id: id.to_owned(),
+    })
+}
+
+impl ControlPlane {
+    /// Opens the store (running migrations) and sets up agent access.
+    pub async fn open(
+        config: Config,
+        connector: Arc<dyn AgentConnector>,
+    ) -> Result<Arc<Self>, StoreError> {
+        let store = Store::open(&config.database_url).await?;
+        Ok(Arc::new(ControlPlane {
+            config,
+            store,
+            agents: Agents::new(connector),
+            locks: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    async fn lock(&self, id: &SandboxId) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = {
+            let mut locks = self.locks.lock().expect("locks");
+            locks.retain(|_, w| w.strong_count() > 0);
+            match locks.get(id.as_str()).and_then(Weak::upgrade) {
+                Some(m) => m,
+                None => {
+                    let m = Arc::new(tokio::sync::Mutex::new(()));
+                    locks.insert(id.as_str().to_owned(), Arc::downgrade(&m));
+                    m
+                }
+            }
+        };
+        m.lock_owned().await
+    }
+
+    pub(crate) fn access_token(&self, id: &str) -> String {
+        tokens::envd_access_token(&self.config.secret, id)
+    }
+
+    // Teams, keys, templates and hosts.
+
+    pub async fn create_team(&self, name: &str) -> Result<Team, ApiError> {
+        let id = TeamId::parse(&random_id()).expect("generated IDs are valid");
+        self.store
+            .insert_team(
+                &TeamRecord {
+                    id: id.clone(),
+                    name: name.to_owned(),
+                },
+                now(),
+            )
+            .await?;
+        Ok(Team {
+            team_id: id.to_string(),
+            name: name.to_owned(),
+        })
+    }
+
+    pub async fn create_api_key(
+        &self,
+        team_id: &str,
+        name: &str,
+    ) -> Result<CreatedApiKey, ApiError> {
+        let team = self
+            .store
+            .get_team(team_id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("Team \"{team_id}\" not found")))?;
+        let key = tokens::new_api_key();
+        let id = random_id();
+        let mask = tokens::mask_api_key(&key);
+        self.store
+            .insert_api_key(
+                &id,
+                &team.id,
+                &tokens::hash_api_key(&key),
+                &mask,
+                name,
+                now(),
+            )
+            .await?;
+        Ok(CreatedApiKey {
+            id,
+            team_id: team.id.to_string(),
+            name: name.to_owned(),
+            key,
+            mask,
+        })
+    }
+
+    /// The team that owns this API key.
+    pub async fn authenticate(&self, key: &str) -> Result<Option<TeamRecord>, ApiError> {
+        Ok(self
+            .store
+            .team_by_key_hash(&tokens::hash_api_key(key))
+            .await?)
+    }
+
+    /// Registers (or updates) a template; template builds call this with envd's version.
+    pub async fn register_template(&self, t: &TemplateRecord) -> Result<(), ApiError> {
+        TemplateId::parse(&t.id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        Ok(self.store.upsert_template(t, now()).await?)
+    }
+
+    /// Registers (or updates) a host agent: asks it for its capacity and version, and records
+    /// the templates it reports as public templates (unless already known).
+    pub async fn register_host(
+        &self,
+        id: &str,
+        rpc_url: &str,
+        proxy_url: &str,
+    ) -> Result<HostRecord, ApiError> {
+        let id = HostId::parse(id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let client = self
+            .agents
+            .connect(rpc_url)
+            .map_err(|e| ApiError::BadRequest(e.message))?;
+        let info = client
+            .host_info(agent::HostInfoRequest {})
+            .await
+            .map_err(|e| ApiError::agent(format!("register host {id}"), e))?;
+        let host = HostRecord {
+            id,
+            rpc_url: rpc_url.to_owned(),
+            proxy_url: if proxy_url.is_empty() {
+                info.proxy_url.clone()
+            } else {
+                proxy_url.to_owned()
+            },
+            vcpus: info.vcpus_total,
+            memory_mb: info.memory_mb_total,
+            max_sandboxes: info.max_sandboxes,
+            version: info.version.clone(),
+            schedulable: true,
+        };
+        self.store.upsert_host(&host, now()).await?;
+        for (tpl, envd_version) in &info.template_envd_versions {
+            let anyone = TeamId::parse("-").expect("valid");
+            if self.store.get_template(tpl, &anyone).await?.is_none() {
+                self.register_template(&TemplateRecord {
+                    id: tpl.clone(),
+                    team_id: None,
+                    envd_version: envd_version.clone(),
+                    vcpus: 2,
+                    memory_mb: 512,
+                    disk_size_mb: 2048,
+                })
+                .await?;
+            }
+        }
+        Ok(host)
+    }
+
+    fn client_for(&self, host: &HostRecord) -> Result<Arc<dyn AgentClient>, ApiError> {
+        self.agents
+            .client(host)
+            .map_err(|e| ApiError::agent(format!("connect to host {}", host.id), e))
+    }
+
+    async fn host_of(
+        &self,
+        rec: &SandboxRecord,
+    ) -> Result<(HostRecord, Arc<dyn AgentClient>), ApiError> {
+        let host_id = rec.host_id.as_ref().ok_or_else(|| {
+            ApiError::agent(
+                "find the sandbox's host",
+                ConnectError::failed_precondition("no host recorded"),
+            )
+        })?;
+        let host = self.store.get_host(host_id).await?.ok_or_else(|| {
+            ApiError::agent(
+                "find the sandbox's host",
+                ConnectError::failed_precondition(format!("host {host_id} is not registered")),
+            )
+        })?;
+        let client = self.client_for(&host)?;
+        Ok((host, client))
+    }
+
+    /// The most-free registered host that fits the request.
+    async fn place(&self, vcpus: u32, memory_mb: u64) -> Result<HostRecord, ApiError> {
+        let hosts = self.store.list_hosts().await?;
+        let usage = self.store.host_usage().await?;
+        let caps: Vec<HostCapacity> = hosts
+            .iter()
+            .map(|h| {
+                let u = usage.get(h.id.as_str()).copied().unwrap_or_default();
+                HostCapacity {
+                    id: h.id.clone(),
+                    vcpus_total: h.vcpus,
+                    vcpus_used: u.vcpus,
+                    memory_mb_total: h.memory_mb,
+                    memory_mb_used: u.memory_mb,
+                    sandboxes: u.sandboxes,
+                    max_sandboxes: h.max_sandboxes,
+                    schedulable: h.schedulable,
+                }
+            })
+            .collect();
+        let chosen = pick_host(&caps, PlacementRequest { vcpus, memory_mb }).ok_or_else(|| {
+            ApiError::NoCapacity(
+                "No host has capacity for a new sandbox, try again later".to_owned(),
+            )
+        })?;
+        Ok(hosts
+            .into_iter()
+            .find(|h| h.id == chosen.id)
+            .expect("picked from this list"))
+    }
+
+    // Sandboxes.
+
+    /// A live (not killed) sandbox of this team.
+    async fn team_sandbox(&self, team: &TeamId, id: &str) -> Result<SandboxRecord, ApiError> {
+        let sid = SandboxId::parse(id).map_err(|_| ApiError::sandbox_not_found(id))?;
+        match self.store.get_sandbox(sid.as_str()).await? {
+            Some(s) if s.team_id == *team && s.state != SandboxState::Killed => Ok(s),
+            _ => Err(ApiError::sandbox_not_found(id)),
+        }
+    }
+
+    fn sandbox_response(&self, rec: &SandboxRecord) -> Sandbox {
+        Sandbox {
+            template_id: rec.template_id.clone(),
+            sandbox_id: rec.id.to_string(),
+            client_id: wrenn_api::CLIENT_ID.to_owned(),
+            envd_version: rec.envd_version.clone(),
+            alias: None,
+            envd_access_token: Some(self.access_token(rec.id.as_str())),
+            traffic_access_token: None,
+            domain: self.config.domain.clone(),
+        }
+    }
+
+    pub async fn create(&self, team: &TeamRecord, body: NewSandbox) -> Result<Sandbox, ApiError> {
+        TemplateId::parse(&body.template_id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let now = now();
+        let end = self
+            .config
+            .deadline
+            .end_at(now, body.timeout)
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let tpl = self
+            .store
+            .get_template(&body.template_id, &team.id)
+            .await?
+            .ok_or_else(|| {
+                ApiError::NotFound(format!("Template \"{}\" not found", body.template_id))
+            })?;
+        let host = self.place(tpl.vcpus, tpl.memory_mb).await?;
+        let client = self.client_for(&host)?;
+        let rec = SandboxRecord {
+            id: SandboxId::from_random(rand::random()),
+            team_id: team.id.clone(),
+            template_id: tpl.id.clone(),
+            state: SandboxState::Running,
+            host_id: Some(host.id.clone()),
+            vcpus: tpl.vcpus,
+            memory_mb: tpl.memory_mb,
+            disk_size_mb: tpl.disk_size_mb,
+            envd_version: if tpl.envd_version.is_empty() {
+                self.config.default_envd_version.clone()
+            } else {
+                tpl.envd_version.clone()
+            },
+            metadata: body.metadata.unwrap_or_default().into_iter().collect(),
+            env_vars: body.env_vars.unwrap_or_default().into_iter().collect(),
+            started_at: now,
+            end_at: end,
+            auto_pause: body.auto_pause.unwrap_or(false),
+            allow_internet_access: body.allow_internet_access,
+        };
+        let spec = agent::SandboxSpec {
+            sandbox_id: rec.id.to_string(),
+            template_id: rec.template_id.clone(),
+            vcpus: rec.vcpus,
+            memory_mb: rec.memory_mb,
+            disk_size_mb: rec.disk_size_mb,
+            env_vars: rec.env_vars.clone().into_iter().collect(),
+            metadata: rec.metadata.clone().into_iter().collect(),
+            envd_access_token: self.access_token(rec.id.as_str()),
+            start_unix_ms: now.0,
+            end_unix_ms: end.0,
+            backstop_unix_ms: backstop(end, self.config.backstop_grace_secs).0,
+            auto_pause: rec.auto_pause,
+            allow_internet_access: rec.allow_internet_access.unwrap_or(true),
+            team_id: team.id.to_string(),
+        };
+        client
+            .create(agent::CreateRequest {
+                sandbox: Some(spec),
+            })
+            .await
+            .map_err(|e| ApiError::agent("create sandbox", e))?;
+        if let Err(e) = self.store.insert_sandbox(&rec, now).await {
+            // Without a record nobody would ever stop this VM.
+            let _ = client
+                .kill(agent::KillRequest {
+                    sandbox_id: rec.id.to_string(),
+                })
+                .await;
+            return Err(e.into());
+        }
+        tracing::info!(sandbox_id = %rec.id, host_id = %host.id, template = %rec.template_id, "sandbox created");
+        Ok(self.sandbox_response(&rec))
+    }
+
+    /// `connect`: extends a running sandbox (`false`) or resumes a paused one (`true`).
+    pub async fn connect(
+        &self,
+        team: &TeamRecord,
+        id: &str,
+        body: ConnectSandbox,
+    ) -> Result<(Sandbox, bool), ApiError> {
+        let rec = self.team_sandbox(&team.id, id).await?;
+        let _guard = self.lock(&rec.id).await;
+        let rec = self.team_sandbox(&team.id, id).await?;
+        match rec.state {
+            SandboxState::Running => {
+                let end = self
+                    .config
+                    .deadline
+                    .extend(now(), rec.end_at, body.timeout)
+                    .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                self.move_end(&rec, end).await?;
+                Ok((self.sandbox_response(&rec), false))
+            }
+            SandboxState::Paused => Ok((self.resume_locked(rec, body.timeout).await?, true)),
+            _ => Err(ApiError::Conflict(format!(
+                "Sandbox \"{id}\" is being paused or resumed, try again"
+            ))),
+        }
+    }
+
+    /// `POST /sandboxes/{id}/resume`: only for paused sandboxes.
+    pub async fn resume(
+        &self,
+        team: &TeamRecord,
+        id: &str,
+        timeout: Option<i64>,
+    ) -> Result<Sandbox, ApiError> {
+        let rec = self.team_sandbox(&team.id, id).await?;
+        let _guard = self.lock(&rec.id).await;
+        let rec = self.team_sandbox(&team.id, id).await?;
+        match rec.state {
+            SandboxState::Paused => self.resume_locked(rec, timeout).await,
+            SandboxState::Running => Err(ApiError::Conflict(format!(
+                "Sandbox \"{id}\" is already running"
+            ))),
+            _ => Err(ApiError::Conflict(format!(
+                "Sandbox \"{id}\" is being paused or resumed, try again"
+            ))),
+        }
+    }
+
+    async fn resume_locked(
+        &self,
+        rec: SandboxRecord,
+        timeout: Option<i64>,
+    ) -> Result<Sandbox, ApiError> {
+        let now = now();
+        let end = self
+            .config
+            .deadline
+            .end_at(now, timeout)
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let (_host, client) = self.host_of(&rec).await?;
+        if !self
+            .store
+            .transition(&rec.id, SandboxState::Paused, SandboxState::Resuming, now)
+            .await?
+        {
+            return Err(ApiError::Conflict(format!(
+                "Sandbox \"{}\" changed state, try again",
+                rec.id
+            )));
+        }
+        let res = client
+            .resume(agent::ResumeRequest {
+                sandbox_id: rec.id.to_string(),
+                envd_access_token: self.access_token(rec.id.as_str()),
+                end_unix_ms: end.0,
+                backstop_unix_ms: backstop(end, self.config.backstop_grace_secs).0,
+                env_vars: rec.env_vars.clone().into_iter().collect(),
+            })
+            .await;
+        if let Err(e) = res {
+            self.store
+                .transition(
+                    &rec.id,
+                    SandboxState::Resuming,
+                    SandboxState::Paused,
+                    self::now(),
+                )
+                .await?;
+            return Err(ApiError::agent("resume sandbox", e));
+        }
+        self.store.resumed(&rec.id, now, end, self::now()).await?;
+        tracing::info!(sandbox_id = %rec.id, "sandbox resumed");
+        Ok(self.sandbox_response(&rec))
+    }
+
+    async fn move_end(&self, rec: &SandboxRecord, end: UnixMillis) -> Result<(), ApiError> {
+        let (_host, client) = self.host_of(rec).await?;
+        client
+            .set_timeout(agent::SetTimeoutRequest {
+                sandbox_id: rec.id.to_string(),
+                end_unix_ms: end.0,
+                backstop_unix_ms: backstop(end, self.config.backstop_grace_secs).0,
+            })
+            .await
+            .map_err(|e| ApiError::agent("set the sandbox's timeout", e))?;
+        if !self
+            .store
+            .set_end_at(&rec.id, SandboxState::Running, end, now())
+            .await?
+        {
+            return Err(ApiError::Conflict(format!(
+                "Sandbox \"{}\" changed state, try again",
+                rec.id
+            )));
+        }
+        Ok(())
+    }
+
+    pub async fn set_timeout(
+        &self,
+        team: &TeamRecord,
+        id: &str,
+        secs: i64,
+    ) -> Result<(), ApiError> {
+        let end = self
+            .config
+            .deadline
+            .set_timeout(now(), secs)
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        self.update_end(team, id, |_| Ok(end)).await
+    }
+
+    pub async fn refresh(
+        &self,
+        team: &TeamRecord,
+        id: &str,
+        duration: Option<i64>,
+    ) -> Result<(), ApiError> {
+        let deadline = self.config.deadline;
+        deadline
+            .refresh(now(), now(), duration)
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        self.update_end(team, id, |cur| {
+            deadline
+                .refresh(now(), cur, duration)
+                .map_err(|e| ApiError::BadRequest(e.to_string()))
+        })
+        .await
+    }
+
+    async fn update_end(
+        &self,
+        team: &TeamRecord,
+        id: &str,
+        end: impl FnOnce(UnixMillis) -> Result<UnixMillis, ApiError>,
+    ) -> Result<(), ApiError> {
+        let rec = self.team_sandbox(&team.id, id).await?;
+        let _guard = self.lock(&rec.id).await;
+        let rec = self.team_sandbox(&team.id, id).await?;
+        if rec.state != SandboxState::Running {
+            // E2B keeps timeouts only for running sandboxes; a paused one is "not found" here.
+            return Err(ApiError::NotFound(format!(
+                "Sandbox \"{id}\" is not running"
+            )));
+        }
+        let end = end(rec.end_at)?;
+        self.move_end(&rec, end).await
+    }
+
+    pub async fn kill(&self, team: &TeamRecord, id: &str) -> Result<(), ApiError> {
+        let rec = self.team_sandbox(&team.id, id).await?;
+        let _guard = self.lock(&rec.id).await;
+        let rec = self.team_sandbox(&team.id, id).await?;
+        self.kill_locked(&rec).await
+    }
+
+    async fn kill_locked(&self, rec: &SandboxRecord) -> Result<(), ApiError> {
+        rec.state.apply(wrenn_core::Action::Kill).map_err(|_| {
+            ApiError::Conflict(format!(
+                "Sandbox \"{}\" is being paused or resumed, try again",
+                rec.id
+            ))
+        })?;
+        if rec.host_id.is_some() {
+            let (_host, client) = self.host_of(rec).await?;
+            match client
+                .kill(agent::KillRequest {
+                    sandbox_id: rec.id.to_string(),
+                })
+                .await
+            {
+                // Already gone on the host (e.g. its backstop fired): the record follows.
+                Ok(_) => {}
+                Err(e) if e.code == Code::NotFound => {}
+                Err(e) => return Err(ApiError::agent("kill sandbox", e)),
+            }
+        }
+        if !self
+            .store
+            .transition(&rec.id, rec.state, SandboxState::Killed, now())
+            .await?
+        {
+            return Err(ApiError::Conflict(format!(
+                "Sandbox \"{}\" changed state, try again",
+                rec.id
+            )));
+        }
+        tracing::info!(sandbox_id = %rec.id, "sandbox killed");
+        Ok(())
+    }
+
+    pub async fn pause(
+        &self,
+        team: &TeamRecord,
+        id: &str,
+        body: PauseSandbox,
+    ) -> Result<(), ApiError> {
+        let rec = self.team_sandbox(&team.id, id).await?;
+        let _guard = self.lock(&rec.id).await;
+        let rec = self.team_sandbox(&team.id, id).await?;
+        self.pause_locked(&rec, body.memory.unwrap_or(true)).await
+    }
+
+    async fn pause_locked(&self, rec: &SandboxRecord, keep_memory: bool) -> Result<(), ApiError> {
+        match rec.state {
+            SandboxState::Running => {}
+            SandboxState::Paused | SandboxState::Pausing => {
+                return Err(ApiError::Conflict(format!(
+                    "Sandbox \"{}\" is already paused",
+                    rec.id
+                )));
+            }
+            _ => {
+                return Err(ApiError::Conflict(format!(
+                    "Sandbox \"{}\" is being resumed, try again",
+                    rec.id
+                )));
+            }
+        }
+        let (_host, client) = self.host_of(rec).await?;
+        if !self
+            .store
+            .transition(&rec.id, SandboxState::Running, SandboxState::Pausing, now())
+            .await?
+        {
+            return Err(ApiError::Conflict(format!(
+                "Sandbox \"{}\" changed state, try again",
+                rec.id
+            )));
+        }
+        if let Err(e) = client
+            .pause(agent::PauseRequest {
+                sandbox_id: rec.id.to_string(),
+                keep_memory,
+            })
+            .await
+        {
+            self.store
+                .transition(&rec.id, SandboxState::Pausing, SandboxState::Running, now())
+                .await?;
+            return Err(ApiError::agent("pause sandbox", e));
+        }
+        self.store
+            .transition(&rec.id, SandboxState::Pausing, SandboxState::Paused, now())
+            .await?;
+        tracing::info!(sandbox_id = %rec.id, "sandbox paused");
+        Ok(())
+    }
+
+    pub async fn detail(&self, team: &TeamRecord, id: &str) -> Result<SandboxDetail, ApiError> {
+        let rec = self.team_sandbox(&team.id, id).await?;
+        let state = rec
+            .state
+            .public()
+            .ok_or_else(|| ApiError::sandbox_not_found(id))?;
+        Ok(SandboxDetail {
+            template_id: rec.template_id.clone(),
+            alias: None,
+            sandbox_id: rec.id.to_string(),
+            client_id: wrenn_api::CLIENT_ID.to_owned(),
+            started_at: to_datetime(rec.started_at),
+            end_at: to_datetime(rec.end_at),
+            envd_version: rec.envd_version.clone(),
+            envd_access_token: Some(self.access_token(rec.id.as_str())),
+            allow_internet_access: rec.allow_internet_access,
+            domain: self.config.domain.clone(),
+            cpu_count: rec.vcpus,
+            memory_mb: rec.memory_mb,
+            disk_size_mb: rec.disk_size_mb,
+            metadata: Some(rec.metadata.clone().into_iter().collect()),
+            state: state.as_str().to_owned(),
+            lifecycle: Some(Lifecycle {
+                auto_resume: false,
+                on_timeout: if rec.auto_pause { "pause" } else { "kill" }.to_owned(),
+            }),
+        })
+    }
+
+    /// One page of the team's sandboxes and the token of the next page.
+    pub async fn list(
+        &self,
+        filter: &SandboxFilter,
+    ) -> Result<(Vec<ListedSandbox>, Option<String>), ApiError> {
+        let (page, more) = self.store.list_sandboxes(filter).await?;
+        let next = if more {
+            page.last().map(|s| {
+                encode_cursor(&Cursor {
+                    time: s.started_at.0,
+                    id: s.id.to_string(),
+                })
+            })
+        } else {
+            None
+        };
+        let items = page
+            .iter()
+            .filter_map(|rec| {
+                Some(ListedSandbox {
+                    template_id: rec.template_id.clone(),
+                    alias: None,
+                    sandbox_id: rec.id.to_string(),
+                    client_id: wrenn_api::CLIENT_ID.to_owned(),
+                    started_at: to_datetime(rec.started_at),
+                    end_at: to_datetime(rec.end_at),
+                    cpu_count: rec.vcpus,
+                    memory_mb: rec.memory_mb,
+                    disk_size_mb: rec.disk_size_mb,
+                    metadata: Some(rec.metadata.clone().into_iter().collect()),
+                    state: rec.state.public()?.as_str().to_owned(),
+                    envd_version: rec.envd_version.clone(),
+                })
+            })
+            .collect();
+        Ok((items, next))
+    }
+
+    /// Resource samples; a sandbox that is not running has none.
+    pub async fn metrics(
+        &self,
+        team: &TeamRecord,
+        id: &str,
+        start: Option<i64>,
+        end: Option<i64>,
+    ) -> Result<Vec<SandboxMetric>, ApiError> {
+        let rec = self.team_sandbox(&team.id, id).await?;
+        if rec.state != SandboxState::Running {
+            return Ok(Vec::new());
+        }
+        let (_host, client) = self.host_of(&rec).await?;
+        let resp = client
+            .metrics(agent::MetricsRequest {
+                sandbox_id: rec.id.to_string(),
+                start_unix_ms: start.map_or(rec.started_at.0, |s| s.saturating_mul(1000)),
+                end_unix_ms: end.map_or(now().0, |s| s.saturating_mul(1000)),
+            })
+            .await
+            .map_err(|e| ApiError::agent("read metrics", e))?;
+        Ok(resp
+            .samples
+            .into_iter()
+            .map(|m| SandboxMetric {
+                timestamp: to_datetime(UnixMillis(m.timestamp_unix_ms)),
+                timestamp_unix: m.timestamp_unix_ms / 1000,
+                cpu_count: m.cpu_count,
+                cpu_used_pct: m.cpu_used_pct,
+                mem_used: m.mem_used,
+                mem_total: m.mem_total,
+                mem_cache: m.mem_cache,
+                disk_used: m.disk_used,
+                disk_total: m.disk_total,
+            })
+            .collect())
+    }
+
+    pub async fn logs(
+        &self,
+        team: &TeamRecord,
+        id: &str,
+        start_ms: Option<i64>,
+        limit: u32,
+    ) -> Result<SandboxLogs, ApiError> {
+        let rec = self.team_sandbox(&team.id, id).await?;
+        let entries = if rec.state == SandboxState::Running {
+            let (_host, client) = self.host_of(&rec).await?;
+            client
+                .logs(agent::LogsRequest {
+                    sandbox_id: rec.id.to_string(),
+                    start_unix_ms: start_ms.unwrap_or(0),
+                    limit,
+                    follow: false,
+                })
+                .await
+                .map_err(|e| ApiError::agent("read logs", e))?
+        } else {
+            Vec::new()
+        };
+        Ok(SandboxLogs {
+            logs: entries
+                .iter()
+                .map(|e| SandboxLog {
+                    timestamp: to_datetime(UnixMillis(e.timestamp_unix_ms)),
+                    line: e.message.clone(),
+                })
+                .collect(),
+            log_entries: entries
+                .into_iter()
+                .map(|e| SandboxLogEntry {
+                    timestamp: to_datetime(UnixMillis(e.timestamp_unix_ms)),
+                    message: e.message,
+                    level: if e.level.is_empty() {
+                        "info".to_owned()
+                    } else {
+                        e.level
+                    },
+                    fields: e.fields.into_iter().collect(),
+                })
+                .collect(),
+        })
+    }
+
+    /// Snapshots a running sandbox into a new team template.
+    pub async fn snapshot(
+        &self,
+        team: &TeamRecord,
+        id: &str,
+        body: NewSnapshot,
+    ) -> Result<SnapshotInfo, ApiError> {
+        let rec = self.team_sandbox(&team.id, id).await?;
+        let _guard = self.lock(&rec.id).await;
+        let rec = self.team_sandbox(&team.id, id).await?;
+        if rec.state != SandboxState::Running {
+            return Err(ApiError::Conflict(format!(
+                "Sandbox \"{id}\" is not running"
+            )));
+        }
+        let snapshot_id = random_id();
+        let name = match body.name {
+            Some(n) => {
+                TemplateId::parse(&n)
+                    .map_err(|e| ApiError::BadRequest(format!("snapshot name: {e}")))?;
+                n
+            }
+            None => snapshot_id.clone(),
+        };
+        let (_host, client) = self.host_of(&rec).await?;
+        client
+            .snapshot(agent::SnapshotRequest {
+                sandbox_id: rec.id.to_string(),
+                snapshot_id: snapshot_id.clone(),
+            })
+            .await
+            .map_err(|e| ApiError::agent("snapshot sandbox", e))?;
+        let now = now();
+        self.store
+            .upsert_template(
+                &TemplateRecord {
+                    id: snapshot_id.clone(),
+                    team_id: Some(team.id.clone()),
+                    envd_version: rec.envd_version.clone(),
+                    vcpus: rec.vcpus,
+                    memory_mb: rec.memory_mb,
+                    disk_size_mb: rec.disk_size_mb,
+                },
+                now,
+            )
+            .await?;
+        let snap = SnapshotRecord {
+            id: snapshot_id,
+            team_id: team.id.clone(),
+            sandbox_id: rec.id.to_string(),
+            name,
+            base_template_id: rec.template_id.clone(),
+            created_at: now,
+        };
+        self.store.insert_snapshot(&snap).await?;
+        Ok(snapshot_info(&snap))
+    }
+
+    pub async fn list_snapshots(
+        &self,
+        team: &TeamRecord,
+        sandbox_id: Option<&str>,
+        name: Option<&str>,
+        next_token: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<SnapshotInfo>, Option<String>), ApiError> {
+        let after = next_token.map(decode_cursor).transpose()?;
+        let (page, more) = self
+            .store
+            .list_snapshots(&team.id, sandbox_id, name, after.as_ref(), limit)
+            .await?;
+        let next = more
+            .then(|| {
+                page.last().map(|s| {
+                    encode_cursor(&Cursor {
+                        time: s.created_at.0,
+                        id: s.id.clone(),
+                    })
+                })
+            })
+            .flatten();
+        Ok((page.iter().map(snapshot_info).collect(), next))
+    }
+
+    // Reaper and proxy support.
+
+    /// Kills, or pauses when created with auto-pause, every running sandbox whose end has
+    /// passed; returns how many it handled.
+    pub async fn expire(&self) -> Result<usize, StoreError> {
+        let expired = self.store.expired(now(), 100).await?;
+        let mut handled = 0;
+        for rec in expired {
+            let _guard = self.lock(&rec.id).await;
+            // Someone may have extended, paused or killed it meanwhile.
+            let Some(rec) = self.store.get_sandbox(rec.id.as_str()).await? else {
+                continue;
+            };
+            if rec.state != SandboxState::Running || rec.end_at > now() {
+                continue;
+            }
+            let res = if rec.auto_pause {
+                self.pause_locked(&rec, true).await
+            } else {
+                self.kill_locked(&rec).await
+            };
+            match res {
+                Ok(()) => {
+                    handled += 1;
+                    tracing::info!(sandbox_id = %rec.id, paused = rec.auto_pause, "sandbox timed out");
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox_id = %rec.id, error = %e, "could not stop a timed-out sandbox")
+                }
+            }
+        }
+        Ok(handled)
+    }
+
+    /// Where the edge proxy sends traffic for this sandbox: its record and host, if running.
+    pub async fn route(&self, id: &str) -> Result<Option<(SandboxRecord, HostRecord)>, StoreError> {
+        let Ok(sid) = SandboxId::parse(id) else {
+            return Ok(None);
+        };
+        let Some(rec) = self.store.get_sandbox(sid.as_str()).await? else {
+            return Ok(None);
+        };
+        if rec.state != SandboxState::Running {
+            return Ok(None);
+        }
+        let Some(host_id) = &rec.host_id else {
+            return Ok(None);
+        };
+        let Some(host) = self.store.get_host(host_id).await? else {
+            return Ok(None);
+        };
+        Ok(Some((rec, host)))
+    }
+
+    /// The running sandbox whose access token produced this `/files` signature, if any (and if
+    /// the signature has not expired).
+    pub async fn find_by_signature(
+        &self,
+        path: &str,
+        operation: &str,
+        username: &str,
+        signature: &str,
+        expiration: Option<i64>,
+    ) -> Result<Option<SandboxRecord>, StoreError> {
+        if expiration.is_some_and(|exp| exp.saturating_mul(1000) < now().0) {
+            return Ok(None);
+        }
+        for rec in self.store.running().await? {
+            let token = self.access_token(rec.id.as_str());
+            let want = tokens::file_signature(path, operation, username, &token, expiration);
+            if tokens::constant_time_eq(want.as_bytes(), signature.as_bytes()) {
+                return Ok(Some(rec));
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn snapshot_info(s: &SnapshotRecord) -> SnapshotInfo {
+    SnapshotInfo {
+        snapshot_id: s.id.clone(),
+        names: vec![format!("{}/{}:default", s.team_id, s.name)],
+    }
+}

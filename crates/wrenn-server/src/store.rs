@@ -1,0 +1,736 @@
+//! Persistence: the control plane's records in SQLite (default) or PostgreSQL.
+//!
+//! What is durable (here): teams, API-key hashes, templates (with the envd version each
+//! carries), registered hosts, every sandbox record (state, host, timeout, metadata, env vars,
+//! killed ones included as history) and snapshots. A control plane can restart, or several can
+//! run against one PostgreSQL database, without losing a sandbox.
+//!
+//! What is not stored and is rebuilt: envd access tokens (derived from the sandbox ID with the
+//! server secret, see `tokens`), connections to agents, per-sandbox operation locks, and the
+//! proxy's routing (read from the sandbox records on each request). The VMs themselves are the
+//! agents' business; the store only says which host holds which sandbox.
+//!
+//! Hot queries: the sandbox by ID (every API call and every proxied request), the expired
+//! running sandboxes (the reaper, every tick: index `sandboxes_state_end`), a team's list
+//! (index `sandboxes_team_state`) and per-host usage (placement).
+//!
+//! One implementation serves both databases through sqlx's `Any` driver: the queries are the
+//! same text, with `$N` placeholders (which SQLite accepts too), and the schema uses only TEXT
+//! and BIGINT so both decode the same way. The cost is no compile-time query checking and no
+//! native timestamp/JSON/bool columns; the gain is one set of queries and migrations, tested on
+//! both backends, instead of two implementations that drift apart.
+//! State changes are compare-and-set (`UPDATE ... WHERE state = $from`), so two control planes
+//! (or two requests) cannot both start a pause of one sandbox.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Executor, Row};
+use wrenn_core::{HostId, SandboxId, SandboxState, TeamId, UnixMillis};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error")]
+    Db(#[from] sqlx::Error),
+    #[error("running migrations")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("corrupt record {table}/{id}: {what}")]
+    Corrupt {
+        table: &'static str,
+        id: String,
+        what: String,
+    },
+    #[error("unsupported database URL {0:?}: use sqlite://PATH, a file path, or postgres://...")]
+    BadUrl(String),
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The database handle. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TeamRecord {
+    pub id: TeamId,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateRecord {
+    pub id: String,
+    /// `None`: public.
+    pub team_id: Option<TeamId>,
+    pub envd_version: String,
+    pub vcpus: u32,
+    pub memory_mb: u64,
+    pub disk_size_mb: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRecord {
+    pub id: HostId,
+    pub rpc_url: String,
+    pub proxy_url: String,
+    pub vcpus: u32,
+    pub memory_mb: u64,
+    pub max_sandboxes: u32,
+    pub version: String,
+    pub schedulable: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxRecord {
+    pub id: SandboxId,
+    pub team_id: TeamId,
+    pub template_id: String,
+    pub state: SandboxState,
+    pub host_id: Option<HostId>,
+    pub vcpus: u32,
+    pub memory_mb: u64,
+    pub disk_size_mb: u64,
+    pub envd_version: String,
+    pub metadata: BTreeMap<String, String>,
+    pub env_vars: BTreeMap<String, String>,
+    pub started_at: UnixMillis,
+    pub end_at: UnixMillis,
+    pub auto_pause: bool,
+    pub allow_internet_access: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRecord {
+    pub id: String,
+    pub team_id: TeamId,
+    pub sandbox_id: String,
+    pub name: String,
+    pub base_template_id: String,
+    pub created_at: UnixMillis,
+}
+
+/// Resources a host has handed out, from the sandbox records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostUsage {
+    pub vcpus: u32,
+    pub memory_mb: u64,
+    pub sandboxes: u32,
+}
+
+/// Where a page of a list starts: after this `(started_at, id)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub time: i64,
+    pub id: String,
+}
+
+/// A sandbox list query.
+#[derive(Debug, Clone)]
+pub struct SandboxFilter {
+    pub team_id: TeamId,
+    pub states: Vec<SandboxState>,
+    pub template_id: Option<String>,
+    pub started_after: Option<UnixMillis>,
+    /// Every pair must match the sandbox's metadata.
+    pub metadata: Vec<(String, String)>,
+    pub descending: bool,
+    pub after: Option<Cursor>,
+    pub limit: usize,
+}
+
+const SANDBOX_COLUMNS: &str = "id, team_id, template_id, state, host_id, vcpus, memory_mb, \
+    disk_size_mb, envd_version, metadata, env_vars, started_at, end_at, auto_pause, \
+    allow_internet_access";
+
+impl Store {
+    /// Connects and runs the embedded migrations. `url` is `postgres://...`,
+    /// `sqlite://PATH[?...]`, or a plain file path for SQLite (created if missing).
+    pub async fn open(url: &str) -> Result<Store> {
+        sqlx::any::install_default_drivers();
+        let (url, backend) = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            (url.to_owned(), Backend::Postgres)
+        } else if url.starts_with("sqlite:") {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            let url = if url.contains("mode=") {
+                url.to_owned()
+            } else {
+                format!("{url}{sep}mode=rwc")
+            };
+            (url, Backend::Sqlite)
+        } else if url.contains("://") {
+            return Err(StoreError::BadUrl(url.to_owned()));
+        } else {
+            (format!("sqlite://{url}?mode=rwc"), Backend::Sqlite)
+        };
+        let mut options = AnyPoolOptions::new();
+        options = match backend {
+            // One writer at a time in SQLite anyway; WAL lets readers run beside it and
+            // busy_timeout makes writers wait for each other instead of failing.
+            Backend::Sqlite => options.max_connections(4).after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute("PRAGMA journal_mode = WAL").await?;
+                    conn.execute("PRAGMA busy_timeout = 5000").await?;
+                    conn.execute("PRAGMA foreign_keys = ON").await?;
+                    Ok(())
+                })
+            }),
+            Backend::Postgres => options.max_connections(16),
+        };
+        let pool = options.connect(&url).await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Store { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    // Teams and keys.
+
+    pub async fn insert_team(&self, team: &TeamRecord, now: UnixMillis) -> Result<()> {
+        sqlx::query("INSERT INTO teams (id, name, created_at) VALUES ($1, $2, $3)")
+            .bind(team.id.as_str())
+            .bind(&team.name)
+            .bind(now.0)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn get_team(&self, id: &str) -> Result<Option<TeamRecord>> {
+        let row = sqlx::query("SELECT id, name FROM teams WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| team_from_row(&r)).transpose()
+    }
+
+    pub async fn insert_api_key(
+        &self,
+        id: &str,
+        team: &TeamId,
+        key_hash: &str,
+        mask: &str,
+        name: &str,
+        now: UnixMillis,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO api_keys (id, team_id, key_hash, mask, name, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(id)
+        .bind(team.as_str())
+        .bind(key_hash)
+        .bind(mask)
+        .bind(name)
+        .bind(now.0)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The team owning the key with this hash.
+    pub async fn team_by_key_hash(&self, key_hash: &str) -> Result<Option<TeamRecord>> {
+        let row = sqlx::query(
+            "SELECT t.id, t.name FROM api_keys k JOIN teams t ON t.id = k.team_id WHERE k.key_hash = $1",
+        )
+        .bind(key_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| team_from_row(&r)).transpose()
+    }
+
+    // Templates.
+
+    pub async fn upsert_template(&self, t: &TemplateRecord, now: UnixMillis) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO templates (id, team_id, envd_version, vcpus, memory_mb, disk_size_mb, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (id) DO UPDATE SET team_id = excluded.team_id, envd_version = excluded.envd_version, \
+             vcpus = excluded.vcpus, memory_mb = excluded.memory_mb, disk_size_mb = excluded.disk_size_mb",
+        )
+        .bind(&t.id)
+        .bind(t.team_id.as_ref().map(|t| t.as_str().to_owned()))
+        .bind(&t.envd_version)
+        .bind(i64::from(t.vcpus))
+        .bind(to_i64(t.memory_mb))
+        .bind(to_i64(t.disk_size_mb))
+        .bind(now.0)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A template the team may use: a public one or its own.
+    pub async fn get_template(&self, id: &str, team: &TeamId) -> Result<Option<TemplateRecord>> {
+        let row = sqlx::query(
+            "SELECT id, team_id, envd_version, vcpus, memory_mb, disk_size_mb FROM templates \
+             WHERE id = $1 AND (team_id IS NULL OR team_id = $2)",
+        )
+        .bind(id)
+        .bind(team.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            let id: String = r.try_get("id")?;
+            Ok(TemplateRecord {
+                team_id: r
+                    .try_get::<Option<String>, _>("team_id")?
+                    .map(|t| parse_id("templates", &id, &t, TeamId::parse))
+                    .transpose()?,
+                envd_version: r.try_get("envd_version")?,
+                vcpus: u32_col(&r, "vcpus")?,
+                memory_mb: u64_col(&r, "memory_mb")?,
+                disk_size_mb: u64_col(&r, "disk_size_mb")?,
+                id,
+            })
+        })
+        .transpose()
+    }
+
+    // Hosts.
+
+    pub async fn upsert_host(&self, h: &HostRecord, now: UnixMillis) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO hosts (id, rpc_url, proxy_url, vcpus, memory_mb, max_sandboxes, version, schedulable, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (id) DO UPDATE SET rpc_url = excluded.rpc_url, proxy_url = excluded.proxy_url, \
+             vcpus = excluded.vcpus, memory_mb = excluded.memory_mb, max_sandboxes = excluded.max_sandboxes, \
+             version = excluded.version, schedulable = excluded.schedulable, updated_at = excluded.updated_at",
+        )
+        .bind(h.id.as_str())
+        .bind(&h.rpc_url)
+        .bind(&h.proxy_url)
+        .bind(i64::from(h.vcpus))
+        .bind(to_i64(h.memory_mb))
+        .bind(i64::from(h.max_sandboxes))
+        .bind(&h.version)
+        .bind(i64::from(h.schedulable))
+        .bind(now.0)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn list_hosts(&self) -> Result<Vec<HostRecord>> {
+        let rows = sqlx::query(
+            "SELECT id, rpc_url, proxy_url, vcpus, memory_mb, max_sandboxes, version, schedulable FROM hosts ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(host_from_row).collect()
+    }
+
+    pub async fn get_host(&self, id: &HostId) -> Result<Option<HostRecord>> {
+        let row = sqlx::query(
+            "SELECT id, rpc_url, proxy_url, vcpus, memory_mb, max_sandboxes, version, schedulable FROM hosts WHERE id = $1",
+        )
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(host_from_row).transpose()
+    }
+
+    /// What each host has handed out to sandboxes that hold a VM.
+    pub async fn host_usage(&self) -> Result<BTreeMap<String, HostUsage>> {
+        let rows = sqlx::query(
+            "SELECT host_id, COALESCE(SUM(vcpus), 0) AS vcpus, COALESCE(SUM(memory_mb), 0) AS memory_mb, \
+             COUNT(*) AS n FROM sandboxes WHERE host_id IS NOT NULL AND state IN ('running', 'pausing', 'resuming') \
+             GROUP BY host_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = BTreeMap::new();
+        for r in rows {
+            let host: String = r.try_get("host_id")?;
+            // SUM over BIGINT is NUMERIC in PostgreSQL; read it through i64 in both via CAST-free
+            // decoding of the Any value.
+            out.insert(
+                host,
+                HostUsage {
+                    vcpus: u32::try_from(sum_col(&r, "vcpus")?).unwrap_or(u32::MAX),
+                    memory_mb: u64::try_from(sum_col(&r, "memory_mb")?).unwrap_or(0),
+                    sandboxes: u32::try_from(r.try_get::<i64, _>("n")?).unwrap_or(u32::MAX),
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    // Sandboxes.
+
+    pub async fn insert_sandbox(&self, s: &SandboxRecord, now: UnixMillis) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO sandboxes (id, team_id, template_id, state, host_id, vcpus, memory_mb, disk_size_mb, \
+             envd_version, metadata, env_vars, started_at, end_at, auto_pause, allow_internet_access, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+        )
+        .bind(s.id.as_str())
+        .bind(s.team_id.as_str())
+        .bind(&s.template_id)
+        .bind(s.state.as_str())
+        .bind(s.host_id.as_ref().map(|h| h.as_str().to_owned()))
+        .bind(i64::from(s.vcpus))
+        .bind(to_i64(s.memory_mb))
+        .bind(to_i64(s.disk_size_mb))
+        .bind(&s.envd_version)
+        .bind(to_json(&s.metadata))
+        .bind(to_json(&s.env_vars))
+        .bind(s.started_at.0)
+        .bind(s.end_at.0)
+        .bind(i64::from(s.auto_pause))
+        .bind(s.allow_internet_access.map(i64::from))
+        .bind(now.0)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A sandbox of any team (for the proxy and the reaper); killed ones too.
+    pub async fn get_sandbox(&self, id: &str) -> Result<Option<SandboxRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(sandbox_from_row).transpose()
+    }
+
+    /// Moves a sandbox from `from` to `to`; `false` if it was not in `from` (someone else
+    /// changed it first).
+    pub async fn transition(
+        &self,
+        id: &SandboxId,
+        from: SandboxState,
+        to: SandboxState,
+        now: UnixMillis,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE sandboxes SET state = $1, updated_at = $2 WHERE id = $3 AND state = $4",
+        )
+        .bind(to.as_str())
+        .bind(now.0)
+        .bind(id.as_str())
+        .bind(from.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Finishes a resume: running again with a new start and end.
+    pub async fn resumed(
+        &self,
+        id: &SandboxId,
+        started_at: UnixMillis,
+        end_at: UnixMillis,
+        now: UnixMillis,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE sandboxes SET state = 'running', started_at = $1, end_at = $2, updated_at = $3 \
+             WHERE id = $4 AND state = 'resuming'",
+        )
+        .bind(started_at.0)
+        .bind(end_at.0)
+        .bind(now.0)
+        .bind(id.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Sets the end of a sandbox that is still in `state`.
+    pub async fn set_end_at(
+        &self,
+        id: &SandboxId,
+        state: SandboxState,
+        end_at: UnixMillis,
+        now: UnixMillis,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE sandboxes SET end_at = $1, updated_at = $2 WHERE id = $3 AND state = $4",
+        )
+        .bind(end_at.0)
+        .bind(now.0)
+        .bind(id.as_str())
+        .bind(state.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Running sandboxes whose end has passed, oldest end first.
+    pub async fn expired(&self, now: UnixMillis, limit: i64) -> Result<Vec<SandboxRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE state = 'running' AND end_at <= $1 ORDER BY end_at LIMIT $2"
+        ))
+        .bind(now.0)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(sandbox_from_row).collect()
+    }
+
+    /// Every running sandbox (the proxy's search for the owner of a signed URL).
+    pub async fn running(&self) -> Result<Vec<SandboxRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE state = 'running'"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(sandbox_from_row).collect()
+    }
+
+    /// One page of a team's sandboxes, and whether more follow.
+    ///
+    /// Metadata is matched here, not in SQL, because SQLite and PostgreSQL have no common JSON
+    /// syntax; rows are scanned in order until the page is full, so pagination stays exact.
+    pub async fn list_sandboxes(&self, f: &SandboxFilter) -> Result<(Vec<SandboxRecord>, bool)> {
+        use futures::TryStreamExt;
+
+        let mut sql = format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE team_id = $1");
+        let mut n = 1;
+        let mut next = || {
+            n += 1;
+            format!("${n}")
+        };
+        let states: Vec<String> = f.states.iter().map(|_| next()).collect();
+        sql.push_str(&format!(" AND state IN ({})", states.join(", ")));
+        if f.template_id.is_some() {
+            sql.push_str(&format!(" AND template_id = {}", next()));
+        }
+        if f.started_after.is_some() {
+            sql.push_str(&format!(" AND started_at > {}", next()));
+        }
+        let (cmp, order) = if f.descending {
+            ("<", "DESC")
+        } else {
+            (">", "ASC")
+        };
+        if f.after.is_some() {
+            let (a, b, c) = (next(), next(), next());
+            sql.push_str(&format!(
+                " AND (started_at {cmp} {a} OR (started_at = {b} AND id {cmp} {c}))"
+            ));
+        }
+        sql.push_str(&format!(" ORDER BY started_at {order}, id {order}"));
+
+        let mut q = sqlx::query(&sql).bind(f.team_id.as_str());
+        for s in &f.states {
+            q = q.bind(s.as_str());
+        }
+        if let Some(t) = &f.template_id {
+            q = q.bind(t.as_str());
+        }
+        if let Some(t) = f.started_after {
+            q = q.bind(t.0);
+        }
+        if let Some(c) = &f.after {
+            q = q.bind(c.time).bind(c.time).bind(c.id.as_str());
+        }
+        let mut rows = q.fetch(&self.pool);
+        let mut out = Vec::new();
+        while let Some(row) = rows.try_next().await? {
+            let s = sandbox_from_row(&row)?;
+            if !f.metadata.iter().all(|(k, v)| s.metadata.get(k) == Some(v)) {
+                continue;
+            }
+            if out.len() == f.limit {
+                return Ok((out, true));
+            }
+            out.push(s);
+        }
+        Ok((out, false))
+    }
+
+    // Snapshots.
+
+    pub async fn insert_snapshot(&self, s: &SnapshotRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO snapshots (id, team_id, sandbox_id, name, base_template_id, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&s.id)
+        .bind(s.team_id.as_str())
+        .bind(&s.sandbox_id)
+        .bind(&s.name)
+        .bind(&s.base_template_id)
+        .bind(s.created_at.0)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// One page of a team's snapshots (newest first), and whether more follow.
+    pub async fn list_snapshots(
+        &self,
+        team: &TeamId,
+        sandbox_id: Option<&str>,
+        name: Option<&str>,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<(Vec<SnapshotRecord>, bool)> {
+        let rows = sqlx::query(
+            "SELECT id, team_id, sandbox_id, name, base_template_id, created_at FROM snapshots \
+             WHERE team_id = $1 AND ($2 = '' OR sandbox_id = $2) AND ($3 = '' OR name = $3) \
+             AND ($4 = 0 OR created_at < $5 OR (created_at = $5 AND id < $6)) \
+             ORDER BY created_at DESC, id DESC LIMIT $7",
+        )
+        .bind(team.as_str())
+        .bind(sandbox_id.unwrap_or(""))
+        .bind(name.unwrap_or(""))
+        .bind(i64::from(after.is_some()))
+        .bind(after.map_or(0, |c| c.time))
+        .bind(after.map_or("", |c| c.id.as_str()))
+        .bind(to_i64(limit as u64 + 1))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = rows
+            .iter()
+            .map(|r| {
+                let id: String = r.try_get("id")?;
+                Ok(SnapshotRecord {
+                    team_id: parse_id(
+                        "snapshots",
+                        &id,
+                        &r.try_get::<String, _>("team_id")?,
+                        TeamId::parse,
+                    )?,
+                    sandbox_id: r.try_get("sandbox_id")?,
+                    name: r.try_get("name")?,
+                    base_template_id: r.try_get("base_template_id")?,
+                    created_at: UnixMillis(r.try_get("created_at")?),
+                    id,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let more = out.len() > limit;
+        out.truncate(limit);
+        Ok((out, more))
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_json(m: &BTreeMap<String, String>) -> String {
+    serde_json::to_string(m).expect("a string map always serializes")
+}
+
+fn u32_col(r: &AnyRow, col: &str) -> Result<u32> {
+    Ok(u32::try_from(r.try_get::<i64, _>(col)?).unwrap_or(0))
+}
+
+fn u64_col(r: &AnyRow, col: &str) -> Result<u64> {
+    Ok(u64::try_from(r.try_get::<i64, _>(col)?).unwrap_or(0))
+}
+
+/// A SUM: BIGINT in SQLite, NUMERIC in PostgreSQL (which the Any driver hands over as text or
+/// float depending on the backend), so accept each form.
+fn sum_col(r: &AnyRow, col: &str) -> Result<i64> {
+    if let Ok(v) = r.try_get::<i64, _>(col) {
+        return Ok(v);
+    }
+    if let Ok(v) = r.try_get::<f64, _>(col) {
+        return Ok(v as i64);
+    }
+    let s: String = r.try_get(col)?;
+    i64::from_str(s.trim()).map_err(|e| StoreError::Corrupt {
+        table: "sandboxes",
+        id: col.to_owned(),
+        what: e.to_string(),
+    })
+}
+
+fn parse_id<T, E: std::fmt::Display>(
+    table: &'static str,
+    id: &str,
+    value: &str,
+    parse: impl FnOnce(&str) -> std::result::Result<T, E>,
+) -> Result<T> {
+    parse(value).map_err(|e| StoreError::Corrupt {
+        table,
+        id: id.to_owned(),
+        what: e.to_string(),
+    })
+}
+
+fn team_from_row(r: &AnyRow) -> Result<TeamRecord> {
+    let id: String = r.try_get("id")?;
+    Ok(TeamRecord {
+        id: parse_id("teams", &id, &id, TeamId::parse)?,
+        name: r.try_get("name")?,
+    })
+}
+
+fn host_from_row(r: &AnyRow) -> Result<HostRecord> {
+    let id: String = r.try_get("id")?;
+    Ok(HostRecord {
+        id: parse_id("hosts", &id, &id, HostId::parse)?,
+        rpc_url: r.try_get("rpc_url")?,
+        proxy_url: r.try_get("proxy_url")?,
+        vcpus: u32_col(r, "vcpus")?,
+        memory_mb: u64_col(r, "memory_mb")?,
+        max_sandboxes: u32_col(r, "max_sandboxes")?,
+        version: r.try_get("version")?,
+        schedulable: r.try_get::<i64, _>("schedulable")? != 0,
+    })
+}
+
+fn sandbox_from_row(r: &AnyRow) -> Result<SandboxRecord> {
+    let id: String = r.try_get("id")?;
+    let corrupt = |what: String| StoreError::Corrupt {
+        table: "sandboxes",
+        id: id.clone(),
+        what,
+    };
+    let state: String = r.try_get("state")?;
+    let json = |col: &str| -> Result<BTreeMap<String, String>> {
+        let text: String = r.try_get(col)?;
+        serde_json::from_str(&text).map_err(|e| corrupt(format!("{col}: {e}")))
+    };
+    Ok(SandboxRecord {
+        team_id: parse_id(
+            "sandboxes",
+            &id,
+            &r.try_get::<String, _>("team_id")?,
+            TeamId::parse,
+        )?,
+        template_id: r.try_get("template_id")?,
+        state: SandboxState::parse(&state).ok_or_else(|| corrupt(format!("state {state:?}")))?,
+        host_id: r
+            .try_get::<Option<String>, _>("host_id")?
+            .map(|h| parse_id("sandboxes", &id, &h, HostId::parse))
+            .transpose()?,
+        vcpus: u32_col(r, "vcpus")?,
+        memory_mb: u64_col(r, "memory_mb")?,
+        disk_size_mb: u64_col(r, "disk_size_mb")?,
+        envd_version: r.try_get("envd_version")?,
+        metadata: json("metadata")?,
+        env_vars: json("env_vars")?,
+        started_at: UnixMillis(r.try_get("started_at")?),
+        end_at: UnixMillis(r.try_get("end_at")?),
+        auto_pause: r.try_get::<i64, _>("auto_pause")? != 0,
+        allow_internet_access: r
+            .try_get::<Option<i64>, _>("allow_internet_access")?
+            .map(|v| v != 0),
+        id: parse_id("sandboxes", &id, &id, SandboxId::parse)?,
+    })
+}

@@ -1,0 +1,59 @@
+"""Control-plane calls of the official Python SDK against a Wrenn control plane.
+
+Run by tests/python_sdk.rs with E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY set. envd calls
+are out of scope here (the host agent is a test double); signed URLs are checked through the
+edge proxy, whose test-double agent proxy echoes the routed sandbox ID.
+"""
+import json
+import urllib.request
+
+from e2b import Sandbox, SandboxQuery, SandboxState
+from e2b.exceptions import NotFoundException
+
+sbx = Sandbox.create(timeout=120, metadata={"suite": "py"}, envs={"A": "1"})
+other = Sandbox.create(metadata={"suite": "py", "n": "2"})
+info = sbx.get_info()
+assert info.sandbox_id == sbx.sandbox_id, info
+assert info.state == SandboxState.RUNNING, info
+assert info.metadata == {"suite": "py"}, info
+assert str(info.envd_version) == "0.6.4", info
+
+sbx.set_timeout(30)
+info2 = sbx.get_info()
+assert (info2.end_at - info2.started_at).total_seconds() < 60, info2
+
+# List with a metadata filter and pagination.
+pager = Sandbox.list(query=SandboxQuery(metadata={"suite": "py"}), limit=1)
+seen = []
+while pager.has_next:
+    seen.extend(s.sandbox_id for s in pager.next_items())
+assert sorted(seen) == sorted([sbx.sandbox_id, other.sandbox_id]), seen
+only = Sandbox.list(query=SandboxQuery(metadata={"n": "2"})).next_items()
+assert [s.sandbox_id for s in only] == [other.sandbox_id], only
+
+metrics = sbx.get_metrics()
+assert metrics and metrics[0].cpu_count == 2, metrics
+
+# Signed download URL routed by its signature alone.
+url = sbx.download_url("/home/user/a.txt")
+assert "signature=v1_" in url, url
+with urllib.request.urlopen(url) as r:
+    echoed = json.load(r)
+assert echoed["sandboxId"] == sbx.sandbox_id, echoed
+
+# Pause (409 the second time -> False), then connect resumes.
+assert sbx.beta_pause() in (True, None)
+assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.PAUSED
+resumed = Sandbox.connect(sbx.sandbox_id, timeout=60)
+assert resumed.sandbox_id == sbx.sandbox_id
+assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.RUNNING
+
+assert Sandbox.kill(sbx.sandbox_id) is True
+assert Sandbox.kill(sbx.sandbox_id) is False
+try:
+    Sandbox.get_info(sbx.sandbox_id)
+    raise AssertionError("get_info after kill should raise")
+except NotFoundException:
+    pass
+other.kill()
+print("python sdk: ok")

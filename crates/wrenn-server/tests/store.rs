@@ -1,0 +1,363 @@
+//! The store against a real database: a SQLite file always, and PostgreSQL as well when
+//! `WRENN_TEST_POSTGRES_URL` is set (each run uses a fresh schema-free database name is not
+//! needed: rows are keyed by random IDs, so runs do not collide).
+
+use std::collections::BTreeMap;
+
+use wrenn_core::{HostId, SandboxId, SandboxState, TeamId, UnixMillis};
+use wrenn_server::store::{
+    Cursor, HostRecord, SandboxFilter, SandboxRecord, SnapshotRecord, Store, TeamRecord,
+    TemplateRecord,
+};
+
+fn rand_suffix() -> String {
+    let bytes: [u8; 20] = rand::random();
+    SandboxId::from_random(bytes).as_str()[..8].to_owned()
+}
+
+fn sandbox(id: &str, team: &TeamId, started: i64, meta: &[(&str, &str)]) -> SandboxRecord {
+    SandboxRecord {
+        id: SandboxId::parse(id).unwrap(),
+        team_id: team.clone(),
+        template_id: "base".into(),
+        state: SandboxState::Running,
+        host_id: Some(HostId::parse("h1").unwrap()),
+        vcpus: 2,
+        memory_mb: 512,
+        disk_size_mb: 1024,
+        envd_version: "0.6.4".into(),
+        metadata: meta
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        env_vars: BTreeMap::from([("A".into(), "1".into())]),
+        started_at: UnixMillis(started),
+        end_at: UnixMillis(started + 1000),
+        auto_pause: false,
+        allow_internet_access: None,
+    }
+}
+
+async fn exercise(store: Store) {
+    let now = UnixMillis(1_000);
+    let sfx = rand_suffix();
+    let team = TeamId::parse(&format!("team-{sfx}")).unwrap();
+    store
+        .insert_team(
+            &TeamRecord {
+                id: team.clone(),
+                name: "t".into(),
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    store
+        .insert_api_key(
+            &format!("k-{sfx}"),
+            &team,
+            &format!("hash-{sfx}"),
+            "e2b_12",
+            "k",
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .team_by_key_hash(&format!("hash-{sfx}"))
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        team
+    );
+    assert_eq!(store.team_by_key_hash("nope").await.unwrap(), None);
+    // A second key with the same hash is refused.
+    assert!(
+        store
+            .insert_api_key(
+                &format!("k2-{sfx}"),
+                &team,
+                &format!("hash-{sfx}"),
+                "m",
+                "k",
+                now
+            )
+            .await
+            .is_err()
+    );
+
+    let tpl = TemplateRecord {
+        id: format!("tpl-{sfx}"),
+        team_id: None,
+        envd_version: "0.6.4".into(),
+        vcpus: 2,
+        memory_mb: 512,
+        disk_size_mb: 1024,
+    };
+    store.upsert_template(&tpl, now).await.unwrap();
+    let other = TeamId::parse("other").unwrap();
+    assert_eq!(
+        store.get_template(&tpl.id, &other).await.unwrap(),
+        Some(tpl.clone())
+    );
+    let private = TemplateRecord {
+        id: format!("priv-{sfx}"),
+        team_id: Some(team.clone()),
+        ..tpl.clone()
+    };
+    store.upsert_template(&private, now).await.unwrap();
+    assert_eq!(store.get_template(&private.id, &other).await.unwrap(), None);
+    assert_eq!(
+        store.get_template(&private.id, &team).await.unwrap(),
+        Some(private)
+    );
+
+    let host = HostRecord {
+        id: HostId::parse(&format!("h-{sfx}")).unwrap(),
+        rpc_url: "http://127.0.0.1:1".into(),
+        proxy_url: "http://127.0.0.1:2".into(),
+        vcpus: 8,
+        memory_mb: 4096,
+        max_sandboxes: 0,
+        version: "1".into(),
+        schedulable: true,
+    };
+    store.upsert_host(&host, now).await.unwrap();
+    store
+        .upsert_host(
+            &HostRecord {
+                vcpus: 16,
+                ..host.clone()
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.get_host(&host.id).await.unwrap().unwrap().vcpus, 16);
+
+    // Sandboxes a..e, started at 10..50; c and e carry metadata env=prod.
+    let ids: Vec<String> = (0..5)
+        .map(|i| format!("{}{sfx}", (b'a' + i) as char))
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        let meta: &[(&str, &str)] = if i % 2 == 0 && i > 0 {
+            &[("env", "prod")]
+        } else {
+            &[("env", "dev")]
+        };
+        let mut s = sandbox(id, &team, 10 * (i as i64 + 1), meta);
+        s.host_id = Some(host.id.clone());
+        store.insert_sandbox(&s, now).await.unwrap();
+    }
+    let got = store.get_sandbox(&ids[0]).await.unwrap().unwrap();
+    assert_eq!(got, {
+        let mut s = sandbox(&ids[0], &team, 10, &[("env", "dev")]);
+        s.host_id = Some(host.id.clone());
+        s
+    });
+    let usage = store.host_usage().await.unwrap();
+    assert_eq!(usage[host.id.as_str()].vcpus, 10);
+    assert_eq!(usage[host.id.as_str()].memory_mb, 2560);
+    assert_eq!(usage[host.id.as_str()].sandboxes, 5);
+
+    // State changes are compare-and-set.
+    let a = SandboxId::parse(&ids[0]).unwrap();
+    assert!(
+        store
+            .transition(&a, SandboxState::Running, SandboxState::Pausing, now)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .transition(&a, SandboxState::Running, SandboxState::Pausing, now)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .transition(&a, SandboxState::Pausing, SandboxState::Paused, now)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.host_usage().await.unwrap()[host.id.as_str()].sandboxes,
+        4
+    );
+
+    // Pages of two, newest first, running or paused.
+    let mut filter = SandboxFilter {
+        team_id: team.clone(),
+        states: vec![SandboxState::Running, SandboxState::Paused],
+        template_id: None,
+        started_after: None,
+        metadata: vec![],
+        descending: true,
+        after: None,
+        limit: 2,
+    };
+    let mut seen = Vec::new();
+    loop {
+        let (page, more) = store.list_sandboxes(&filter).await.unwrap();
+        seen.extend(page.iter().map(|s| s.id.as_str().to_owned()));
+        if !more {
+            break;
+        }
+        let last = page.last().unwrap();
+        filter.after = Some(Cursor {
+            time: last.started_at.0,
+            id: last.id.as_str().to_owned(),
+        });
+    }
+    let mut want = ids.clone();
+    want.reverse();
+    assert_eq!(seen, want);
+
+    // Filters: state, metadata, template, started_after; ascending order.
+    filter.after = None;
+    filter.limit = 100;
+    filter.states = vec![SandboxState::Paused];
+    let (page, _) = store.list_sandboxes(&filter).await.unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].id, a);
+    filter.states = vec![SandboxState::Running, SandboxState::Paused];
+    filter.metadata = vec![("env".into(), "prod".into())];
+    filter.limit = 1;
+    let (page, more) = store.list_sandboxes(&filter).await.unwrap();
+    assert_eq!((page[0].id.as_str(), more), (ids[4].as_str(), true));
+    filter.limit = 100;
+    filter.descending = false;
+    filter.started_after = Some(UnixMillis(30));
+    let (page, more) = store.list_sandboxes(&filter).await.unwrap();
+    assert_eq!(
+        page.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+        [ids[4].as_str()]
+    );
+    assert!(!more);
+    filter.started_after = None;
+    filter.metadata = vec![];
+    filter.template_id = Some("other".into());
+    assert!(store.list_sandboxes(&filter).await.unwrap().0.is_empty());
+
+    // Expiry: running sandboxes with end_at <= now.
+    let expired = store.expired(UnixMillis(1_020), 100).await.unwrap();
+    let mine: Vec<_> = expired
+        .iter()
+        .filter(|s| s.team_id == team)
+        .map(|s| s.id.as_str())
+        .collect();
+    assert_eq!(mine, [ids[1].as_str()]);
+    let b = SandboxId::parse(&ids[1]).unwrap();
+    assert!(
+        store
+            .set_end_at(&b, SandboxState::Running, UnixMillis(9_999), now)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .set_end_at(&a, SandboxState::Running, UnixMillis(9_999), now)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .transition(&a, SandboxState::Paused, SandboxState::Resuming, now)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .resumed(&a, UnixMillis(500), UnixMillis(600), now)
+            .await
+            .unwrap()
+    );
+    let a_rec = store.get_sandbox(a.as_str()).await.unwrap().unwrap();
+    assert_eq!(
+        (a_rec.state, a_rec.started_at, a_rec.end_at),
+        (SandboxState::Running, UnixMillis(500), UnixMillis(600))
+    );
+
+    // Snapshots, newest first, paginated.
+    for i in 0..3 {
+        store
+            .insert_snapshot(&SnapshotRecord {
+                id: format!("snap{i}-{sfx}"),
+                team_id: team.clone(),
+                sandbox_id: ids[i % 2].clone(),
+                name: format!("n{i}"),
+                base_template_id: "base".into(),
+                created_at: UnixMillis(100 + i as i64),
+            })
+            .await
+            .unwrap();
+    }
+    let (page, more) = store
+        .list_snapshots(&team, None, None, None, 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        page.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["n2", "n1"]
+    );
+    assert!(more);
+    let cur = Cursor {
+        time: page[1].created_at.0,
+        id: page[1].id.clone(),
+    };
+    let (page, more) = store
+        .list_snapshots(&team, None, None, Some(&cur), 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        page.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["n0"]
+    );
+    assert!(!more);
+    let (page, _) = store
+        .list_snapshots(&team, Some(&ids[1]), None, None, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        page.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["n1"]
+    );
+    let (page, _) = store
+        .list_snapshots(&team, None, Some("n2"), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 1);
+}
+
+#[tokio::test]
+async fn sqlite_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wrenn.db");
+    let store = Store::open(path.to_str().unwrap()).await.unwrap();
+    exercise(store.clone()).await;
+    store.close().await;
+    // Reopening runs the migrations again (a no-op) and keeps the records.
+    let store = Store::open(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    assert!(store.list_hosts().await.unwrap().len() == 1);
+}
+
+#[tokio::test]
+async fn postgres_when_configured() {
+    let Ok(url) = std::env::var("WRENN_TEST_POSTGRES_URL") else {
+        eprintln!("WRENN_TEST_POSTGRES_URL not set: PostgreSQL store test not run");
+        return;
+    };
+    let store = Store::open(&url).await.unwrap();
+    exercise(store.clone()).await;
+    // Migrations are idempotent against an existing database too.
+    Store::open(&url).await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_urls_are_refused() {
+    assert!(Store::open("mysql://localhost/x").await.is_err());
+}
