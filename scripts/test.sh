@@ -22,6 +22,11 @@ if [ "${WRENN_VM_TESTS:-0}" = 1 ]; then
   scripts/build-guest-envd.sh
 fi
 
+# Store tests also run against PostgreSQL when a local server is up (.ci/install-deps.sh starts one).
+if [ -z "${WRENN_TEST_POSTGRES_URL:-}" ] && command -v pg_isready >/dev/null && pg_isready -q -h 127.0.0.1; then
+  export WRENN_TEST_POSTGRES_URL=postgres://wrenn:wrenn@127.0.0.1/wrenn
+fi
+
 # The official E2B SDKs (Python venv, JS node_modules): some Rust tests drive them too.
 scripts/sdk-env.sh
 

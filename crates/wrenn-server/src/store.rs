@@ -23,7 +23,6 @@
 //! (or two requests) cannot both start a pause of one sandbox.
 
 use std::collections::BTreeMap;
-use std::str::FromStr;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
@@ -350,7 +349,8 @@ impl Store {
     /// What each host has handed out to sandboxes that hold a VM.
     pub async fn host_usage(&self) -> Result<BTreeMap<String, HostUsage>> {
         let rows = sqlx::query(
-            "SELECT host_id, COALESCE(SUM(vcpus), 0) AS vcpus, COALESCE(SUM(memory_mb), 0) AS memory_mb, \
+            "SELECT host_id, CAST(COALESCE(SUM(vcpus), 0) AS BIGINT) AS vcpus, \
+             CAST(COALESCE(SUM(memory_mb), 0) AS BIGINT) AS memory_mb, \
              COUNT(*) AS n FROM sandboxes WHERE host_id IS NOT NULL AND state IN ('running', 'pausing', 'resuming') \
              GROUP BY host_id",
         )
@@ -359,13 +359,13 @@ impl Store {
         let mut out = BTreeMap::new();
         for r in rows {
             let host: String = r.try_get("host_id")?;
-            // SUM over BIGINT is NUMERIC in PostgreSQL; read it through i64 in both via CAST-free
-            // decoding of the Any value.
+            // SUM over BIGINT is NUMERIC in PostgreSQL, which the Any driver cannot decode: the
+            // query casts it back to BIGINT.
             out.insert(
                 host,
                 HostUsage {
-                    vcpus: u32::try_from(sum_col(&r, "vcpus")?).unwrap_or(u32::MAX),
-                    memory_mb: u64::try_from(sum_col(&r, "memory_mb")?).unwrap_or(0),
+                    vcpus: u32::try_from(r.try_get::<i64, _>("vcpus")?).unwrap_or(u32::MAX),
+                    memory_mb: u64::try_from(r.try_get::<i64, _>("memory_mb")?).unwrap_or(0),
                     sandboxes: u32::try_from(r.try_get::<i64, _>("n")?).unwrap_or(u32::MAX),
                 },
             );
@@ -640,23 +640,6 @@ fn u32_col(r: &AnyRow, col: &str) -> Result<u32> {
 
 fn u64_col(r: &AnyRow, col: &str) -> Result<u64> {
     Ok(u64::try_from(r.try_get::<i64, _>(col)?).unwrap_or(0))
-}
-
-/// A SUM: BIGINT in SQLite, NUMERIC in PostgreSQL (which the Any driver hands over as text or
-/// float depending on the backend), so accept each form.
-fn sum_col(r: &AnyRow, col: &str) -> Result<i64> {
-    if let Ok(v) = r.try_get::<i64, _>(col) {
-        return Ok(v);
-    }
-    if let Ok(v) = r.try_get::<f64, _>(col) {
-        return Ok(v as i64);
-    }
-    let s: String = r.try_get(col)?;
-    i64::from_str(s.trim()).map_err(|e| StoreError::Corrupt {
-        table: "sandboxes",
-        id: col.to_owned(),
-        what: e.to_string(),
-    })
 }
 
 fn parse_id<T, E: std::fmt::Display>(
