@@ -41,7 +41,7 @@ fi
 
 apt-get update -q
 apt-get install -y -q -t bookworm-backports qemu-system-x86 qemu-utils
-apt-get install -y -q busybox-static bash-static nftables iproute2 e2fsprogs cpio
+apt-get install -y -q busybox-static bash-static nftables iproute2 e2fsprogs cpio debootstrap
 
 # Guest kernel: extract, do not install. Re-extract only when the candidate version changed.
 kver=$(apt-cache policy linux-image-cloud-amd64 | awk '/Candidate:/ { print $2 }')

@@ -5,6 +5,7 @@
 //! temporary directory and renames it into place, so a crashed build leaves no half artifact.
 
 mod cpio;
+pub mod debian;
 mod initramfs;
 mod rootfs;
 

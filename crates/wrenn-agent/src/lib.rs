@@ -1,10 +1,17 @@
 //! The host agent's microVM runtime, as a library: accelerator choice ([`accel`]), guest
 //! images ([`image`]), QEMU VMs ([`vm`]), template snapshots and restores ([`snapshot`]),
-//! network slots ([`slot`]) and the envd lifecycle client ([`envd`]).
+//! network slots ([`slot`]) and the envd lifecycle client ([`envd`]); per-slot metadata
+//! endpoints ([`metadata`]), slot and pre-started QEMU pools ([`pool`]), and on-disk VM records
+//! for crash recovery ([`state`]).
 
 pub mod accel;
 pub mod envd;
 pub mod image;
+pub mod memdiff;
+pub mod metadata;
+pub mod pool;
+pub mod sandbox;
 pub mod slot;
 pub mod snapshot;
+pub mod state;
 pub mod vm;

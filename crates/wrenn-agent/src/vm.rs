@@ -291,7 +291,12 @@ fn qemu_args(l: &Launch) -> Vec<String> {
     };
     let mut args: Vec<String> = vec!["-name".into(), "wrenn".into()];
     // Option ROMs stay on (the default): the Debian bzImage boots through them.
-    args.extend(["-M".into(), format!("microvm,memory-backend={MEM_ID}")]);
+    // `suppress-vmdesc=on` goes with `send-configuration=off` below: without it QEMU 10
+    // aborts in its JSON writer at the end of a save (as Xen, which sets both).
+    args.extend([
+        "-M".into(),
+        format!("microvm,memory-backend={MEM_ID},suppress-vmdesc=on"),
+    ]);
     args.extend(s.accel.qemu_args());
     args.extend([
         "-m".into(),
@@ -333,6 +338,10 @@ fn qemu_args(l: &Launch) -> Vec<String> {
         ),
         "-mon".into(),
         "chardev=qmp,mode=control".into(),
+        // Device-state-only saves (`xen-save-devices-state`, used by pause) carry no
+        // configuration section, so no stream we write or read has one.
+        "-global".into(),
+        "migration.send-configuration=off".into(),
         "-sandbox".into(),
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
     ]);

@@ -21,7 +21,7 @@ const GROUP: &str = "root:x:0:\nuser:x:1000:\n";
 const SHADOW: &str = "root:*:19000:0:99999:7:::\nuser:*:19000:0:99999:7:::\n";
 const PROFILE: &str = "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n";
 const INITTAB: &str = "::sysinit:/etc/wrenn/rc\n\
-::respawn:/usr/bin/envd --in-sandbox --listen 0.0.0.0:49983\n\
+::respawn:/usr/bin/envd --in-sandbox --listen 0.0.0.0:49983 --metadata-url http://169.254.169.254/\n\
 ::ctrlaltdel:/bin/busybox reboot -f\n";
 /// Mounts what envd needs before it starts (it creates cgroups and PTYs, and serves /tmp).
 const RC: &str = r#"#!/bin/sh
@@ -215,7 +215,7 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), ImageError> {
         .map_err(ImageError::io("chmod", path))
 }
 
-fn tree_size(path: &Path) -> u64 {
+pub(crate) fn tree_size(path: &Path) -> u64 {
     let Ok(meta) = path.symlink_metadata() else {
         return 0;
     };

@@ -1,0 +1,759 @@
+//! The default template: a Debian bookworm root filesystem made with `debootstrap`.
+//!
+//! `debootstrap --variant=minbase` gives bash, coreutils, python3 and CA certificates in about a
+//! minute and 270 MB. Into it go the static envd, our PID 1 (`/sbin/init`, a bash script: mount
+//! the API filesystems, keep envd running, reap orphans), a `user` account (uid 1000) and the
+//! hostname files; then it becomes an ext4 image with 1 GiB of free space (a sparse file), with a
+//! `manifest.json` listing every Debian package and version.
+//!
+//! The image is cached by the hash of its inputs (envd, the package list, this builder's
+//! scripts), not by the mirror's state: a cached image stays until an input changes, and its
+//! manifest says what it was built from. A build happens in a temporary directory that is
+//! renamed into place, so a failed or killed build leaves no artifact; stale temporary
+//! directories of dead builders are swept (after unmounting anything debootstrap left mounted
+//! in them) before the next build.
+//!
+//! Building takes minutes, so it reports progress: a spinner per phase on a terminal, plain
+//! lines otherwise (CI logs), or nothing.
+
+use std::io::{BufRead, BufReader, IsTerminal};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use super::rootfs::{Component, Rootfs, RootfsManifest, make_ext4};
+use super::{CacheKey, ImageError, cached, deb_version, run, sha256_file, write_manifest};
+
+/// Bumped whenever what this module puts into the image changes (part of the cache key).
+const SCRIPT_VERSION: &str = "debian-rootfs-v1";
+/// The Debian release of the default template.
+pub const SUITE: &str = "bookworm";
+/// Packages added to debootstrap's minbase set.
+pub const PACKAGES: [&str; 4] = ["bash", "coreutils", "python3", "ca-certificates"];
+/// Used when neither the caller nor the host's apt sources name a mirror.
+const FALLBACK_MIRROR: &str = "http://deb.debian.org/debian";
+/// Free space in the image beyond its content; the file is sparse, so this costs no disk
+/// until written (and sandboxes write to their own qcow2 overlays anyway).
+const FREE_SPACE: u64 = 1 << 30;
+/// How many of debootstrap's last output lines a failure reports.
+const ERROR_TAIL_LINES: usize = 30;
+/// Plain progress output prints a repeated kind of line at most this often.
+const PLAIN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// PID 1 after the initramfs' `switch_root`. Minbase has no init system; this does what the
+/// small image's busybox init does. Bash reaps every child on SIGCHLD (`waitpid(-1)`), so
+/// orphans reparented to PID 1 do not pile up as zombies, and `wait $!` still waits for envd
+/// alone. PID 1 ignores signals it has no handler for, hence the trap (QEMU runs with
+/// `-no-reboot`, so powering off ends the VM).
+const INIT: &str = r#"#!/bin/bash
+# Wrenn guest init (Debian template): mounts what envd needs, then keeps envd running.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+mountpoint -q /proc || mount -t proc proc /proc
+mountpoint -q /sys || mount -t sysfs sysfs /sys
+mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
+mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run
+mkdir -p /run/lock && chmod 1777 /run/lock
+mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
+# devtmpfs lacks these; bash process substitution and many scripts need /dev/fd.
+[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
+[ -e /dev/stdin ] || ln -s /proc/self/fd/0 /dev/stdin
+[ -e /dev/stdout ] || ln -s /proc/self/fd/1 /dev/stdout
+[ -e /dev/stderr ] || ln -s /proc/self/fd/2 /dev/stderr
+echo wrenn > /proc/sys/kernel/hostname
+ip link set lo up 2>/dev/null || true
+trap 'sync; echo o > /proc/sysrq-trigger' TERM INT
+while :; do
+    /usr/bin/envd --in-sandbox --listen 0.0.0.0:49983 --metadata-url http://169.254.169.254/ &
+    wait $!
+    echo "wrenn-init: envd exited with status $?, restarting" >/dev/console
+    sleep 1
+done
+"#;
+const HOSTS: &str =
+    "127.0.0.1\tlocalhost\n127.0.1.1\twrenn\n::1\tlocalhost ip6-localhost ip6-loopback\n";
+/// A placeholder: the sandbox's network setup may rewrite it; until then, a public resolver
+/// reachable through the slot's masquerade.
+const RESOLV_CONF: &str =
+    "# Wrenn placeholder; rewritten when the sandbox's network is set up.\nnameserver 8.8.8.8\n";
+
+/// How a build shows its progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProgressMode {
+    /// Spinners when stderr is a terminal, plain lines otherwise.
+    #[default]
+    Auto,
+    /// A spinner per phase on stderr.
+    Spinner,
+    /// One line per step on stderr (for logs).
+    Plain,
+    /// Nothing (only `tracing` events).
+    Quiet,
+}
+
+/// Inputs of the Debian template image.
+#[derive(Debug, Clone)]
+pub struct DebianImageInputs {
+    /// The static envd binary.
+    pub envd: PathBuf,
+    /// The Debian mirror; `None`: `WRENN_DEBIAN_MIRROR`, else the host's apt sources, else
+    /// `deb.debian.org`. Not part of the cache key.
+    pub mirror: Option<String>,
+    /// How to show progress.
+    pub progress: ProgressMode,
+}
+
+impl DebianImageInputs {
+    /// Defaults (host mirror, automatic progress) with the given envd.
+    pub fn new(envd: PathBuf) -> Self {
+        Self {
+            envd,
+            mirror: None,
+            progress: ProgressMode::Auto,
+        }
+    }
+}
+
+/// What the Debian image was built from, beyond the common rootfs manifest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DebianManifest {
+    /// Key, kind (`debian`), envd and debootstrap, size, e2fsprogs.
+    #[serde(flatten)]
+    pub common: RootfsManifest,
+    /// The builder's script version (part of the key).
+    pub script_version: String,
+    /// The release (`bookworm`).
+    pub suite: String,
+    /// `/etc/debian_version` of the image, e.g. `12.11`.
+    pub debian_version: String,
+    /// `debootstrap` on the build host.
+    pub debootstrap_version: String,
+    /// The mirror the packages came from.
+    pub mirror: String,
+    /// The packages asked for beyond minbase.
+    pub include: Vec<String>,
+    /// Every installed package with its version.
+    pub packages: Vec<Package>,
+    /// Bytes of files in the root tree before it became ext4.
+    pub content_bytes: u64,
+    /// Wall time of the build.
+    pub build_seconds: f64,
+    /// When it was built (RFC 3339, UTC).
+    pub built_at: String,
+}
+
+/// One Debian package in the image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Package {
+    /// Package name.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+}
+
+/// A built Debian template image.
+#[derive(Debug, Clone)]
+pub struct DebianRootfs {
+    /// The image and its common manifest, as for any root filesystem.
+    pub rootfs: Rootfs,
+    /// The full manifest.
+    pub manifest: DebianManifest,
+}
+
+/// Builds (or finds in `cache`) the Debian template image. Blocking, and minutes long on a
+/// miss: call it from a blocking thread. Needs root (debootstrap chroots and mounts).
+pub fn build_debian_rootfs(
+    cache: &Path,
+    inputs: &DebianImageInputs,
+) -> Result<DebianRootfs, ImageError> {
+    let envd_sha256 = sha256_file(&inputs.envd)?;
+    let mut key = CacheKey::default();
+    key.text("format", SCRIPT_VERSION)
+        .text("suite", SUITE)
+        .text("include", &PACKAGES.join(","))
+        .text("init", INIT)
+        .text("hosts", HOSTS)
+        .text("resolv", RESOLV_CONF)
+        .text("envd", &envd_sha256);
+    let key = key.finish();
+    let progress = Progress::new(inputs.progress);
+    let artifact = cache.join(format!("rootfs-debian-{key}"));
+    if !artifact.join("manifest.json").is_file() {
+        sweep_stale(cache);
+        let started = Instant::now();
+        progress.line(&format!(
+            "building the Debian {SUITE} template image (about a minute or two; cached afterwards)"
+        ));
+        cached(cache, "rootfs-debian", &key, |tmp| {
+            build(tmp, inputs, &key, &envd_sha256, &progress, started)
+        })?;
+        progress.line(&format!(
+            "Debian template image ready in {:.1} s",
+            started.elapsed().as_secs_f64()
+        ));
+    }
+    let manifest_path = artifact.join("manifest.json");
+    let text =
+        std::fs::read_to_string(&manifest_path).map_err(ImageError::io("read", &manifest_path))?;
+    let manifest: DebianManifest = serde_json::from_str(&text)?;
+    Ok(DebianRootfs {
+        rootfs: Rootfs {
+            path: artifact.join("rootfs.ext4"),
+            manifest: manifest.common.clone(),
+        },
+        manifest,
+    })
+}
+
+fn build(
+    tmp: &Path,
+    inputs: &DebianImageInputs,
+    key: &str,
+    envd_sha256: &str,
+    progress: &Progress,
+    started: Instant,
+) -> Result<(), ImageError> {
+    let root = tmp.join("root");
+    // Dropped before `cached` removes `tmp`: nothing mounted may be under it then.
+    let unmount = UnmountGuard(root.clone());
+    let mirror = inputs
+        .mirror
+        .clone()
+        .or_else(|| std::env::var("WRENN_DEBIAN_MIRROR").ok())
+        .unwrap_or_else(host_mirror);
+
+    let mut phase = progress.phase("debootstrap");
+    debootstrap(&root, &mirror, &mut phase)?;
+    phase.finish(&format!("{} from {mirror}", SUITE));
+
+    let phase = progress.phase("installing envd and init");
+    install(&root, &inputs.envd)?;
+    let packages = installed_packages(&root)?;
+    let debian_version = std::fs::read_to_string(root.join("etc/debian_version"))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    phase.finish(&format!(
+        "Debian {debian_version}, {} packages",
+        packages.len()
+    ));
+
+    let phase = progress.phase("mkfs.ext4");
+    let content_bytes = super::rootfs::tree_size(&root);
+    let image = tmp.join("rootfs.ext4");
+    let size = make_ext4(&root, &image, FREE_SPACE)?;
+    drop(unmount);
+    std::fs::remove_dir_all(&root).map_err(ImageError::io("remove", &root))?;
+    phase.finish(&format!(
+        "{} MiB content, {} MiB sparse image",
+        content_bytes >> 20,
+        size >> 20
+    ));
+
+    let phase = progress.phase("manifest");
+    let envd_version = run(Command::new(&inputs.envd).arg("--version"))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    let debootstrap_version = deb_version("debootstrap");
+    let manifest = DebianManifest {
+        common: RootfsManifest {
+            key: key.to_owned(),
+            kind: "debian".into(),
+            components: vec![
+                Component {
+                    name: "envd".into(),
+                    version: envd_version,
+                    sha256: Some(envd_sha256.to_owned()),
+                },
+                Component {
+                    name: "debootstrap".into(),
+                    version: debootstrap_version.clone(),
+                    sha256: None,
+                },
+                Component {
+                    name: "debian".into(),
+                    version: debian_version.clone(),
+                    sha256: None,
+                },
+            ],
+            size,
+            e2fsprogs_version: deb_version("e2fsprogs"),
+        },
+        script_version: SCRIPT_VERSION.into(),
+        suite: SUITE.into(),
+        debian_version,
+        debootstrap_version,
+        mirror,
+        include: PACKAGES.iter().map(|p| p.to_string()).collect(),
+        packages,
+        content_bytes,
+        build_seconds: started.elapsed().as_secs_f64(),
+        built_at: now_rfc3339(),
+    };
+    write_manifest(tmp, &manifest)?;
+    phase.finish("written");
+    Ok(())
+}
+
+/// Runs debootstrap into `root`, streaming its output lines into the phase.
+fn debootstrap(root: &Path, mirror: &str, phase: &mut Phase) -> Result<(), ImageError> {
+    let mut cmd = Command::new("debootstrap");
+    cmd.args([
+        "--variant=minbase",
+        &format!("--include={}", PACKAGES.join(",")),
+        SUITE,
+    ])
+    .arg(root)
+    .arg(mirror);
+    let tool = format!("{cmd:?}");
+    let fail = |stderr: String| ImageError::Tool {
+        tool: tool.clone(),
+        stderr,
+    };
+    // One pipe for both streams keeps the lines in order (debootstrap logs to stderr, the
+    // tools it runs also to stdout).
+    let (reader, writer) = std::io::pipe().map_err(|e| fail(format!("pipe: {e}")))?;
+    let writer2 = writer.try_clone().map_err(|e| fail(format!("pipe: {e}")))?;
+    cmd.stdin(Stdio::null()).stdout(writer).stderr(writer2);
+    let mut child = cmd.spawn().map_err(|e| {
+        fail(if e.kind() == std::io::ErrorKind::NotFound {
+            "not installed (run .ci/install-runtime-deps.sh)".into()
+        } else {
+            e.to_string()
+        })
+    })?;
+    // The Command still holds the write ends; without dropping it the reader never sees EOF.
+    drop(cmd);
+    let mut tail = std::collections::VecDeque::with_capacity(ERROR_TAIL_LINES);
+    for line in BufReader::new(reader).split(b'\n') {
+        let Ok(line) = line else { break };
+        let line = String::from_utf8_lossy(&line);
+        let line = line.trim_end();
+        if line.is_empty() {
+            continue;
+        }
+        tracing::debug!(target: "wrenn_agent::image::debian", "debootstrap: {line}");
+        phase.message(line);
+        if tail.len() == ERROR_TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line.to_owned());
+    }
+    let status = child.wait().map_err(|e| fail(e.to_string()))?;
+    if !status.success() {
+        let mut log = Vec::from(tail).join("\n");
+        // debootstrap keeps its detailed log inside the target; its end says what failed.
+        if let Ok(text) = std::fs::read_to_string(root.join("debootstrap/debootstrap.log")) {
+            let lines: Vec<&str> = text.lines().collect();
+            let from = lines.len().saturating_sub(ERROR_TAIL_LINES);
+            log.push_str("\n--- debootstrap.log ---\n");
+            log.push_str(&lines[from..].join("\n"));
+        }
+        return Err(fail(format!("{status}:\n{log}")));
+    }
+    Ok(())
+}
+
+/// Puts envd, init, the user and the host files into the debootstrapped tree.
+fn install(root: &Path, envd: &Path) -> Result<(), ImageError> {
+    put_file(root, "usr/bin/envd", &read(envd)?, 0o755)?;
+    // `/sbin` is a relative symlink to `usr/sbin` (merged /usr), so this stays in the tree.
+    put_file(root, "usr/sbin/init", INIT.as_bytes(), 0o755)?;
+    put_file(root, "etc/hostname", b"wrenn\n", 0o644)?;
+    put_file(root, "etc/hosts", HOSTS.as_bytes(), 0o644)?;
+    put_file(root, "etc/resolv.conf", RESOLV_CONF.as_bytes(), 0o644)?;
+    // useradd --root chroots into the tree: the image's own passwd, shadow and skel.
+    run(Command::new("useradd").arg("--root").arg(root).args([
+        "--uid",
+        "1000",
+        "--user-group",
+        "--create-home",
+        "--home-dir",
+        "/home/user",
+        "--shell",
+        "/bin/bash",
+        "user",
+    ]))?;
+    // Apt's caches come back with `apt-get update`; the image should not carry them.
+    for dir in [
+        "var/cache/apt/archives",
+        "var/lib/apt/lists",
+        "var/cache/apt",
+    ] {
+        clear_files(&root.join(dir))?;
+    }
+    for log in [
+        "var/log/bootstrap.log",
+        "var/log/dpkg.log",
+        "var/log/alternatives.log",
+    ] {
+        let _ = std::fs::remove_file(root.join(log));
+    }
+    Ok(())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, ImageError> {
+    std::fs::read(path).map_err(ImageError::io("read", path))
+}
+
+/// Writes a file in the tree, replacing whatever is there without following it: debootstrap
+/// may leave a symlink (e.g. `/etc/resolv.conf`), and an absolute one would point at the
+/// host's file.
+fn put_file(root: &Path, rel: &str, data: &[u8], mode: u32) -> Result<(), ImageError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = root.join(rel);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(ImageError::io("remove", &path)(e)),
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&path)
+        .map_err(ImageError::io("create", &path))?;
+    file.write_all(data)
+        .map_err(ImageError::io("write", &path))?;
+    // The umask may have cut the mode at creation.
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .map_err(ImageError::io("chmod", &path))
+}
+
+/// Removes the regular files directly in `dir` (apt keeps its lock and `partial/` there).
+fn clear_files(dir: &Path) -> Result<(), ImageError> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_file()) && entry.file_name() != "lock" {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(ImageError::io("remove", &path))?;
+        }
+    }
+    Ok(())
+}
+
+/// Every package installed in the tree, from its own dpkg database.
+fn installed_packages(root: &Path) -> Result<Vec<Package>, ImageError> {
+    let out = run(Command::new("dpkg-query")
+        .arg(format!(
+            "--admindir={}",
+            root.join("var/lib/dpkg").display()
+        ))
+        .args(["-W", "-f", "${Package}\t${Version}\n"]))?;
+    let mut packages: Vec<Package> = out
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(name, version)| Package {
+            name: name.to_owned(),
+            version: version.to_owned(),
+        })
+        .collect();
+    packages.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(packages)
+}
+
+/// The Debian mirror the host's apt uses for `bookworm`, like `.ci/install-runtime-deps.sh`
+/// finds it: a deb822 `.sources` stanza first, then `sources.list`, else `deb.debian.org`.
+pub fn host_mirror() -> String {
+    let mut files: Vec<PathBuf> = std::fs::read_dir("/etc/apt/sources.list.d")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sources"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .find_map(|text| mirror_from_deb822(&text, SUITE))
+        .or_else(|| {
+            let text = std::fs::read_to_string("/etc/apt/sources.list").ok()?;
+            mirror_from_list(&text, SUITE)
+        })
+        .unwrap_or_else(|| FALLBACK_MIRROR.into())
+}
+
+/// The first URI of a `deb` stanza whose Suites include exactly `suite`.
+fn mirror_from_deb822(text: &str, suite: &str) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    lines.split(|l| l.trim().is_empty()).find_map(|stanza| {
+        let field = |name: &str| {
+            stanza.iter().filter(|l| !l.starts_with('#')).find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+            })
+        };
+        let is_deb = field("Types")?.split_whitespace().any(|t| t == "deb");
+        let has_suite = field("Suites")?.split_whitespace().any(|s| s == suite);
+        let enabled = field("Enabled").is_none_or(|v| !v.eq_ignore_ascii_case("no"));
+        (is_deb && has_suite && enabled)
+            .then(|| field("URIs")?.split_whitespace().next().map(str::to_owned))?
+    })
+}
+
+/// The URI of the first `deb` line for `suite` (options in brackets skipped).
+fn mirror_from_list(text: &str, suite: &str) -> Option<String> {
+    text.lines().find_map(|line| {
+        let line = line.split('#').next()?.trim();
+        let rest = line.strip_prefix("deb ")?.trim_start();
+        let rest = match rest.strip_prefix('[') {
+            Some(r) => r.split_once(']')?.1.trim_start(),
+            None => rest,
+        };
+        let mut words = rest.split_whitespace();
+        let uri = words.next()?;
+        (words.next()? == suite).then(|| uri.to_owned())
+    })
+}
+
+/// Lazily unmounts everything under a path when dropped (debootstrap mounts `/proc` and
+/// `/sys` in the target and may leave them on failure; removing the tree would then walk
+/// into them).
+struct UnmountGuard(PathBuf);
+
+impl Drop for UnmountGuard {
+    fn drop(&mut self) {
+        unmount_under(&self.0);
+    }
+}
+
+/// Detaches every mount at or below `dir`, deepest first; true when none is left.
+fn unmount_under(dir: &Path) -> bool {
+    let mounts = || -> Vec<PathBuf> {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut found: Vec<PathBuf> = info
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .map(|p| PathBuf::from(unescape_mountinfo(p)))
+            .filter(|p| p.starts_with(dir))
+            .collect();
+        found.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+        found
+    };
+    for mount in mounts() {
+        if let Err(e) = nix::mount::umount2(&mount, nix::mount::MntFlags::MNT_DETACH) {
+            tracing::warn!(mount = %mount.display(), "unmounting a leftover mount: {e}");
+        }
+    }
+    mounts().is_empty()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        if bytes[i] == b'\\'
+            && let Some(d) = octal
+        {
+            out.push(
+                d.iter()
+                    .fold(0u8, |v, b| v.wrapping_mul(8).wrapping_add(b - b'0')),
+            );
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Removes temporary build directories of Debian builders that no longer run (a killed
+/// build; `cached` only clears its own pid's).
+fn sweep_stale(cache: &Path) {
+    let Ok(entries) = std::fs::read_dir(cache) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(".rootfs-debian-")
+            .and_then(|r| r.strip_suffix(".tmp"))
+            .and_then(|r| r.rsplit_once('.'))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = entry.path();
+        if unmount_under(&path) {
+            tracing::info!(path = %path.display(), "removing a dead build's directory");
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Progress output for one build.
+struct Progress {
+    mode: ProgressMode,
+}
+
+impl Progress {
+    fn new(mode: ProgressMode) -> Self {
+        let mode = match mode {
+            ProgressMode::Auto if std::io::stderr().is_terminal() => ProgressMode::Spinner,
+            ProgressMode::Auto => ProgressMode::Plain,
+            other => other,
+        };
+        Self { mode }
+    }
+
+    fn line(&self, text: &str) {
+        tracing::info!(target: "wrenn_agent::image::debian", "{text}");
+        if self.mode != ProgressMode::Quiet {
+            eprintln!("{text}");
+        }
+    }
+
+    fn phase(&self, name: &'static str) -> Phase {
+        let bar = (self.mode == ProgressMode::Spinner).then(|| {
+            let bar = ProgressBar::new_spinner();
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner:.cyan} [{elapsed:>4}] {prefix:.bold}: {wide_msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            bar.set_prefix(name);
+            bar.enable_steady_tick(Duration::from_millis(120));
+            bar
+        });
+        if self.mode == ProgressMode::Plain {
+            eprintln!("[{name}] started");
+        }
+        Phase {
+            name,
+            mode: self.mode,
+            bar,
+            started: Instant::now(),
+            last_kind: String::new(),
+            last_print: Instant::now(),
+            finished: false,
+        }
+    }
+}
+
+/// One phase of a build: a spinner, or plain lines.
+struct Phase {
+    name: &'static str,
+    mode: ProgressMode,
+    bar: Option<ProgressBar>,
+    started: Instant,
+    /// Plain mode: the first two words of the last printed line (e.g. `I: Retrieving`).
+    last_kind: String,
+    last_print: Instant,
+    finished: bool,
+}
+
+impl Phase {
+    /// A line of the phase's output: the spinner's message; in plain mode printed when its
+    /// kind changes or now and then, so a log gets the stages without every package.
+    fn message(&mut self, line: &str) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(line.to_owned());
+        }
+        if self.mode == ProgressMode::Plain {
+            let kind: String = line
+                .split_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" ");
+            if kind != self.last_kind || self.last_print.elapsed() >= PLAIN_INTERVAL {
+                eprintln!(
+                    "[{} {:>5.1}s] {line}",
+                    self.name,
+                    self.started.elapsed().as_secs_f64()
+                );
+                self.last_kind = kind;
+                self.last_print = Instant::now();
+            }
+        }
+    }
+
+    fn finish(mut self, detail: &str) {
+        self.finished = true;
+        let secs = self.started.elapsed().as_secs_f64();
+        tracing::info!(target: "wrenn_agent::image::debian", phase = self.name, secs, "{detail}");
+        match (&self.bar, self.mode) {
+            (Some(bar), _) => bar.finish_with_message(format!("done in {secs:.1} s ({detail})")),
+            (None, ProgressMode::Plain) => {
+                eprintln!("[{}] done in {secs:.1} s ({detail})", self.name);
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Drop for Phase {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let secs = self.started.elapsed().as_secs_f64();
+        match (&self.bar, self.mode) {
+            (Some(bar), _) => bar.abandon_with_message(format!("failed after {secs:.1} s")),
+            (None, ProgressMode::Plain) => eprintln!("[{}] failed after {secs:.1} s", self.name),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirror_from_deb822_sources() {
+        let text = "Types: deb\n# comment\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\nComponents: main\n\nTypes: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\n";
+        assert_eq!(
+            mirror_from_deb822(text, "bookworm").as_deref(),
+            Some("http://mirror.example/debian")
+        );
+        let security_only = "Types: deb\nURIs: http://s.example/ds\nSuites: bookworm-security\n";
+        assert_eq!(mirror_from_deb822(security_only, "bookworm"), None);
+        let src_only = "Types: deb-src\nURIs: http://s.example/d\nSuites: bookworm\n";
+        assert_eq!(mirror_from_deb822(src_only, "bookworm"), None);
+    }
+
+    #[test]
+    fn mirror_from_sources_list() {
+        let text = "# deb http://old.example/debian bookworm main\ndeb-src http://src.example/debian bookworm main\ndeb [arch=amd64 signed-by=/k.gpg] http://m.example/debian bookworm main\n";
+        assert_eq!(
+            mirror_from_list(text, "bookworm").as_deref(),
+            Some("http://m.example/debian")
+        );
+        assert_eq!(
+            mirror_from_list("deb http://m.example/d bookworm-updates main\n", "bookworm"),
+            None
+        );
+    }
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo(r"/a\040b\134c"), "/a b\\c");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo(r"/x\011y"), "/x\ty");
+    }
+}

@@ -1,0 +1,420 @@
+//! Guest RAM diffs: the pages a privately mapped sandbox changed, read from QEMU's page
+//! tables.
+//!
+//! A restored sandbox maps its template's memory file `MAP_PRIVATE`. A page the guest (or we)
+//! wrote is copy-on-write: it becomes an anonymous page of the QEMU process, while pages never
+//! written stay page-cache pages of the file (or are not mapped at all). `/proc/<pid>/pagemap`
+//! tells the two apart (bit 61, "file page or shared anon"), so with the VM stopped the host
+//! finds exactly the changed pages without QEMU walking guest RAM, and reads them from
+//! `/proc/<pid>/mem`. On resume the pages are written back the same way into a new QEMU that
+//! maps the same template file privately and is still waiting in `-incoming defer` (so it has
+//! not loaded ROMs into RAM and no vCPU runs); they become anonymous again, so every later diff
+//! holds all pages that differ from the template (one diff per sandbox, never a chain).
+//!
+//! File format (little endian): magic `WRNMDIF1`, `u32` page size, `u32` zero, `u64` RAM bytes,
+//! `u64` run count, then `(u64 first page, u64 page count)` per run in ascending order, then
+//! the pages of every run back to back.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+/// Guest and host page size (x86_64).
+pub(crate) const PAGE: u64 = 4096;
+const MAGIC: &[u8; 8] = b"WRNMDIF1";
+const HEADER: u64 = 8 + 4 + 4 + 8 + 8;
+/// Pages are copied in chunks of this size.
+const CHUNK: u64 = 4 << 20;
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
+const PM_FILE: u64 = 1 << 61;
+
+/// Why reading or applying a memory diff failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MemDiffError {
+    /// QEMU has no mapping of the memory file of that size.
+    #[error("guest RAM mapping of {path} ({bytes} bytes) not found in QEMU process {pid}")]
+    NoMapping {
+        /// QEMU's pid.
+        pid: u32,
+        /// The memory file.
+        path: PathBuf,
+        /// The expected size.
+        bytes: u64,
+    },
+    /// A file operation failed.
+    #[error("{what} {path}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The diff file is not what its manifest says, or not a diff at all.
+    #[error("memory diff {path} is corrupt: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> MemDiffError {
+    let path = path.to_owned();
+    move |source| MemDiffError::Io { what, path, source }
+}
+
+/// What a written diff holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DiffInfo {
+    /// Changed pages.
+    pub pages: u64,
+    /// File size.
+    pub bytes: u64,
+    /// sha256 of the whole file, hex.
+    pub sha256: String,
+}
+
+/// The address range of guest RAM inside QEMU.
+#[derive(Debug, Clone, Copy)]
+struct RamMapping {
+    start: u64,
+    len: u64,
+}
+
+/// Finds the mapping of `mem_file` at offset 0 with length `len` in `/proc/<pid>/maps`.
+fn find_ram_mapping(pid: u32, mem_file: &Path, len: u64) -> Result<RamMapping, MemDiffError> {
+    let not_found = || MemDiffError::NoMapping {
+        pid,
+        path: mem_file.to_owned(),
+        bytes: len,
+    };
+    let want = std::fs::canonicalize(mem_file).map_err(io("resolve", mem_file))?;
+    let maps_path = PathBuf::from(format!("/proc/{pid}/maps"));
+    let maps = std::fs::read_to_string(&maps_path).map_err(io("read", &maps_path))?;
+    for line in maps.lines() {
+        // start-end perms offset dev inode path (the path may contain spaces).
+        let mut fields = line.splitn(6, ' ');
+        let (Some(range), Some(_perms), Some(offset), Some(_dev), Some(_inode), Some(path)) = (
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+        ) else {
+            continue;
+        };
+        if Path::new(path.trim_start()) != want || u64::from_str_radix(offset, 16) != Ok(0) {
+            continue;
+        }
+        let Some((s, e)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) else {
+            continue;
+        };
+        if e - s == len {
+            return Ok(RamMapping { start: s, len });
+        }
+    }
+    Err(not_found())
+}
+
+/// The runs of pages of the mapping that are anonymous (written since the mapping was made).
+fn dirty_runs(pid: u32, ram: RamMapping) -> Result<Vec<(u64, u64)>, MemDiffError> {
+    let path = PathBuf::from(format!("/proc/{pid}/pagemap"));
+    let f = File::open(&path).map_err(io("open", &path))?;
+    let pages = ram.len / PAGE;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut buf = vec![0u8; 8 * 8192];
+    let mut page = 0;
+    while page < pages {
+        let n = (pages - page).min(8192);
+        let bytes = &mut buf[..(n * 8) as usize];
+        f.read_exact_at(bytes, (ram.start / PAGE + page) * 8)
+            .map_err(io("read", &path))?;
+        for (i, entry) in bytes.chunks_exact(8).enumerate() {
+            let e = u64::from_le_bytes(entry.try_into().unwrap_or_default());
+            let dirty = (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAPPED != 0;
+            if !dirty {
+                continue;
+            }
+            let p = page + i as u64;
+            match runs.last_mut() {
+                Some((first, count)) if *first + *count == p => *count += 1,
+                _ => runs.push((p, 1)),
+            }
+        }
+        page += n;
+    }
+    Ok(runs)
+}
+
+/// Writes the pages QEMU `pid` changed in its private mapping of `mem_file` (`ram_bytes`
+/// long) to `out`, synced. The VM must be stopped.
+pub(crate) fn save(
+    pid: u32,
+    mem_file: &Path,
+    ram_bytes: u64,
+    out: &Path,
+) -> Result<DiffInfo, MemDiffError> {
+    let ram = find_ram_mapping(pid, mem_file, ram_bytes)?;
+    let runs = dirty_runs(pid, ram)?;
+    let mem_path = PathBuf::from(format!("/proc/{pid}/mem"));
+    let mem = File::open(&mem_path).map_err(io("open", &mem_path))?;
+    let mut file = File::create(out).map_err(io("create", out))?;
+    let mut hash = Sha256::new();
+    let mut header = Vec::with_capacity((HEADER + 16 * runs.len() as u64) as usize);
+    header.extend_from_slice(MAGIC);
+    header.extend_from_slice(&(PAGE as u32).to_le_bytes());
+    header.extend_from_slice(&0u32.to_le_bytes());
+    header.extend_from_slice(&ram_bytes.to_le_bytes());
+    header.extend_from_slice(&(runs.len() as u64).to_le_bytes());
+    for (first, count) in &runs {
+        header.extend_from_slice(&first.to_le_bytes());
+        header.extend_from_slice(&count.to_le_bytes());
+    }
+    hash.update(&header);
+    file.write_all(&header).map_err(io("write", out))?;
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut pages = 0;
+    for &(first, count) in &runs {
+        let mut off = first * PAGE;
+        let end = (first + count) * PAGE;
+        while off < end {
+            let n = (end - off).min(CHUNK) as usize;
+            mem.read_exact_at(&mut buf[..n], ram.start + off)
+                .map_err(io("read guest RAM from", &mem_path))?;
+            hash.update(&buf[..n]);
+            file.write_all(&buf[..n]).map_err(io("write", out))?;
+            off += n as u64;
+        }
+        pages += count;
+    }
+    file.sync_all().map_err(io("sync", out))?;
+    Ok(DiffInfo {
+        pages,
+        bytes: header.len() as u64 + pages * PAGE,
+        sha256: hex::encode(hash.finalize()),
+    })
+}
+
+/// Checks `diff` against its recorded size and hash, then writes its pages into the private
+/// mapping of `mem_file` of QEMU `pid`, which must not be running guest code yet.
+pub(crate) fn apply(
+    pid: u32,
+    mem_file: &Path,
+    ram_bytes: u64,
+    diff: &Path,
+    expect: &DiffInfo,
+) -> Result<(), MemDiffError> {
+    let corrupt = |reason: String| MemDiffError::Corrupt {
+        path: diff.to_owned(),
+        reason,
+    };
+    let len = std::fs::metadata(diff).map_err(io("stat", diff))?.len();
+    if len != expect.bytes {
+        return Err(corrupt(format!(
+            "{len} bytes, the manifest says {}",
+            expect.bytes
+        )));
+    }
+    // Hash first: nothing goes into the VM from a file that fails it.
+    let mut hash = Sha256::new();
+    let mut r =
+        BufReader::with_capacity(CHUNK as usize, File::open(diff).map_err(io("open", diff))?);
+    let mut buf = vec![0u8; CHUNK as usize];
+    loop {
+        let n = r.read(&mut buf).map_err(io("read", diff))?;
+        if n == 0 {
+            break;
+        }
+        hash.update(&buf[..n]);
+    }
+    if hex::encode(hash.finalize()) != expect.sha256 {
+        return Err(corrupt("sha256 does not match the manifest".into()));
+    }
+    let f = File::open(diff).map_err(io("open", diff))?;
+    let mut head = [0u8; HEADER as usize];
+    f.read_exact_at(&mut head, 0).map_err(io("read", diff))?;
+    let u64_at =
+        |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]));
+    if &head[..8] != MAGIC {
+        return Err(corrupt("bad magic".into()));
+    }
+    let page = u32::from_le_bytes(head[8..12].try_into().unwrap_or([0; 4]));
+    if u64::from(page) != PAGE || u64_at(&head, 16) != ram_bytes {
+        return Err(corrupt(format!(
+            "page size {page} and RAM {} do not match this machine",
+            u64_at(&head, 16)
+        )));
+    }
+    let nruns = u64_at(&head, 24);
+    if nruns > ram_bytes / PAGE || HEADER + nruns * 16 > len {
+        return Err(corrupt(format!("{nruns} runs do not fit")));
+    }
+    let mut table = vec![0u8; (nruns * 16) as usize];
+    f.read_exact_at(&mut table, HEADER)
+        .map_err(io("read", diff))?;
+    let mut runs = Vec::with_capacity(nruns as usize);
+    let (mut next_free, mut pages) = (0u64, 0u64);
+    for r in table.chunks_exact(16) {
+        let (first, count) = (u64_at(r, 0), u64_at(r, 8));
+        if count == 0 || first < next_free || first.saturating_add(count) > ram_bytes / PAGE {
+            return Err(corrupt(format!("bad run {first}+{count}")));
+        }
+        next_free = first + count;
+        pages += count;
+        runs.push((first, count));
+    }
+    if HEADER + nruns * 16 + pages * PAGE != len || pages != expect.pages {
+        return Err(corrupt("runs do not match the file size".into()));
+    }
+    let ram = find_ram_mapping(pid, mem_file, ram_bytes)?;
+    let mem_path = PathBuf::from(format!("/proc/{pid}/mem"));
+    let mem = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&mem_path)
+        .map_err(io("open", &mem_path))?;
+    let mut at = HEADER + nruns * 16;
+    for (first, count) in runs {
+        let mut off = first * PAGE;
+        let end = (first + count) * PAGE;
+        while off < end {
+            let n = (end - off).min(CHUNK) as usize;
+            f.read_exact_at(&mut buf[..n], at)
+                .map_err(io("read", diff))?;
+            mem.write_all_at(&buf[..n], ram.start + off)
+                .map_err(io("write guest RAM to", &mem_path))?;
+            off += n as u64;
+            at += n as u64;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A private, writable mapping of a file in this process (what QEMU does with share=off).
+    struct Mapping {
+        ptr: *mut u8,
+        len: usize,
+    }
+
+    impl Mapping {
+        fn new(file: &File, len: usize) -> Self {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a fresh mapping (no address hint) of an open file; checked for failure.
+            let ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE,
+                    file.as_raw_fd(),
+                    0,
+                )
+            };
+            assert_ne!(ptr, libc::MAP_FAILED);
+            Self {
+                ptr: ptr.cast(),
+                len,
+            }
+        }
+
+        fn bytes(&mut self) -> &mut [u8] {
+            // SAFETY: the mapping is `len` bytes, readable and writable, and lives as long as self.
+            unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+        }
+    }
+
+    impl Drop for Mapping {
+        fn drop(&mut self) {
+            // SAFETY: unmaps exactly the mapping made in `new`, which nothing borrows any more.
+            unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        }
+    }
+
+    const PAGES: usize = 64;
+
+    fn template(dir: &Path) -> (PathBuf, File) {
+        let path = dir.join("memory");
+        let mut data = vec![0u8; PAGES * PAGE as usize];
+        for (i, page) in data.chunks_mut(PAGE as usize).enumerate() {
+            page.fill(i as u8 + 1);
+        }
+        std::fs::write(&path, &data).unwrap();
+        let file = File::open(&path).unwrap();
+        (path, file)
+    }
+
+    #[test]
+    fn finds_written_pages_and_writes_them_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, file) = template(dir.path());
+        let len = PAGES * PAGE as usize;
+        let pid = std::process::id();
+        let diff = dir.path().join("memory.diff");
+        let expected: Vec<u8>;
+        let info;
+        {
+            let mut m = Mapping::new(&file, len);
+            let b = m.bytes();
+            // Reads do not make pages dirty; writes do (also writing zeros over file data).
+            let sum: u64 = b.iter().step_by(PAGE as usize).map(|&x| u64::from(x)).sum();
+            assert!(sum > 0);
+            b[3 * PAGE as usize + 7] = 0xaa;
+            b[4 * PAGE as usize] = 0xbb;
+            b[10 * PAGE as usize..11 * PAGE as usize].fill(0);
+            b[(PAGES - 1) * PAGE as usize + 5] = 0xcc;
+            expected = b.to_vec();
+            info = save(pid, &path, len as u64, &diff).unwrap();
+        }
+        assert_eq!(info.pages, 4, "{info:?}");
+        assert_eq!(info.bytes, std::fs::metadata(&diff).unwrap().len());
+        assert_eq!(info.bytes, HEADER + 3 * 16 + 4 * PAGE);
+
+        let mut m = Mapping::new(&file, len);
+        assert_ne!(m.bytes(), &expected[..]);
+        apply(pid, &path, len as u64, &diff, &info).unwrap();
+        assert!(m.bytes() == &expected[..], "restored memory differs");
+    }
+
+    #[test]
+    fn rejects_corrupt_or_mismatched_diffs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, file) = template(dir.path());
+        let len = PAGES * PAGE as usize;
+        let pid = std::process::id();
+        let diff = dir.path().join("memory.diff");
+        let info = {
+            let mut m = Mapping::new(&file, len);
+            m.bytes()[PAGE as usize] = 9;
+            save(pid, &path, len as u64, &diff).unwrap()
+        };
+        let _m = Mapping::new(&file, len);
+        let mut bytes = std::fs::read(&diff).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&diff, &bytes).unwrap();
+        let err = apply(pid, &path, len as u64, &diff, &info).unwrap_err();
+        assert!(matches!(err, MemDiffError::Corrupt { .. }), "{err}");
+        bytes.truncate(last);
+        std::fs::write(&diff, &bytes).unwrap();
+        let err = apply(pid, &path, len as u64, &diff, &info).unwrap_err();
+        assert!(matches!(err, MemDiffError::Corrupt { .. }), "{err}");
+        // No mapping of that size: a clear error, nothing written.
+        let err = find_ram_mapping(pid, &path, 2 * len as u64).unwrap_err();
+        assert!(matches!(err, MemDiffError::NoMapping { .. }), "{err}");
+    }
+}

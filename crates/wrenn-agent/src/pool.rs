@@ -1,0 +1,609 @@
+//! Pools: network slots ([`SlotPool`]) and pre-started QEMU processes ([`WarmPool`]).
+//!
+//! **Slots.** Setting up a slot (namespace, tap, veth, firewall) takes a dozen `ip`/`nft`
+//! runs, so a pool keeps some ready, each with its metadata endpoint already listening. A
+//! [`SlotLease`] hands one out; [`SlotPool::release`] resets it (firewall replaced, conntrack
+//! flushed, metadata cleared) and keeps it for the next sandbox. When no slot is free one is
+//! created on demand. A lease dropped without `release` destroys its slot.
+//!
+//! **Warm QEMU.** QEMU's start-up is most of a restore. A [`WarmPool`] belongs to one template
+//! snapshot and keeps QEMU processes already started with that snapshot's machine (kernel,
+//! initramfs, cmdline, RAM size, memory backend id and the template's memory file, mapped
+//! `share=off`), paused in `-S -incoming defer`, each in its own slot with its disk overlay
+//! already created. QEMU opens the memory file at start, which is why the pool is per template.
+//! [`WarmPool::take`] hands one out and wakes the background refill; [`restore_warm`] loads the
+//! snapshot's device state into it and continues the guest.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use wrenn_qmp::{MigrationCapability, QmpError};
+
+use crate::metadata::{Metadata, MetadataError, MetadataServer};
+use crate::slot::{MAX_SLOTS, Slot, SlotError, TAP_NAME};
+use crate::snapshot::Snapshot;
+use crate::state::{StateError, VmRecord, VmState};
+use crate::vm::{Launch, Memory, NetAttach, Vm, VmError, create_overlay};
+
+/// Loading ~100 KB of device state takes milliseconds; this is generous.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(30);
+/// After a failed warm start the refill waits this long before trying again.
+const REFILL_BACKOFF: Duration = Duration::from_secs(1);
+/// After a take, the refill waits this long before starting a QEMU: starting one costs about
+/// 100 ms of CPU, which on a small host would land on the restore that just took the VM.
+pub const DEFAULT_REFILL_DELAY: Duration = Duration::from_millis(500);
+
+/// Why a pool operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// Creating or resetting a slot failed.
+    #[error(transparent)]
+    Slot(#[from] SlotError),
+    /// The slot's metadata endpoint failed.
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    /// Starting QEMU failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Writing the VM record failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Every slot index is in use.
+    #[error("no free slot index below {0}")]
+    Exhausted(u32),
+    /// Loading the snapshot into a warm QEMU failed; the VM was removed.
+    #[error("loading {dir} into a warm QEMU failed; QEMU said: {qemu_log}")]
+    Load {
+        /// The snapshot.
+        dir: PathBuf,
+        /// The end of QEMU's log.
+        qemu_log: String,
+        /// The QMP error.
+        #[source]
+        source: QmpError,
+    },
+    /// A warm VM was offered a snapshot other than the one it was started for.
+    #[error("warm VM was started for {expected}, not {got}")]
+    WrongSnapshot {
+        /// The pool's snapshot.
+        expected: PathBuf,
+        /// The one asked for.
+        got: PathBuf,
+    },
+    /// A blocking task panicked.
+    #[error("slot worker: {0}")]
+    Join(String),
+}
+
+/// One slot with its metadata endpoint.
+#[derive(Debug)]
+struct PoolSlot {
+    // Field order: the endpoint stops before the namespace goes.
+    metadata: MetadataServer,
+    slot: Slot,
+}
+
+#[derive(Debug)]
+struct SlotsInner {
+    free: Mutex<Vec<PoolSlot>>,
+    /// Every index handed out or free in the pool (guards against double use).
+    used: Mutex<BTreeSet<u32>>,
+    first_index: u32,
+    end_index: u32,
+    keep: usize,
+}
+
+impl SlotsInner {
+    fn alloc_index(&self) -> Result<u32, PoolError> {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        let index = (self.first_index..self.end_index)
+            .find(|i| !used.contains(i))
+            .ok_or(PoolError::Exhausted(self.end_index))?;
+        used.insert(index);
+        Ok(index)
+    }
+
+    fn free_index(&self, index: u32) {
+        self.used
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&index);
+    }
+
+    /// Creates slot `index` with its endpoint; frees the index on failure.
+    async fn create(self: &Arc<Self>, index: u32) -> Result<PoolSlot, PoolError> {
+        let made = async {
+            let slot = tokio::task::spawn_blocking(move || Slot::create(index))
+                .await
+                .map_err(|e| PoolError::Join(e.to_string()))??;
+            let metadata = MetadataServer::start(&slot.netns_path())?;
+            Ok(PoolSlot { metadata, slot })
+        }
+        .await;
+        if made.is_err() {
+            self.free_index(index);
+        }
+        made
+    }
+
+    /// Deletes a slot off the runtime's threads and frees its index.
+    async fn destroy(self: &Arc<Self>, entry: PoolSlot) {
+        let index = entry.slot.index();
+        let _ = tokio::task::spawn_blocking(move || drop(entry)).await;
+        self.free_index(index);
+    }
+}
+
+/// A pool of network slots. Cheap to clone (shared).
+#[derive(Debug, Clone)]
+pub struct SlotPool {
+    inner: Arc<SlotsInner>,
+}
+
+/// A slot handed out by a [`SlotPool`]. Give it back with [`SlotPool::release`]; dropped
+/// otherwise, the slot is deleted.
+#[derive(Debug)]
+pub struct SlotLease {
+    entry: Option<PoolSlot>,
+    pool: Weak<SlotsInner>,
+}
+
+impl SlotPool {
+    /// Creates `size` slots numbered from `first_index` (indices up to `first_index + span`
+    /// are used for slots made on demand when the pool runs dry). Released slots beyond `size`
+    /// are deleted. Must run inside a tokio runtime (the metadata endpoints).
+    pub async fn new(size: usize, first_index: u32, span: u32) -> Result<Self, PoolError> {
+        let end_index = first_index.saturating_add(span).min(MAX_SLOTS);
+        let pool = Self {
+            inner: Arc::new(SlotsInner {
+                free: Mutex::new(Vec::with_capacity(size)),
+                used: Mutex::new(BTreeSet::new()),
+                first_index,
+                end_index,
+                keep: size,
+            }),
+        };
+        for _ in 0..size {
+            let index = pool.inner.alloc_index()?;
+            let entry = pool.inner.create(index).await?;
+            pool.lock_free().push(entry);
+        }
+        Ok(pool)
+    }
+
+    fn lock_free(&self) -> std::sync::MutexGuard<'_, Vec<PoolSlot>> {
+        self.inner.free.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many slots are ready.
+    pub fn available(&self) -> usize {
+        self.lock_free().len()
+    }
+
+    /// Indices of all slots this pool owns (free or leased), for [`crate::state::scan`].
+    pub fn indices(&self) -> Vec<u32> {
+        let used = self.inner.used.lock().unwrap_or_else(|p| p.into_inner());
+        used.iter().copied().collect()
+    }
+
+    /// Hands out a ready slot, or creates one when none is free.
+    pub async fn acquire(&self) -> Result<SlotLease, PoolError> {
+        let ready = self.lock_free().pop();
+        let entry = match ready {
+            Some(e) => e,
+            None => {
+                let index = self.inner.alloc_index()?;
+                tracing::debug!(index, "slot pool empty: creating a slot on demand");
+                self.inner.create(index).await?
+            }
+        };
+        Ok(SlotLease {
+            entry: Some(entry),
+            pool: Arc::downgrade(&self.inner),
+        })
+    }
+
+    /// Takes a slot back: resets it and keeps it if the pool is below its size, else deletes
+    /// it. A slot that fails to reset is deleted.
+    pub async fn release(&self, mut lease: SlotLease) {
+        let Some(entry) = lease.entry.take() else {
+            return;
+        };
+        entry.metadata.set(None);
+        let keep = self.lock_free().len() < self.inner.keep;
+        if !keep {
+            self.inner.destroy(entry).await;
+            return;
+        }
+        let (entry, reset) = tokio::task::spawn_blocking(move || {
+            let r = entry.slot.reset();
+            (entry, r)
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        match reset {
+            Ok(()) => self.lock_free().push(entry),
+            Err(e) => {
+                tracing::warn!(error = %e, index = entry.slot.index(), "slot reset failed; deleting it");
+                self.inner.destroy(entry).await;
+            }
+        }
+    }
+
+    /// Deletes every free slot. Leased slots go when they are released or dropped.
+    pub async fn shutdown(&self) {
+        let free: Vec<PoolSlot> = std::mem::take(&mut *self.lock_free());
+        for entry in free {
+            self.inner.destroy(entry).await;
+        }
+    }
+}
+
+impl SlotLease {
+    /// The slot.
+    pub fn slot(&self) -> &Slot {
+        // Only `release` takes the entry, and it consumes the lease.
+        &self.entry.as_ref().expect("lease holds its slot").slot
+    }
+
+    /// Publishes the sandbox now in this slot on its metadata endpoint (`None`: nobody).
+    pub fn set_metadata(&self, doc: Option<Metadata>) {
+        if let Some(e) = &self.entry {
+            e.metadata.set(doc);
+        }
+    }
+
+    /// What the metadata endpoint serves now.
+    pub fn metadata(&self) -> Option<Metadata> {
+        self.entry.as_ref().and_then(|e| e.metadata.current())
+    }
+
+    /// Where QEMU attaches its network.
+    pub fn net_attach(&self) -> NetAttach {
+        NetAttach {
+            netns: self.slot().netns_path(),
+            tap: TAP_NAME.into(),
+        }
+    }
+}
+
+impl crate::sandbox::SandboxNet for SlotLease {
+    fn attach(&self) -> NetAttach {
+        self.net_attach()
+    }
+
+    fn envd_addr(&self) -> std::net::SocketAddr {
+        self.slot().guest_endpoint(crate::image::ENVD_PORT)
+    }
+}
+
+impl Drop for SlotLease {
+    fn drop(&mut self) {
+        if let Some(entry) = self.entry.take() {
+            let index = entry.slot.index();
+            drop(entry);
+            if let Some(pool) = self.pool.upgrade() {
+                pool.free_index(index);
+            }
+        }
+    }
+}
+
+/// A QEMU started for a snapshot and waiting in `-incoming defer`, with its slot.
+///
+/// Its directory follows the sandbox layout (see `crate::sandbox`): `root/rootfs.qcow2` (the
+/// disk overlay on the template's disk, kept for the sandbox's life), `root/vm/` (QEMU's
+/// runtime files; removed with the [`Vm`]) and `root/wrenn-vm.json` (its [`VmRecord`]).
+#[derive(Debug)]
+pub struct WarmVm {
+    /// The paused QEMU (`inmigrate`).
+    pub vm: Vm,
+    /// Its slot (the tap is already open in QEMU).
+    pub slot: SlotLease,
+    /// The directory holding the disk overlay, `vm/` and the record.
+    pub root: PathBuf,
+    /// The snapshot it was started for.
+    pub snapshot_dir: PathBuf,
+    /// That snapshot's creation time: a template re-taken in the same directory is another
+    /// snapshot, and its memory file must not be mixed with the old device state.
+    pub snapshot_created: u64,
+}
+
+impl WarmVm {
+    /// The disk overlay (`root/rootfs.qcow2`).
+    pub fn disk(&self) -> PathBuf {
+        self.root.join(WARM_DISK)
+    }
+}
+
+/// A warm VM after [`restore_warm`]: the guest runs.
+#[derive(Debug)]
+pub struct RestoredWarm {
+    /// The running QEMU.
+    pub vm: Vm,
+    /// Its slot.
+    pub slot: SlotLease,
+    /// Its directory (see [`WarmVm`]).
+    pub root: PathBuf,
+}
+
+const WARM_DISK: &str = "rootfs.qcow2";
+const WARM_VM_DIR: &str = "vm";
+
+/// Starts a QEMU for `snapshot` in `slot`, paused and waiting for its device state, in the new
+/// directory `root` (layout in [`WarmVm`]; the record is in state `warm`). On failure the
+/// directory is removed and the lease dropped (its slot deleted).
+pub async fn launch_warm(
+    snapshot: &Snapshot,
+    template_id: &str,
+    slot: SlotLease,
+    root: &Path,
+) -> Result<WarmVm, PoolError> {
+    std::fs::create_dir_all(root).map_err(VmError::io("create", root))?;
+    let disk = root.join(WARM_DISK);
+    let vm_dir = root.join(WARM_VM_DIR);
+    let result = async {
+        create_overlay(&snapshot.disk_path(), "qcow2", &disk).await?;
+        let vm = Vm::launch(Launch {
+            spec: snapshot.manifest.spec.clone(),
+            dir: vm_dir.clone(),
+            disk,
+            memory: Memory::Private(snapshot.memory_path()),
+            net: Some(slot.net_attach()),
+            incoming: true,
+        })
+        .await?;
+        let mut record = VmRecord::for_process(
+            &vm_dir,
+            vm.pid(),
+            template_id,
+            Some(slot.slot().index()),
+            VmState::Warm,
+        )?;
+        record.save(root)?;
+        Ok::<_, PoolError>(vm)
+    }
+    .await;
+    match result {
+        Ok(vm) => Ok(WarmVm {
+            vm,
+            slot,
+            root: root.to_owned(),
+            snapshot_dir: snapshot.dir.clone(),
+            snapshot_created: snapshot.manifest.created_unix,
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(root);
+            Err(e)
+        }
+    }
+}
+
+/// Loads `snapshot`'s device state into a warm VM and continues the guest: the second half of
+/// [`Snapshot::restore`], without QEMU's start-up. On failure the VM is killed, its directory
+/// removed and its slot deleted (dropped).
+pub async fn restore_warm(snapshot: &Snapshot, warm: WarmVm) -> Result<RestoredWarm, PoolError> {
+    if warm.snapshot_dir != snapshot.dir || warm.snapshot_created != snapshot.manifest.created_unix
+    {
+        let got = snapshot.dir.clone();
+        let expected = warm.snapshot_dir.clone();
+        let _ = warm.vm.kill().await;
+        let _ = std::fs::remove_dir_all(&warm.root);
+        return Err(PoolError::WrongSnapshot { expected, got });
+    }
+    let WarmVm { vm, slot, root, .. } = warm;
+    let load = async {
+        let qmp = vm.qmp();
+        // The same steps as `Snapshot::restore` (the file name is the snapshot layout's).
+        qmp.migrate_set_capabilities(&[(MigrationCapability::XIgnoreShared, true)])
+            .await?;
+        let state = snapshot.dir.join("state");
+        qmp.migrate_incoming(&format!("file:{}", state.display()))
+            .await?;
+        qmp.wait_migration(Duration::from_millis(1), MIGRATION_TIMEOUT)
+            .await?;
+        qmp.cont().await
+    };
+    if let Err(source) = load.await {
+        let mut vm = vm;
+        let _ = vm.wait_exit(Duration::from_secs(1)).await;
+        let qemu_log = vm.qemu_log();
+        let _ = vm.kill().await;
+        let _ = std::fs::remove_dir_all(&root);
+        return Err(PoolError::Load {
+            dir: snapshot.dir.clone(),
+            qemu_log,
+            source,
+        });
+    }
+    Ok(RestoredWarm { vm, slot, root })
+}
+
+#[derive(Debug)]
+struct WarmInner {
+    snapshot: Snapshot,
+    template_id: String,
+    slots: SlotPool,
+    vms_root: PathBuf,
+    target: usize,
+    ready: Mutex<VecDeque<WarmVm>>,
+    /// Wakes the refill task (after a take, or to stop).
+    wake: Notify,
+    /// Signalled by the refill task whenever it finishes a round.
+    filled: Notify,
+    closed: AtomicBool,
+    counter: AtomicU64,
+    refill_delay_ms: AtomicU64,
+}
+
+impl WarmInner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<WarmVm>> {
+        self.ready.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Pre-started QEMU processes for one template snapshot, refilled in the background.
+#[derive(Debug)]
+pub struct WarmPool {
+    inner: Arc<WarmInner>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl WarmPool {
+    /// Starts a pool keeping `target` QEMU processes ready for `snapshot`, each in a slot from
+    /// `slots`, with directories under `vms_root` (`warm-<pid>-<n>`). Filling starts at once,
+    /// in the background.
+    pub fn start(
+        snapshot: Snapshot,
+        template_id: &str,
+        slots: SlotPool,
+        vms_root: PathBuf,
+        target: usize,
+    ) -> Self {
+        let inner = Arc::new(WarmInner {
+            snapshot,
+            template_id: template_id.to_owned(),
+            slots,
+            vms_root,
+            target,
+            ready: Mutex::new(VecDeque::new()),
+            wake: Notify::new(),
+            filled: Notify::new(),
+            closed: AtomicBool::new(false),
+            counter: AtomicU64::new(0),
+            refill_delay_ms: AtomicU64::new(DEFAULT_REFILL_DELAY.as_millis() as u64),
+        });
+        let task = tokio::spawn(refill(inner.clone()));
+        Self {
+            inner,
+            task: Some(task),
+        }
+    }
+
+    /// Sets how long the refill waits after a take before starting a new QEMU.
+    pub fn set_refill_delay(&self, delay: Duration) {
+        self.inner
+            .refill_delay_ms
+            .store(delay.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// The snapshot this pool serves.
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.inner.snapshot
+    }
+
+    /// How many QEMU processes are waiting.
+    pub fn ready(&self) -> usize {
+        self.inner.lock().len()
+    }
+
+    /// Takes a waiting QEMU if there is one (never waits), and triggers a refill.
+    pub fn take(&self) -> Option<WarmVm> {
+        let vm = self.inner.lock().pop_front();
+        self.inner.wake.notify_one();
+        vm
+    }
+
+    /// Waits until `target` processes are waiting (or `timeout` passes); true if full.
+    pub async fn wait_full(&self, timeout: Duration) -> bool {
+        let full = async {
+            loop {
+                let notified = self.inner.filled.notified();
+                if self.ready() >= self.inner.target {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(timeout, full).await.is_ok()
+    }
+
+    /// Stops refilling, kills every waiting QEMU and returns their slots.
+    pub async fn shutdown(mut self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        self.inner.wake.notify_one();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        let waiting: Vec<WarmVm> = self.inner.lock().drain(..).collect();
+        for w in waiting {
+            discard(&self.inner.slots, w).await;
+        }
+    }
+}
+
+impl Drop for WarmPool {
+    fn drop(&mut self) {
+        // Without `shutdown`: stop the refill; the waiting VMs die here (Vm's Drop kills QEMU
+        // and removes `vm/`, the leases delete their slots).
+        self.inner.closed.store(true, Ordering::SeqCst);
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        let waiting: Vec<WarmVm> = self.inner.lock().drain(..).collect();
+        for w in waiting {
+            let root = w.root.clone();
+            drop(w);
+            let _ = std::fs::remove_dir_all(root);
+        }
+    }
+}
+
+async fn refill(inner: Arc<WarmInner>) {
+    loop {
+        let woken = inner.wake.notified();
+        if inner.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        if inner.lock().len() < inner.target {
+            match start_one(&inner).await {
+                Ok(w) => {
+                    if inner.closed.load(Ordering::SeqCst) {
+                        discard(&inner.slots, w).await;
+                        return;
+                    }
+                    inner.lock().push_back(w);
+                    inner.filled.notify_waiters();
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "warm pool: could not start a QEMU");
+                    tokio::time::sleep(REFILL_BACKOFF).await;
+                    continue;
+                }
+            }
+        }
+        inner.filled.notify_waiters();
+        woken.await;
+        let delay = Duration::from_millis(inner.refill_delay_ms.load(Ordering::Relaxed));
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            // A shutdown does not wait out the delay.
+            () = async {
+                while !inner.closed.load(Ordering::SeqCst) {
+                    inner.wake.notified().await;
+                }
+            } => {}
+        }
+    }
+}
+
+/// Kills a waiting QEMU, removes its directory and returns its slot to the pool.
+pub async fn discard(slots: &SlotPool, warm: WarmVm) {
+    let _ = warm.vm.kill().await;
+    let _ = std::fs::remove_dir_all(&warm.root);
+    slots.release(warm.slot).await;
+}
+
+async fn start_one(inner: &WarmInner) -> Result<WarmVm, PoolError> {
+    let n = inner.counter.fetch_add(1, Ordering::Relaxed);
+    let dir = inner
+        .vms_root
+        .join(format!("warm-{}-{n}", std::process::id()));
+    let lease = inner.slots.acquire().await?;
+    launch_warm(&inner.snapshot, &inner.template_id, lease, &dir).await
+}

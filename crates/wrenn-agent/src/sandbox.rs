@@ -1,0 +1,831 @@
+//! Sandboxes: a VM restored from a template, its network slot and its directory, with
+//! create, pause, resume and kill.
+//!
+//! A sandbox's directory (`root`) holds its disk overlay `rootfs.qcow2` for its whole life,
+//! QEMU's runtime files in `vm/` while it runs, and while paused: `state` (device state only,
+//! from `xen-save-devices-state`: QEMU writes no RAM), `memory.diff` (the pages the sandbox
+//! changed against its template's memory file, found in QEMU's page tables: see
+//! [`crate::memdiff`]) and `paused.json`, a versioned manifest written last, so its presence
+//! means a complete pause. Resume maps the template's memory file privately again, writes the
+//! diff into it before any guest code runs, loads the device state and continues. Pause thus
+//! writes only what the sandbox changed and resume reads only that, and sandboxes keep sharing
+//! the template's page cache.
+//!
+//! Every restore (create or resume) sends envd `/init` with the host's clock and fresh host
+//! entropy, so clones of one snapshot do not share RNG state and the guest clock is current.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{LazyLock, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::envd::{EnvdClient, EnvdError};
+use crate::image::ENVD_PORT;
+use crate::memdiff::{DiffInfo, MemDiffError};
+use crate::slot::{Slot, TAP_NAME};
+use crate::snapshot::{
+    RestoreFrom, Snapshot, SnapshotError, check_file, check_memory_file, restore_vm, sha256_file,
+};
+use crate::vm::{NetAttach, Vm, VmError, VmSpec, create_overlay, qemu_version};
+
+/// The paused-state manifest's format.
+pub const PAUSED_FORMAT: u32 = 1;
+const DISK_FILE: &str = "rootfs.qcow2";
+const VM_DIR: &str = "vm";
+const STATE_FILE: &str = "state";
+const DIFF_FILE: &str = "memory.diff";
+const MANIFEST_FILE: &str = "paused.json";
+/// Entropy sent with every `/init` (envd accepts 16..=4096 bytes).
+const ENTROPY_BYTES: usize = 64;
+/// How long QEMU may take to exit after `quit` (it flushes the disk overlay).
+const QUIT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What a sandbox is reached through: a network slot (or a pooled one).
+pub trait SandboxNet: Send + Sync {
+    /// The namespace and tap QEMU attaches to.
+    fn attach(&self) -> NetAttach;
+    /// Where the host reaches the guest's envd.
+    fn envd_addr(&self) -> SocketAddr;
+}
+
+impl SandboxNet for Slot {
+    fn attach(&self) -> NetAttach {
+        NetAttach {
+            netns: self.netns_path(),
+            tap: TAP_NAME.into(),
+        }
+    }
+
+    fn envd_addr(&self) -> SocketAddr {
+        self.guest_endpoint(ENVD_PORT)
+    }
+}
+
+/// What `/init` gives the guest besides the clock and entropy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitConfig {
+    /// Environment variables for every process.
+    #[serde(default)]
+    pub env_vars: BTreeMap<String, String>,
+    /// envd's access token (`X-Access-Token`), if the sandbox is secured.
+    #[serde(default)]
+    pub access_token: Option<String>,
+    /// Default user for processes.
+    #[serde(default)]
+    pub default_user: Option<String>,
+    /// Default working directory.
+    #[serde(default)]
+    pub default_workdir: Option<String>,
+}
+
+/// Deadlines of the lifecycle steps, each on its own so a slow step cannot starve the next.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    /// From QEMU running to envd answering `/health`.
+    pub health: Duration,
+    /// For `/init`, after `/health` answered.
+    pub init: Duration,
+    /// For `/snapshot/prepare`.
+    pub prepare: Duration,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        // A restored TCG guest answers in well under a second; these leave room for a loaded host.
+        Self {
+            health: Duration::from_secs(20),
+            init: Duration::from_secs(10),
+            prepare: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why a sandbox operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// Restoring the VM failed.
+    #[error(transparent)]
+    Restore(#[from] SnapshotError),
+    /// A VM operation failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// envd failed at a lifecycle step.
+    #[error("envd {step}")]
+    Envd {
+        /// `health`, `init` or `prepare`.
+        step: &'static str,
+        /// The cause.
+        #[source]
+        source: EnvdError,
+    },
+    /// QEMU refused a command.
+    #[error("QMP {what}")]
+    Qmp {
+        /// The command.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: wrenn_qmp::QmpError,
+    },
+    /// Saving or loading the memory diff failed.
+    #[error(transparent)]
+    Memory(#[from] MemDiffError),
+    /// The paused state cannot be resumed.
+    #[error("paused sandbox {dir}: {reason}")]
+    Invalid {
+        /// The sandbox directory.
+        dir: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The host could not provide entropy.
+    #[error("getrandom")]
+    Entropy(#[source] std::io::Error),
+}
+
+impl SandboxError {
+    fn envd(step: &'static str) -> impl FnOnce(EnvdError) -> Self {
+        move |source| Self::Envd { step, source }
+    }
+
+    fn qmp(what: &'static str) -> impl FnOnce(wrenn_qmp::QmpError) -> Self {
+        move |source| Self::Qmp { what, source }
+    }
+}
+
+/// A create or resume that failed: everything it made is gone, and the slot is returned.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct Failed<N> {
+    /// Why.
+    #[source]
+    pub error: SandboxError,
+    /// The slot, free again.
+    pub net: N,
+}
+
+/// A pause that failed.
+#[derive(Debug)]
+pub enum PauseError<N: SandboxNet> {
+    /// Nothing was committed; the sandbox runs again.
+    StillRunning {
+        /// Why.
+        error: SandboxError,
+        /// The sandbox, running.
+        sandbox: Box<Sandbox<N>>,
+    },
+    /// QEMU is gone and the pause is incomplete: the sandbox is lost (its directory removed).
+    Lost {
+        /// Why.
+        error: SandboxError,
+        /// The slot, free again.
+        net: N,
+    },
+}
+
+impl<N: SandboxNet> PauseError<N> {
+    /// The cause.
+    pub fn error(&self) -> &SandboxError {
+        match self {
+            Self::StillRunning { error, .. } | Self::Lost { error, .. } => error,
+        }
+    }
+}
+
+/// Which template a sandbox came from (paused state records it: its memory diff applies only
+/// to that exact memory file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateRef {
+    /// The template snapshot directory.
+    pub dir: PathBuf,
+    /// Its device state's sha256: identifies the snapshot (a rebuilt template differs).
+    pub state_sha256: String,
+    /// When it was taken.
+    pub created_unix: u64,
+}
+
+/// A recorded file: size and sha256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    /// Name inside the sandbox directory.
+    pub file: String,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// sha256, hex.
+    pub sha256: String,
+}
+
+/// `paused.json`: everything needed to resume, so a restarted agent can find paused sandboxes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PausedManifest {
+    /// [`PAUSED_FORMAT`].
+    pub version: u32,
+    /// The machine (must equal the template's).
+    pub spec: VmSpec,
+    /// The template.
+    pub template: TemplateRef,
+    /// The disk overlay (on the template's disk).
+    pub disk: String,
+    /// Device state.
+    pub state: FileRecord,
+    /// Changed guest pages.
+    pub memory_diff: FileRecord,
+    /// How many pages the diff holds.
+    pub dirty_pages: u64,
+    /// What `/init` gets on resume.
+    pub init: InitConfig,
+    /// When it was paused (seconds since the epoch).
+    pub paused_unix: u64,
+    /// The pausing QEMU.
+    pub qemu_version: String,
+}
+
+/// A running sandbox. Dropping it kills QEMU (through [`Vm`]) but keeps its directory; use
+/// [`Sandbox::kill`] to remove everything.
+#[derive(Debug)]
+pub struct Sandbox<N: SandboxNet> {
+    root: PathBuf,
+    vm: Vm,
+    net: N,
+    envd: EnvdClient,
+    spec: VmSpec,
+    template: TemplateRef,
+    memory: PathBuf,
+    init: InitConfig,
+}
+
+/// How long the steps of a create or resume took.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    /// Until QEMU ran the guest (for resume: including writing the memory diff).
+    pub restored: Duration,
+    /// Until envd answered `/health`.
+    pub healthy: Duration,
+    /// Until `/init` returned (the total).
+    pub total: Duration,
+}
+
+impl<N: SandboxNet> Sandbox<N> {
+    /// Creates a sandbox in `root` (which must not exist) by restoring `template` into `net`,
+    /// then waits for envd and runs `/init`. On failure nothing is left and `net` is returned.
+    pub async fn create(
+        template: &Snapshot,
+        net: N,
+        root: &Path,
+        init: InitConfig,
+        deadlines: &Deadlines,
+    ) -> Result<(Self, Timings), Failed<N>> {
+        let start = Instant::now();
+        if root.exists() {
+            return Err(Failed {
+                error: SandboxError::Invalid {
+                    dir: root.to_owned(),
+                    reason: "already exists".into(),
+                },
+                net,
+            });
+        }
+        let made = async {
+            std::fs::create_dir_all(root).map_err(VmError::io("create", root))?;
+            let disk = root.join(DISK_FILE);
+            create_overlay(&template.disk_path(), "qcow2", &disk).await?;
+            let vm = template
+                .restore_with_disk(&root.join(VM_DIR), &disk, Some(net.attach()))
+                .await?;
+            Ok::<_, SandboxError>(vm)
+        }
+        .await;
+        let vm = match made {
+            Ok(vm) => vm,
+            Err(error) => {
+                let _ = std::fs::remove_dir_all(root);
+                return Err(Failed { error, net });
+            }
+        };
+        let restored = start.elapsed();
+        warm_in_background(template.memory_path());
+        let sandbox = Sandbox {
+            root: root.to_owned(),
+            vm,
+            envd: EnvdClient::new(net.envd_addr()),
+            net,
+            spec: template.manifest.spec.clone(),
+            template: TemplateRef {
+                dir: template.dir.clone(),
+                state_sha256: template.manifest.state_sha256.clone(),
+                created_unix: template.manifest.created_unix,
+            },
+            memory: template.memory_path(),
+            init,
+        };
+        sandbox.start_guest(start, restored, deadlines).await
+    }
+
+    /// Waits for envd and runs `/init`; on failure kills the sandbox (removing `root`).
+    async fn start_guest(
+        self,
+        start: Instant,
+        restored: Duration,
+        deadlines: &Deadlines,
+    ) -> Result<(Self, Timings), Failed<N>> {
+        let result = async {
+            self.envd
+                .wait_healthy(deadlines.health)
+                .await
+                .map_err(SandboxError::envd("health"))?;
+            let healthy = start.elapsed();
+            let body = init_body(&self.init)?;
+            self.envd
+                .init(&body, deadlines.init)
+                .await
+                .map_err(SandboxError::envd("init"))?;
+            Ok::<_, SandboxError>(healthy)
+        }
+        .await;
+        match result {
+            Ok(healthy) => Ok((
+                self,
+                Timings {
+                    restored,
+                    healthy,
+                    total: start.elapsed(),
+                },
+            )),
+            Err(error) => {
+                tracing::warn!(root = %self.root.display(), console = %console_tail(&self.vm), "guest did not start");
+                let net = self.kill().await;
+                Err(Failed { error, net })
+            }
+        }
+    }
+
+    /// The sandbox directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The envd client.
+    pub fn envd(&self) -> &EnvdClient {
+        &self.envd
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// The slot.
+    pub fn net(&self) -> &N {
+        &self.net
+    }
+
+    /// Kills QEMU, removes the sandbox directory, and returns the slot.
+    pub async fn kill(self) -> N {
+        let Sandbox { root, vm, net, .. } = self;
+        if let Err(e) = vm.kill().await {
+            tracing::warn!(error = %e, "kill");
+        }
+        if let Err(e) = std::fs::remove_dir_all(&root)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(error = %e, root = %root.display(), "remove sandbox directory");
+        }
+        net
+    }
+
+    /// Pauses: envd quiesces, the vCPUs stop, the device state and the changed pages are
+    /// written (synced), QEMU exits (flushing the overlay) and the slot is returned.
+    pub async fn pause(
+        self,
+        deadlines: &Deadlines,
+    ) -> Result<(PausedSandbox, N, PauseTimings), PauseError<N>> {
+        let start = Instant::now();
+        if let Err(e) = self.envd.snapshot_prepare(deadlines.prepare).await {
+            // envd may have stopped some of its work: /init restarts it.
+            let _ = self.reinit(deadlines).await;
+            return Err(PauseError::StillRunning {
+                error: SandboxError::envd("prepare")(e),
+                sandbox: Box::new(self),
+            });
+        }
+        let prepared = start.elapsed();
+        let state_tmp = self.root.join("state.tmp");
+        let diff_tmp = self.root.join("memory.diff.tmp");
+        let saved = self.save(&state_tmp, &diff_tmp).await;
+        let (diff, saved_at) = match saved {
+            Ok(diff) => (diff, start.elapsed()),
+            Err(error) => {
+                let _ = std::fs::remove_file(&state_tmp);
+                let _ = std::fs::remove_file(&diff_tmp);
+                if let Err(e) = self.vm.qmp().cont().await {
+                    tracing::warn!(error = %e, "cont after a failed pause");
+                }
+                let _ = self.reinit(deadlines).await;
+                return Err(PauseError::StillRunning {
+                    error,
+                    sandbox: Box::new(self),
+                });
+            }
+        };
+        let Sandbox {
+            root,
+            mut vm,
+            net,
+            spec,
+            template,
+            memory: _,
+            init,
+            ..
+        } = self;
+        let committed = async {
+            vm.qmp().quit().await.map_err(SandboxError::qmp("quit"))?;
+            vm.wait_exit(QUIT_TIMEOUT).await?;
+            let disk = root.join(DISK_FILE);
+            sync_file(&disk)?;
+            let state = root.join(STATE_FILE);
+            std::fs::rename(&state_tmp, &state).map_err(VmError::io("rename", &state_tmp))?;
+            std::fs::rename(&diff_tmp, root.join(DIFF_FILE))
+                .map_err(VmError::io("rename", &diff_tmp))?;
+            let state_bytes = std::fs::metadata(&state)
+                .map_err(VmError::io("stat", &state))?
+                .len();
+            let manifest = PausedManifest {
+                version: PAUSED_FORMAT,
+                spec,
+                template,
+                disk: DISK_FILE.into(),
+                state: FileRecord {
+                    file: STATE_FILE.into(),
+                    bytes: state_bytes,
+                    sha256: sha256_file(&state).map_err(VmError::io("hash", &state))?,
+                },
+                memory_diff: FileRecord {
+                    file: DIFF_FILE.into(),
+                    bytes: diff.bytes,
+                    sha256: diff.sha256.clone(),
+                },
+                dirty_pages: diff.pages,
+                init,
+                paused_unix: unix_now(),
+                qemu_version: qemu_version().await,
+            };
+            write_manifest(&root, &manifest)?;
+            Ok::<_, SandboxError>(manifest)
+        }
+        .await;
+        let _ = vm.kill().await;
+        match committed {
+            Ok(manifest) => {
+                let timings = PauseTimings {
+                    prepared,
+                    saved: saved_at,
+                    total: start.elapsed(),
+                    dirty_bytes: diff.pages * crate::memdiff::PAGE,
+                };
+                tracing::debug!(?timings, "paused");
+                Ok((PausedSandbox { root, manifest }, net, timings))
+            }
+            Err(error) => {
+                let _ = std::fs::remove_dir_all(&root);
+                Err(PauseError::Lost { error, net })
+            }
+        }
+    }
+
+    /// Stops the vCPUs and writes the device state and the memory diff.
+    async fn save(&self, state_tmp: &Path, diff_tmp: &Path) -> Result<DiffInfo, SandboxError> {
+        let qmp = self.vm.qmp();
+        qmp.stop().await.map_err(SandboxError::qmp("stop"))?;
+        // Devices only: RAM is the template's file plus the diff written below.
+        qmp.execute_raw(
+            "xen-save-devices-state",
+            Some(serde_json::json!({ "filename": state_tmp, "live": false })),
+        )
+        .await
+        .map_err(SandboxError::qmp("xen-save-devices-state"))?;
+        let pid = self.vm.pid();
+        let memory = self.memory.clone();
+        let ram = u64::from(self.spec.memory_mib) << 20;
+        let out = diff_tmp.to_owned();
+        let diff =
+            tokio::task::spawn_blocking(move || crate::memdiff::save(pid, &memory, ram, &out))
+                .await
+                .map_err(|e| MemDiffError::Io {
+                    what: "join the memory diff writer",
+                    path: PathBuf::new(),
+                    source: std::io::Error::other(e.to_string()),
+                })??;
+        sync_file(state_tmp)?;
+        Ok(diff)
+    }
+
+    /// `/init` again with fresh entropy (after an aborted pause).
+    async fn reinit(&self, deadlines: &Deadlines) -> Result<(), SandboxError> {
+        let body = init_body(&self.init)?;
+        self.envd
+            .init(&body, deadlines.init)
+            .await
+            .map_err(SandboxError::envd("init"))
+    }
+}
+
+/// How long the steps of a pause took.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PauseTimings {
+    /// `/snapshot/prepare` returned.
+    pub prepared: Duration,
+    /// Device state and memory diff written and synced.
+    pub saved: Duration,
+    /// QEMU gone, manifest written.
+    pub total: Duration,
+    /// The changed guest memory written.
+    pub dirty_bytes: u64,
+}
+
+/// A paused sandbox on disk.
+#[derive(Debug, Clone)]
+pub struct PausedSandbox {
+    root: PathBuf,
+    manifest: PausedManifest,
+}
+
+impl PausedSandbox {
+    /// Opens a paused sandbox directory (for example after an agent restart).
+    pub fn open(root: &Path) -> Result<Self, SandboxError> {
+        let invalid = |reason: String| SandboxError::Invalid {
+            dir: root.to_owned(),
+            reason,
+        };
+        let path = root.join(MANIFEST_FILE);
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| invalid(format!("{MANIFEST_FILE}: {e}")))?;
+        let manifest: PausedManifest =
+            serde_json::from_str(&text).map_err(|e| invalid(format!("{MANIFEST_FILE}: {e}")))?;
+        if manifest.version != PAUSED_FORMAT {
+            return Err(invalid(format!(
+                "format version {} (this agent reads {PAUSED_FORMAT})",
+                manifest.version
+            )));
+        }
+        Ok(Self {
+            root: root.to_owned(),
+            manifest,
+        })
+    }
+
+    /// The sandbox directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &PausedManifest {
+        &self.manifest
+    }
+
+    /// Deletes the paused sandbox.
+    pub fn remove(self) -> Result<(), SandboxError> {
+        std::fs::remove_dir_all(&self.root).map_err(|e| VmError::io("remove", &self.root)(e).into())
+    }
+
+    /// Checks everything that can be checked before starting QEMU.
+    fn verify(&self) -> Result<Snapshot, SandboxError> {
+        let m = &self.manifest;
+        let invalid = |reason: String| SandboxError::Invalid {
+            dir: self.root.clone(),
+            reason,
+        };
+        let template = Snapshot::open(&m.template.dir)?;
+        if template.manifest.state_sha256 != m.template.state_sha256
+            || template.manifest.created_unix != m.template.created_unix
+        {
+            return Err(invalid(format!(
+                "template {} changed since the pause",
+                m.template.dir.display()
+            )));
+        }
+        if template.manifest.spec != m.spec {
+            return Err(invalid("machine differs from the template's".into()));
+        }
+        check_memory_file(&template.memory_path(), &m.spec).map_err(invalid)?;
+        for rec in [&m.state, &m.memory_diff] {
+            if rec.file.contains('/') {
+                return Err(invalid(format!("bad file name {}", rec.file)));
+            }
+        }
+        check_file(
+            &self.root.join(&m.state.file),
+            m.state.bytes,
+            &m.state.sha256,
+        )
+        .map_err(invalid)?;
+        // The diff's hash is checked while it is applied (one read instead of two).
+        let disk = self.root.join(DISK_FILE);
+        let mut magic = [0u8; 4];
+        let ok = std::fs::File::open(&disk)
+            .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut magic, 0));
+        if ok.is_err() || &magic != b"QFI\xfb" {
+            return Err(invalid(format!("{DISK_FILE} is missing or not qcow2")));
+        }
+        Ok(template)
+    }
+
+    /// Resumes into `net` (any free slot): restores the device state and the changed pages
+    /// over a private mapping of the template's memory, then runs `/init` (clock, fresh
+    /// entropy). On failure QEMU and its runtime directory are gone and `net` is returned; the
+    /// paused state stays resumable unless the guest had already run.
+    pub async fn resume<N: SandboxNet>(
+        self,
+        net: N,
+        deadlines: &Deadlines,
+    ) -> Result<(Sandbox<N>, Timings), Failed<N>> {
+        let start = Instant::now();
+        let template = match self.verify() {
+            Ok(t) => t,
+            Err(error) => return Err(Failed { error, net }),
+        };
+        let m = &self.manifest;
+        let ram = u64::from(m.spec.memory_mib) << 20;
+        let memory = template.memory_path();
+        let diff_path = self.root.join(&m.memory_diff.file);
+        let expect = DiffInfo {
+            pages: m.dirty_pages,
+            bytes: m.memory_diff.bytes,
+            sha256: m.memory_diff.sha256.clone(),
+        };
+        let mem2 = memory.clone();
+        let vm = restore_vm(RestoreFrom {
+            snapshot_dir: &self.root,
+            spec: &m.spec,
+            memory: &memory,
+            state: &self.root.join(&m.state.file),
+            ignore_shared: false,
+            before_load: Some(Box::new(move |pid| {
+                crate::memdiff::apply(pid, &mem2, ram, &diff_path, &expect)
+            })),
+            vm_dir: &self.root.join(VM_DIR),
+            disk: &self.root.join(DISK_FILE),
+            net: Some(net.attach()),
+        })
+        .await;
+        let vm = match vm {
+            Ok(vm) => vm,
+            Err(error) => {
+                return Err(Failed {
+                    error: error.into(),
+                    net,
+                });
+            }
+        };
+        let restored = start.elapsed();
+        // The guest runs and writes to the overlay: the paused state is no longer consistent.
+        // Drop the manifest first, so a crash from here on never offers it for resume.
+        let _ = std::fs::remove_file(self.root.join(MANIFEST_FILE));
+        let _ = std::fs::remove_file(self.root.join(&m.state.file));
+        let _ = std::fs::remove_file(self.root.join(&m.memory_diff.file));
+        warm_in_background(memory.clone());
+        let sandbox = Sandbox {
+            root: self.root.clone(),
+            vm,
+            envd: EnvdClient::new(net.envd_addr()),
+            net,
+            spec: m.spec.clone(),
+            template: m.template.clone(),
+            memory,
+            init: m.init.clone(),
+        };
+        sandbox.start_guest(start, restored, deadlines).await
+    }
+}
+
+/// Writes `paused.json` atomically and durably (temp file, fsync, rename, fsync the directory).
+fn write_manifest(root: &Path, manifest: &PausedManifest) -> Result<(), SandboxError> {
+    let text = serde_json::to_vec_pretty(manifest).map_err(|e| SandboxError::Invalid {
+        dir: root.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let tmp = root.join("paused.json.tmp");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        // The manifest holds the access token: owner only.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(VmError::io("create", &tmp))?;
+        f.write_all(&text).map_err(VmError::io("write", &tmp))?;
+        f.sync_all().map_err(VmError::io("sync", &tmp))?;
+    }
+    let path = root.join(MANIFEST_FILE);
+    std::fs::rename(&tmp, &path).map_err(VmError::io("rename", &tmp))?;
+    sync_file(root)?;
+    Ok(())
+}
+
+fn sync_file(path: &Path) -> Result<(), VmError> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(VmError::io("sync", path))
+}
+
+/// The `/init` body: host clock, fresh host entropy, and the sandbox's config.
+fn init_body(init: &InitConfig) -> Result<serde_json::Value, SandboxError> {
+    use base64::Engine as _;
+    let mut entropy = [0u8; ENTROPY_BYTES];
+    getrandom(&mut entropy).map_err(SandboxError::Entropy)?;
+    let timestamp = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .map_err(|e| SandboxError::Invalid {
+            dir: PathBuf::new(),
+            reason: format!("format the clock: {e}"),
+        })?;
+    let mut body = serde_json::json!({
+        "timestamp": timestamp,
+        "envVars": init.env_vars,
+        "entropy": base64::engine::general_purpose::STANDARD.encode(entropy),
+    });
+    for (key, value) in [
+        ("accessToken", &init.access_token),
+        ("defaultUser", &init.default_user),
+        ("defaultWorkdir", &init.default_workdir),
+    ] {
+        if let Some(v) = value {
+            body[key] = serde_json::Value::String(v.clone());
+        }
+    }
+    Ok(body)
+}
+
+/// Fills `buf` from the kernel's CSPRNG (`getrandom(2)`, blocking until it is seeded).
+fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: `rest` is a valid, writable buffer of `rest.len()` bytes for the whole call.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += n as usize;
+    }
+    Ok(())
+}
+
+/// Memory files being warmed right now (one warm-up per file at a time).
+static WARMING: LazyLock<Mutex<HashSet<PathBuf>>> = LazyLock::new(Default::default);
+
+/// Asks the kernel to read a template memory file into the page cache, on a blocking thread,
+/// so a restored guest takes fewer faults that go to disk. Never awaited by a create.
+fn warm_in_background(path: PathBuf) {
+    {
+        let mut warming = WARMING.lock().unwrap_or_else(|e| e.into_inner());
+        if !warming.insert(path.clone()) {
+            return;
+        }
+    }
+    tokio::task::spawn_blocking(move || {
+        let start = Instant::now();
+        let result = std::fs::File::open(&path).and_then(|f| {
+            nix::fcntl::posix_fadvise(
+                &f,
+                0,
+                0,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match result {
+            Ok(()) => {
+                tracing::debug!(path = %path.display(), took = ?start.elapsed(), "memory file warm-up issued")
+            }
+            Err(e) => {
+                tracing::debug!(path = %path.display(), error = %e, "memory file warm-up failed")
+            }
+        }
+        WARMING
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&path);
+    });
+}
+
+fn console_tail(vm: &Vm) -> String {
+    let bytes = std::fs::read(vm.console_log()).unwrap_or_default();
+    String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(1500)..]).into_owned()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,204 @@
+//! Shared helpers for the real-VM tests and the runtime benchmark: the gate, building the small
+//! image and a template snapshot, slots, and talking to envd (Connect JSON `Start`, `POST /files`).
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use wrenn_agent::accel::Accel;
+use wrenn_agent::envd::EnvdClient;
+use wrenn_agent::image::{self, ENVD_PORT, Kernel, SmallImageInputs};
+use wrenn_agent::slot::{Slot, TAP_NAME};
+use wrenn_agent::snapshot::{self, Snapshot};
+use wrenn_agent::vm::{Launch, Memory, NetAttach, Vm, VmSpec, create_overlay};
+
+/// Template cold boots are slow under TCG on a loaded machine.
+pub const COLD_BOOT_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Whether real-VM tests run (`WRENN_VM_TESTS=1`); prints why not.
+pub fn enabled() -> bool {
+    if std::env::var("WRENN_VM_TESTS").as_deref() == Ok("1") {
+        return true;
+    }
+    eprintln!(
+        "skipped: set WRENN_VM_TESTS=1 to run real QEMU guests (needs root, QEMU, the guest kernel, a static envd)"
+    );
+    false
+}
+
+/// The static guest envd (`scripts/build-guest-envd.sh`).
+pub fn envd_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("WRENN_ENVD_BIN") {
+        return p.into();
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace.join("target"), PathBuf::from);
+    target.join("x86_64-unknown-linux-gnu/guest/envd")
+}
+
+static NEXT_SLOT: AtomicU32 = AtomicU32::new(0);
+
+/// A new slot with an index unlikely to collide with other test processes.
+pub fn new_slot() -> Slot {
+    let n = NEXT_SLOT.fetch_add(1, Ordering::Relaxed);
+    let index = 8000 + (std::process::id() % 2800) * 8 + n % 8;
+    Slot::create(index).expect("slot")
+}
+
+/// Builds the small image (cached by content in `cache`) and a 512 MiB template snapshot in
+/// `template_dir`, booting it cold in a temporary slot.
+pub async fn build_template(cache: &Path, template_dir: &Path, work: &Path) -> Snapshot {
+    let accel = Accel::detect().unwrap();
+    let envd = envd_binary();
+    assert!(envd.is_file(), "no static envd at {}", envd.display());
+    let kernel = Kernel::find(None).expect("guest kernel");
+    let initramfs = image::build_initramfs(cache, &kernel, Path::new("/bin/busybox")).unwrap();
+    let rootfs = image::build_small_rootfs(cache, &SmallImageInputs::debian(envd)).unwrap();
+    let slot = new_slot();
+    let net = NetAttach {
+        netns: slot.netns_path(),
+        tap: TAP_NAME.into(),
+    };
+    let spec = VmSpec {
+        accel,
+        kernel: kernel.vmlinuz.clone(),
+        initramfs: initramfs.path.clone(),
+        cmdline: VmSpec::default_cmdline(accel),
+        memory_mib: 512,
+        vcpus: 1,
+    };
+    std::fs::create_dir_all(template_dir).unwrap();
+    let boot_dir = work.join("template-boot");
+    std::fs::create_dir_all(&boot_dir).unwrap();
+    let disk = boot_dir.join("rootfs.qcow2");
+    create_overlay(&rootfs.path, "raw", &disk).await.unwrap();
+    let vm = Vm::launch(Launch {
+        spec: spec.clone(),
+        dir: boot_dir.clone(),
+        disk: disk.clone(),
+        memory: Memory::Shared(snapshot::template_memory_path(template_dir)),
+        net: Some(net),
+        incoming: false,
+    })
+    .await
+    .expect("launch template VM");
+    let client = EnvdClient::new(slot.guest_endpoint(ENVD_PORT));
+    if let Err(e) = client.wait_healthy(COLD_BOOT_DEADLINE).await {
+        panic!("cold boot: {e}\nconsole:\n{}", tail(&vm.console_log()));
+    }
+    client
+        .snapshot_prepare(Duration::from_secs(30))
+        .await
+        .expect("/snapshot/prepare");
+    let snap = snapshot::snapshot_template(vm, &spec, &disk, &rootfs.path, template_dir)
+        .await
+        .expect("snapshot");
+    drop(slot);
+    snap
+}
+
+/// The end of a file, lossily.
+pub fn tail(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(3000)..]).into_owned()
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+/// Runs `/bin/bash -l -c <cmd>` as root through envd's `process.Process/Start` (Connect
+/// JSON envelopes) and returns (stdout, exit code).
+pub async fn run(base: &str, cmd: &str) -> (String, i64) {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let msg = serde_json::json!({
+        "process": { "cmd": "/bin/bash", "args": ["-l", "-c", cmd], "envs": {} }
+    })
+    .to_string();
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    body.extend_from_slice(msg.as_bytes());
+    let resp = http()
+        .post(format!("{base}/process.Process/Start"))
+        .header("content-type", "application/connect+json")
+        .header("authorization", format!("Basic {}", b64.encode("root:")))
+        .timeout(Duration::from_secs(120))
+        .body(body)
+        .send()
+        .await
+        .expect("Start request");
+    assert_eq!(resp.status(), 200, "Start status");
+    let bytes = resp.bytes().await.unwrap();
+    let (mut stdout, mut exit, mut rest) = (String::new(), None, &bytes[..]);
+    while rest.len() >= 5 {
+        let flags = rest[0];
+        let len = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
+        let v: serde_json::Value = serde_json::from_slice(&rest[5..5 + len]).unwrap();
+        rest = &rest[5 + len..];
+        if flags & 2 != 0 {
+            assert!(v.get("error").is_none(), "end-stream error: {v}");
+            break;
+        }
+        let event = &v["event"];
+        if let Some(data) = event["data"]["stdout"].as_str() {
+            stdout.push_str(&String::from_utf8_lossy(&b64.decode(data).unwrap()));
+        }
+        if let Some(end) = event.get("end") {
+            exit = Some(end["exitCode"].as_i64().unwrap_or(0));
+        }
+    }
+    (stdout, exit.expect("no end event"))
+}
+
+/// Runs a command that must succeed; returns its trimmed stdout.
+pub async fn run_ok(base: &str, cmd: &str) -> String {
+    let (out, code) = run(base, cmd).await;
+    assert_eq!(code, 0, "`{cmd}` exited {code}: {out}");
+    out.trim().to_owned()
+}
+
+/// Writes a file as root through `POST /files` (octet-stream).
+pub async fn write_file(base: &str, path: &str, data: &[u8]) {
+    let resp = http()
+        .post(format!("{base}/files"))
+        .query(&[("path", path), ("username", "root")])
+        .header("content-type", "application/octet-stream")
+        .timeout(Duration::from_secs(60))
+        .body(data.to_vec())
+        .send()
+        .await
+        .expect("POST /files");
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    assert!(status.is_success(), "POST /files {status}: {text}");
+}
+
+/// Whether a process is alive (not a zombie).
+pub fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+/// Every file under `dir` (directories excluded).
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// The host clock as seconds since the epoch.
+pub fn host_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
