@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use support::{new_slot, run_ok};
 use wrenn_agent::accel::Accel;
+use wrenn_agent::pool::{SlotPool, WarmPool};
 use wrenn_agent::sandbox::{Deadlines, Failed, InitConfig, Sandbox};
 use wrenn_agent::slot::Slot;
 use wrenn_agent::snapshot::Snapshot;
@@ -156,6 +157,55 @@ async fn bench() {
     report("create: QEMU running (restore)", &restored);
     report("create: envd /health answers", &healthy);
     report("create: /init done (ready)", &total);
+
+    // Create latency through `Sandbox::create_pooled`, on pooled slots: cold (no warm pool)
+    // and from a warm pool of one pre-started QEMU (waiting for it to refill before each
+    // create, so every create finds one; the refill itself is not timed).
+    let slots = SlotPool::new(2, support::pool_first_slot(), 4)
+        .await
+        .unwrap();
+    let vms = w.join("vms");
+    std::fs::create_dir_all(&vms).unwrap();
+    let pool = WarmPool::start(template.clone(), "bench", slots.clone(), vms.clone(), 1);
+    pool.set_refill_delay(Duration::ZERO);
+    for warm in [false, true] {
+        let (mut restored, mut total, mut warm_hits) = (Vec::new(), Vec::new(), 0);
+        for i in 0..creates {
+            if warm {
+                assert!(
+                    pool.wait_full(Duration::from_secs(120)).await,
+                    "warm pool did not fill"
+                );
+            }
+            let (sb, t) = match Sandbox::create_pooled(
+                &template,
+                warm.then_some(&pool),
+                &slots,
+                &w.join(format!("pooled-{warm}-{i}")),
+                InitConfig::default(),
+                &deadlines(),
+            )
+            .await
+            {
+                Ok(x) => x,
+                Err(e) => panic!("create_pooled: {e:?}"),
+            };
+            warm_hits += usize::from(t.warm);
+            restored.push(t.restored);
+            total.push(t.total);
+            // Let the guest finish its first request so the kill is not part of the next create.
+            run_ok(&sb.envd().base_url(), "true").await;
+            slots.release(sb.kill().await).await;
+        }
+        let label = if warm { "warm pool" } else { "no warm pool" };
+        report(&format!("pooled create ({label}): QEMU running"), &restored);
+        report(
+            &format!("pooled create ({label}): /init done, {warm_hits}/{creates} warm"),
+            &total,
+        );
+    }
+    pool.shutdown().await;
+    slots.shutdown().await;
 
     // PSS of idle sandboxes.
     let mut idle = Vec::new();

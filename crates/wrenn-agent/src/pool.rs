@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::sync::Notify;
-use wrenn_qmp::{MigrationCapability, QmpError};
+use wrenn_qmp::QmpError;
 
 use crate::metadata::{Metadata, MetadataError, MetadataServer};
 use crate::slot::{MAX_SLOTS, Slot, SlotError, TAP_NAME};
@@ -29,8 +29,6 @@ use crate::snapshot::Snapshot;
 use crate::state::{StateError, VmRecord, VmState};
 use crate::vm::{Launch, Memory, NetAttach, Vm, VmError, create_overlay};
 
-/// Loading ~100 KB of device state takes milliseconds; this is generous.
-const MIGRATION_TIMEOUT: Duration = Duration::from_secs(30);
 /// After a failed warm start the refill waits this long before trying again.
 const REFILL_BACKOFF: Duration = Duration::from_secs(1);
 /// After a take, the refill waits this long before starting a QEMU: starting one costs about
@@ -396,19 +394,9 @@ pub async fn restore_warm(snapshot: &Snapshot, warm: WarmVm) -> Result<RestoredW
         return Err(PoolError::WrongSnapshot { expected, got });
     }
     let WarmVm { vm, slot, root, .. } = warm;
-    let load = async {
-        let qmp = vm.qmp();
-        // The same steps as `Snapshot::restore` (the file name is the snapshot layout's).
-        qmp.migrate_set_capabilities(&[(MigrationCapability::XIgnoreShared, true)])
-            .await?;
-        let state = snapshot.dir.join("state");
-        qmp.migrate_incoming(&format!("file:{}", state.display()))
-            .await?;
-        qmp.wait_migration(Duration::from_millis(1), MIGRATION_TIMEOUT)
-            .await?;
-        qmp.cont().await
-    };
-    if let Err(source) = load.await {
+    // Template snapshots are saved with `x-ignore-shared` (RAM is the memory file).
+    let loaded = crate::snapshot::load_into(&vm, &snapshot.state_path(), true).await;
+    if let Err(source) = loaded {
         let mut vm = vm;
         let _ = vm.wait_exit(Duration::from_secs(1)).await;
         let qemu_log = vm.qemu_log();

@@ -13,6 +13,13 @@
 //!
 //! Every restore (create or resume) sends envd `/init` with the host's clock and fresh host
 //! entropy, so clones of one snapshot do not share RNG state and the guest clock is current.
+//! (That is the clone-safety mechanism: QEMU's `vmgenid` device is accepted by `microvm` but
+//! never reaches the guest there, since microvm's ACPI tables carry no VMGENID SSDT, and the
+//! guest kernel (Debian 6.1 cloud) is built without `CONFIG_VMGENID` anyway.)
+//!
+//! [`Sandbox::create_pooled`] takes a pre-started QEMU from the template's
+//! [`crate::pool::WarmPool`] when one is waiting and restores cold otherwise; a warm sandbox
+//! adopts the warm VM's directory, which already holds `rootfs.qcow2` and `vm/`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -25,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::envd::{EnvdClient, EnvdError};
 use crate::image::ENVD_PORT;
 use crate::memdiff::{DiffInfo, MemDiffError};
+use crate::pool::{PoolError, RestoredWarm, SlotLease, SlotPool, WarmPool, restore_warm};
 use crate::slot::{Slot, TAP_NAME};
 use crate::snapshot::{
     RestoreFrom, Snapshot, SnapshotError, check_file, check_memory_file, restore_vm, sha256_file,
@@ -144,6 +152,9 @@ pub enum SandboxError {
     /// The host could not provide entropy.
     #[error("getrandom")]
     Entropy(#[source] std::io::Error),
+    /// No slot could be had for a cold create.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
 }
 
 impl SandboxError {
@@ -266,6 +277,8 @@ pub struct Timings {
     pub healthy: Duration,
     /// Until `/init` returned (the total).
     pub total: Duration,
+    /// The guest was loaded into a pre-started QEMU from a [`WarmPool`].
+    pub warm: bool,
 }
 
 impl<N: SandboxNet> Sandbox<N> {
@@ -306,9 +319,17 @@ impl<N: SandboxNet> Sandbox<N> {
             }
         };
         let restored = start.elapsed();
+        Self::adopt(template, root.to_owned(), vm, net, init)
+            .start_guest(start, restored, deadlines)
+            .await
+    }
+
+    /// A sandbox around a QEMU already running `template`'s guest, in its directory `root`
+    /// (which holds the disk overlay `rootfs.qcow2` and the runtime directory `vm/`).
+    fn adopt(template: &Snapshot, root: PathBuf, vm: Vm, net: N, init: InitConfig) -> Self {
         warm_in_background(template.memory_path());
-        let sandbox = Sandbox {
-            root: root.to_owned(),
+        Sandbox {
+            root,
             vm,
             envd: EnvdClient::new(net.envd_addr()),
             net,
@@ -320,8 +341,7 @@ impl<N: SandboxNet> Sandbox<N> {
             },
             memory: template.memory_path(),
             init,
-        };
-        sandbox.start_guest(start, restored, deadlines).await
+        }
     }
 
     /// Waits for envd and runs `/init`; on failure kills the sandbox (removing `root`).
@@ -352,6 +372,7 @@ impl<N: SandboxNet> Sandbox<N> {
                     restored,
                     healthy,
                     total: start.elapsed(),
+                    warm: false,
                 },
             )),
             Err(error) => {
@@ -529,6 +550,76 @@ impl<N: SandboxNet> Sandbox<N> {
             .init(&body, deadlines.init)
             .await
             .map_err(SandboxError::envd("init"))
+    }
+}
+
+impl Sandbox<SlotLease> {
+    /// Creates a sandbox from `template`, in a pre-started QEMU from `warm` when it has one
+    /// waiting for this very snapshot (never waits for one), else by a cold restore into a
+    /// slot from `slots` in `cold_root` (which must not exist).
+    ///
+    /// A warm sandbox lives in its warm VM's directory (under the pool's VMs root; see
+    /// [`Sandbox::root`]), which already holds `rootfs.qcow2` and `vm/`. A warm VM that fails
+    /// to load is discarded and the create falls back to a cold restore. On failure nothing is
+    /// left and the slot is back in `slots`.
+    pub async fn create_pooled(
+        template: &Snapshot,
+        warm: Option<&WarmPool>,
+        slots: &SlotPool,
+        cold_root: &Path,
+        init: InitConfig,
+        deadlines: &Deadlines,
+    ) -> Result<(Self, Timings), SandboxError> {
+        let start = Instant::now();
+        // A pool for another snapshot (or a re-taken template in the same directory) would
+        // hand out a QEMU mapping the wrong memory file: do not take from it.
+        let same = |p: &&WarmPool| {
+            let s = p.snapshot();
+            s.dir == template.dir && s.manifest.created_unix == template.manifest.created_unix
+        };
+        if let Some(vm) = warm.filter(same).and_then(WarmPool::take) {
+            match restore_warm(template, vm).await {
+                Ok(RestoredWarm { vm, slot, root }) => {
+                    let restored = start.elapsed();
+                    // The directory's record says `warm`; from here the sandbox layer owns it
+                    // and, like a cold create, keeps none (a paused sandbox is found by its
+                    // `paused.json`; a stale `warm` record would make a scan delete it).
+                    let record = root.join(crate::state::RECORD_FILE);
+                    if let Err(e) = std::fs::remove_file(&record) {
+                        tracing::debug!(error = %e, path = %record.display(), "remove warm record");
+                    }
+                    let sandbox = Self::adopt(template, root, vm, slot, init);
+                    return match sandbox.start_guest(start, restored, deadlines).await {
+                        Ok((sb, t)) => Ok((sb, Timings { warm: true, ..t })),
+                        Err(Failed { error, net }) => {
+                            slots.release(net).await;
+                            Err(error)
+                        }
+                    };
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "warm QEMU failed to load; restoring cold");
+                }
+            }
+        }
+        let lease = slots.acquire().await?;
+        // Timings count from this call's start (slot, failed warm attempt included).
+        let before = start.elapsed();
+        match Sandbox::create(template, lease, cold_root, init, deadlines).await {
+            Ok((sb, t)) => Ok((
+                sb,
+                Timings {
+                    restored: before + t.restored,
+                    healthy: before + t.healthy,
+                    total: before + t.total,
+                    warm: false,
+                },
+            )),
+            Err(Failed { error, net }) => {
+                slots.release(net).await;
+                Err(error)
+            }
+        }
     }
 }
 

@@ -194,6 +194,11 @@ impl Snapshot {
         self.dir.join(MEMORY_FILE)
     }
 
+    /// The template's device state (a migration stream saved with `x-ignore-shared`).
+    pub(crate) fn state_path(&self) -> PathBuf {
+        self.dir.join(STATE_FILE)
+    }
+
     /// The template's disk, which sandbox overlays sit on.
     pub fn disk_path(&self) -> PathBuf {
         self.dir.join(DISK_FILE)
@@ -228,7 +233,7 @@ impl Snapshot {
             snapshot_dir: &self.dir,
             spec: &self.manifest.spec,
             memory: &self.memory_path(),
-            state: &self.dir.join(STATE_FILE),
+            state: &self.state_path(),
             ignore_shared: true,
             before_load: None,
             vm_dir,
@@ -308,8 +313,9 @@ pub(crate) async fn restore_vm(from: RestoreFrom<'_>) -> Result<Vm, SnapshotErro
     Ok(vm)
 }
 
-/// Loads the device state into a VM waiting in `-incoming defer`, then continues it.
-async fn load_into(vm: &Vm, state: &Path, ignore_shared: bool) -> Result<(), QmpError> {
+/// Loads the device state into a VM waiting in `-incoming defer`, then continues it. The one
+/// place that does so: cold restores, resumes and warm-pool restores (`crate::pool`) all use it.
+pub(crate) async fn load_into(vm: &Vm, state: &Path, ignore_shared: bool) -> Result<(), QmpError> {
     let qmp = vm.qmp();
     if ignore_shared {
         qmp.migrate_set_capabilities(&[(MigrationCapability::XIgnoreShared, true)])

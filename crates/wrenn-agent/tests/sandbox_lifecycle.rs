@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use support::{files_under, host_now, new_slot, pid_alive, run_ok, write_file};
+use wrenn_agent::pool::{SlotPool, WarmPool};
 use wrenn_agent::sandbox::{Deadlines, Failed, InitConfig, PausedSandbox, Sandbox, SandboxError};
 use wrenn_agent::slot::Slot;
 use wrenn_agent::snapshot::{Snapshot, SnapshotError};
@@ -95,7 +96,7 @@ async fn resume(paused: PausedSandbox, slot: Slot) -> Sandbox<Slot> {
     }
 }
 
-fn base(sb: &Sandbox<Slot>) -> String {
+fn base<N: wrenn_agent::sandbox::SandboxNet>(sb: &Sandbox<N>) -> String {
     sb.envd().base_url()
 }
 
@@ -171,6 +172,10 @@ async fn sandboxes_create_pause_resume_clone_corrupt_and_cleanup() {
         );
         assert_ne!(x[1], y[1], "same /dev/urandom bytes in two clones");
     }
+
+    // Create through a warm pool: the waiting QEMU is taken, and with none waiting the same
+    // call restores cold.
+    warm_pool_creates(&template, &w, &sandboxes, &la).await;
 
     // A background process holding its state in memory, and 64 MiB of tmpfs data.
     run_ok(
@@ -431,6 +436,106 @@ async fn sandboxes_create_pause_resume_clone_corrupt_and_cleanup() {
     let left = files_under(&w);
     assert!(left.is_empty(), "files left: {left:?}");
     work.close().unwrap();
+}
+
+/// `Sandbox::create_pooled` with a warm pool of one: the first create loads the snapshot into
+/// the pre-started QEMU (in its directory), the next one (refill held back) restores cold.
+/// Both answer commands and get their own RNG state (`other_rng`: another clone's).
+async fn warm_pool_creates(template: &Snapshot, w: &Path, sandboxes: &Path, other_rng: &[String]) {
+    let slots = SlotPool::new(1, support::pool_first_slot(), 4)
+        .await
+        .expect("slot pool");
+    let vms = w.join("vms");
+    std::fs::create_dir_all(&vms).unwrap();
+    let pool = WarmPool::start(template.clone(), "tpl-small", slots.clone(), vms.clone(), 1);
+    assert!(
+        pool.wait_full(Duration::from_secs(120)).await,
+        "warm pool did not fill"
+    );
+    // No refill during the test: the second create must find the pool empty.
+    pool.set_refill_delay(Duration::from_secs(3600));
+    let waiting: Vec<PathBuf> = std::fs::read_dir(&vms)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(waiting.len(), 1, "{waiting:?}");
+    let warm_pid = qemu_pids_under(&waiting[0]);
+    assert_eq!(warm_pid.len(), 1, "one waiting QEMU");
+
+    let cold_root = sandboxes.join("pooled-cold");
+    let create = |name: &'static str| {
+        let (pool, slots, cold_root) = (&pool, &slots, &cold_root);
+        async move {
+            match Sandbox::create_pooled(
+                template,
+                Some(pool),
+                slots,
+                cold_root,
+                init(name),
+                &deadlines(),
+            )
+            .await
+            {
+                Ok((sb, t)) => {
+                    eprintln!(
+                        "{name}: created (warm={}): QEMU running {:?}, envd healthy {:?}, /init done {:?}",
+                        t.warm, t.restored, t.healthy, t.total
+                    );
+                    (sb, t)
+                }
+                Err(e) => panic!("create_pooled {name}: {e:?}"),
+            }
+        }
+    };
+    let (warm, tw) = create("warm").await;
+    assert!(tw.warm, "the waiting QEMU was not used");
+    assert_eq!(
+        warm.root(),
+        waiting[0].as_path(),
+        "warm sandbox lives in the warm VM's dir"
+    );
+    assert_eq!(
+        warm.vm().pid(),
+        warm_pid[0],
+        "the pre-started QEMU runs the sandbox"
+    );
+    assert!(warm.root().join("rootfs.qcow2").is_file());
+    assert_eq!(pool.ready(), 0);
+    let (cold, tc) = create("pooled-cold").await;
+    assert!(!tc.warm, "pool was empty: the create must be cold");
+    assert_eq!(cold.root(), cold_root.as_path());
+
+    let rng =
+        "cat /proc/sys/kernel/random/uuid; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
+    let mut seen = vec![other_rng.to_vec()];
+    for (sb, name) in [(&warm, "warm"), (&cold, "pooled-cold")] {
+        let out = run_ok(&base(sb), "echo \"$WRENN_SANDBOX $(id -un)\"").await;
+        assert_eq!(out, format!("{name} root"));
+        let r: Vec<String> = run_ok(&base(sb), rng)
+            .await
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(r.len(), 2);
+        for s in &seen {
+            assert_ne!(s[0], r[0], "{name}: uuid shared with another clone");
+            assert_ne!(s[1], r[1], "{name}: urandom shared with another clone");
+        }
+        seen.push(r);
+    }
+
+    for sb in [warm, cold] {
+        let root = sb.root().to_owned();
+        slots.release(sb.kill().await).await;
+        assert!(!root.exists(), "{} left", root.display());
+    }
+    pool.shutdown().await;
+    slots.shutdown().await;
+    assert!(qemu_pids_under(&vms).is_empty(), "warm QEMU left");
+    let left = files_under(&vms);
+    assert!(left.is_empty(), "files left: {left:?}");
+    std::fs::remove_dir(&vms).unwrap();
 }
 
 fn flip(path: &Path, at: u64) {

@@ -202,3 +202,9 @@ pub fn host_now() -> f64 {
         .unwrap()
         .as_secs_f64()
 }
+
+/// The first index of a [`wrenn_agent::pool::SlotPool`] for the sandbox test and the benchmark
+/// (4 indices each), clear of [`new_slot`]'s range and of the pool tests' ranges.
+pub fn pool_first_slot() -> u32 {
+    32_600 + (std::process::id() % 40) * 4
+}
