@@ -298,7 +298,8 @@ async fn debian_template_builds_boots_and_runs_python() {
 }
 
 /// A build that fails (the mirror refuses connections) returns the tool's error and leaves no
-/// artifact, no temporary directory and nothing mounted.
+/// artifact, no temporary directory and nothing mounted; it also sweeps a dead builder's
+/// temporary directory, unmounting what was left mounted in it.
 #[test]
 fn failed_debian_build_leaves_nothing() {
     if !support::enabled() {
@@ -308,6 +309,29 @@ fn failed_debian_build_leaves_nothing() {
         .prefix("wrenn-debian-fail")
         .tempdir_in("/var/tmp")
         .unwrap();
+    // A killed earlier build: its temporary directory, with a mount debootstrap left in it.
+    // Pid 999999999 is above any pid_max, so that builder is surely gone.
+    let stale = cache
+        .path()
+        .join(".rootfs-debian-0123.999999999.tmp/root/proc");
+    std::fs::create_dir_all(&stale).unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "wrenn-test", stale.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "mount tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+    let _unmount = Unmount(stale.clone());
+
     let envd = support::envd_binary();
     assert!(envd.is_file(), "no static envd at {}", envd.display());
     let inputs = DebianImageInputs {
