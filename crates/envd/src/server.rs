@@ -2,18 +2,13 @@
 //! registry of connections so `/snapshot/prepare` can close the idle ones.
 
 use std::collections::HashMap;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::Notify;
-use tower::ServiceExt;
+use wrenn_http::InFlight;
 
 use crate::state::Envd;
 
@@ -24,7 +19,7 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(640);
 
 struct ConnEntry {
-    in_flight: Arc<AtomicUsize>,
+    in_flight: InFlight,
     close: Arc<Notify>,
 }
 
@@ -36,9 +31,9 @@ pub struct Connections {
 }
 
 impl Connections {
-    fn register(&self) -> (u64, Arc<AtomicUsize>, Arc<Notify>) {
+    fn register(&self) -> (u64, InFlight, Arc<Notify>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let in_flight = Arc::new(AtomicUsize::new(0));
+        let in_flight = InFlight::default();
         let close = Arc::new(Notify::new());
         self.open.lock().expect("connections lock").insert(
             id,
@@ -61,7 +56,7 @@ impl Connections {
         let open = self.open.lock().expect("connections lock");
         let mut n = 0;
         for entry in open.values() {
-            if entry.in_flight.load(Ordering::Acquire) == 0 {
+            if entry.in_flight.get() == 0 {
                 entry.close.notify_one();
                 n += 1;
             }
@@ -123,116 +118,13 @@ async fn serve_connection(
     peer: std::net::SocketAddr,
 ) {
     let (id, in_flight, close) = envd.connections.register();
-    let activity = Arc::new(Notify::new());
-
-    let service = {
-        let in_flight = in_flight.clone();
-        let activity = activity.clone();
-        hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-            let guard = InFlight::new(in_flight.clone(), activity.clone());
-            let app = app.clone();
-            async move {
-                let resp = app
-                    .oneshot(req.map(axum::body::Body::new))
-                    .await
-                    .unwrap_or_else(|e| match e {});
-                Ok::<_, std::convert::Infallible>(resp.map(|body| GuardedBody {
-                    inner: body,
-                    _guard: guard,
-                }))
-            }
-        })
+    let opts = wrenn_http::ConnOptions {
+        header_read_timeout: HEADER_READ_TIMEOUT,
+        idle_timeout: IDLE_TIMEOUT,
     };
-
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-
-    let mut closing = false;
-    loop {
-        let idle = async {
-            loop {
-                tokio::select! {
-                    _ = activity.notified() => continue,
-                    _ = tokio::time::sleep(IDLE_TIMEOUT) => {
-                        if in_flight.load(Ordering::Acquire) == 0 { return; }
-                    }
-                }
-            }
-        };
-        tokio::select! {
-            res = conn.as_mut() => {
-                if let Err(e) = res {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
-                }
-                break;
-            }
-            _ = close.notified(), if !closing => {
-                closing = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            _ = idle, if !closing => {
-                tracing::debug!(%peer, "closing idle connection");
-                closing = true;
-                conn.as_mut().graceful_shutdown();
-            }
-        }
-    }
+    wrenn_http::serve_connection(app, stream, peer, opts, in_flight, async move {
+        close.notified().await
+    })
+    .await;
     envd.connections.remove(id);
-}
-
-/// Counts a request as in flight until its response body is dropped (streams included).
-struct InFlight {
-    count: Arc<AtomicUsize>,
-    activity: Arc<Notify>,
-}
-
-impl InFlight {
-    fn new(count: Arc<AtomicUsize>, activity: Arc<Notify>) -> Self {
-        count.fetch_add(1, Ordering::AcqRel);
-        activity.notify_one();
-        InFlight { count, activity }
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.count.fetch_sub(1, Ordering::AcqRel);
-        self.activity.notify_one();
-    }
-}
-
-struct GuardedBody {
-    inner: axum::body::Body,
-    _guard: InFlight,
-}
-
-impl Body for GuardedBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }

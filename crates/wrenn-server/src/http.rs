@@ -1,19 +1,11 @@
 //! The HTTP front: one app that serves the REST API and the edge proxy on the same port
 //! (demuxed per request), and a server loop with header-read and idle timeouts.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
-use bytes::Bytes;
-use http_body::{Frame, SizeHint};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
@@ -99,111 +91,13 @@ async fn serve_connection(
     shutdown: CancellationToken,
     idle: Duration,
 ) {
-    let in_flight = Arc::new(AtomicUsize::new(0));
-    let activity = Arc::new(Notify::new());
-    let service = {
-        let (in_flight, activity) = (in_flight.clone(), activity.clone());
-        hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-            let guard = InFlight::new(in_flight.clone(), activity.clone());
-            let app = app.clone();
-            async move {
-                let resp = app
-                    .oneshot(req.map(Body::new))
-                    .await
-                    .unwrap_or_else(|e| match e {});
-                Ok::<_, std::convert::Infallible>(resp.map(|body| GuardedBody {
-                    inner: body,
-                    _guard: guard,
-                }))
-            }
-        })
+    let opts = wrenn_http::ConnOptions {
+        header_read_timeout: HEADER_READ_TIMEOUT,
+        idle_timeout: idle,
     };
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    let mut closing = false;
-    loop {
-        let idle_wait = async {
-            loop {
-                tokio::select! {
-                    _ = activity.notified() => continue,
-                    _ = tokio::time::sleep(idle) => {
-                        if in_flight.load(Ordering::Acquire) == 0 { return; }
-                    }
-                }
-            }
-        };
-        tokio::select! {
-            res = conn.as_mut() => {
-                if let Err(e) = res {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
-                }
-                break;
-            }
-            _ = idle_wait, if !closing => {
-                closing = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            _ = shutdown.cancelled(), if !closing => {
-                closing = true;
-                conn.as_mut().graceful_shutdown();
-            }
-        }
-    }
-}
-
-/// Counts a request as in flight until its response body is dropped (streams included).
-struct InFlight {
-    count: Arc<AtomicUsize>,
-    activity: Arc<Notify>,
-}
-
-impl InFlight {
-    fn new(count: Arc<AtomicUsize>, activity: Arc<Notify>) -> Self {
-        count.fetch_add(1, Ordering::AcqRel);
-        activity.notify_one();
-        InFlight { count, activity }
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.count.fetch_sub(1, Ordering::AcqRel);
-        self.activity.notify_one();
-    }
-}
-
-struct GuardedBody {
-    inner: Body,
-    _guard: InFlight,
-}
-
-impl http_body::Body for GuardedBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+    let in_flight = wrenn_http::InFlight::default();
+    wrenn_http::serve_connection(app, stream, peer, opts, in_flight, async move {
+        shutdown.cancelled().await
+    })
+    .await;
 }
