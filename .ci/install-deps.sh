@@ -21,11 +21,13 @@ fi
 if ! dpkg -s postgresql >/dev/null 2>&1; then
   apt-get install -y -q postgresql
 fi
-if command -v pg_ctlcluster >/dev/null; then
+if command -v pg_ctlcluster >/dev/null; then (
+  # The postgres user may not be able to enter the checkout's directory.
+  cd /
   service postgresql start >/dev/null
   for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 && break; sleep 1; done
   su postgres -c "psql -tAc \"SELECT 1 FROM pg_roles WHERE rolname='wrenn'\"" | grep -q 1 ||
     su postgres -c "psql -qc \"CREATE USER wrenn PASSWORD 'wrenn' CREATEDB\""
   su postgres -c "psql -tAc \"SELECT 1 FROM pg_database WHERE datname='wrenn'\"" | grep -q 1 ||
     su postgres -c "createdb -O wrenn wrenn"
-fi
+) fi
