@@ -10,6 +10,7 @@ pub mod image;
 pub mod memdiff;
 pub mod metadata;
 pub mod pool;
+pub mod rpc;
 pub mod sandbox;
 pub mod slot;
 pub mod snapshot;

@@ -677,6 +677,12 @@ impl PausedSandbox {
         &self.manifest
     }
 
+    /// Replaces what the resume's `/init` gives the guest (a new access token or env vars from
+    /// the resume request). In memory only: `paused.json` keeps the pause-time values.
+    pub fn set_init(&mut self, init: InitConfig) {
+        self.manifest.init = init;
+    }
+
     /// Deletes the paused sandbox.
     pub fn remove(self) -> Result<(), SandboxError> {
         std::fs::remove_dir_all(&self.root).map_err(|e| VmError::io("remove", &self.root)(e).into())

@@ -1,0 +1,633 @@
+//! The host agent's RPC service: `wrenn.agent.v1.AgentService` (proto/agent) over Connect,
+//! backed by a slot pool, registered template snapshots, and the sandboxes this agent holds.
+//!
+//! Each sandbox's entry is taken out of the table ("busy") while a slow operation (create,
+//! pause, resume, kill) runs on it, so operations on different sandboxes run concurrently and
+//! a second operation on the same sandbox fails fast with `failed_precondition`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use wrenn_agent_proto::paths;
+use wrenn_agent_proto::v1::{
+    CreateRequest, CreateResponse, HostInfoRequest, HostInfoResponse, KillRequest, KillResponse,
+    ListRequest, ListResponse, LogEntry, LogsRequest, MetricsRequest, MetricsResponse,
+    PauseRequest, PauseResponse, ResumeRequest, ResumeResponse, SandboxState, SandboxStatus,
+    SetTimeoutRequest, SetTimeoutResponse, SnapshotRequest, SnapshotResponse,
+};
+use wrenn_connect::{BoxStream, ConnectError, RpcRouter};
+
+use crate::pool::{PoolError, SlotLease, SlotPool, WarmPool};
+use crate::sandbox::{
+    Deadlines, Failed, InitConfig, PauseError, PausedSandbox, Sandbox, SandboxError,
+};
+use crate::snapshot::Snapshot;
+
+/// How often the backstop reaper looks for sandboxes past their deadline.
+const REAP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why an RPC failed; mapped to a Connect code in [`RpcError::into_connect`] only.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    /// No such sandbox.
+    #[error("sandbox {0} not found")]
+    SandboxNotFound(String),
+    /// No such template.
+    #[error("template {0} not found")]
+    TemplateNotFound(String),
+    /// The sandbox ID is taken.
+    #[error("sandbox {0} already exists")]
+    AlreadyExists(String),
+    /// The sandbox is not in the state the call needs.
+    #[error("sandbox {id} is {state}")]
+    WrongState {
+        /// The sandbox.
+        id: String,
+        /// What it is (running, paused, busy).
+        state: &'static str,
+    },
+    /// A bad request.
+    #[error("{0}")]
+    Invalid(String),
+    /// The host is full.
+    #[error("host is at capacity ({0} sandboxes)")]
+    Full(u32),
+    /// No slot.
+    #[error("slot: {0}")]
+    Pool(#[from] PoolError),
+    /// The runtime failed.
+    #[error("{what}: {error}")]
+    Sandbox {
+        /// Which step.
+        what: &'static str,
+        /// Why.
+        error: Box<SandboxError>,
+    },
+    /// Not implemented by this agent yet.
+    #[error("{0} is not implemented by this agent yet")]
+    Unimplemented(&'static str),
+}
+
+impl RpcError {
+    /// The one place agent errors become Connect codes.
+    pub fn into_connect(self) -> ConnectError {
+        let msg = self.to_string();
+        match self {
+            Self::SandboxNotFound(_) | Self::TemplateNotFound(_) => ConnectError::not_found(msg),
+            Self::AlreadyExists(_) => ConnectError::already_exists(msg),
+            Self::WrongState { .. } => ConnectError::failed_precondition(msg),
+            Self::Invalid(_) => ConnectError::invalid_argument(msg),
+            Self::Full(_) | Self::Pool(_) => ConnectError::resource_exhausted(msg),
+            Self::Sandbox { .. } => ConnectError::internal(msg),
+            Self::Unimplemented(_) => ConnectError::unimplemented(msg),
+        }
+    }
+}
+
+/// A template this agent can start sandboxes from.
+#[derive(Debug)]
+struct Template {
+    snapshot: Snapshot,
+    warm: Option<WarmPool>,
+    envd_version: String,
+}
+
+/// What the agent keeps about a sandbox besides its VM.
+#[derive(Debug, Clone)]
+struct Meta {
+    template_id: String,
+    vcpus: u32,
+    memory_mb: u64,
+    start_unix_ms: i64,
+    backstop_unix_ms: i64,
+    /// At the backstop, pause instead of kill.
+    auto_pause: bool,
+    envd_version: String,
+}
+
+#[derive(Debug)]
+enum State {
+    Running(Box<Sandbox<SlotLease>>),
+    Paused(Box<PausedSandbox>),
+    /// An operation holds the sandbox.
+    Busy,
+}
+
+impl State {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Running(_) => "running",
+            Self::Paused(_) => "paused",
+            Self::Busy => "busy (another operation is in progress)",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    meta: Meta,
+    state: State,
+}
+
+/// The host agent: owns the slots, the templates and the sandboxes, and serves
+/// `AgentService` ([`Agent::router`]).
+#[derive(Debug)]
+pub struct Agent {
+    host_id: String,
+    slots: SlotPool,
+    root: PathBuf,
+    max_sandboxes: u32,
+    proxy_url: String,
+    deadlines: Deadlines,
+    templates: Mutex<HashMap<String, Arc<Template>>>,
+    sandboxes: Mutex<HashMap<String, Entry>>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Sandbox IDs become directory names: keep them to a safe alphabet.
+fn check_id(id: &str) -> Result<(), RpcError> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(RpcError::Invalid(format!("bad sandbox id {id:?}")))
+    }
+}
+
+impl Agent {
+    /// An agent keeping sandbox directories under `root`, with slots from `slots`.
+    pub fn new(
+        host_id: impl Into<String>,
+        slots: SlotPool,
+        root: PathBuf,
+        max_sandboxes: u32,
+    ) -> Self {
+        Self {
+            host_id: host_id.into(),
+            slots,
+            root,
+            max_sandboxes,
+            proxy_url: String::new(),
+            deadlines: Deadlines::default(),
+            templates: Mutex::new(HashMap::new()),
+            sandboxes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Deadlines of the lifecycle steps (a loaded host wants longer ones).
+    pub fn with_deadlines(mut self, deadlines: Deadlines) -> Self {
+        self.deadlines = deadlines;
+        self
+    }
+
+    /// The URL of this host's sandbox proxy, reported by HostInfo.
+    pub fn with_proxy_url(mut self, url: impl Into<String>) -> Self {
+        self.proxy_url = url.into();
+        self
+    }
+
+    /// Makes `snapshot` startable as `template_id` (replacing any earlier one).
+    pub fn register_template(
+        &self,
+        template_id: impl Into<String>,
+        snapshot: Snapshot,
+        warm: Option<WarmPool>,
+        envd_version: impl Into<String>,
+    ) {
+        let t = Template {
+            snapshot,
+            warm,
+            envd_version: envd_version.into(),
+        };
+        lock(&self.templates).insert(template_id.into(), Arc::new(t));
+    }
+
+    /// The base URL of a running sandbox's envd (through its slot), for the sandbox proxy.
+    pub fn envd_base_url(&self, id: &str) -> Option<String> {
+        match &lock(&self.sandboxes).get(id)?.state {
+            State::Running(sb) => Some(sb.envd().base_url()),
+            State::Paused(_) | State::Busy => None,
+        }
+    }
+
+    /// Kills every sandbox (paused ones deleted too) and frees the pool's slots.
+    pub async fn shutdown(&self) {
+        let ids: Vec<String> = lock(&self.sandboxes).keys().cloned().collect();
+        for id in ids {
+            if let Err(e) = self.kill(&id).await {
+                tracing::warn!(sandbox = %id, error = %e, "shutdown kill");
+            }
+        }
+        self.slots.shutdown().await;
+    }
+
+    /// The Connect router for `AgentService`; also starts the backstop reaper (which ends when
+    /// the agent is dropped).
+    pub fn router(self: Arc<Self>) -> axum::Router {
+        tokio::spawn(reaper(Arc::downgrade(&self)));
+        let a = self;
+        let (a1, a2, a3, a4, a5, a6, a7) = (
+            a.clone(),
+            a.clone(),
+            a.clone(),
+            a.clone(),
+            a.clone(),
+            a.clone(),
+            a.clone(),
+        );
+        RpcRouter::new()
+            .unary(paths::CREATE, move |_ctx, req: CreateRequest| {
+                let a = a1.clone();
+                async move { a.create(req).await.map_err(RpcError::into_connect) }
+            })
+            .unary(paths::LIST, move |_ctx, _req: ListRequest| {
+                let a = a2.clone();
+                async move { Ok::<_, ConnectError>(a.list()) }
+            })
+            .unary(paths::KILL, move |_ctx, req: KillRequest| {
+                let a = a3.clone();
+                async move {
+                    a.kill(&req.sandbox_id)
+                        .await
+                        .map(|()| KillResponse {})
+                        .map_err(RpcError::into_connect)
+                }
+            })
+            .unary(paths::PAUSE, move |_ctx, req: PauseRequest| {
+                let a = a4.clone();
+                async move {
+                    a.pause(&req.sandbox_id)
+                        .await
+                        .map(|()| PauseResponse {})
+                        .map_err(RpcError::into_connect)
+                }
+            })
+            .unary(paths::RESUME, move |_ctx, req: ResumeRequest| {
+                let a = a5.clone();
+                async move { a.resume(req).await.map_err(RpcError::into_connect) }
+            })
+            .unary(paths::SET_TIMEOUT, move |_ctx, req: SetTimeoutRequest| {
+                let a = a6.clone();
+                async move { a.set_timeout(&req).map_err(RpcError::into_connect) }
+            })
+            .unary(paths::HOST_INFO, move |_ctx, _req: HostInfoRequest| {
+                let a = a7.clone();
+                async move { Ok::<_, ConnectError>(a.host_info()) }
+            })
+            .unary(paths::METRICS, |_ctx, _req: MetricsRequest| async {
+                Err::<MetricsResponse, _>(RpcError::Unimplemented("Metrics").into_connect())
+            })
+            .server_stream(paths::LOGS, |_ctx, _req: LogsRequest| async {
+                Err::<BoxStream<LogEntry>, _>(RpcError::Unimplemented("Logs").into_connect())
+            })
+            .unary(paths::SNAPSHOT, |_ctx, _req: SnapshotRequest| async {
+                Err::<SnapshotResponse, _>(RpcError::Unimplemented("Snapshot").into_connect())
+            })
+            .into_router()
+    }
+
+    fn status(id: &str, e: &Entry) -> SandboxStatus {
+        let state = match e.state {
+            State::Paused(_) => SandboxState::Paused,
+            // A busy sandbox is mid-operation; it was running or is about to be.
+            State::Running(_) | State::Busy => SandboxState::Running,
+        };
+        SandboxStatus {
+            sandbox_id: id.to_owned(),
+            template_id: e.meta.template_id.clone(),
+            state: state as i32,
+            vcpus: e.meta.vcpus,
+            memory_mb: e.meta.memory_mb,
+            start_unix_ms: e.meta.start_unix_ms,
+            backstop_unix_ms: e.meta.backstop_unix_ms,
+            envd_version: e.meta.envd_version.clone(),
+        }
+    }
+
+    fn status_of(&self, id: &str) -> Option<SandboxStatus> {
+        lock(&self.sandboxes).get(id).map(|e| Self::status(id, e))
+    }
+
+    /// Takes the sandbox's state out (leaving it busy) when `want` accepts it.
+    fn take(&self, id: &str, want: fn(&State) -> bool) -> Result<State, RpcError> {
+        let mut map = lock(&self.sandboxes);
+        let e = map
+            .get_mut(id)
+            .ok_or_else(|| RpcError::SandboxNotFound(id.to_owned()))?;
+        if !want(&e.state) {
+            return Err(RpcError::WrongState {
+                id: id.to_owned(),
+                state: e.state.name(),
+            });
+        }
+        Ok(std::mem::replace(&mut e.state, State::Busy))
+    }
+
+    fn put(&self, id: &str, state: State) {
+        if let Some(e) = lock(&self.sandboxes).get_mut(id) {
+            e.state = state;
+        }
+    }
+
+    fn forget(&self, id: &str) {
+        lock(&self.sandboxes).remove(id);
+    }
+
+    async fn create(&self, req: CreateRequest) -> Result<CreateResponse, RpcError> {
+        let spec = req
+            .sandbox
+            .ok_or_else(|| RpcError::Invalid("missing sandbox spec".into()))?;
+        check_id(&spec.sandbox_id)?;
+        let template = lock(&self.templates)
+            .get(&spec.template_id)
+            .cloned()
+            .ok_or_else(|| RpcError::TemplateNotFound(spec.template_id.clone()))?;
+        let id = spec.sandbox_id.clone();
+        let m = &template.snapshot.manifest.spec;
+        let meta = Meta {
+            template_id: spec.template_id.clone(),
+            vcpus: m.vcpus,
+            memory_mb: u64::from(m.memory_mib),
+            start_unix_ms: if spec.start_unix_ms > 0 {
+                spec.start_unix_ms
+            } else {
+                now_ms()
+            },
+            backstop_unix_ms: spec.backstop_unix_ms,
+            auto_pause: spec.auto_pause,
+            envd_version: template.envd_version.clone(),
+        };
+        {
+            let mut map = lock(&self.sandboxes);
+            if map.contains_key(&id) {
+                return Err(RpcError::AlreadyExists(id));
+            }
+            if u32::try_from(map.len()).unwrap_or(u32::MAX) >= self.max_sandboxes {
+                return Err(RpcError::Full(self.max_sandboxes));
+            }
+            map.insert(
+                id.clone(),
+                Entry {
+                    meta,
+                    state: State::Busy,
+                },
+            );
+        }
+        let init = InitConfig {
+            env_vars: spec.env_vars.into_iter().collect(),
+            access_token: Some(spec.envd_access_token).filter(|t| !t.is_empty()),
+            ..Default::default()
+        };
+        let created = Sandbox::create_pooled(
+            &template.snapshot,
+            template.warm.as_ref(),
+            &self.slots,
+            &self.root.join(&id),
+            init,
+            &self.deadlines,
+        )
+        .await;
+        match created {
+            Ok((sb, t)) => {
+                tracing::info!(sandbox = %id, total = ?t.total, warm = t.warm, "created");
+                self.put(&id, State::Running(Box::new(sb)));
+                let sandbox = self.status_of(&id);
+                Ok(CreateResponse { sandbox })
+            }
+            Err(error) => {
+                self.forget(&id);
+                Err(RpcError::Sandbox {
+                    what: "create",
+                    error: Box::new(error),
+                })
+            }
+        }
+    }
+
+    fn list(&self) -> ListResponse {
+        let map = lock(&self.sandboxes);
+        let mut sandboxes: Vec<SandboxStatus> =
+            map.iter().map(|(id, e)| Self::status(id, e)).collect();
+        sandboxes.sort_by(|a, b| a.sandbox_id.cmp(&b.sandbox_id));
+        ListResponse { sandboxes }
+    }
+
+    async fn kill(&self, id: &str) -> Result<(), RpcError> {
+        let state = self.take(id, |s| !matches!(s, State::Busy))?;
+        match state {
+            State::Running(sb) => {
+                let lease = sb.kill().await;
+                self.slots.release(lease).await;
+            }
+            State::Paused(p) => {
+                let root = p.root().to_owned();
+                if let Err(e) = p.remove() {
+                    tracing::warn!(sandbox = %id, error = %e, "remove paused sandbox");
+                    let _ = std::fs::remove_dir_all(root);
+                }
+            }
+            State::Busy => {}
+        }
+        self.forget(id);
+        Ok(())
+    }
+
+    async fn pause(&self, id: &str) -> Result<(), RpcError> {
+        let State::Running(sb) = self.take(id, |s| matches!(s, State::Running(_)))? else {
+            return Err(RpcError::WrongState {
+                id: id.to_owned(),
+                state: "busy",
+            });
+        };
+        match sb.pause(&self.deadlines).await {
+            Ok((paused, lease, t)) => {
+                tracing::info!(sandbox = %id, total = ?t.total, "paused");
+                self.slots.release(lease).await;
+                self.put(id, State::Paused(Box::new(paused)));
+                Ok(())
+            }
+            Err(PauseError::StillRunning { error, sandbox }) => {
+                self.put(id, State::Running(sandbox));
+                Err(RpcError::Sandbox {
+                    what: "pause",
+                    error: Box::new(error),
+                })
+            }
+            Err(PauseError::Lost { error, net }) => {
+                self.slots.release(net).await;
+                self.forget(id);
+                Err(RpcError::Sandbox {
+                    what: "pause (sandbox lost)",
+                    error: Box::new(error),
+                })
+            }
+        }
+    }
+
+    async fn resume(&self, req: ResumeRequest) -> Result<ResumeResponse, RpcError> {
+        let id = req.sandbox_id.as_str();
+        let State::Paused(paused) = self.take(id, |s| matches!(s, State::Paused(_)))? else {
+            return Err(RpcError::WrongState {
+                id: id.to_owned(),
+                state: "busy",
+            });
+        };
+        let lease = match self.slots.acquire().await {
+            Ok(l) => l,
+            Err(e) => {
+                self.put(id, State::Paused(paused));
+                return Err(e.into());
+            }
+        };
+        let mut paused = paused;
+        if !req.envd_access_token.is_empty() || !req.env_vars.is_empty() {
+            let mut init = paused.manifest().init.clone();
+            if !req.envd_access_token.is_empty() {
+                init.access_token = Some(req.envd_access_token.clone());
+            }
+            init.env_vars.extend(req.env_vars.clone());
+            paused.set_init(init);
+        }
+        let keep = paused.clone();
+        match (*paused).resume(lease, &self.deadlines).await {
+            Ok((sb, t)) => {
+                tracing::info!(sandbox = %id, total = ?t.total, "resumed");
+                if let Some(e) = lock(&self.sandboxes).get_mut(id) {
+                    e.state = State::Running(Box::new(sb));
+                    if req.backstop_unix_ms > 0 {
+                        e.meta.backstop_unix_ms = req.backstop_unix_ms;
+                    }
+                }
+                Ok(ResumeResponse {
+                    sandbox: self.status_of(id),
+                })
+            }
+            Err(Failed { error, net }) => {
+                self.slots.release(net).await;
+                // Still resumable if its files still verify (the guest never ran).
+                match PausedSandbox::open(keep.root()) {
+                    Ok(p) => self.put(id, State::Paused(Box::new(p))),
+                    Err(_) => self.forget(id),
+                }
+                Err(RpcError::Sandbox {
+                    what: "resume",
+                    error: Box::new(error),
+                })
+            }
+        }
+    }
+
+    fn set_timeout(&self, req: &SetTimeoutRequest) -> Result<SetTimeoutResponse, RpcError> {
+        let mut map = lock(&self.sandboxes);
+        let e = map
+            .get_mut(&req.sandbox_id)
+            .ok_or_else(|| RpcError::SandboxNotFound(req.sandbox_id.clone()))?;
+        e.meta.backstop_unix_ms = req.backstop_unix_ms;
+        Ok(SetTimeoutResponse {})
+    }
+
+    fn host_info(&self) -> HostInfoResponse {
+        let vcpus_total = std::thread::available_parallelism()
+            .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
+        let (mut vcpus_used, mut memory_mb_used, mut sandboxes) = (0u32, 0u64, 0u32);
+        for e in lock(&self.sandboxes).values() {
+            sandboxes += 1;
+            if !matches!(e.state, State::Paused(_)) {
+                vcpus_used += e.meta.vcpus;
+                memory_mb_used += e.meta.memory_mb;
+            }
+        }
+        let template_envd_versions = lock(&self.templates)
+            .iter()
+            .map(|(id, t)| (id.clone(), t.envd_version.clone()))
+            .collect();
+        HostInfoResponse {
+            host_id: self.host_id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            vcpus_total,
+            vcpus_used,
+            memory_mb_total: mem_total_mb(),
+            memory_mb_used,
+            sandboxes,
+            max_sandboxes: self.max_sandboxes,
+            proxy_url: self.proxy_url.clone(),
+            template_envd_versions,
+        }
+    }
+
+    /// Sandboxes whose backstop passed (and that no operation holds), with whether to pause
+    /// (auto_pause and running) rather than kill them.
+    fn overdue(&self, now: i64) -> Vec<(String, bool)> {
+        lock(&self.sandboxes)
+            .iter()
+            .filter(|(_, e)| {
+                e.meta.backstop_unix_ms > 0
+                    && e.meta.backstop_unix_ms <= now
+                    && !matches!(e.state, State::Busy)
+            })
+            .map(|(id, e)| {
+                let pause = e.meta.auto_pause && matches!(e.state, State::Running(_));
+                (id.clone(), pause)
+            })
+            .collect()
+    }
+
+    /// Acts on one sandbox past its backstop.
+    async fn expire(&self, id: &str, pause: bool) -> Result<(), RpcError> {
+        if !pause {
+            return self.kill(id).await;
+        }
+        self.pause(id).await?;
+        // Paused: nothing runs any more, so the backstop has done its job.
+        if let Some(e) = lock(&self.sandboxes).get_mut(id) {
+            e.meta.backstop_unix_ms = 0;
+        }
+        Ok(())
+    }
+}
+
+/// Kills (or, with auto_pause, pauses) sandboxes past their backstop: the control plane should have acted first, so this
+/// only guards against it being gone.
+async fn reaper(agent: Weak<Agent>) {
+    let mut tick = tokio::time::interval(REAP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(agent) = agent.upgrade() else {
+            return;
+        };
+        for (id, pause) in agent.overdue(now_ms()) {
+            tracing::warn!(sandbox = %id, pause, "backstop deadline passed");
+            if let Err(e) = agent.expire(&id, pause).await {
+                tracing::warn!(sandbox = %id, error = %e, "backstop");
+            }
+        }
+    }
+}
+
+/// Host memory in MiB (`MemTotal` of /proc/meminfo), 0 if unknown.
+fn mem_total_mb() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
+}
