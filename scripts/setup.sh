@@ -12,7 +12,7 @@ sudo_if_needed bash .ci/install-deps.sh
 
 echo "==> building"
 cargo build --release --workspace --bins
+scripts/build-guest-envd.sh
 
 echo
-echo "Built: target/release/envd"
-echo "Next: scripts/test.sh runs the tests."
+echo "Built: target/release/wrenn, target/release/envd and the guest envd."

@@ -38,3 +38,15 @@ echo "==> official E2B SDK tests"
 if command -v node >/dev/null; then
   node --test tests/sdk/
 fi
+
+if [ "${WRENN_VM_TESTS:-0}" = 1 ]; then
+  # The end-to-end suite: a real `wrenn up` (QEMU guests running our envd) driven by the
+  # official Python SDK, and the JS SDK from inside the same run (tests/e2e/test_js_sdk.py).
+  cargo build -p wrenn
+  echo "==> end-to-end: wrenn up on SQLite + official E2B SDKs"
+  .venv/bin/python -m pytest tests/e2e -q -p no:cacheprovider
+  if [ -n "${WRENN_TEST_POSTGRES_URL:-}" ]; then
+    echo "==> end-to-end: wrenn up on PostgreSQL + official E2B SDKs"
+    WRENN_E2E_DATABASE=postgres .venv/bin/python -m pytest tests/e2e -q -p no:cacheprovider
+  fi
+fi

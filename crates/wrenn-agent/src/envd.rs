@@ -47,6 +47,8 @@ pub enum EnvdError {
 pub struct EnvdClient {
     http: reqwest::Client,
     addr: SocketAddr,
+    /// Sent as `X-Access-Token` once the guest has one (envd then requires it).
+    access_token: Option<String>,
 }
 
 impl EnvdClient {
@@ -58,7 +60,17 @@ impl EnvdClient {
             .pool_max_idle_per_host(0)
             .build()
             .unwrap_or_default();
-        Self { http, addr }
+        Self {
+            http,
+            addr,
+            access_token: None,
+        }
+    }
+
+    /// The same client, authenticating with `token` (what `/init` gave the guest).
+    pub fn with_access_token(mut self, token: Option<String>) -> Self {
+        self.access_token = token;
+        self
     }
 
     /// The base URL, `http://<addr>`.
@@ -109,6 +121,9 @@ impl EnvdClient {
             .timeout(timeout);
         if let Some(body) = body {
             req = req.json(body);
+        }
+        if let Some(token) = &self.access_token {
+            req = req.header("x-access-token", token);
         }
         let resp = req
             .send()

@@ -2,17 +2,20 @@
 //! images ([`image`]), QEMU VMs ([`vm`]), template snapshots and restores ([`snapshot`]),
 //! network slots ([`slot`]) and the envd lifecycle client ([`envd`]); per-slot metadata
 //! endpoints ([`metadata`]), slot and pre-started QEMU pools ([`pool`]), and on-disk VM records
-//! for crash recovery ([`state`]).
+//! for crash recovery ([`state`]); the traffic proxy into sandboxes ([`proxy`]).
 
 pub mod accel;
 pub mod envd;
 pub mod image;
 pub mod memdiff;
 pub mod metadata;
+pub mod observe;
 pub mod pool;
+pub mod proxy;
 pub mod rpc;
 pub mod sandbox;
 pub mod slot;
 pub mod snapshot;
 pub mod state;
+pub mod template;
 pub mod vm;

@@ -13,9 +13,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use wrenn_agent_proto::paths;
 use wrenn_agent_proto::v1::{
     CreateRequest, CreateResponse, HostInfoRequest, HostInfoResponse, KillRequest, KillResponse,
-    ListRequest, ListResponse, LogEntry, LogsRequest, MetricsRequest, MetricsResponse,
-    PauseRequest, PauseResponse, ResumeRequest, ResumeResponse, SandboxState, SandboxStatus,
-    SetTimeoutRequest, SetTimeoutResponse, SnapshotRequest, SnapshotResponse,
+    ListRequest, ListResponse, LogEntry, LogsRequest, MetricsRequest, PauseRequest, PauseResponse,
+    ResumeRequest, ResumeResponse, SandboxState, SandboxStatus, SetTimeoutRequest,
+    SetTimeoutResponse, SnapshotRequest, SnapshotResponse,
 };
 use wrenn_connect::{BoxStream, ConnectError, RpcRouter};
 
@@ -27,6 +27,8 @@ use crate::snapshot::Snapshot;
 
 /// How often the backstop reaper looks for sandboxes past their deadline.
 const REAP_INTERVAL: Duration = Duration::from_secs(1);
+/// The agent's record of a sandbox ([`Meta`]) inside its directory.
+pub const META_FILE: &str = "agent-meta.json";
 
 /// Why an RPC failed; mapped to a Connect code in [`RpcError::into_connect`] only.
 #[derive(Debug, thiserror::Error)]
@@ -94,9 +96,13 @@ struct Template {
     envd_version: String,
 }
 
-/// What the agent keeps about a sandbox besides its VM.
-#[derive(Debug, Clone)]
+/// What the agent keeps about a sandbox besides its VM; also saved as [`META_FILE`] in the
+/// sandbox's directory so that a restarted agent can list and resume its paused sandboxes.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Meta {
+    /// The sandbox (its directory may be named otherwise: a warm pool VM's).
+    #[serde(default)]
+    sandbox_id: String,
     template_id: String,
     vcpus: u32,
     memory_mb: u64,
@@ -143,6 +149,8 @@ pub struct Agent {
     deadlines: Deadlines,
     templates: Mutex<HashMap<String, Arc<Template>>>,
     sandboxes: Mutex<HashMap<String, Entry>>,
+    /// Samples and logs for `Metrics` and `Logs`.
+    pub(crate) observe: crate::observe::Observer,
 }
 
 fn now_ms() -> i64 {
@@ -186,6 +194,7 @@ impl Agent {
             deadlines: Deadlines::default(),
             templates: Mutex::new(HashMap::new()),
             sandboxes: Mutex::new(HashMap::new()),
+            observe: crate::observe::Observer::default(),
         }
     }
 
@@ -225,6 +234,14 @@ impl Agent {
         }
     }
 
+    /// Where the host reaches `port` of a running sandbox (the proxy's route into the guest).
+    pub fn guest_endpoint(&self, id: &str, port: u16) -> Option<std::net::SocketAddr> {
+        match &lock(&self.sandboxes).get(id)?.state {
+            State::Running(sb) => Some(sb.net().slot().guest_endpoint(port)),
+            State::Paused(_) | State::Busy => None,
+        }
+    }
+
     /// Kills every sandbox (paused ones deleted too) and frees the pool's slots.
     pub async fn shutdown(&self) {
         let ids: Vec<String> = lock(&self.sandboxes).keys().cloned().collect();
@@ -236,10 +253,42 @@ impl Agent {
         self.slots.shutdown().await;
     }
 
+    /// For a restart: pauses every running sandbox (so it stays resumable from disk, with its
+    /// memory), keeps paused ones, and frees the pool's slots. A sandbox that cannot be paused
+    /// is killed. Returns the IDs paused.
+    pub async fn suspend(&self) -> Vec<String> {
+        // No more creates; the warm pools' waiting QEMUs go with their templates.
+        let templates = std::mem::take(&mut *lock(&self.templates));
+        drop(templates);
+        let running: Vec<String> = lock(&self.sandboxes)
+            .iter()
+            .filter(|(_, e)| matches!(e.state, State::Running(_)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut paused = Vec::new();
+        for id in running {
+            match self.pause(&id).await {
+                Ok(()) => {
+                    self.save_meta(&id);
+                    paused.push(id);
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox = %id, error = %e, "could not pause at shutdown; killing");
+                    if let Err(e) = self.kill(&id).await {
+                        tracing::warn!(sandbox = %id, error = %e, "shutdown kill");
+                    }
+                }
+            }
+        }
+        self.slots.shutdown().await;
+        paused
+    }
+
     /// The Connect router for `AgentService`; also starts the backstop reaper (which ends when
     /// the agent is dropped).
     pub fn router(self: Arc<Self>) -> axum::Router {
         tokio::spawn(reaper(Arc::downgrade(&self)));
+        tokio::spawn(crate::observe::sampler(Arc::downgrade(&self)));
         let a = self;
         let (a1, a2, a3, a4, a5, a6, a7) = (
             a.clone(),
@@ -289,11 +338,23 @@ impl Agent {
                 let a = a7.clone();
                 async move { Ok::<_, ConnectError>(a.host_info()) }
             })
-            .unary(paths::METRICS, |_ctx, _req: MetricsRequest| async {
-                Err::<MetricsResponse, _>(RpcError::Unimplemented("Metrics").into_connect())
+            .unary(paths::METRICS, {
+                let a = a.clone();
+                move |_ctx, req: MetricsRequest| {
+                    let a = a.clone();
+                    async move { a.metrics(&req).await.map_err(RpcError::into_connect) }
+                }
             })
-            .server_stream(paths::LOGS, |_ctx, _req: LogsRequest| async {
-                Err::<BoxStream<LogEntry>, _>(RpcError::Unimplemented("Logs").into_connect())
+            .server_stream(paths::LOGS, {
+                let a = a.clone();
+                move |_ctx, req: LogsRequest| {
+                    let a = a.clone();
+                    async move {
+                        let entries = a.logs(&req).map_err(RpcError::into_connect)?;
+                        let stream = futures::stream::iter(entries.into_iter().map(Ok));
+                        Ok::<_, ConnectError>(Box::pin(stream) as BoxStream<LogEntry>)
+                    }
+                }
             })
             .unary(paths::SNAPSHOT, |_ctx, _req: SnapshotRequest| async {
                 Err::<SnapshotResponse, _>(RpcError::Unimplemented("Snapshot").into_connect())
@@ -344,8 +405,135 @@ impl Agent {
         }
     }
 
+    /// For [`crate::observe`]: `id`'s envd and console if it is running, `None` if it is
+    /// paused or busy.
+    pub(crate) fn observe_target(
+        &self,
+        id: &str,
+    ) -> Result<Option<crate::observe::Target>, RpcError> {
+        let map = lock(&self.sandboxes);
+        let e = map
+            .get(id)
+            .ok_or_else(|| RpcError::SandboxNotFound(id.to_owned()))?;
+        Ok(match &e.state {
+            State::Running(sb) => Some(crate::observe::Target::of(id, sb)),
+            State::Paused(_) | State::Busy => None,
+        })
+    }
+
+    /// For the sampler: every sandbox ID, and the running sandboxes' envd and console.
+    pub(crate) fn observe_targets(
+        &self,
+    ) -> (
+        std::collections::HashSet<String>,
+        Vec<crate::observe::Target>,
+    ) {
+        let map = lock(&self.sandboxes);
+        let running = map
+            .iter()
+            .filter_map(|(id, e)| match &e.state {
+                State::Running(sb) => Some(crate::observe::Target::of(id, sb)),
+                State::Paused(_) | State::Busy => None,
+            })
+            .collect();
+        (map.keys().cloned().collect(), running)
+    }
+
     fn forget(&self, id: &str) {
         lock(&self.sandboxes).remove(id);
+        self.observe.forget(id);
+    }
+
+    /// Writes the sandbox's [`Meta`] into its directory (atomically); failures are logged:
+    /// the sandbox works without it, only a restarted agent would see defaults.
+    fn save_meta(&self, id: &str) {
+        let found = lock(&self.sandboxes).get(id).and_then(|e| {
+            let dir = match &e.state {
+                State::Running(sb) => sb.root().to_owned(),
+                State::Paused(p) => p.root().to_owned(),
+                State::Busy => return None,
+            };
+            Some((e.meta.clone(), dir))
+        });
+        let Some((meta, dir)) = found else {
+            return;
+        };
+        let write = || -> std::io::Result<()> {
+            let tmp = dir.join(format!("{META_FILE}.tmp"));
+            std::fs::write(&tmp, serde_json::to_vec_pretty(&meta)?)?;
+            std::fs::rename(&tmp, dir.join(META_FILE))
+        };
+        if let Err(e) = write() {
+            tracing::warn!(sandbox = %id, error = %e, "could not save the sandbox's agent record");
+        }
+    }
+
+    /// Takes over paused sandboxes found on disk by [`crate::state::scan`] after a restart.
+    /// Sandboxes whose files do not verify are left out (and reported); returns the IDs taken.
+    pub fn load_paused(&self, found: &[crate::state::PausedVm]) -> Vec<String> {
+        let mut loaded = Vec::new();
+        for p in found {
+            if p.dir.parent() != Some(self.root.as_path()) {
+                tracing::warn!(dir = %p.dir.display(), "paused sandbox outside the agent's root");
+                continue;
+            }
+            let paused = match PausedSandbox::open(&p.dir) {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(dir = %p.dir.display(), error = %e, "paused sandbox cannot be loaded");
+                    continue;
+                }
+            };
+            let saved = std::fs::read(p.dir.join(META_FILE))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Meta>(&b).ok());
+            // The ID is in the agent's record; a directory without one is named after it.
+            let id = match &saved {
+                Some(m) if !m.sandbox_id.is_empty() => m.sandbox_id.clone(),
+                _ => p
+                    .dir
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default()
+                    .to_owned(),
+            };
+            if check_id(&id).is_err() {
+                tracing::warn!(dir = %p.dir.display(), "paused sandbox without a usable ID");
+                continue;
+            }
+            let meta = saved.unwrap_or_else(|| {
+                    let m = paused.manifest();
+                    Meta {
+                        sandbox_id: id.clone(),
+                        template_id: p
+                            .record
+                            .as_ref()
+                            .map(|r| r.template_id.clone())
+                            .unwrap_or_default(),
+                        vcpus: m.spec.vcpus,
+                        memory_mb: u64::from(m.spec.memory_mib),
+                        start_unix_ms: i64::try_from(m.paused_unix)
+                            .unwrap_or(0)
+                            .saturating_mul(1000),
+                        backstop_unix_ms: 0,
+                        auto_pause: false,
+                        envd_version: String::new(),
+                    }
+                });
+            let mut map = lock(&self.sandboxes);
+            if map.contains_key(&id) {
+                continue;
+            }
+            map.insert(
+                id.clone(),
+                Entry {
+                    meta,
+                    state: State::Paused(Box::new(paused)),
+                },
+            );
+            loaded.push(id);
+        }
+        loaded
     }
 
     async fn create(&self, req: CreateRequest) -> Result<CreateResponse, RpcError> {
@@ -360,6 +548,7 @@ impl Agent {
         let id = spec.sandbox_id.clone();
         let m = &template.snapshot.manifest.spec;
         let meta = Meta {
+            sandbox_id: spec.sandbox_id.clone(),
             template_id: spec.template_id.clone(),
             vcpus: m.vcpus,
             memory_mb: u64::from(m.memory_mib),
@@ -393,6 +582,7 @@ impl Agent {
             access_token: Some(spec.envd_access_token).filter(|t| !t.is_empty()),
             ..Default::default()
         };
+        let token = init.access_token.clone();
         let created = Sandbox::create_pooled(
             &template.snapshot,
             template.warm.as_ref(),
@@ -405,7 +595,10 @@ impl Agent {
         match created {
             Ok((sb, t)) => {
                 tracing::info!(sandbox = %id, total = ?t.total, warm = t.warm, "created");
+                let console = sb.vm().console_log();
+                self.observe.started(&id, token, console, "created");
                 self.put(&id, State::Running(Box::new(sb)));
+                self.save_meta(&id);
                 let sandbox = self.status_of(&id);
                 Ok(CreateResponse { sandbox })
             }
@@ -454,9 +647,12 @@ impl Agent {
                 state: "busy",
             });
         };
+        // The VM's console goes with it: read it first.
+        self.observe.catch_up(id);
         match sb.pause(&self.deadlines).await {
             Ok((paused, lease, t)) => {
                 tracing::info!(sandbox = %id, total = ?t.total, "paused");
+                self.observe.paused(id);
                 self.slots.release(lease).await;
                 self.put(id, State::Paused(Box::new(paused)));
                 Ok(())
@@ -507,12 +703,16 @@ impl Agent {
         match (*paused).resume(lease, &self.deadlines).await {
             Ok((sb, t)) => {
                 tracing::info!(sandbox = %id, total = ?t.total, "resumed");
+                let token = keep.manifest().init.access_token.clone();
+                self.observe
+                    .started(id, token, sb.vm().console_log(), "resumed");
                 if let Some(e) = lock(&self.sandboxes).get_mut(id) {
                     e.state = State::Running(Box::new(sb));
                     if req.backstop_unix_ms > 0 {
                         e.meta.backstop_unix_ms = req.backstop_unix_ms;
                     }
                 }
+                self.save_meta(id);
                 Ok(ResumeResponse {
                     sandbox: self.status_of(id),
                 })
@@ -538,6 +738,8 @@ impl Agent {
             .get_mut(&req.sandbox_id)
             .ok_or_else(|| RpcError::SandboxNotFound(req.sandbox_id.clone()))?;
         e.meta.backstop_unix_ms = req.backstop_unix_ms;
+        drop(map);
+        self.save_meta(&req.sandbox_id);
         Ok(SetTimeoutResponse {})
     }
 
@@ -597,6 +799,7 @@ impl Agent {
         if let Some(e) = lock(&self.sandboxes).get_mut(id) {
             e.meta.backstop_unix_ms = 0;
         }
+        self.save_meta(id);
         Ok(())
     }
 }

@@ -424,7 +424,9 @@ impl<N: SandboxNet> Sandbox<N> {
         deadlines: &Deadlines,
     ) -> Result<(PausedSandbox, N, PauseTimings), PauseError<N>> {
         let start = Instant::now();
-        if let Err(e) = self.envd.snapshot_prepare(deadlines.prepare).await {
+        // envd requires the sandbox's access token once `/init` has set one.
+        let envd = (self.envd.clone()).with_access_token(self.init.access_token.clone());
+        if let Err(e) = envd.snapshot_prepare(deadlines.prepare).await {
             // envd may have stopped some of its work: /init restarts it.
             let _ = self.reinit(deadlines).await;
             return Err(PauseError::StillRunning {

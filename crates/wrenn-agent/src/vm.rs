@@ -162,8 +162,11 @@ impl Vm {
         let dir = &launch.dir;
         std::fs::create_dir_all(dir).map_err(VmError::io("create", dir))?;
         let mut cmd = tokio::process::Command::new("qemu-system-x86_64");
+        // Its own process group: a Ctrl-C in the agent's terminal goes to the agent, which
+        // then pauses or stops its VMs in order, instead of killing every QEMU at once.
         cmd.args(qemu_args(&launch))
             .stdin(Stdio::null())
+            .process_group(0)
             .kill_on_drop(true);
         let log_path = dir.join("qemu.log");
         let log = std::fs::File::create(&log_path).map_err(VmError::io("create", &log_path))?;

@@ -4,9 +4,12 @@
 //! close on request.
 //!
 //! Every HTTP server of Wrenn (envd, the control plane, the agent) serves connections through
-//! [`serve_connection`], so hung or idle peers cannot hold tasks forever.
+//! [`serve_connection`], so hung or idle peers cannot hold tasks forever. Its proxies forward
+//! requests with [`forward`].
 
 #![forbid(unsafe_code)]
+
+pub mod forward;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -17,4 +17,4 @@ pub mod tokens;
 pub use config::Config;
 pub use error::ApiError;
 pub use http::{HEADER_READ_TIMEOUT, IDLE_TIMEOUT, app, serve, serve_with_idle};
-pub use service::ControlPlane;
+pub use service::{ControlPlane, Reconciled};

@@ -11,13 +11,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use http::{HeaderName, HeaderValue, StatusCode, header};
+use wrenn_http::forward::{self, ForwardError, HttpClient};
 
 use crate::service::ControlPlane;
 
@@ -25,6 +22,8 @@ use crate::service::ControlPlane;
 pub(crate) const ENVD_PORT: u16 = 49983;
 const SANDBOX_ID_HEADER: &str = "e2b-sandbox-id";
 const SANDBOX_PORT_HEADER: &str = "e2b-sandbox-port";
+/// Agents are on a local network: one that does not accept within this time is down.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How a request names its sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,18 +78,14 @@ pub(crate) fn classify(req: &Request, domain: Option<&str>) -> Option<Route> {
 /// Forwards requests to agent proxies.
 #[derive(Clone)]
 pub(crate) struct Proxy {
-    client: Client<HttpConnector, Body>,
+    client: HttpClient,
 }
 
 impl Proxy {
     pub(crate) fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
-        Proxy { client }
+        Proxy {
+            client: forward::client(CONNECT_TIMEOUT),
+        }
     }
 
     pub(crate) async fn handle(
@@ -124,65 +119,30 @@ impl Proxy {
             .await
     }
 
-    async fn forward(&self, id: &str, port: u16, base: &str, req: Request) -> Response {
-        let (mut parts, body) = req.into_parts();
-        let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
-        let upgrade = upgrade_protocol(&parts.headers);
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri = match format!("{}{}", base.trim_end_matches('/'), path).parse() {
-            Ok(u) => u,
-            Err(_) => return bad_gateway(id, format!("Bad proxy address for sandbox {id}")),
+    async fn forward(&self, id: &str, port: u16, base: &str, mut req: Request) -> Response {
+        // The agent proxy routes by the same headers, so it needs no state from us.
+        let Ok(id_value) = HeaderValue::from_str(id) else {
+            return not_found(id);
         };
-        let mut headers = parts.headers;
-        strip_hop_by_hop(&mut headers);
-        headers.remove(header::HOST);
-        if let Some(proto) = &upgrade {
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            headers.insert(header::UPGRADE, proto.clone());
-        }
-        headers.insert(
-            HeaderName::from_static(SANDBOX_ID_HEADER),
-            HeaderValue::from_str(id).expect("IDs are ASCII"),
-        );
+        let headers = req.headers_mut();
+        headers.insert(HeaderName::from_static(SANDBOX_ID_HEADER), id_value);
         headers.insert(
             HeaderName::from_static(SANDBOX_PORT_HEADER),
             HeaderValue::from(port),
         );
-        let mut out = http::Request::new(body);
-        *out.method_mut() = parts.method;
-        *out.uri_mut() = uri;
-        *out.headers_mut() = headers;
-
-        let mut resp = match self.client.request(out).await {
-            Ok(r) => r,
+        match forward::forward(&self.client, base, req).await {
+            Ok(resp) => resp,
+            Err(ForwardError::BadTarget(_)) => {
+                bad_gateway(id, format!("Bad proxy address for sandbox {id}"))
+            }
+            Err(ForwardError::NotUpgradable) => {
+                bad_gateway(id, "Upgrade is not possible on this connection".to_owned())
+            }
             Err(e) => {
                 tracing::warn!(sandbox_id = %id, error = %e, "host proxy unreachable");
-                return bad_gateway(id, format!("The host of sandbox {id} is unreachable"));
+                bad_gateway(id, format!("The host of sandbox {id} is unreachable"))
             }
-        };
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let Some(client_side) = on_upgrade else {
-                return bad_gateway(id, "Upgrade is not possible on this connection".to_owned());
-            };
-            let backend_side = hyper::upgrade::on(&mut resp);
-            let sid = id.to_owned();
-            tokio::spawn(async move {
-                match tokio::try_join!(client_side, backend_side) {
-                    Ok((a, b)) => {
-                        let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
-                        if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
-                            tracing::debug!(sandbox_id = %sid, error = %e, "upgraded connection ended");
-                        }
-                    }
-                    Err(e) => tracing::debug!(sandbox_id = %sid, error = %e, "upgrade failed"),
-                }
-            });
-            let (parts, _) = resp.into_parts();
-            return Response::from_parts(parts, Body::empty());
         }
-        let (mut parts, body) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        Response::from_parts(parts, Body::new(body))
     }
 }
 
@@ -227,47 +187,6 @@ async fn signed_sandbox(
     }
 }
 
-fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
-    let wants = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-        });
-    if wants {
-        headers.get(header::UPGRADE).cloned()
-    } else {
-        None
-    }
-}
-
-/// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
-    }
-    for name in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ] {
-        headers.remove(name);
-    }
-}
-
 /// The SDKs read "was not found" in a 502 as "the sandbox is not running".
 fn not_found(id: &str) -> Response {
     let message = if id.is_empty() {
@@ -286,6 +205,7 @@ fn bad_gateway(id: &str, message: String) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::body::Body;
 
     fn req(uri: &str, headers: &[(&str, &str)]) -> Request {
         let mut b = http::Request::builder().uri(uri);
@@ -342,20 +262,5 @@ mod tests {
         assert_eq!(classify(&req("/files?path=/a", &[]), d), None);
         assert_eq!(classify(&req("/health", &[]), d), None);
         assert_eq!(classify(&req("/v2/sandboxes", &[]), d), None);
-    }
-
-    #[test]
-    fn hop_by_hop_headers_are_removed() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            "connection",
-            HeaderValue::from_static("keep-alive, x-private"),
-        );
-        h.insert("x-private", HeaderValue::from_static("1"));
-        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
-        h.insert("x-access-token", HeaderValue::from_static("t"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1, "{h:?}");
-        assert!(h.contains_key("x-access-token"));
     }
 }

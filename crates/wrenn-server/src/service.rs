@@ -32,6 +32,17 @@ use crate::store::{
 };
 use crate::tokens;
 
+/// What [`ControlPlane::reconcile_host`] changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Records whose state was corrected (running or paused).
+    pub changed: Vec<String>,
+    /// Records of sandboxes the host no longer has, now killed.
+    pub lost: Vec<String>,
+    /// Sandboxes on the host without a live record, killed there.
+    pub orphans: Vec<String>,
+}
+
 /// The control plane's shared state.
 pub struct ControlPlane {
     pub(crate) config: Config,
@@ -888,6 +899,58 @@ impl ControlPlane {
             })
             .flatten();
         Ok((page.iter().map(snapshot_info).collect(), next))
+    }
+
+    /// Brings our records of `host` in line with what its agent holds (after either of them
+    /// restarted): a sandbox the agent runs or keeps paused takes that state; one the agent
+    /// does not know is killed (its VM is gone); one the agent holds that we do not know (or
+    /// think killed) is killed on the agent.
+    pub async fn reconcile_host(&self, host_id: &str) -> Result<Reconciled, ApiError> {
+        let hid = HostId::parse(host_id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let host = self
+            .store
+            .get_host(&hid)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("Host \"{host_id}\" not found")))?;
+        let client = self.client_for(&host)?;
+        let listed = client
+            .list(agent::ListRequest {})
+            .await
+            .map_err(|e| ApiError::agent(format!("list sandboxes of host {hid}"), e))?;
+        let mut on_agent: HashMap<String, agent::SandboxState> = listed
+            .sandboxes
+            .iter()
+            .map(|s| {
+                let st = agent::SandboxState::try_from(s.state)
+                    .unwrap_or(agent::SandboxState::Unspecified);
+                (s.sandbox_id.clone(), st)
+            })
+            .collect();
+        let mut done = Reconciled::default();
+        for rec in self.store.live_on_host(&hid).await? {
+            let _guard = self.lock(&rec.id).await;
+            let want = match on_agent.remove(rec.id.as_str()) {
+                Some(agent::SandboxState::Paused) => SandboxState::Paused,
+                Some(_) => SandboxState::Running,
+                None => SandboxState::Killed,
+            };
+            if rec.state != want {
+                self.store.set_state(&rec.id, want, now()).await?;
+                tracing::info!(sandbox_id = %rec.id, from = ?rec.state, to = ?want, "reconciled");
+                match want {
+                    SandboxState::Killed => done.lost.push(rec.id.to_string()),
+                    _ => done.changed.push(rec.id.to_string()),
+                }
+            }
+        }
+        for id in on_agent.into_keys() {
+            tracing::warn!(sandbox_id = %id, host = %hid, "unknown sandbox on the host; killing it");
+            if let Err(e) = client.kill(agent::KillRequest { sandbox_id: id.clone() }).await {
+                tracing::warn!(sandbox_id = %id, error = %e.message, "kill unknown sandbox");
+            }
+            done.orphans.push(id);
+        }
+        Ok(done)
     }
 
     // Reaper and proxy support.

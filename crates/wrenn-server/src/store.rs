@@ -487,6 +487,28 @@ impl Store {
         rows.iter().map(sandbox_from_row).collect()
     }
 
+    /// The sandboxes a host holds by our records (everything but killed).
+    pub async fn live_on_host(&self, host: &HostId) -> Result<Vec<SandboxRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE host_id = $1 AND state <> 'killed'"
+        ))
+        .bind(host.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(sandbox_from_row).collect()
+    }
+
+    /// Sets a sandbox's state whatever it was (reconciliation with what an agent reports).
+    pub async fn set_state(&self, id: &SandboxId, to: SandboxState, now: UnixMillis) -> Result<()> {
+        sqlx::query("UPDATE sandboxes SET state = $1, updated_at = $2 WHERE id = $3")
+            .bind(to.as_str())
+            .bind(now.0)
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Every running sandbox (the proxy's search for the owner of a signed URL).
     pub async fn running(&self) -> Result<Vec<SandboxRecord>> {
         let rows = sqlx::query(&format!(

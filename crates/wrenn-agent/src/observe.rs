@@ -1,0 +1,732 @@
+//! What the agent remembers about each sandbox for the `Metrics` and `Logs` RPCs: resource
+//! samples taken from envd's `GET /metrics` every [`SAMPLE_INTERVAL`] (a bounded ring, the last
+//! hour), and a bounded log of the guest's serial console lines and the agent's lifecycle events
+//! (created, paused, resumed).
+//!
+//! One sampler task per agent ([`sampler`]) samples every running sandbox and tails its console.
+//! Everything is in memory: an agent restart forgets it, as it forgets nothing else that matters
+//! (samples are advisory). The [`Observer`] lock is never held across an await, and is only ever
+//! taken after (never while holding) the agent's sandboxes lock.
+//!
+//! Timestamps are the host's clock, never the guest's: a restored guest runs on the snapshot's
+//! clock until `/init` sets it. A console line is stamped when the agent reads it (at most one
+//! sample interval late, or at a `Logs` call, which reads the console first).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+use wrenn_agent_proto::v1::{LogEntry, LogsRequest, MetricSample, MetricsRequest, MetricsResponse};
+
+use crate::rpc::{Agent, RpcError};
+use crate::sandbox::{Sandbox, SandboxNet};
+
+/// How often each running sandbox is sampled (and its console read).
+pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+/// Samples kept per sandbox: one hour at [`SAMPLE_INTERVAL`].
+const MAX_SAMPLES: usize = 720;
+/// Log entries kept per sandbox (the RPC's maximum page is [`MAX_LOG_LIMIT`]).
+const MAX_LOG_ENTRIES: usize = 2000;
+/// Entries a `Logs` call returns when it names no limit.
+const DEFAULT_LOG_LIMIT: u32 = 100;
+/// The most entries one `Logs` call returns.
+const MAX_LOG_LIMIT: u32 = 1000;
+/// One `/metrics` request; a TCG guest under load answers in well under a second.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
+/// The most console bytes read at once; a guest flooding its console loses the older part.
+const MAX_CONSOLE_READ: u64 = 256 * 1024;
+/// Longer console lines are cut (a line without a newline is flushed at this length too).
+const MAX_LINE: usize = 4096;
+/// `envd` wants the sandbox's token on everything but `/health` and `/init`.
+const ACCESS_TOKEN_HEADER: &str = "X-Access-Token";
+
+/// Why a sample could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum ObserveError {
+    /// The request failed.
+    #[error("GET /metrics")]
+    Request(#[from] reqwest::Error),
+    /// envd answered with an error status.
+    #[error("GET /metrics answered {0}")]
+    Status(u16),
+}
+
+/// Where a running sandbox's envd is (its console path is given to [`Observer::started`]).
+#[derive(Debug, Clone)]
+pub struct Target {
+    id: String,
+    envd_url: String,
+}
+
+impl Target {
+    /// The target of a running sandbox.
+    pub fn of<N: SandboxNet>(id: &str, sb: &Sandbox<N>) -> Self {
+        Self {
+            id: id.to_owned(),
+            envd_url: sb.envd().base_url(),
+        }
+    }
+}
+
+/// The per-sandbox samples and logs of an agent.
+#[derive(Debug)]
+pub struct Observer {
+    http: reqwest::Client,
+    next_generation: AtomicU64,
+    sandboxes: Mutex<HashMap<String, Observed>>,
+}
+
+impl Default for Observer {
+    fn default() -> Self {
+        // Never through a proxy from the environment, and no pooled connections: a slot's
+        // address is another guest after a pause.
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap_or_default();
+        Self {
+            http,
+            next_generation: AtomicU64::new(1),
+            sandboxes: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// A bounded FIFO: pushing onto a full ring drops the oldest item.
+#[derive(Debug)]
+struct Ring<T> {
+    items: VecDeque<T>,
+    cap: usize,
+}
+
+impl<T> Ring<T> {
+    fn new(cap: usize) -> Self {
+        Self {
+            items: VecDeque::new(),
+            cap,
+        }
+    }
+
+    fn push(&mut self, item: T) {
+        if self.items.len() >= self.cap {
+            self.items.pop_front();
+        }
+        self.items.push_back(item);
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &T> {
+        self.items.iter()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
+
+#[derive(Debug)]
+struct Observed {
+    /// Tells a sampler's late result for a killed sandbox from a new one with the same ID.
+    generation: u64,
+    token: Option<String>,
+    samples: Ring<MetricSample>,
+    logs: Ring<LogEntry>,
+    /// The running VM's console; `None` while paused.
+    console: Option<Console>,
+    /// The last log timestamp, so that entries stay ordered when the clock steps back.
+    last_ms: i64,
+}
+
+impl Observed {
+    fn new(generation: u64) -> Self {
+        Self {
+            generation,
+            token: None,
+            samples: Ring::new(MAX_SAMPLES),
+            logs: Ring::new(MAX_LOG_ENTRIES),
+            console: None,
+            last_ms: 0,
+        }
+    }
+
+    fn log(&mut self, message: String, level: &str, source: &str, event: Option<&str>) {
+        let ts = now_ms().max(self.last_ms);
+        self.last_ms = ts;
+        let mut fields = HashMap::from([("source".to_owned(), source.to_owned())]);
+        if let Some(e) = event {
+            fields.insert("event".to_owned(), e.to_owned());
+        }
+        self.logs.push(LogEntry {
+            timestamp_unix_ms: ts,
+            message,
+            level: level.to_owned(),
+            fields,
+        });
+    }
+
+    fn event(&mut self, event: &str) {
+        self.log(format!("sandbox {event}"), "info", "agent", Some(event));
+    }
+
+    /// Reads what the console got since the last call; `flush` also takes a last line
+    /// without a newline (the VM is going away).
+    fn catch_up(&mut self, flush: bool) {
+        let Some(console) = self.console.as_mut() else {
+            return;
+        };
+        let mut lines = match console.read_new() {
+            Ok(lines) => lines,
+            Err(e) => {
+                tracing::debug!(path = %console.path.display(), error = %e, "read console");
+                Vec::new()
+            }
+        };
+        if flush && !console.partial.is_empty() {
+            lines.push(clean_line(&std::mem::take(&mut console.partial)));
+        }
+        for line in lines.into_iter().filter(|l| !l.trim().is_empty()) {
+            let level = level_of(&line);
+            self.log(line, level, "console", None);
+        }
+    }
+}
+
+/// A read position in a VM's serial console file.
+#[derive(Debug)]
+struct Console {
+    path: PathBuf,
+    /// (device, inode) of the file read so far: a new VM writes a new file.
+    file: Option<(u64, u64)>,
+    offset: u64,
+    partial: Vec<u8>,
+}
+
+impl Console {
+    fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            file: None,
+            offset: 0,
+            partial: Vec::new(),
+        }
+    }
+
+    /// The complete lines written since the last call, cleaned of control sequences.
+    fn read_new(&mut self) -> std::io::Result<Vec<String>> {
+        let mut f = match std::fs::File::open(&self.path) {
+            Ok(f) => f,
+            // QEMU creates it at start; nothing written yet.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let meta = f.metadata()?;
+        let file = (meta.dev(), meta.ino());
+        if self.file != Some(file) || meta.len() < self.offset {
+            self.file = Some(file);
+            self.offset = 0;
+            self.partial.clear();
+        }
+        let mut lines = Vec::new();
+        if meta.len() - self.offset > MAX_CONSOLE_READ {
+            let skipped = meta.len() - MAX_CONSOLE_READ - self.offset;
+            lines.push(format!("[{skipped} bytes of console output skipped]"));
+            self.offset = meta.len() - MAX_CONSOLE_READ;
+            self.partial.clear();
+        }
+        f.seek(SeekFrom::Start(self.offset))?;
+        let mut buf = Vec::new();
+        f.take(meta.len() - self.offset).read_to_end(&mut buf)?;
+        self.offset += buf.len() as u64;
+        lines.extend(split_lines(&mut self.partial, &buf));
+        Ok(lines)
+    }
+}
+
+/// Appends `data` to `partial` and takes out every complete line (and over-long pieces).
+fn split_lines(partial: &mut Vec<u8>, data: &[u8]) -> Vec<String> {
+    let mut lines = Vec::new();
+    for &b in data {
+        if b == b'\n' {
+            lines.push(clean_line(partial));
+            partial.clear();
+        } else {
+            partial.push(b);
+            if partial.len() >= MAX_LINE {
+                lines.push(clean_line(partial));
+                partial.clear();
+            }
+        }
+    }
+    lines
+}
+
+/// Lossy UTF-8 without ANSI escape sequences (envd's log lines are colored on a terminal),
+/// carriage returns or other control characters.
+fn clean_line(raw: &[u8]) -> String {
+    let text = String::from_utf8_lossy(raw);
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters... final byte in @..~; other escapes: one more character.
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            } else {
+                chars.next();
+            }
+        } else if c == '\t' || !c.is_control() {
+            out.push(c);
+        }
+    }
+    out.trim_end().to_owned()
+}
+
+/// The level of a console line: envd's `tracing` lines are `<RFC 3339 time> <LEVEL> ...`;
+/// anything else (the kernel, init) is `info`.
+fn level_of(line: &str) -> &'static str {
+    let mut words = line.split_whitespace();
+    let stamped = words
+        .next()
+        .is_some_and(|w| w.starts_with(|c: char| c.is_ascii_digit()) && w.contains(':'));
+    match words.next() {
+        Some("ERROR") if stamped => "error",
+        Some("WARN") if stamped => "warn",
+        Some("DEBUG" | "TRACE") if stamped => "debug",
+        _ => "info",
+    }
+}
+
+/// envd's `/metrics` body (the fields used here; `ts` is the guest's clock and is not used).
+#[derive(Debug, Deserialize)]
+struct EnvdMetrics {
+    cpu_count: u32,
+    cpu_used_pct: f64,
+    mem_total: u64,
+    mem_used: u64,
+    #[serde(default)]
+    mem_cache: u64,
+    disk_used: u64,
+    disk_total: u64,
+}
+
+/// Takes one sample from envd at `envd_url`, stamped with the host's clock.
+async fn fetch(
+    http: &reqwest::Client,
+    envd_url: &str,
+    token: Option<&str>,
+) -> Result<MetricSample, ObserveError> {
+    let mut req = http
+        .get(format!("{envd_url}/metrics"))
+        .timeout(FETCH_TIMEOUT);
+    if let Some(t) = token {
+        req = req.header(ACCESS_TOKEN_HEADER, t);
+    }
+    let resp = req.send().await?;
+    if !resp.status().is_success() {
+        return Err(ObserveError::Status(resp.status().as_u16()));
+    }
+    let m: EnvdMetrics = resp.json().await?;
+    Ok(MetricSample {
+        timestamp_unix_ms: now_ms(),
+        cpu_count: m.cpu_count,
+        cpu_used_pct: m.cpu_used_pct,
+        mem_used: m.mem_used,
+        mem_total: m.mem_total,
+        mem_cache: m.mem_cache,
+        disk_used: m.disk_used,
+        disk_total: m.disk_total,
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Samples in `[start, end]`; 0 leaves that side open.
+fn in_range(samples: &Ring<MetricSample>, start: i64, end: i64) -> Vec<MetricSample> {
+    samples
+        .iter()
+        .filter(|s| s.timestamp_unix_ms >= start && (end <= 0 || s.timestamp_unix_ms <= end))
+        .cloned()
+        .collect()
+}
+
+/// Up to `limit` entries from `start` on, oldest first (0: the default page, capped).
+fn page(logs: &Ring<LogEntry>, start: i64, limit: u32) -> Vec<LogEntry> {
+    let limit = match limit {
+        0 => DEFAULT_LOG_LIMIT,
+        n => n.min(MAX_LOG_LIMIT),
+    };
+    logs.iter()
+        .filter(|e| e.timestamp_unix_ms >= start)
+        .take(limit as usize)
+        .cloned()
+        .collect()
+}
+
+impl Observer {
+    /// A sandbox (re)started in a VM whose console is `console`: remembers the access token
+    /// envd now wants, reads the console (the guest's lines from the start come before the
+    /// event) and logs `event` ("created", "resumed").
+    pub fn started(&self, id: &str, token: Option<String>, console: PathBuf, event: &str) {
+        let mut map = lock(&self.sandboxes);
+        let o = map
+            .entry(id.to_owned())
+            .or_insert_with(|| Observed::new(self.next_generation.fetch_add(1, Ordering::Relaxed)));
+        o.token = token;
+        o.console = Some(Console::new(console));
+        o.catch_up(false);
+        o.event(event);
+    }
+
+    /// Reads the console of a running sandbox (before its VM goes away, or to be current).
+    pub fn catch_up(&self, id: &str) {
+        if let Some(o) = lock(&self.sandboxes).get_mut(id) {
+            o.catch_up(false);
+        }
+    }
+
+    /// The sandbox was paused: its VM, and so its console, is gone.
+    pub fn paused(&self, id: &str) {
+        if let Some(o) = lock(&self.sandboxes).get_mut(id) {
+            o.catch_up(true);
+            o.console = None;
+            o.event("paused");
+        }
+    }
+
+    /// The sandbox is gone: drops everything about it.
+    pub fn forget(&self, id: &str) {
+        lock(&self.sandboxes).remove(id);
+    }
+
+    /// Drops every sandbox not in `ids` (a safety net behind [`Observer::forget`]).
+    fn retain(&self, ids: &HashSet<String>) {
+        lock(&self.sandboxes).retain(|id, _| ids.contains(id));
+    }
+
+    fn token_of(&self, id: &str) -> Option<(u64, Option<String>)> {
+        lock(&self.sandboxes)
+            .get(id)
+            .map(|o| (o.generation, o.token.clone()))
+    }
+
+    /// Stores a sample taken for generation `generation` of `id`, if that is still the one.
+    fn record(&self, id: &str, generation: u64, sample: MetricSample) {
+        if let Some(o) = lock(&self.sandboxes).get_mut(id)
+            && o.generation == generation
+        {
+            o.samples.push(sample);
+        }
+    }
+
+    fn has_samples(&self, id: &str) -> bool {
+        lock(&self.sandboxes)
+            .get(id)
+            .is_some_and(|o| !o.samples.is_empty())
+    }
+
+    fn samples(&self, id: &str, start: i64, end: i64) -> Vec<MetricSample> {
+        lock(&self.sandboxes)
+            .get(id)
+            .map(|o| in_range(&o.samples, start, end))
+            .unwrap_or_default()
+    }
+
+    fn logs(&self, id: &str, start: i64, limit: u32) -> Vec<LogEntry> {
+        lock(&self.sandboxes)
+            .get(id)
+            .map(|o| page(&o.logs, start, limit))
+            .unwrap_or_default()
+    }
+
+    /// Samples `target` now and stores the sample.
+    async fn sample(&self, target: &Target) -> Result<MetricSample, ObserveError> {
+        let Some((generation, token)) = self.token_of(&target.id) else {
+            // Not observed (yet): nothing to store into, but still an answer.
+            return fetch(&self.http, &target.envd_url, None).await;
+        };
+        let s = fetch(&self.http, &target.envd_url, token.as_deref()).await?;
+        self.record(&target.id, generation, s);
+        Ok(s)
+    }
+}
+
+impl Agent {
+    /// `Metrics`: the samples between `start_unix_ms` and `end_unix_ms` (0: open). A running
+    /// sandbox with no sample yet is sampled now, and that sample is returned even past `end`
+    /// (a caller's "until now" is read before the sample is taken). A paused sandbox answers
+    /// with its samples from before the pause.
+    pub(crate) async fn metrics(&self, req: &MetricsRequest) -> Result<MetricsResponse, RpcError> {
+        let target = self.observe_target(&req.sandbox_id)?;
+        if let Some(t) = target
+            && !self.observe.has_samples(&t.id)
+        {
+            match self.observe.sample(&t).await {
+                Ok(s) if s.timestamp_unix_ms >= req.start_unix_ms => {
+                    return Ok(MetricsResponse { samples: vec![s] });
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(sandbox = %t.id, error = ?e, "on-demand sample"),
+            }
+        }
+        Ok(MetricsResponse {
+            samples: self
+                .observe
+                .samples(&req.sandbox_id, req.start_unix_ms, req.end_unix_ms),
+        })
+    }
+
+    /// `Logs`: up to `limit` entries (default 100, at most 1000) from `start_unix_ms` on,
+    /// oldest first: the guest console's lines and the agent's lifecycle events. `follow` is
+    /// not supported: the answer is what is there now (the control plane never follows).
+    pub(crate) fn logs(&self, req: &LogsRequest) -> Result<Vec<LogEntry>, RpcError> {
+        if self.observe_target(&req.sandbox_id)?.is_some() {
+            self.observe.catch_up(&req.sandbox_id);
+        }
+        Ok(self
+            .observe
+            .logs(&req.sandbox_id, req.start_unix_ms, req.limit))
+    }
+}
+
+/// Samples every running sandbox of `agent` each [`SAMPLE_INTERVAL`] and reads its console;
+/// ends when the agent is dropped. Failures are skipped (a sandbox being paused or killed
+/// fails a sample now and then).
+pub(crate) async fn sampler(agent: Weak<Agent>) {
+    let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut fetches = tokio::task::JoinSet::new();
+        {
+            let Some(a) = agent.upgrade() else {
+                return;
+            };
+            let (ids, targets) = a.observe_targets();
+            a.observe.retain(&ids);
+            for t in targets {
+                a.observe.catch_up(&t.id);
+                let Some((generation, token)) = a.observe.token_of(&t.id) else {
+                    continue;
+                };
+                let http = a.observe.http.clone();
+                fetches.spawn(async move {
+                    let r = fetch(&http, &t.envd_url, token.as_deref()).await;
+                    (t.id, generation, r)
+                });
+            }
+            // The agent is not kept alive while the requests run.
+        }
+        while let Some(done) = fetches.join_next().await {
+            let Ok((id, generation, result)) = done else {
+                continue;
+            };
+            match result {
+                Ok(s) => {
+                    if let Some(a) = agent.upgrade() {
+                        a.observe.record(&id, generation, s);
+                    }
+                }
+                Err(e) => tracing::debug!(sandbox = %id, error = ?e, "metrics sample"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(ts: i64) -> MetricSample {
+        MetricSample {
+            timestamp_unix_ms: ts,
+            cpu_count: 1,
+            ..Default::default()
+        }
+    }
+
+    fn entry(ts: i64, msg: &str) -> LogEntry {
+        LogEntry {
+            timestamp_unix_ms: ts,
+            message: msg.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ring_drops_the_oldest() {
+        let mut r = Ring::new(3);
+        for i in 0..5 {
+            r.push(i);
+        }
+        assert_eq!(r.iter().copied().collect::<Vec<_>>(), [2, 3, 4]);
+        let mut big = Ring::new(MAX_SAMPLES);
+        for i in 0..2000 {
+            big.push(sample(i));
+        }
+        assert_eq!(big.items.len(), MAX_SAMPLES);
+        assert_eq!(big.items[0].timestamp_unix_ms, 2000 - MAX_SAMPLES as i64);
+    }
+
+    #[test]
+    fn filters_samples_by_time() {
+        let mut r = Ring::new(10);
+        for ts in [1000, 2000, 3000, 4000] {
+            r.push(sample(ts));
+        }
+        let ts = |v: Vec<MetricSample>| v.iter().map(|s| s.timestamp_unix_ms).collect::<Vec<_>>();
+        assert_eq!(ts(in_range(&r, 0, 0)), [1000, 2000, 3000, 4000]);
+        assert_eq!(ts(in_range(&r, 2000, 3000)), [2000, 3000]);
+        assert_eq!(ts(in_range(&r, 2500, 0)), [3000, 4000]);
+        assert_eq!(ts(in_range(&r, 0, 1500)), [1000]);
+        assert!(in_range(&r, 5000, 0).is_empty());
+    }
+
+    #[test]
+    fn pages_logs() {
+        let mut r = Ring::new(MAX_LOG_ENTRIES);
+        for i in 0..1500 {
+            r.push(entry(i, &format!("line {i}")));
+        }
+        assert_eq!(page(&r, 0, 0).len(), 100);
+        assert_eq!(page(&r, 0, 5000).len(), 1000);
+        let p = page(&r, 1490, 5);
+        assert_eq!(
+            p.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(),
+            [
+                "line 1490",
+                "line 1491",
+                "line 1492",
+                "line 1493",
+                "line 1494"
+            ]
+        );
+        assert!(page(&r, 10_000, 10).is_empty());
+    }
+
+    #[test]
+    fn cleans_console_lines() {
+        assert_eq!(
+            clean_line(b"\x1b[2m2025-01-01T00:00:00Z\x1b[0m \x1b[32m INFO\x1b[0m envd: resumed\r"),
+            "2025-01-01T00:00:00Z  INFO envd: resumed"
+        );
+        assert_eq!(clean_line(b"a\tb\x07c \xff"), "a\tbc \u{fffd}");
+        assert_eq!(level_of("2025-01-01T00:00:00Z  WARN envd: x"), "warn");
+        assert_eq!(level_of("2025-01-01T00:00:00Z ERROR envd: x"), "error");
+        assert_eq!(level_of("[    0.000000] Linux version 6.1"), "info");
+        assert_eq!(level_of("2025-01-01T00:00:00.1Z DEBUG envd: x"), "debug");
+        assert_eq!(level_of("an ERROR said in passing"), "info");
+    }
+
+    #[test]
+    fn splits_partial_lines() {
+        let mut partial = Vec::new();
+        assert_eq!(split_lines(&mut partial, b"one\ntw"), ["one"]);
+        assert_eq!(split_lines(&mut partial, b"o\nthree\n"), ["two", "three"]);
+        assert!(partial.is_empty());
+        let long = vec![b'x'; MAX_LINE + 10];
+        let lines = split_lines(&mut partial, &long);
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0].len(), MAX_LINE);
+        assert_eq!(partial.len(), 10);
+    }
+
+    #[test]
+    fn tails_a_console_file_across_vms() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let mut c = Console::new(path.clone());
+        assert!(c.read_new().unwrap().is_empty(), "no file yet");
+        std::fs::write(&path, "boot 1\nboot 2\npart").unwrap();
+        assert_eq!(c.read_new().unwrap(), ["boot 1", "boot 2"]);
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"ial\nmore\n").unwrap();
+        assert_eq!(c.read_new().unwrap(), ["partial", "more"]);
+        assert!(c.read_new().unwrap().is_empty());
+        // A new VM writes a new file at the same path: read from its start.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, "second vm\n").unwrap();
+        assert_eq!(c.read_new().unwrap(), ["second vm"]);
+        // A flood: only the last part is read, and the skip is said.
+        let flood = "y".repeat(100) + "\n";
+        std::fs::write(dir.path().join("big"), flood.repeat(5000)).unwrap();
+        let mut big = Console::new(dir.path().join("big"));
+        let lines = big.read_new().unwrap();
+        assert!(
+            lines[0].contains("bytes of console output skipped"),
+            "{}",
+            lines[0]
+        );
+        assert!(lines.len() < 2700, "{}", lines.len());
+    }
+
+    #[test]
+    fn observer_logs_events_in_order_and_forgets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        std::fs::write(&path, "guest says hi\n\n").unwrap();
+        let o = Observer::default();
+        o.started("sb", Some("tok".into()), path.clone(), "created");
+        let (generation, token) = o.token_of("sb").unwrap();
+        assert_eq!(token.as_deref(), Some("tok"));
+        std::fs::write(&path, "guest says hi\n\nbye without newline").unwrap();
+        o.paused("sb");
+        let logs = o.logs("sb", 0, 0);
+        let msgs: Vec<&str> = logs.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(
+            msgs,
+            [
+                "guest says hi",
+                "sandbox created",
+                "bye without newline",
+                "sandbox paused"
+            ]
+        );
+        assert_eq!(
+            logs[1].fields.get("event").map(String::as_str),
+            Some("created")
+        );
+        assert_eq!(
+            logs[0].fields.get("source").map(String::as_str),
+            Some("console")
+        );
+        assert!(
+            logs.windows(2)
+                .all(|w| w[0].timestamp_unix_ms <= w[1].timestamp_unix_ms)
+        );
+        // A sample stored for this generation stays; one for an older generation does not.
+        o.record("sb", generation, sample(now_ms()));
+        o.record("sb", generation + 100, sample(now_ms()));
+        assert_eq!(o.samples("sb", 0, 0).len(), 1);
+        // Paused samples survive; forgetting (a kill) drops everything.
+        o.forget("sb");
+        assert!(o.logs("sb", 0, 0).is_empty());
+        assert!(o.samples("sb", 0, 0).is_empty());
+        // A new sandbox with the same ID ignores the old generation's late sample.
+        o.started("sb", None, path, "created");
+        o.record("sb", generation, sample(now_ms()));
+        assert!(!o.has_samples("sb"));
+        o.retain(&HashSet::new());
+        assert!(o.token_of("sb").is_none());
+    }
+}

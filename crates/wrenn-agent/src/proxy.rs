@@ -1,0 +1,169 @@
+//! The agent's traffic proxy: forwards SDK traffic from the edge proxy into sandboxes.
+//!
+//! Each request names its sandbox and guest port in the `E2b-Sandbox-Id` and
+//! `E2b-Sandbox-Port` headers (port default envd's 49983). They are read per request, not per
+//! connection, because the edge proxy and the SDKs share connections between sandboxes. The
+//! request goes to the guest's `169.254.0.21:<port>`, which the host reaches at the slot's
+//! guest endpoint; bodies stream both ways and upgrades (WebSocket) are spliced through.
+//!
+//! Error bodies follow E2B's proxy, whose messages the SDKs read: "was not found" means the
+//! sandbox is not running, "port is not open" that nothing listens on the port.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use wrenn_http::forward::{self, ForwardError, HttpClient};
+
+/// envd's port, used when a request names no port.
+pub const ENVD_PORT: u16 = 49983;
+const SANDBOX_ID_HEADER: &str = "e2b-sandbox-id";
+const SANDBOX_PORT_HEADER: &str = "e2b-sandbox-port";
+/// The guest is on this host: a port that does not accept within this time is as good as closed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the proxy finds sandboxes.
+pub trait Resolve: Send + Sync {
+    /// Where the host reaches `port` of running sandbox `sandbox_id` (`None`: no such running
+    /// sandbox).
+    fn resolve(&self, sandbox_id: &str, port: u16) -> Option<SocketAddr>;
+}
+
+impl Resolve for crate::rpc::Agent {
+    fn resolve(&self, sandbox_id: &str, port: u16) -> Option<SocketAddr> {
+        self.guest_endpoint(sandbox_id, port)
+    }
+}
+
+#[derive(Clone)]
+struct Proxy {
+    resolve: Arc<dyn Resolve>,
+    client: HttpClient,
+}
+
+/// The proxy as an app: every request, whatever its method and path, goes to a sandbox.
+pub fn router(resolve: Arc<dyn Resolve>) -> axum::Router {
+    let proxy = Proxy {
+        resolve,
+        client: forward::client(CONNECT_TIMEOUT),
+    };
+    axum::Router::new().fallback(handle).with_state(proxy)
+}
+
+async fn handle(State(proxy): State<Proxy>, mut req: Request) -> Response {
+    let (id, port) = match route(req.headers()) {
+        Ok(r) => r,
+        Err(message) => return bad_request(message),
+    };
+    let Some(addr) = proxy.resolve.resolve(&id, port) else {
+        return bad_gateway(&id, None, format!("The sandbox {id} was not found"));
+    };
+    // The routing headers are for proxies; the guest's servers do not need them.
+    req.headers_mut().remove(SANDBOX_ID_HEADER);
+    req.headers_mut().remove(SANDBOX_PORT_HEADER);
+    match forward::forward(&proxy.client, &format!("http://{addr}"), req).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::debug!(sandbox_id = %id, port, error = %e, "forwarding into the sandbox failed");
+            let message = match e {
+                ForwardError::Refused(_) => {
+                    "The sandbox is running but port is not open".to_owned()
+                }
+                ForwardError::Connect(_) => format!(
+                    "The sandbox is running but port is not open (no answer on port {port} within {}s)",
+                    CONNECT_TIMEOUT.as_secs()
+                ),
+                ForwardError::Failed(_) => {
+                    format!(
+                        "The sandbox {id} closed the connection on port {port} without answering"
+                    )
+                }
+                ForwardError::NotUpgradable => {
+                    "Upgrade is not possible on this connection".to_owned()
+                }
+                ForwardError::BadTarget(_) => format!("Bad guest address {addr}"),
+            };
+            bad_gateway(&id, Some(port), message)
+        }
+    }
+}
+
+/// The sandbox and port a request is for, or why it names none.
+fn route(headers: &HeaderMap) -> Result<(String, u16), &'static str> {
+    let id = headers
+        .get(SANDBOX_ID_HEADER)
+        .ok_or("Missing header E2b-Sandbox-Id")?
+        .to_str()
+        .map_err(|_| "Invalid sandbox ID")?
+        .trim();
+    if id.is_empty() {
+        return Err("Invalid sandbox ID");
+    }
+    let port = match headers.get(SANDBOX_PORT_HEADER) {
+        None => ENVD_PORT,
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .filter(|&p| p != 0)
+            .ok_or("Invalid sandbox port")?,
+    };
+    Ok((id.to_owned(), port))
+}
+
+fn bad_request(message: &str) -> Response {
+    let body = serde_json::json!({"code": 400, "message": message});
+    (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
+}
+
+fn bad_gateway(id: &str, port: Option<u16>, message: String) -> Response {
+    let mut body = serde_json::json!({"code": 502, "message": message, "sandboxId": id});
+    if let Some(port) = port {
+        body["port"] = port.into();
+    }
+    (StatusCode::BAD_GATEWAY, axum::Json(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn routing_headers() {
+        assert_eq!(
+            route(&headers(&[("e2b-sandbox-id", "abc")])),
+            Ok(("abc".to_owned(), ENVD_PORT))
+        );
+        assert_eq!(
+            route(&headers(&[
+                ("e2b-sandbox-id", " abc "),
+                ("e2b-sandbox-port", "49999")
+            ])),
+            Ok(("abc".to_owned(), 49999))
+        );
+        assert!(route(&headers(&[])).is_err());
+        assert!(route(&headers(&[("e2b-sandbox-id", "")])).is_err());
+        for bad in ["x", "0", "70000", ""] {
+            assert!(
+                route(&headers(&[
+                    ("e2b-sandbox-id", "a"),
+                    ("e2b-sandbox-port", bad)
+                ]))
+                .is_err(),
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! The REST API client: the E2B v2 routes the SDKs use, responses kept as JSON values so a
+//! newer server's extra fields pass through `--json` untouched.
+
+use std::time::Duration;
+
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde_json::Value;
+
+use super::config::Config;
+
+/// How long one API call may take: create and resume boot or restore a VM, which under
+/// emulation takes tens of seconds.
+const CALL_TIMEOUT: Duration = Duration::from_secs(600);
+/// Guards against a server that hands out cursors forever.
+const MAX_PAGES: usize = 10_000;
+
+/// Why an API call failed. The message is what the user sees.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ApiError {
+    #[error("sandbox {0} not found")]
+    SandboxNotFound(String),
+    #[error("{message}{hint}")]
+    Unauthorized { message: String, hint: &'static str },
+    #[error("{message} (HTTP {status})")]
+    Status { status: u16, message: String },
+    #[error("cannot reach the Wrenn API at {url}")]
+    Transport {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("unexpected response from {url}: {what}")]
+    BadResponse { url: String, what: String },
+}
+
+/// A client of one Wrenn API.
+#[derive(Debug, Clone)]
+pub(super) struct Api {
+    http: reqwest::Client,
+    base: String,
+    key: Option<String>,
+}
+
+impl Api {
+    pub(super) fn new(config: &Config) -> anyhow::Result<Api> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(CALL_TIMEOUT)
+            .user_agent(concat!("wrenn-cli/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Api {
+            http,
+            base: config.api_url.clone(),
+            key: config.api_key.clone(),
+        })
+    }
+
+    fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        let req = self.http.request(method, format!("{}{path}", self.base));
+        match &self.key {
+            Some(k) => req.header(wrenn_api::API_KEY_HEADER, k),
+            None => req,
+        }
+    }
+
+    /// Sends `req`; a non-2xx answer becomes an [`ApiError`] (`id` names the sandbox for 404s).
+    async fn send(&self, req: RequestBuilder, id: Option<&str>) -> Result<Response, ApiError> {
+        let resp = req.send().await.map_err(|source| ApiError::Transport {
+            url: self.base.clone(),
+            source,
+        })?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let body = resp.bytes().await.unwrap_or_default();
+        let message = match serde_json::from_slice::<wrenn_api::Error>(&body) {
+            Ok(e) => e.message,
+            Err(_) if body.is_empty() => status.canonical_reason().unwrap_or("").to_owned(),
+            Err(_) => String::from_utf8_lossy(&body).trim().to_owned(),
+        };
+        Err(match (status, id) {
+            (StatusCode::NOT_FOUND, Some(id)) => ApiError::SandboxNotFound(id.to_owned()),
+            (StatusCode::UNAUTHORIZED, _) => ApiError::Unauthorized {
+                message,
+                hint: if self.key.is_none() {
+                    " (no API key: pass --api-key or set E2B_API_KEY; `wrenn up` writes one to \
+                     /var/lib/wrenn/api-key)"
+                } else {
+                    ""
+                },
+            },
+            _ => ApiError::Status {
+                status: status.as_u16(),
+                message,
+            },
+        })
+    }
+
+    async fn json(&self, resp: Response) -> Result<Value, ApiError> {
+        resp.json().await.map_err(|e| ApiError::BadResponse {
+            url: self.base.clone(),
+            what: e.to_string(),
+        })
+    }
+
+    /// `POST /v2/sandboxes`.
+    pub(super) async fn create(&self, body: &wrenn_api::NewSandbox) -> Result<Value, ApiError> {
+        let resp = self
+            .send(self.request(Method::POST, "/v2/sandboxes").json(body), None)
+            .await?;
+        self.json(resp).await
+    }
+
+    /// `GET /v2/sandboxes`, every page (`x-next-token`).
+    pub(super) async fn list(
+        &self,
+        states: &[String],
+        metadata: &[(String, String)],
+        limit: Option<u32>,
+    ) -> Result<Vec<Value>, ApiError> {
+        let mut query: Vec<(&str, String)> = Vec::new();
+        if !states.is_empty() {
+            query.push(("state", states.join(",")));
+        }
+        if !metadata.is_empty() {
+            // The metadata filter is itself a urlencoded `k=v&k2=v2` string, encoded again as
+            // a query value (as the SDKs send it).
+            let inner: Vec<String> = metadata
+                .iter()
+                .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+                .collect();
+            query.push(("metadata", inner.join("&")));
+        }
+        if let Some(l) = limit {
+            query.push(("limit", l.to_string()));
+        }
+        let mut all = Vec::new();
+        let mut token: Option<String> = None;
+        for _ in 0..MAX_PAGES {
+            let mut req = self.request(Method::GET, "/v2/sandboxes").query(&query);
+            if let Some(t) = &token {
+                req = req.query(&[("nextToken", t)]);
+            }
+            let resp = self.send(req, None).await?;
+            let next = resp
+                .headers()
+                .get(wrenn_api::NEXT_TOKEN_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned);
+            match self.json(resp).await? {
+                Value::Array(items) => all.extend(items),
+                other => {
+                    return Err(ApiError::BadResponse {
+                        url: self.base.clone(),
+                        what: format!("expected a list of sandboxes, got {other}"),
+                    });
+                }
+            }
+            if next.is_none() || next == token {
+                return Ok(all);
+            }
+            token = next;
+        }
+        Ok(all)
+    }
+
+    /// `DELETE /sandboxes/{id}`.
+    pub(super) async fn kill(&self, id: &str) -> Result<(), ApiError> {
+        let path = format!("/sandboxes/{}", segment(id)?);
+        self.send(self.request(Method::DELETE, &path), Some(id))
+            .await?;
+        Ok(())
+    }
+
+    /// `POST /sandboxes/{id}/pause`.
+    pub(super) async fn pause(&self, id: &str) -> Result<(), ApiError> {
+        let path = format!("/sandboxes/{}/pause", segment(id)?);
+        let body = wrenn_api::PauseSandbox::default();
+        self.send(self.request(Method::POST, &path).json(&body), Some(id))
+            .await?;
+        Ok(())
+    }
+
+    /// `POST /v2/sandboxes/{id}/connect`: resumes a paused sandbox, extends a running one's
+    /// timeout when one is given. Returns the sandbox and whether it was resumed.
+    pub(super) async fn connect(
+        &self,
+        id: &str,
+        timeout: Option<i64>,
+    ) -> Result<(Value, bool), ApiError> {
+        let path = format!("/v2/sandboxes/{}/connect", segment(id)?);
+        let body = wrenn_api::ConnectSandbox {
+            timeout,
+            memory: None,
+        };
+        let resp = self
+            .send(self.request(Method::POST, &path).json(&body), Some(id))
+            .await?;
+        let resumed = resp.status() == StatusCode::CREATED;
+        Ok((self.json(resp).await?, resumed))
+    }
+
+    /// `GET /sandboxes/{id}`.
+    pub(super) async fn info(&self, id: &str) -> Result<Value, ApiError> {
+        let path = format!("/sandboxes/{}", segment(id)?);
+        let resp = self
+            .send(self.request(Method::GET, &path), Some(id))
+            .await?;
+        self.json(resp).await
+    }
+}
+
+/// An ID as one path segment. `.` and `..` would be resolved away by URL normalization and
+/// reach another route, so they (and the empty ID) are answered locally as not found.
+fn segment(id: &str) -> Result<String, ApiError> {
+    if id.is_empty() || id.bytes().all(|b| b == b'.') {
+        return Err(ApiError::SandboxNotFound(format!("{id:?}")));
+    }
+    Ok(encode(id))
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters: safe as a path segment and
+/// as a form value.
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoding() {
+        assert_eq!(encode("abc-1_2.3~"), "abc-1_2.3~");
+        assert_eq!(encode("a b/&=é"), "a%20b%2F%26%3D%C3%A9");
+        assert_eq!(encode(".."), "..");
+    }
+}

@@ -1,0 +1,34 @@
+//! `wrenn`: thin entry point; the subcommands live in the library.
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "wrenn", version, about = "Wrenn: self-hostable microVM sandboxes, E2B-compatible")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Start the control plane, a host agent and the proxy in one process (SQLite by default).
+    Up(wrenn::up::UpArgs),
+    /// Work with sandboxes through a running Wrenn (create, list, exec, terminal, ...).
+    #[command(alias = "sbx")]
+    Sandbox(wrenn::cli::SandboxArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Up(args) => wrenn::up::run(args),
+        Cmd::Sandbox(args) => wrenn::cli::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,515 @@
+//! `wrenn up`: the control plane, one host agent and the proxy in one process, on embedded
+//! SQLite unless a database URL is given.
+//!
+//! Start-up order matters: the agent first takes the VMs root (an exclusive lock), scans it
+//! and cleans what a previous run left behind (stray QEMU, orphan slots) *before* it creates
+//! slots, so nothing it creates is mistaken for garbage; then the default template is found or
+//! built (a cold boot of the Debian image, minutes on the very first run); then the agent
+//! takes back the paused sandboxes it found, and the control plane reconciles its records with
+//! what the agent holds. On Ctrl-C or SIGTERM the agent pauses every running sandbox to disk,
+//! so a restart loses nothing and `connect` resumes them.
+//!
+//! The agent's RPC and traffic proxy listen on an internal loopback port; the public port
+//! serves the E2B REST API and the sandbox traffic (the edge proxy) together.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use tokio_util::sync::CancellationToken;
+use wrenn_agent::accel::Accel;
+use wrenn_agent::image::debian::{self, DebianImageInputs, ProgressMode};
+use wrenn_agent::image::{self, Kernel};
+use wrenn_agent::pool::{SlotPool, WarmPool};
+use wrenn_agent::rpc::Agent;
+use wrenn_agent::sandbox::Deadlines;
+use wrenn_agent::slot::Slot;
+use wrenn_agent::state::{self, OwnerLock, ScanScope};
+use wrenn_agent::template::{self, TemplateInputs};
+use wrenn_agent::vm::VmSpec;
+use wrenn_server::agents::ConnectConnector;
+use wrenn_server::store::TemplateRecord;
+use wrenn_server::{Config, ControlPlane};
+
+/// The template every E2B SDK asks for by default.
+pub const DEFAULT_TEMPLATE: &str = "base";
+/// The host ID of the agent inside `wrenn up`.
+const LOCAL_HOST: &str = "local";
+
+/// `wrenn up` arguments.
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Where the API and sandbox traffic are served.
+    #[arg(long, env = "WRENN_LISTEN", default_value = "127.0.0.1:3000")]
+    pub listen: SocketAddr,
+    /// The URL printed for clients (default: `http://<listen>`).
+    #[arg(long, env = "WRENN_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// State: database, secrets, templates, sandboxes.
+    #[arg(long, env = "WRENN_STATE_DIR", default_value = "/var/lib/wrenn")]
+    pub state_dir: PathBuf,
+    /// `postgres://...` to use PostgreSQL; default: SQLite in the state directory.
+    #[arg(long, env = "WRENN_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// The static guest envd (default: next to this binary's build, see `scripts/setup.sh`).
+    #[arg(long, env = "WRENN_GUEST_ENVD")]
+    pub envd: Option<PathBuf>,
+    /// The extracted guest kernel (default `/var/cache/wrenn/kernel`).
+    #[arg(long, env = "WRENN_KERNEL_CACHE")]
+    pub kernel_dir: Option<PathBuf>,
+    /// Cache of built images (default `/var/cache/wrenn/images`).
+    #[arg(long, env = "WRENN_IMAGE_CACHE")]
+    pub image_cache: Option<PathBuf>,
+    /// vCPUs of the default template.
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: u32,
+    /// RAM of the default template, MiB.
+    #[arg(long, default_value_t = 512)]
+    pub memory_mib: u32,
+    /// Pre-started QEMU processes kept ready for creates.
+    #[arg(long, default_value_t = 1)]
+    pub warm_pool: usize,
+    /// Most sandboxes (running or paused) on this host.
+    #[arg(long, default_value_t = 64)]
+    pub max_sandboxes: u32,
+    /// First network slot index this agent owns (it owns `--slots` from there).
+    #[arg(long, default_value_t = 30720)]
+    pub first_slot: u32,
+    /// How many slot indices this agent owns.
+    #[arg(long, default_value_t = 2048)]
+    pub slots: u32,
+    /// Serve sandbox ports on `<port>-<sandboxID>.<domain>` host names too.
+    #[arg(long, env = "WRENN_DOMAIN")]
+    pub domain: Option<String>,
+    /// Progress display of the template build: auto, spinner, plain or quiet.
+    #[arg(long, default_value = "auto")]
+    pub progress: String,
+}
+
+/// Runs until interrupted.
+pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
+    init_tracing();
+    if !nix::unistd::geteuid().is_root() {
+        bail!("wrenn up needs root (network namespaces, taps and nftables for the sandboxes)");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    rt.block_on(up(args))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WRENN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,hyper=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let state = args.state_dir.clone();
+    create_private_dir(&state)?;
+    let vms_root = state.join("sandboxes");
+    let templates = state.join("templates");
+    std::fs::create_dir_all(&vms_root).with_context(|| format!("create {}", vms_root.display()))?;
+    std::fs::create_dir_all(&templates)
+        .with_context(|| format!("create {}", templates.display()))?;
+    let secret = read_or_create_secret(&state.join("secret"))?;
+    let admin_token = read_or_create_token(&state.join("admin-token"))?;
+
+    // 1. Own the VMs root, clean what an earlier run left, keep its paused sandboxes.
+    let _owner = OwnerLock::try_acquire(&vms_root)
+        .context("lock the sandboxes directory")?
+        .with_context(|| {
+            format!(
+                "another wrenn process owns {} (is `wrenn up` already running?)",
+                vms_root.display()
+            )
+        })?;
+    let range = args.first_slot..args.first_slot.saturating_add(args.slots);
+    if range.len() < 2 {
+        bail!("--slots must be at least 2");
+    }
+    let mut scan = state::scan(
+        &vms_root,
+        &ScanScope {
+            in_use: Vec::new(),
+            slots: range.clone(),
+        },
+    )
+    .await;
+    for vm in std::mem::take(&mut scan.adoptable) {
+        // Running VMs are not re-adopted yet (a clean stop pauses them instead).
+        tracing::warn!(dir = %vm.dir.display(), "running VM from an earlier run; stopping it");
+        if let Err(e) = vm.kill().await {
+            tracing::warn!(error = %e, "stop an earlier VM");
+        }
+    }
+    let cleaned = scan.clean().await;
+    if !cleaned.dirs.is_empty() || !cleaned.killed.is_empty() {
+        tracing::info!(
+            dirs = cleaned.dirs.len(),
+            qemu = cleaned.killed.len(),
+            netns = cleaned.netns.len(),
+            "cleaned up after an earlier run"
+        );
+    }
+
+    // 2. The default template.
+    let build_slot_index = range.start;
+    let snapshot = default_template(&args, &templates, build_slot_index).await?;
+    let envd_version = Config::new("", Vec::new()).default_envd_version;
+
+    // 3. The agent, with the paused sandboxes it found.
+    let pool_first = range.start + 1;
+    let slots = SlotPool::new(args.warm_pool + 2, pool_first, range.end - pool_first)
+        .await
+        .context("create network slots")?;
+    let internal = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("bind the agent's internal port")?;
+    let internal_url = format!("http://{}", internal.local_addr()?);
+    let agent = Arc::new(
+        Agent::new(LOCAL_HOST, slots.clone(), vms_root.clone(), args.max_sandboxes)
+            .with_proxy_url(internal_url.clone())
+            .with_deadlines(Deadlines {
+                health: Duration::from_secs(60),
+                init: Duration::from_secs(30),
+                prepare: Duration::from_secs(30),
+            }),
+    );
+    let loaded = agent.load_paused(&scan.paused);
+    if !loaded.is_empty() {
+        tracing::info!(count = loaded.len(), "paused sandboxes kept from the earlier run");
+    }
+    let warm = (args.warm_pool > 0).then(|| {
+        WarmPool::start(
+            snapshot.clone(),
+            DEFAULT_TEMPLATE,
+            slots.clone(),
+            vms_root.clone(),
+            args.warm_pool,
+        )
+    });
+    agent.register_template(DEFAULT_TEMPLATE, snapshot.clone(), warm, &envd_version);
+    let shutdown = CancellationToken::new();
+    let agent_app = agent_app(agent.clone());
+    // Its own token: at shutdown the agent must still answer the control plane's reconcile
+    // after the public port has closed.
+    let agent_stop = CancellationToken::new();
+    let agent_server = tokio::spawn(wrenn_server::serve(
+        internal,
+        agent_app,
+        agent_stop.clone(),
+    ));
+
+    // 4. The control plane.
+    let database_url = args.database_url.clone().unwrap_or_else(|| {
+        format!("sqlite://{}", state.join("wrenn.db").display())
+    });
+    let mut config = Config::new(database_url.clone(), secret);
+    config.admin_token = Some(admin_token);
+    config.domain = args.domain.clone();
+    let cp = ControlPlane::open(config, Arc::new(ConnectConnector))
+        .await
+        .with_context(|| format!("open the database {}", redact(&database_url)))?;
+    cp.register_host(LOCAL_HOST, &format!("{internal_url}/"), &internal_url)
+        .await
+        .map_err(|e| anyhow::anyhow!("register the local agent: {e}"))?;
+    let m = &snapshot.manifest.spec;
+    cp.register_template(&TemplateRecord {
+        id: DEFAULT_TEMPLATE.to_owned(),
+        team_id: None,
+        envd_version: envd_version.clone(),
+        vcpus: m.vcpus,
+        memory_mb: u64::from(m.memory_mib),
+        disk_size_mb: disk_size_mb(&snapshot.manifest.base_image),
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("register the default template: {e}"))?;
+    let rec = cp
+        .reconcile_host(LOCAL_HOST)
+        .await
+        .map_err(|e| anyhow::anyhow!("reconcile sandbox records: {e}"))?;
+    if rec != Default::default() {
+        tracing::info!(
+            changed = rec.changed.len(),
+            lost = rec.lost.len(),
+            orphans = rec.orphans.len(),
+            "sandbox records reconciled with the agent"
+        );
+    }
+    let api_key = default_api_key(&cp, &state.join("api-key")).await?;
+    let reaper = wrenn_server::reaper::spawn(cp.clone(), shutdown.child_token());
+
+    // 5. The public port.
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("bind {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let url = args
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
+    let env = format!(
+        "export E2B_API_URL={url}\nexport E2B_SANDBOX_URL={url}\nexport E2B_API_KEY={api_key}\n"
+    );
+    write_private(&state.join("env"), env.as_bytes())?;
+    let server = tokio::spawn(wrenn_server::serve(
+        listener,
+        wrenn_server::app(cp.clone()),
+        shutdown.child_token(),
+    ));
+    let db = if database_url.starts_with("postgres") {
+        "PostgreSQL".to_owned()
+    } else {
+        format!("SQLite {}", state.join("wrenn.db").display())
+    };
+    println!(
+        "Wrenn is up on {url} ({accel}, template `{DEFAULT_TEMPLATE}`, {db}).\n\
+         Use the E2B SDKs or `wrenn sandbox` with (also in {env_file}):\n\n{env}",
+        accel = snapshot.manifest.spec.accel,
+        env_file = state.join("env").display(),
+    );
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+
+    wait_for_signal().await;
+    tracing::info!("stopping: pausing running sandboxes");
+    // New requests stop at once; running sandboxes are paused to disk, then the records follow.
+    shutdown.cancel();
+    let _ = server.await;
+    let _ = reaper.await;
+    let paused = agent.suspend().await;
+    if let Err(e) = cp.reconcile_host(LOCAL_HOST).await {
+        // The agent's RPC port may already be gone; the next start reconciles again.
+        tracing::warn!(error = %e, "reconcile at shutdown");
+    }
+    agent_stop.cancel();
+    let _ = agent_server.await;
+    tracing::info!(paused = paused.len(), "stopped");
+    cp.store().close().await;
+    Ok(())
+}
+
+/// The agent's internal port: sandbox traffic (requests naming a sandbox) to its proxy,
+/// everything else to its RPC service.
+fn agent_app(agent: Arc<Agent>) -> axum::Router {
+    use axum::extract::Request;
+    use tower::ServiceExt as _;
+    let rpc = agent.clone().router();
+    let proxy = wrenn_agent::proxy::router(agent);
+    axum::Router::new().fallback(move |req: Request| {
+        let (rpc, proxy) = (rpc.clone(), proxy.clone());
+        async move {
+            let to_proxy = req.headers().contains_key("e2b-sandbox-id");
+            let svc = if to_proxy { proxy } else { rpc };
+            svc.oneshot(req).await.unwrap_or_else(|e| match e {})
+        }
+    })
+}
+
+async fn default_template(
+    args: &UpArgs,
+    templates: &Path,
+    build_slot: u32,
+) -> anyhow::Result<wrenn_agent::snapshot::Snapshot> {
+    let accel = Accel::detect().context("choose an accelerator")?;
+    let kernel = Kernel::find(args.kernel_dir.as_deref())
+        .context("find the guest kernel (scripts/setup.sh installs it)")?;
+    let envd = match &args.envd {
+        Some(p) => p.clone(),
+        None => default_guest_envd()?,
+    };
+    let cache = args
+        .image_cache
+        .clone()
+        .unwrap_or_else(image::default_cache_dir);
+    let progress = match args.progress.as_str() {
+        "spinner" => ProgressMode::Spinner,
+        "plain" => ProgressMode::Plain,
+        "quiet" => ProgressMode::Quiet,
+        _ => ProgressMode::Auto,
+    };
+    let (rootfs, initramfs) = {
+        let (cache, kernel) = (cache.clone(), kernel.clone());
+        let inputs = DebianImageInputs {
+            progress,
+            ..DebianImageInputs::new(envd)
+        };
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let rootfs = debian::build_debian_rootfs(&cache, &inputs)
+                .context("build the Debian template image")?;
+            let initramfs =
+                image::build_initramfs(&cache, &kernel, Path::new("/bin/busybox"))
+                    .context("build the initramfs")?;
+            Ok((rootfs, initramfs))
+        })
+        .await
+        .context("image build thread")??
+    };
+    let inputs = TemplateInputs {
+        spec: VmSpec {
+            accel,
+            kernel: kernel.vmlinuz.clone(),
+            initramfs: initramfs.path.clone(),
+            cmdline: VmSpec::default_cmdline(accel),
+            memory_mib: args.memory_mib,
+            vcpus: args.vcpus,
+        },
+        rootfs: rootfs.rootfs.path.clone(),
+        rootfs_key: rootfs.rootfs.manifest.key.clone(),
+        default_user: Some("user".to_owned()),
+        default_workdir: Some("/home/user".to_owned()),
+    };
+    let slot = tokio::task::spawn_blocking(move || Slot::create(build_slot))
+        .await
+        .context("slot thread")?
+        .context("create the template build slot")?;
+    let started = std::time::Instant::now();
+    let built = template::build_or_open(
+        templates,
+        DEFAULT_TEMPLATE,
+        &inputs,
+        &slot,
+        Duration::from_secs(180),
+    )
+    .await;
+    tokio::task::spawn_blocking(move || drop(slot))
+        .await
+        .context("slot thread")?;
+    let (snapshot, fresh) = built.context("build the default template")?;
+    if fresh {
+        eprintln!(
+            "Built template `{DEFAULT_TEMPLATE}` in {:.1} s ({accel}).",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(snapshot)
+}
+
+/// The static guest envd that `scripts/setup.sh` builds: next to the `target/` this binary
+/// was built into.
+fn default_guest_envd() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locate the wrenn binary")?;
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(3)
+        .map(|d| d.join("x86_64-unknown-linux-gnu/guest/envd"))
+        .chain(std::iter::once(PathBuf::from("/usr/local/lib/wrenn/envd")))
+        .collect();
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .with_context(|| {
+            format!(
+                "no guest envd found (looked at {}); run scripts/build-guest-envd.sh or pass --envd",
+                candidates
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+}
+
+/// The default team's API key: the one in `path` if the database knows it, else a new team
+/// and key (written to `path`, readable by root only).
+async fn default_api_key(cp: &ControlPlane, path: &Path) -> anyhow::Result<String> {
+    if let Ok(key) = std::fs::read_to_string(path) {
+        let key = key.trim().to_owned();
+        if !key.is_empty()
+            && cp
+                .authenticate(&key)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .is_some()
+        {
+            return Ok(key);
+        }
+    }
+    let team = cp
+        .create_team("default")
+        .await
+        .map_err(|e| anyhow::anyhow!("create the default team: {e}"))?;
+    let key = cp
+        .create_api_key(&team.team_id, "wrenn up")
+        .await
+        .map_err(|e| anyhow::anyhow!("create an API key: {e}"))?;
+    write_private(path, format!("{}\n", key.key).as_bytes())?;
+    Ok(key.key)
+}
+
+fn disk_size_mb(image: &Path) -> u64 {
+    std::fs::metadata(image).map_or(0, |m| m.len() >> 20)
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***{}", &url[..s], &url[at..]),
+        _ => url.to_owned(),
+    }
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("chmod {}", dir.display()))
+}
+
+/// Writes a file only root can read, atomically.
+fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("create {}", tmp.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::fill(&mut buf[..]);
+    hex::encode(buf)
+}
+
+fn read_or_create_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
+    Ok(read_or_create_token(path)?.into_bytes())
+}
+
+fn read_or_create_token(path: &Path) -> anyhow::Result<String> {
+    if let Ok(s) = std::fs::read_to_string(path)
+        && !s.trim().is_empty()
+    {
+        return Ok(s.trim().to_owned());
+    }
+    let token = random_hex(32);
+    write_private(path, format!("{token}\n").as_bytes())?;
+    Ok(token)
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
