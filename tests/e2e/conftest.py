@@ -172,3 +172,12 @@ def _apply_env(w: Wrenn) -> None:
         os.environ[k] = w.env[k]
     os.environ.pop("E2B_DEBUG", None)
     os.environ.pop("E2B_DOMAIN", None)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that restart `wrenn up` run last, so the rest of the suite shares one process."""
+    items.sort(key=lambda item: item.get_closest_marker("restarts_wrenn") is not None)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "restarts_wrenn: stops and starts the wrenn up process")

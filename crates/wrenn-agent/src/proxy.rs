@@ -9,6 +9,7 @@
 //! Error bodies follow E2B's proxy, whose messages the SDKs read: "was not found" means the
 //! sandbox is not running, "port is not open" that nothing listens on the port.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,17 +39,40 @@ impl Resolve for crate::rpc::Agent {
     }
 }
 
+/// A connection pool per (sandbox, guest address). Slots are reused: one shared pool would
+/// hand a new sandbox the idle connections of a killed one at the same address, which the new
+/// guest resets (the first request fails). Keyed by sandbox too, such connections are never
+/// reused; pools of sandboxes that no longer resolve to their address are dropped.
+#[derive(Default)]
+struct Clients {
+    pools: std::sync::Mutex<HashMap<(String, SocketAddr), HttpClient>>,
+}
+
+impl Clients {
+    fn get(&self, resolve: &dyn Resolve, id: &str, addr: SocketAddr) -> HttpClient {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = pools.get(&(id.to_owned(), addr)) {
+            return c.clone();
+        }
+        // A new sandbox or a new slot: the moment to forget pools of ended sandboxes.
+        pools.retain(|(other, a), _| resolve.resolve(other, a.port()) == Some(*a));
+        let c = forward::client(CONNECT_TIMEOUT);
+        pools.insert((id.to_owned(), addr), c.clone());
+        c
+    }
+}
+
 #[derive(Clone)]
 struct Proxy {
     resolve: Arc<dyn Resolve>,
-    client: HttpClient,
+    clients: Arc<Clients>,
 }
 
 /// The proxy as an app: every request, whatever its method and path, goes to a sandbox.
 pub fn router(resolve: Arc<dyn Resolve>) -> axum::Router {
     let proxy = Proxy {
         resolve,
-        client: forward::client(CONNECT_TIMEOUT),
+        clients: Arc::default(),
     };
     axum::Router::new().fallback(handle).with_state(proxy)
 }
@@ -64,10 +88,16 @@ async fn handle(State(proxy): State<Proxy>, mut req: Request) -> Response {
     // The routing headers are for proxies; the guest's servers do not need them.
     req.headers_mut().remove(SANDBOX_ID_HEADER);
     req.headers_mut().remove(SANDBOX_PORT_HEADER);
-    match forward::forward(&proxy.client, &format!("http://{addr}"), req).await {
+    let client = proxy.clients.get(proxy.resolve.as_ref(), &id, addr);
+    match forward::forward(&client, &format!("http://{addr}"), req).await {
         Ok(resp) => resp,
         Err(e) => {
-            tracing::debug!(sandbox_id = %id, port, error = %e, "forwarding into the sandbox failed");
+            // A closed port is the client's business (SDKs poll ports); anything else is ours.
+            if matches!(e, ForwardError::Refused(_) | ForwardError::Connect(_)) {
+                tracing::debug!(sandbox_id = %id, port, error = %e, "sandbox port not open");
+            } else {
+                tracing::warn!(sandbox_id = %id, port, error = %e, "forwarding into the sandbox failed");
+            }
             let message = match e {
                 ForwardError::Refused(_) => {
                     "The sandbox is running but port is not open".to_owned()

@@ -146,6 +146,8 @@ pub struct Agent {
     root: PathBuf,
     max_sandboxes: u32,
     proxy_url: String,
+    /// vCPUs offered per host core (sandboxes idle most of the time).
+    cpu_overcommit: u32,
     deadlines: Deadlines,
     templates: Mutex<HashMap<String, Arc<Template>>>,
     sandboxes: Mutex<HashMap<String, Entry>>,
@@ -191,6 +193,7 @@ impl Agent {
             root,
             max_sandboxes,
             proxy_url: String::new(),
+            cpu_overcommit: 1,
             deadlines: Deadlines::default(),
             templates: Mutex::new(HashMap::new()),
             sandboxes: Mutex::new(HashMap::new()),
@@ -201,6 +204,12 @@ impl Agent {
     /// Deadlines of the lifecycle steps (a loaded host wants longer ones).
     pub fn with_deadlines(mut self, deadlines: Deadlines) -> Self {
         self.deadlines = deadlines;
+        self
+    }
+
+    /// Offers `ratio` vCPUs per host core to placement (HostInfo's `vcpus_total`).
+    pub fn with_cpu_overcommit(mut self, ratio: u32) -> Self {
+        self.cpu_overcommit = ratio.max(1);
         self
     }
 
@@ -566,7 +575,12 @@ impl Agent {
             if map.contains_key(&id) {
                 return Err(RpcError::AlreadyExists(id));
             }
-            if u32::try_from(map.len()).unwrap_or(u32::MAX) >= self.max_sandboxes {
+            // Paused sandboxes are files on disk, not VMs: they do not count.
+            let live = map
+                .values()
+                .filter(|e| !matches!(e.state, State::Paused(_)))
+                .count();
+            if u32::try_from(live).unwrap_or(u32::MAX) >= self.max_sandboxes {
                 return Err(RpcError::Full(self.max_sandboxes));
             }
             map.insert(
@@ -744,8 +758,9 @@ impl Agent {
     }
 
     fn host_info(&self) -> HostInfoResponse {
-        let vcpus_total = std::thread::available_parallelism()
+        let cores = std::thread::available_parallelism()
             .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
+        let vcpus_total = cores.saturating_mul(self.cpu_overcommit.max(1));
         let (mut vcpus_used, mut memory_mb_used, mut sandboxes) = (0u32, 0u64, 0u32);
         for e in lock(&self.sandboxes).values() {
             sandboxes += 1;

@@ -1,7 +1,7 @@
 //! The agent's `Metrics` and `Logs` RPCs against a real QEMU guest: a sandbox with an access
 //! token reports real samples (on demand at once, then from the sampler), its console lines
 //! (one written by the guest) and lifecycle events; a paused sandbox keeps its past samples;
-//! a resumed one is sampled again with its new token; a killed one is not_found.
+//! a resumed one is sampled again; a killed one is not_found.
 //!
 //! Gated by `WRENN_VM_TESTS=1`. Slot indices 3400..3600 are this test's own.
 
@@ -308,13 +308,14 @@ async fn agent_metrics_and_logs() {
         "a paused sandbox is not sampled"
     );
 
-    // Resumed with a new token: sampled again, the resume is logged after the pause.
+    // Resumed (with its token again, as the control plane derives it per sandbox): sampled
+    // again, the resume is logged after the pause.
     let _: ResumeResponse = call(
         &c,
         paths::RESUME,
         ResumeRequest {
             sandbox_id: ID.into(),
-            envd_access_token: "tok-resumed".into(),
+            envd_access_token: "tok-observe".into(),
             ..Default::default()
         },
     )

@@ -1007,8 +1007,9 @@ impl ControlPlane {
         Ok(Some((rec, host)))
     }
 
-    /// The running sandbox whose access token produced this `/files` signature, if any (and if
-    /// the signature has not expired).
+    /// The running sandbox whose access token produced this `/files` signature, if any. An
+    /// expired signature still names its sandbox: envd refuses it with 401 ("expired"), which
+    /// tells the client more than "sandbox not found" would.
     pub async fn find_by_signature(
         &self,
         path: &str,
@@ -1017,9 +1018,6 @@ impl ControlPlane {
         signature: &str,
         expiration: Option<i64>,
     ) -> Result<Option<SandboxRecord>, StoreError> {
-        if expiration.is_some_and(|exp| exp.saturating_mul(1000) < now().0) {
-            return Ok(None);
-        }
         for rec in self.store.running().await? {
             let token = self.access_token(rec.id.as_str());
             let want = tokens::file_signature(path, operation, username, &token, expiration);

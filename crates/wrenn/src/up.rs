@@ -72,7 +72,10 @@ pub struct UpArgs {
     /// Pre-started QEMU processes kept ready for creates.
     #[arg(long, default_value_t = 1)]
     pub warm_pool: usize,
-    /// Most sandboxes (running or paused) on this host.
+    /// vCPUs offered to sandboxes per host core (most sandboxes are idle most of the time).
+    #[arg(long, default_value_t = 8)]
+    pub cpu_overcommit: u32,
+    /// Most running sandboxes on this host (paused ones are only files).
     #[arg(long, default_value_t = 64)]
     pub max_sandboxes: u32,
     /// First network slot index this agent owns (it owns `--slots` from there).
@@ -179,12 +182,14 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let agent = Arc::new(
         Agent::new(LOCAL_HOST, slots.clone(), vms_root.clone(), args.max_sandboxes)
             .with_proxy_url(internal_url.clone())
+            .with_cpu_overcommit(args.cpu_overcommit)
             .with_deadlines(Deadlines {
                 health: Duration::from_secs(60),
                 init: Duration::from_secs(30),
                 prepare: Duration::from_secs(30),
             }),
     );
+    remove_unused_templates(&templates, &snapshot.dir, &scan.paused);
     let loaded = agent.load_paused(&scan.paused);
     if !loaded.is_empty() {
         tracing::info!(count = loaded.len(), "paused sandboxes kept from the earlier run");
@@ -393,6 +398,30 @@ async fn default_template(
         );
     }
     Ok(snapshot)
+}
+
+/// Deletes template directories that are neither the current template nor the base of a
+/// paused sandbox (a paused sandbox's memory diff applies only to its own template).
+fn remove_unused_templates(
+    templates: &Path,
+    current: &Path,
+    paused: &[wrenn_agent::state::PausedVm],
+) {
+    let used: Vec<PathBuf> = paused
+        .iter()
+        .filter_map(|p| wrenn_agent::sandbox::PausedSandbox::open(&p.dir).ok())
+        .map(|p| p.manifest().template.dir.clone())
+        .collect();
+    for entry in std::fs::read_dir(templates).into_iter().flatten().flatten() {
+        let dir = entry.path();
+        if dir == current || used.contains(&dir) || !dir.is_dir() {
+            continue;
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => tracing::info!(dir = %dir.display(), "removed an unused template"),
+            Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "remove unused template"),
+        }
+    }
 }
 
 /// The static guest envd that `scripts/setup.sh` builds: next to the `target/` this binary
