@@ -511,24 +511,24 @@ impl Agent {
                 continue;
             }
             let meta = saved.unwrap_or_else(|| {
-                    let m = paused.manifest();
-                    Meta {
-                        sandbox_id: id.clone(),
-                        template_id: p
-                            .record
-                            .as_ref()
-                            .map(|r| r.template_id.clone())
-                            .unwrap_or_default(),
-                        vcpus: m.spec.vcpus,
-                        memory_mb: u64::from(m.spec.memory_mib),
-                        start_unix_ms: i64::try_from(m.paused_unix)
-                            .unwrap_or(0)
-                            .saturating_mul(1000),
-                        backstop_unix_ms: 0,
-                        auto_pause: false,
-                        envd_version: String::new(),
-                    }
-                });
+                let m = paused.manifest();
+                Meta {
+                    sandbox_id: id.clone(),
+                    template_id: p
+                        .record
+                        .as_ref()
+                        .map(|r| r.template_id.clone())
+                        .unwrap_or_default(),
+                    vcpus: m.spec.vcpus,
+                    memory_mb: u64::from(m.spec.memory_mib),
+                    start_unix_ms: i64::try_from(m.paused_unix)
+                        .unwrap_or(0)
+                        .saturating_mul(1000),
+                    backstop_unix_ms: 0,
+                    auto_pause: false,
+                    envd_version: String::new(),
+                }
+            });
             let mut map = lock(&self.sandboxes);
             if map.contains_key(&id) {
                 continue;

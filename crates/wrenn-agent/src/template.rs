@@ -26,7 +26,9 @@ pub enum TemplateError {
     #[error(transparent)]
     Vm(#[from] VmError),
     /// envd in the build VM did not come up; the console's end says why.
-    #[error("envd in the template VM did not answer within {timeout:?}: {error}\nconsole:\n{console}")]
+    #[error(
+        "envd in the template VM did not answer within {timeout:?}: {error}\nconsole:\n{console}"
+    )]
     Boot {
         /// How long we waited.
         timeout: Duration,
@@ -170,9 +172,7 @@ async fn build(
         defaults.insert("defaultWorkdir".into(), w.clone().into());
     }
     if !defaults.is_empty()
-        && let Err(e) = envd
-            .init(&defaults.into(), Duration::from_secs(30))
-            .await
+        && let Err(e) = envd.init(&defaults.into(), Duration::from_secs(30)).await
     {
         let _ = vm.kill().await;
         let _ = std::fs::remove_dir_all(&staging);

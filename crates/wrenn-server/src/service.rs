@@ -945,7 +945,12 @@ impl ControlPlane {
         }
         for id in on_agent.into_keys() {
             tracing::warn!(sandbox_id = %id, host = %hid, "unknown sandbox on the host; killing it");
-            if let Err(e) = client.kill(agent::KillRequest { sandbox_id: id.clone() }).await {
+            if let Err(e) = client
+                .kill(agent::KillRequest {
+                    sandbox_id: id.clone(),
+                })
+                .await
+            {
                 tracing::warn!(sandbox_id = %id, error = %e.message, "kill unknown sandbox");
             }
             done.orphans.push(id);

@@ -3,7 +3,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "wrenn", version, about = "Wrenn: self-hostable microVM sandboxes, E2B-compatible")]
+#[command(
+    name = "wrenn",
+    version,
+    about = "Wrenn: self-hostable microVM sandboxes, E2B-compatible"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -180,19 +180,27 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         .context("bind the agent's internal port")?;
     let internal_url = format!("http://{}", internal.local_addr()?);
     let agent = Arc::new(
-        Agent::new(LOCAL_HOST, slots.clone(), vms_root.clone(), args.max_sandboxes)
-            .with_proxy_url(internal_url.clone())
-            .with_cpu_overcommit(args.cpu_overcommit)
-            .with_deadlines(Deadlines {
-                health: Duration::from_secs(60),
-                init: Duration::from_secs(30),
-                prepare: Duration::from_secs(30),
-            }),
+        Agent::new(
+            LOCAL_HOST,
+            slots.clone(),
+            vms_root.clone(),
+            args.max_sandboxes,
+        )
+        .with_proxy_url(internal_url.clone())
+        .with_cpu_overcommit(args.cpu_overcommit)
+        .with_deadlines(Deadlines {
+            health: Duration::from_secs(60),
+            init: Duration::from_secs(30),
+            prepare: Duration::from_secs(30),
+        }),
     );
     remove_unused_templates(&templates, &snapshot.dir, &scan.paused);
     let loaded = agent.load_paused(&scan.paused);
     if !loaded.is_empty() {
-        tracing::info!(count = loaded.len(), "paused sandboxes kept from the earlier run");
+        tracing::info!(
+            count = loaded.len(),
+            "paused sandboxes kept from the earlier run"
+        );
     }
     let warm = (args.warm_pool > 0).then(|| {
         WarmPool::start(
@@ -209,16 +217,13 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     // Its own token: at shutdown the agent must still answer the control plane's reconcile
     // after the public port has closed.
     let agent_stop = CancellationToken::new();
-    let agent_server = tokio::spawn(wrenn_server::serve(
-        internal,
-        agent_app,
-        agent_stop.clone(),
-    ));
+    let agent_server = tokio::spawn(wrenn_server::serve(internal, agent_app, agent_stop.clone()));
 
     // 4. The control plane.
-    let database_url = args.database_url.clone().unwrap_or_else(|| {
-        format!("sqlite://{}", state.join("wrenn.db").display())
-    });
+    let database_url = args
+        .database_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", state.join("wrenn.db").display()));
     let mut config = Config::new(database_url.clone(), secret);
     config.admin_token = Some(admin_token);
     config.domain = args.domain.clone();
@@ -352,9 +357,8 @@ async fn default_template(
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let rootfs = debian::build_debian_rootfs(&cache, &inputs)
                 .context("build the Debian template image")?;
-            let initramfs =
-                image::build_initramfs(&cache, &kernel, Path::new("/bin/busybox"))
-                    .context("build the initramfs")?;
+            let initramfs = image::build_initramfs(&cache, &kernel, Path::new("/bin/busybox"))
+                .context("build the initramfs")?;
             Ok((rootfs, initramfs))
         })
         .await
