@@ -154,6 +154,9 @@ pub struct Vm {
     child: Option<tokio::process::Child>,
     qmp: Qmp,
     pid: u32,
+    /// For a QEMU this process did not start (taken over after an agent restart): its start
+    /// time (`/proc/<pid>/stat` field 22), so a kill never hits a recycled pid.
+    adopted_start: Option<u64>,
 }
 
 impl Vm {
@@ -208,9 +211,51 @@ impl Vm {
             child: Some(child),
             qmp,
             pid,
+            adopted_start: None,
         };
         tracing::debug!(pid, dir = %vm.dir.display(), "QEMU started");
         Ok(vm)
+    }
+
+    /// Takes over a QEMU that an earlier agent started (found by `crate::state::scan`): `pid`
+    /// with start time `start_time`, runtime directory `dir`, connected on `qmp`. It is killed
+    /// and waited for like a child, by pid after re-checking its start time.
+    pub fn adopt(dir: PathBuf, pid: u32, start_time: u64, qmp: Qmp) -> Self {
+        Vm {
+            dir,
+            child: None,
+            qmp,
+            pid,
+            adopted_start: Some(start_time),
+        }
+    }
+
+    /// Whether an adopted QEMU is still the process we adopted.
+    fn adopted_alive(&self) -> bool {
+        self.adopted_start
+            .is_some_and(|t| crate::state::process_start_time(self.pid) == Some(t))
+    }
+
+    /// SIGKILLs an adopted QEMU (if it is still ours) and waits up to `timeout` for it to go.
+    async fn kill_adopted(&self, timeout: Duration) {
+        if !self.adopted_alive() {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(self.pid as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.wait_adopted(timeout).await;
+    }
+
+    /// Polls until an adopted QEMU has exited (it is not our child: no wait(2)).
+    async fn wait_adopted(&self, timeout: Duration) -> Result<(), VmError> {
+        let start = std::time::Instant::now();
+        while self.adopted_alive() {
+            if start.elapsed() > timeout {
+                return Err(VmError::Qemu(format!("did not exit within {timeout:?}")));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
     }
 
     /// The QMP connection.
@@ -243,7 +288,7 @@ impl Vm {
     /// Waits up to `timeout` for QEMU to exit by itself (after `quit`). The directory stays.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Result<(), VmError> {
         let Some(child) = self.child.as_mut() else {
-            return Ok(());
+            return self.wait_adopted(timeout).await;
         };
         match tokio::time::timeout(timeout, child.wait()).await {
             Ok(Ok(_)) => {
@@ -257,6 +302,8 @@ impl Vm {
 
     /// Kills QEMU, reaps it, and removes the directory.
     pub async fn kill(mut self) -> Result<(), VmError> {
+        self.kill_adopted(Duration::from_secs(10)).await;
+        self.adopted_start = None;
         if let Some(mut child) = self.child.take() {
             let _ = child.start_kill();
             child
@@ -274,6 +321,11 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        if self.adopted_alive() {
+            // Not our child: no reaping; the kernel's init does that.
+            let pid = nix::unistd::Pid::from_raw(self.pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.start_kill();
             // Reap synchronously so no zombie or still-running QEMU outlives the VM value.

@@ -347,10 +347,11 @@ async fn agent_rpc_lifecycle() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     eprintln!("backstop kill seen {:?} after SetTimeout", t.elapsed());
+    // The killed sandbox's metrics went with it.
     let e = call::<_, MetricsResponse>(&c, paths::METRICS, MetricsRequest::default())
         .await
         .expect_err("metrics");
-    assert_eq!(e.code, Code::Unimplemented);
+    assert_eq!(e.code, Code::NotFound);
 
     // Nothing left.
     server.abort();
