@@ -106,6 +106,14 @@ class Wrenn:
         self.proc = None
         return code
 
+    def crash_restart(self) -> None:
+        """SIGKILL (no clean stop: QEMU processes outlive it), then start again."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+        self.proc = None
+        self.start()
+
     def restart(self) -> None:
         code = self.stop()
         assert code == 0, f"wrenn up exited with {code} on SIGTERM; log: {self.log}"

@@ -85,3 +85,47 @@ def test_restart_keeps_paused_and_running_sandboxes(wrenn):
                 Sandbox.kill(sbx.sandbox_id)
             except Exception:
                 pass
+
+
+@pytest.mark.restarts_wrenn
+def test_crash_keeps_running_sandboxes_running(wrenn):
+    """After `wrenn up` is SIGKILLed, the next start takes the still-running QEMUs over: the
+    sandbox is running (never paused), its processes and memory intact, and it can be paused
+    and resumed as before; a paused one stays resumable."""
+    if wrenn.external:
+        pytest.skip("WRENN_E2E_URL: the suite does not own the wrenn up process")
+    tag = secrets.token_hex(4)
+    meta = {"suite": "crash", "tag": tag}
+    live = Sandbox.create(metadata=meta, timeout=600)
+    paused = Sandbox.create(metadata=meta, timeout=600)
+    try:
+        value = secrets.token_hex(8)
+        pid = start_memory_holder(live, value)
+        boot_id = live.commands.run("cat /proc/sys/kernel/random/boot_id").stdout
+        paused.files.write("/home/user/kept.txt", "paused before the crash")
+        paused.pause()
+
+        wrenn.crash_restart()
+
+        listed = Sandbox.list(query=SandboxQuery(metadata=meta), limit=100).next_items()
+        assert {s.sandbox_id: s.state for s in listed} == {
+            live.sandbox_id: SandboxState.RUNNING,
+            paused.sandbox_id: SandboxState.PAUSED,
+        }
+        again = Sandbox.connect(live.sandbox_id, timeout=600)
+        assert ask_memory(again) == value
+        assert pid in [p.pid for p in again.commands.list()]
+        # The same boot: taken over, not restored from a snapshot.
+        assert again.commands.run("cat /proc/sys/kernel/random/boot_id").stdout == boot_id
+        # Still fully managed: pause and resume work on the taken-over VM.
+        again.pause()
+        back = Sandbox.connect(live.sandbox_id, timeout=600)
+        assert ask_memory(back) == value
+        p2 = Sandbox.connect(paused.sandbox_id, timeout=600)
+        assert p2.files.read("/home/user/kept.txt") == "paused before the crash"
+    finally:
+        for sbx in (live, paused):
+            try:
+                Sandbox.kill(sbx.sandbox_id)
+            except Exception:
+                pass

@@ -511,49 +511,86 @@ def test_signed_upload_and_download_urls(sbx):
     assert sbx.files.get_info(p2).owner == "user"
     assert httpx.get(sbx.download_url(p2)).content == b"user upload"
 
-    # A signature for a read does not allow a write, nor for another path.
-    st, _, _ = http_status("POST", sbx.download_url(p2), b"x", {"Content-Type": "application/octet-stream"})
-    assert st in (401, 403), st
+
+def test_signed_url_expired_is_rejected(sbx):
+    path = f"/tmp/signed2-{RUN}/expiring.txt"
+    sbx.files.write(path, "expiring")
+    # Expired a minute ago.
+    st, body, _ = http_status("GET", sbx.download_url(path, use_signature_expiration=-60))
+    assert st in (401, 403), (st, body)
+    assert b"expiring" not in body
+    up = sbx.upload_url(f"{path}.up", use_signature_expiration=-60)
+    r = httpx.post(up, files={"file": ("x", b"late")})
+    assert r.status_code in (401, 403), (r.status_code, r.text)
+    assert not sbx.files.exists(f"{path}.up")
+
+    # Valid for 2 s: works now, refused once that has passed (with 2.5 s to spare).
+    expiring = sbx.download_url(path, use_signature_expiration=2)
+    st, body, _ = http_status("GET", expiring)
+    assert st == 200 and body == b"expiring"
+    time.sleep(4.5)
+    st, body, _ = http_status("GET", expiring)
+    assert st in (401, 403), (st, body)
+    assert b"expiring" not in body
 
 
-def test_signed_url_tampered_or_expired_is_rejected(sbx):
-    path = f"/tmp/signed2-{RUN}/secret.txt"
+def _with_query(url: str, **changes) -> str:
+    parts = urllib.parse.urlsplit(url)
+    q = dict(urllib.parse.parse_qsl(parts.query))
+    q.update(changes)
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(q)))
+
+
+def _flip(sig: str) -> str:
+    return sig[:-2] + ("AA" if sig[-2:] != "AA" else "BB")
+
+
+def test_signed_url_tampered_is_rejected(sbx):
+    """A signed URL only works unchanged: another path, user or operation, or an altered
+    signature, is refused, as E2B's envd does, with 401 ("invalid signature")."""
+    d = f"/tmp/signed3-{RUN}"
+    path = f"{d}/secret.txt"
     sbx.files.write(path, "secret")
     down = sbx.download_url(path)
     st, body, _ = http_status("GET", down)
     assert st == 200 and body == b"secret"
+    sig = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(down).query))["signature"]
 
-    parts = urllib.parse.urlsplit(down)
-    q = dict(urllib.parse.parse_qsl(parts.query))
-    sig = q["signature"]
-    q["signature"] = sig[:-2] + ("AA" if sig[-2:] != "AA" else "BB")
-    tampered = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(q)))
-    st, body, _ = http_status("GET", tampered)
-    assert st in (401, 403), (st, body)
-    assert b"secret" not in body
+    answers = {}
+    for name, url in {
+        "tampered signature": _with_query(down, signature=_flip(sig)),
+        "other path": _with_query(down, path="/etc/shadow"),
+        "other user": _with_query(down, username="root"),
+    }.items():
+        st, body, _ = http_status("GET", url)
+        assert st != 200 and b"secret" not in body and b"root:" not in body, (name, st, body)
+        answers[name] = (st, body)
 
-    # The signature is for this path only.
-    q = dict(urllib.parse.parse_qsl(parts.query))
-    q["path"] = "/etc/shadow"
-    other_path = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(q)))
-    st, body, _ = http_status("GET", other_path)
-    assert st in (401, 403), (st, body)
+    # A read signature does not allow a write; a tampered upload URL does not write.
+    st, body, _ = http_status(
+        "POST", down, b"overwritten", {"Content-Type": "application/octet-stream"}
+    )
+    answers["read signature used to write"] = (st, body)
+    up = sbx.upload_url(f"{d}/nope.txt")
+    up_sig = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(up).query))["signature"]
+    r = httpx.post(_with_query(up, signature=_flip(up_sig)), files={"file": ("x", b"no")})
+    answers["tampered upload"] = (r.status_code, r.content)
+    assert sbx.files.read(path) == "secret"
+    assert not sbx.files.exists(f"{d}/nope.txt")
 
-    expiring = sbx.download_url(path, use_signature_expiration=1)
-    time.sleep(2.5)
-    st, body, _ = http_status("GET", expiring)
-    assert st in (401, 403), (st, body)
-    assert b"secret" not in body
+    wrong = {k: v for k, v in answers.items() if v[0] not in (401, 403)}
+    assert not wrong, f"refused, but not with 401/403: {wrong}"
 
-    # A tampered upload does not write.
-    up = sbx.upload_url(f"/tmp/signed2-{RUN}/nope.txt")
-    parts = urllib.parse.urlsplit(up)
-    q = dict(urllib.parse.parse_qsl(parts.query))
-    q["signature"] = q["signature"][:-2] + ("AA" if q["signature"][-2:] != "AA" else "BB")
-    bad_up = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(q)))
-    r = httpx.post(bad_up, files={"file": ("x", b"should not land")})
-    assert r.status_code in (401, 403), (r.status_code, r.text)
-    assert not sbx.files.exists(f"/tmp/signed2-{RUN}/nope.txt")
+
+def test_guest_clock_follows_host(sbx):
+    """The guest's clock stays with the host's (signed-URL expiry and file times use it)."""
+    for _ in range(3):
+        t0 = time.time()
+        guest = float(sbx.commands.run("date +%s.%N").stdout)
+        t1 = time.time()
+        if t1 - t0 < 1:
+            break
+    assert t0 - 1 <= guest <= t1 + 1, f"guest clock off by {(t0 + t1) / 2 - guest:+.2f} s"
 
 
 # --- sandbox API -----------------------------------------------------------------------------

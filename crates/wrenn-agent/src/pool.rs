@@ -155,6 +155,19 @@ impl SlotPool {
     /// are used for slots made on demand when the pool runs dry). Released slots beyond `size`
     /// are deleted. Must run inside a tokio runtime (the metadata endpoints).
     pub async fn new(size: usize, first_index: u32, span: u32) -> Result<Self, PoolError> {
+        Ok(Self::with_adopted(size, first_index, span, Vec::new())
+            .await?
+            .0)
+    }
+
+    /// [`SlotPool::new`], taking over `adopted` slots (left configured by an earlier agent,
+    /// with a running VM in them) as leases; their indices are never handed out twice.
+    pub async fn with_adopted(
+        size: usize,
+        first_index: u32,
+        span: u32,
+        adopted: Vec<Slot>,
+    ) -> Result<(Self, Vec<SlotLease>), PoolError> {
         let end_index = first_index.saturating_add(span).min(MAX_SLOTS);
         let pool = Self {
             inner: Arc::new(SlotsInner {
@@ -165,12 +178,24 @@ impl SlotPool {
                 keep: size,
             }),
         };
+        {
+            let mut used = pool.inner.used.lock().unwrap_or_else(|p| p.into_inner());
+            used.extend(adopted.iter().map(Slot::index));
+        }
+        let mut leases = Vec::with_capacity(adopted.len());
+        for slot in adopted {
+            let metadata = MetadataServer::start(&slot.netns_path())?;
+            leases.push(SlotLease {
+                entry: Some(PoolSlot { metadata, slot }),
+                pool: Arc::downgrade(&pool.inner),
+            });
+        }
         for _ in 0..size {
             let index = pool.inner.alloc_index()?;
             let entry = pool.inner.create(index).await?;
             pool.lock_free().push(entry);
         }
-        Ok(pool)
+        Ok((pool, leases))
     }
 
     fn lock_free(&self) -> std::sync::MutexGuard<'_, Vec<PoolSlot>> {
@@ -276,6 +301,10 @@ impl crate::sandbox::SandboxNet for SlotLease {
 
     fn envd_addr(&self) -> std::net::SocketAddr {
         self.slot().guest_endpoint(crate::image::ENVD_PORT)
+    }
+
+    fn slot_index(&self) -> Option<u32> {
+        Some(self.slot().index())
     }
 }
 

@@ -477,6 +477,96 @@ impl Agent {
         }
     }
 
+    /// Takes over running sandboxes whose QEMU outlived an earlier agent (found by
+    /// [`crate::state::scan`], each with its slot taken over by [`SlotPool::with_adopted`]).
+    /// One that cannot be taken over (no agent record, no `running.json`, envd not answering)
+    /// is stopped and removed. Returns the IDs taken.
+    pub async fn adopt_running(
+        &self,
+        found: Vec<(crate::state::AdoptableVm, SlotLease)>,
+    ) -> Vec<String> {
+        let mut adopted = Vec::new();
+        for (vm, lease) in found {
+            let dir = vm.dir.clone();
+            match self.adopt_one(vm, lease).await {
+                Ok(id) => adopted.push(id),
+                Err(reason) => {
+                    tracing::warn!(dir = %dir.display(), %reason, "running VM not taken over; removed");
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+            }
+        }
+        adopted
+    }
+
+    async fn adopt_one(
+        &self,
+        found: crate::state::AdoptableVm,
+        lease: SlotLease,
+    ) -> Result<String, String> {
+        let meta = std::fs::read(found.dir.join(META_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Meta>(&b).ok())
+            .filter(|m| check_id(&m.sandbox_id).is_ok());
+        let r = &found.record;
+        let vm_dir = r
+            .qmp_socket
+            .parent()
+            .map(std::path::Path::to_owned)
+            .unwrap_or_default();
+        let vm = crate::vm::Vm::adopt(vm_dir, r.qemu_pid, r.qemu_start_time, found.qmp);
+        let Some(meta) = meta else {
+            let _ = vm.kill().await;
+            self.slots.release(lease).await;
+            return Err("no agent record".into());
+        };
+        let id = meta.sandbox_id.clone();
+        if found.status != "running" {
+            // Stopped mid-pause by the crash: the guest is intact, let it run on.
+            if let Err(e) = vm.qmp().cont().await {
+                let _ = vm.kill().await;
+                self.slots.release(lease).await;
+                return Err(format!("cont: {e}"));
+            }
+        }
+        let sb = match Sandbox::adopt_running(found.dir.clone(), vm, lease) {
+            Ok(sb) => sb,
+            Err((e, vm, lease)) => {
+                let _ = vm.kill().await;
+                self.slots.release(lease).await;
+                return Err(e.to_string());
+            }
+        };
+        if let Err(e) = sb.envd().wait_healthy(Duration::from_secs(10)).await {
+            let lease = sb.kill().await;
+            self.slots.release(lease).await;
+            return Err(format!("envd: {e}"));
+        }
+        let token = sb.access_token().map(str::to_owned);
+        self.observe.started(
+            &id,
+            token,
+            sb.vm().console_log(),
+            "adopted after an agent restart",
+        );
+        let mut map = lock(&self.sandboxes);
+        if map.contains_key(&id) {
+            drop(map);
+            let lease = sb.kill().await;
+            self.slots.release(lease).await;
+            return Err(format!("sandbox {id} is also on disk paused"));
+        }
+        map.insert(
+            id.clone(),
+            Entry {
+                meta,
+                state: State::Running(Box::new(sb)),
+            },
+        );
+        tracing::info!(sandbox = %id, "running sandbox taken over");
+        Ok(id)
+    }
+
     /// Takes over paused sandboxes found on disk by [`crate::state::scan`] after a restart.
     /// Sandboxes whose files do not verify are left out (and reported); returns the IDs taken.
     pub fn load_paused(&self, found: &[crate::state::PausedVm]) -> Vec<String> {

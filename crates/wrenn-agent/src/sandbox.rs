@@ -41,6 +41,11 @@ use crate::vm::{NetAttach, Vm, VmError, VmSpec, create_overlay, qemu_version};
 
 /// The paused-state manifest's format.
 pub const PAUSED_FORMAT: u32 = 1;
+/// The running-state record's format.
+pub const RUNNING_FORMAT: u32 = 1;
+/// A running sandbox's record (with [`crate::state::RECORD_FILE`] next to it): what a
+/// restarted agent needs to take its QEMU over.
+pub const RUNNING_FILE: &str = "running.json";
 const DISK_FILE: &str = "rootfs.qcow2";
 const VM_DIR: &str = "vm";
 const STATE_FILE: &str = "state";
@@ -57,6 +62,10 @@ pub trait SandboxNet: Send + Sync {
     fn attach(&self) -> NetAttach;
     /// Where the host reaches the guest's envd.
     fn envd_addr(&self) -> SocketAddr;
+    /// The slot's index, recorded so that a restarted agent can take the slot over.
+    fn slot_index(&self) -> Option<u32> {
+        None
+    }
 }
 
 impl SandboxNet for Slot {
@@ -69,6 +78,10 @@ impl SandboxNet for Slot {
 
     fn envd_addr(&self) -> SocketAddr {
         self.guest_endpoint(ENVD_PORT)
+    }
+
+    fn slot_index(&self) -> Option<u32> {
+        Some(self.index())
     }
 }
 
@@ -254,6 +267,21 @@ pub struct PausedManifest {
     pub qemu_version: String,
 }
 
+/// `running.json`: the parts of a running [`Sandbox`] that are not in its VM record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunningManifest {
+    /// [`RUNNING_FORMAT`].
+    pub version: u32,
+    /// The machine.
+    pub spec: VmSpec,
+    /// The template whose memory file the guest RAM maps.
+    pub template: TemplateRef,
+    /// That memory file.
+    pub memory: PathBuf,
+    /// What `/init` gave the guest (a pause keeps it for the resume).
+    pub init: InitConfig,
+}
+
 /// A running sandbox. Dropping it kills QEMU (through [`Vm`]) but keeps its directory; use
 /// [`Sandbox::kill`] to remove everything.
 #[derive(Debug)]
@@ -365,6 +393,10 @@ impl<N: SandboxNet> Sandbox<N> {
             Ok::<_, SandboxError>(healthy)
         }
         .await;
+        let result = match result {
+            Ok(healthy) => self.record_running().map(|()| healthy),
+            Err(e) => Err(e),
+        };
         match result {
             Ok(healthy) => Ok((
                 self,
@@ -383,9 +415,83 @@ impl<N: SandboxNet> Sandbox<N> {
         }
     }
 
+    /// Writes `running.json` and the VM record (state running), so that a restarted agent
+    /// finds this QEMU (`crate::state::scan`) and can take it over ([`Sandbox::adopt_running`]).
+    fn record_running(&self) -> Result<(), SandboxError> {
+        let manifest = RunningManifest {
+            version: RUNNING_FORMAT,
+            spec: self.spec.clone(),
+            template: self.template.clone(),
+            memory: self.memory.clone(),
+            init: self.init.clone(),
+        };
+        let text = serde_json::to_vec_pretty(&manifest).map_err(|e| SandboxError::Invalid {
+            dir: self.root.clone(),
+            reason: e.to_string(),
+        })?;
+        write_private(&self.root.join(RUNNING_FILE), &text)?;
+        let mut record = crate::state::VmRecord::for_process(
+            self.vm.dir(),
+            self.vm.pid(),
+            &self.template.dir.to_string_lossy(),
+            self.net.slot_index(),
+            crate::state::VmState::Running,
+        )
+        .map_err(|e| SandboxError::Invalid {
+            dir: self.root.clone(),
+            reason: format!("VM record: {e}"),
+        })?;
+        record.save(&self.root).map_err(|e| SandboxError::Invalid {
+            dir: self.root.clone(),
+            reason: format!("VM record: {e}"),
+        })
+    }
+
+    /// Takes over a sandbox whose QEMU outlived an earlier agent: `vm` adopted from the VM
+    /// record in `root`, `net` its slot. Reads `running.json` for the rest.
+    pub fn adopt_running(root: PathBuf, vm: Vm, net: N) -> Result<Self, (SandboxError, Vm, N)> {
+        let invalid = |reason: String| SandboxError::Invalid {
+            dir: root.clone(),
+            reason,
+        };
+        let read = std::fs::read(root.join(RUNNING_FILE))
+            .map_err(|e| invalid(format!("{RUNNING_FILE}: {e}")))
+            .and_then(|b| {
+                serde_json::from_slice::<RunningManifest>(&b)
+                    .map_err(|e| invalid(format!("{RUNNING_FILE}: {e}")))
+            })
+            .and_then(|m| {
+                if m.version == RUNNING_FORMAT {
+                    Ok(m)
+                } else {
+                    Err(invalid(format!("{RUNNING_FILE} format {}", m.version)))
+                }
+            });
+        let m = match read {
+            Ok(m) => m,
+            Err(e) => return Err((e, vm, net)),
+        };
+        warm_in_background(m.memory.clone());
+        Ok(Sandbox {
+            root,
+            vm,
+            envd: EnvdClient::new(net.envd_addr()),
+            net,
+            spec: m.spec,
+            template: m.template,
+            memory: m.memory,
+            init: m.init,
+        })
+    }
+
     /// The sandbox directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The access token `/init` gave the guest.
+    pub fn access_token(&self) -> Option<&str> {
+        self.init.access_token.as_deref()
     }
 
     /// The envd client.
@@ -466,6 +572,10 @@ impl<N: SandboxNet> Sandbox<N> {
         let committed = async {
             vm.qmp().quit().await.map_err(SandboxError::qmp("quit"))?;
             vm.wait_exit(QUIT_TIMEOUT).await?;
+            // No QEMU any more: the running records go (paused.json, written last, takes over).
+            for f in [RUNNING_FILE, crate::state::RECORD_FILE] {
+                let _ = std::fs::remove_file(root.join(f));
+            }
             let disk = root.join(DISK_FILE);
             sync_file(&disk)?;
             let state = root.join(STATE_FILE);
@@ -798,6 +908,23 @@ impl PausedSandbox {
         };
         sandbox.start_guest(start, restored, deadlines).await
     }
+}
+
+/// Writes a file only the owner can read (it holds the access token), atomically.
+fn write_private(path: &Path, data: &[u8]) -> Result<(), SandboxError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(VmError::io("create", &tmp))?;
+    f.write_all(data).map_err(VmError::io("write", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(VmError::io("rename", &tmp))?;
+    Ok(())
 }
 
 /// Writes `paused.json` atomically and durably (temp file, fsync, rename, fsync the directory).

@@ -148,11 +148,21 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         },
     )
     .await;
+    // Running VMs of an earlier run that ended without a clean stop are taken over with their
+    // slots (a clean stop pauses them instead).
+    let mut running = Vec::new();
     for vm in std::mem::take(&mut scan.adoptable) {
-        // Running VMs are not re-adopted yet (a clean stop pauses them instead).
-        tracing::warn!(dir = %vm.dir.display(), "running VM from an earlier run; stopping it");
-        if let Err(e) = vm.kill().await {
-            tracing::warn!(error = %e, "stop an earlier VM");
+        match vm.adopt_slot() {
+            Ok(Some(slot)) if range.contains(&slot.index()) && slot.index() != range.start => {
+                running.push((vm, slot));
+            }
+            other => {
+                tracing::warn!(dir = %vm.dir.display(), "running VM without a usable slot; stopping it");
+                drop(other);
+                if let Err(e) = vm.kill().await {
+                    tracing::warn!(error = %e, "stop an earlier VM");
+                }
+            }
         }
     }
     let cleaned = scan.clean().await;
@@ -172,9 +182,15 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
 
     // 3. The agent, with the paused sandboxes it found.
     let pool_first = range.start + 1;
-    let slots = SlotPool::new(args.warm_pool + 2, pool_first, range.end - pool_first)
-        .await
-        .context("create network slots")?;
+    let (vms, adopted_slots): (Vec<_>, Vec<_>) = running.into_iter().unzip();
+    let (slots, leases) = SlotPool::with_adopted(
+        args.warm_pool + 2,
+        pool_first,
+        range.end - pool_first,
+        adopted_slots,
+    )
+    .await
+    .context("create network slots")?;
     let internal = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .context("bind the agent's internal port")?;
@@ -196,6 +212,15 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     );
     remove_unused_templates(&templates, &snapshot.dir, &scan.paused);
     let loaded = agent.load_paused(&scan.paused);
+    let taken = agent
+        .adopt_running(vms.into_iter().zip(leases).collect())
+        .await;
+    if !taken.is_empty() {
+        tracing::info!(
+            count = taken.len(),
+            "running sandboxes taken over from the earlier run"
+        );
+    }
     if !loaded.is_empty() {
         tracing::info!(
             count = loaded.len(),
