@@ -529,14 +529,15 @@ impl Agent {
                 return Err(format!("cont: {e}"));
             }
         }
-        let sb = match Sandbox::adopt_running(found.dir.clone(), vm, lease) {
-            Ok(sb) => sb,
-            Err((e, vm, lease)) => {
+        let manifest = match crate::sandbox::RunningManifest::read(&found.dir) {
+            Ok(m) => m,
+            Err(e) => {
                 let _ = vm.kill().await;
                 self.slots.release(lease).await;
                 return Err(e.to_string());
             }
         };
+        let sb = Sandbox::adopt_running(found.dir.clone(), vm, lease, manifest);
         if let Err(e) = sb.envd().wait_healthy(Duration::from_secs(10)).await {
             let lease = sb.kill().await;
             self.slots.release(lease).await;
@@ -549,14 +550,13 @@ impl Agent {
             sb.vm().console_log(),
             "adopted after an agent restart",
         );
-        let mut map = lock(&self.sandboxes);
-        if map.contains_key(&id) {
-            drop(map);
+        let duplicate = lock(&self.sandboxes).contains_key(&id);
+        if duplicate {
             let lease = sb.kill().await;
             self.slots.release(lease).await;
             return Err(format!("sandbox {id} is also on disk paused"));
         }
-        map.insert(
+        lock(&self.sandboxes).insert(
             id.clone(),
             Entry {
                 meta,

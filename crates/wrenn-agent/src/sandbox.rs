@@ -282,6 +282,24 @@ pub struct RunningManifest {
     pub init: InitConfig,
 }
 
+impl RunningManifest {
+    /// Reads `root/running.json`.
+    pub fn read(root: &Path) -> Result<Self, SandboxError> {
+        let invalid = |reason: String| SandboxError::Invalid {
+            dir: root.to_owned(),
+            reason,
+        };
+        let bytes = std::fs::read(root.join(RUNNING_FILE))
+            .map_err(|e| invalid(format!("{RUNNING_FILE}: {e}")))?;
+        let m: Self =
+            serde_json::from_slice(&bytes).map_err(|e| invalid(format!("{RUNNING_FILE}: {e}")))?;
+        if m.version != RUNNING_FORMAT {
+            return Err(invalid(format!("{RUNNING_FILE} format {}", m.version)));
+        }
+        Ok(m)
+    }
+}
+
 /// A running sandbox. Dropping it kills QEMU (through [`Vm`]) but keeps its directory; use
 /// [`Sandbox::kill`] to remove everything.
 #[derive(Debug)]
@@ -448,31 +466,10 @@ impl<N: SandboxNet> Sandbox<N> {
     }
 
     /// Takes over a sandbox whose QEMU outlived an earlier agent: `vm` adopted from the VM
-    /// record in `root`, `net` its slot. Reads `running.json` for the rest.
-    pub fn adopt_running(root: PathBuf, vm: Vm, net: N) -> Result<Self, (SandboxError, Vm, N)> {
-        let invalid = |reason: String| SandboxError::Invalid {
-            dir: root.clone(),
-            reason,
-        };
-        let read = std::fs::read(root.join(RUNNING_FILE))
-            .map_err(|e| invalid(format!("{RUNNING_FILE}: {e}")))
-            .and_then(|b| {
-                serde_json::from_slice::<RunningManifest>(&b)
-                    .map_err(|e| invalid(format!("{RUNNING_FILE}: {e}")))
-            })
-            .and_then(|m| {
-                if m.version == RUNNING_FORMAT {
-                    Ok(m)
-                } else {
-                    Err(invalid(format!("{RUNNING_FILE} format {}", m.version)))
-                }
-            });
-        let m = match read {
-            Ok(m) => m,
-            Err(e) => return Err((e, vm, net)),
-        };
+    /// record in `root`, `net` its slot, `m` its [`RunningManifest::read`].
+    pub fn adopt_running(root: PathBuf, vm: Vm, net: N, m: RunningManifest) -> Self {
         warm_in_background(m.memory.clone());
-        Ok(Sandbox {
+        Sandbox {
             root,
             vm,
             envd: EnvdClient::new(net.envd_addr()),
@@ -481,7 +478,7 @@ impl<N: SandboxNet> Sandbox<N> {
             template: m.template,
             memory: m.memory,
             init: m.init,
-        })
+        }
     }
 
     /// The sandbox directory.
