@@ -50,7 +50,9 @@ def unchanged(wrenn, canary):
     """Asserts, after the test, that no sandbox appeared and the canary is as it was.
 
     Against an external instance other suites may create sandboxes at the same time, so there
-    only sandboxes carrying this test's marker count; a fresh CI instance is compared exactly.
+    only sandboxes carrying this test's marker count; on a fresh CI instance no new sandbox at
+    all may appear. (Sandboxes that vanish are not compared: another test's may time out; the
+    canary stands for "nothing was killed".)
     """
     before = all_sandboxes()
     canary_before = Sandbox.get_info(canary.sandbox_id)
@@ -62,7 +64,6 @@ def unchanged(wrenn, canary):
         assert ours == [], f"bad input created sandboxes: {ours}"
     else:
         assert new == set(), f"bad input created sandboxes: {new}"
-        assert len(after) == len(before)
     assert Sandbox.list(query=SandboxQuery(metadata=MARK)).next_items() == []
     canary_after = Sandbox.get_info(canary.sandbox_id)
     assert canary_after.state == SandboxState.RUNNING

@@ -84,6 +84,11 @@ impl VmSpec {
             "console=ttyS0 quiet panic=-1 reboot=t i8042.noaux i8042.nokbd i8042.nomux random.trust_cpu=on",
         );
         if accel == Accel::Tcg {
+            // Without it the kernel finds the vCPUs' TSCs "unsynchronized" (TCG's vCPU threads
+            // read the host TSC at different moments), falls back to jiffies, and the guest
+            // clock then loses ticks whenever the host is busy: seconds per minute, which
+            // breaks signed-URL expiry and file times. TCG's TSC is the host's, so it is stable.
+            cmdline.push_str(" tsc=reliable clocksource=tsc");
             let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
             match host_tsc_khz(&cpuinfo) {
                 Some(khz) => cmdline.push_str(&format!(" tsc_early_khz={khz}")),

@@ -99,7 +99,9 @@ impl Proxy {
             Route::Signed => {
                 match signed_sandbox(&cp, req.method().clone(), req.uri().clone()).await {
                     Ok(Some(id)) => (id, ENVD_PORT),
-                    Ok(None) => return not_found(""),
+                    // No running sandbox's token made this signature: forged, altered, or
+                    // for another path, user or operation. envd would answer the same.
+                    Ok(None) => return invalid_signature(),
                     Err(resp) => return resp,
                 }
             }
@@ -185,6 +187,11 @@ async fn signed_sandbox(
             ))
         }
     }
+}
+
+fn invalid_signature() -> Response {
+    let body = serde_json::json!({"code": 401, "message": "Invalid signature"});
+    (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response()
 }
 
 /// The SDKs read "was not found" in a 502 as "the sandbox is not running".

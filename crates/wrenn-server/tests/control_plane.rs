@@ -705,7 +705,11 @@ async fn edge_proxy_routes_per_request() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 502);
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap(),
+        json!({"code": 401, "message": "Invalid signature"})
+    );
     let old = wrenn_server::tokens::file_signature("/a", "read", "", &token_b, Some(1));
     let r = client
         .get(format!(
