@@ -5,5 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
-exec sudo_if_needed target/release/wrenn up "$@"
+if [ "$(id -u)" -eq 0 ]; then
+  exec target/release/wrenn up "$@"
+else
+  exec sudo target/release/wrenn up "$@"
+fi

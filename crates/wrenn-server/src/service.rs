@@ -742,15 +742,17 @@ impl ControlPlane {
         end: Option<i64>,
     ) -> Result<Vec<SandboxMetric>, ApiError> {
         let rec = self.team_sandbox(&team.id, id).await?;
-        if rec.state != SandboxState::Running {
+        // A paused sandbox's host keeps its earlier samples; mid-transition there is nothing.
+        if !matches!(rec.state, SandboxState::Running | SandboxState::Paused) {
             return Ok(Vec::new());
         }
         let (_host, client) = self.host_of(&rec).await?;
         let resp = client
             .metrics(agent::MetricsRequest {
                 sandbox_id: rec.id.to_string(),
-                start_unix_ms: start.map_or(rec.started_at.0, |s| s.saturating_mul(1000)),
-                end_unix_ms: end.map_or(now().0, |s| s.saturating_mul(1000)),
+                start_unix_ms: start.map_or(0, |s| s.saturating_mul(1000)),
+                // `end` is in whole seconds: include all of that second.
+                end_unix_ms: end.map_or(now().0, |s| s.saturating_mul(1000).saturating_add(999)),
             })
             .await
             .map_err(|e| ApiError::agent("read metrics", e))?;
@@ -779,7 +781,7 @@ impl ControlPlane {
         limit: u32,
     ) -> Result<SandboxLogs, ApiError> {
         let rec = self.team_sandbox(&team.id, id).await?;
-        let entries = if rec.state == SandboxState::Running {
+        let entries = if matches!(rec.state, SandboxState::Running | SandboxState::Paused) {
             let (_host, client) = self.host_of(&rec).await?;
             client
                 .logs(agent::LogsRequest {
