@@ -62,6 +62,7 @@ impl ApiError {
                 }
                 Code::ResourceExhausted => StatusCode::SERVICE_UNAVAILABLE,
                 Code::Unavailable | Code::DeadlineExceeded => StatusCode::BAD_GATEWAY,
+                Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
             ApiError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -72,7 +73,10 @@ impl ApiError {
     fn public_message(&self) -> String {
         match self {
             ApiError::Agent { context, source } => match source.code {
-                Code::NotFound | Code::FailedPrecondition | Code::ResourceExhausted => {
+                Code::NotFound
+                | Code::FailedPrecondition
+                | Code::ResourceExhausted
+                | Code::Unimplemented => {
                     format!("{context}: {}", source.message)
                 }
                 _ => format!("{context}: the host agent failed"),
