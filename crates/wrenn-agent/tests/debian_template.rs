@@ -12,74 +12,25 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use support::RunOpts;
 use wrenn_agent::accel::Accel;
 use wrenn_agent::envd::EnvdClient;
 use wrenn_agent::image::debian::{self, DebianImageInputs, ProgressMode};
 use wrenn_agent::image::{self, ENVD_PORT, Kernel};
-use wrenn_agent::slot::TAP_NAME;
-use wrenn_agent::vm::{Launch, Memory, NetAttach, Vm, VmSpec, create_overlay};
+use wrenn_agent::sandbox::SandboxNet as _;
+use wrenn_agent::vm::{Launch, Memory, Vm, create_overlay};
 
-/// Runs `/bin/bash -l -c <cmd>` as `user` through envd's Start (Connect JSON envelopes);
-/// returns (stdout, exit code).
-async fn run_as(base: &str, user: &str, cmd: &str) -> (String, i64) {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let msg = serde_json::json!({
-        "process": { "cmd": "/bin/bash", "args": ["-l", "-c", cmd], "envs": {} }
-    })
-    .to_string();
-    let mut body = vec![0u8];
-    body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-    body.extend_from_slice(msg.as_bytes());
-    let resp = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .post(format!("{base}/process.Process/Start"))
-        .header("content-type", "application/connect+json")
-        .header(
-            "authorization",
-            format!("Basic {}", b64.encode(format!("{user}:"))),
-        )
-        .timeout(Duration::from_secs(120))
-        .body(body)
-        .send()
-        .await
-        .expect("Start request");
-    assert_eq!(resp.status(), 200, "Start status");
-    let bytes = resp.bytes().await.unwrap();
-    let (mut stdout, mut exit, mut rest) = (String::new(), None, &bytes[..]);
-    while rest.len() >= 5 {
-        let flags = rest[0];
-        let len = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
-        let v: serde_json::Value = serde_json::from_slice(&rest[5..5 + len]).unwrap();
-        rest = &rest[5 + len..];
-        if flags & 2 != 0 {
-            assert!(v.get("error").is_none(), "end-stream error: {v}");
-            break;
-        }
-        let event = &v["event"];
-        for stream in ["stdout", "stderr"] {
-            if let Some(data) = event["data"][stream].as_str() {
-                let text = String::from_utf8_lossy(&b64.decode(data).unwrap()).into_owned();
-                if stream == "stdout" {
-                    stdout.push_str(&text);
-                } else {
-                    eprint!("guest stderr: {text}");
-                }
-            }
-        }
-        if let Some(end) = event.get("end") {
-            exit = Some(end["exitCode"].as_i64().unwrap_or(0));
-        }
-    }
-    (stdout, exit.expect("no end event"))
-}
-
+/// Runs a command that must succeed as `user` through envd; returns its trimmed stdout.
 async fn run_ok(base: &str, user: &str, cmd: &str) -> String {
-    let (out, code) = run_as(base, user, cmd).await;
-    assert_eq!(code, 0, "`{cmd}` as {user} exited {code}: {out}");
-    out.trim().to_owned()
+    support::run_ok_with(
+        base,
+        RunOpts {
+            user,
+            ..RunOpts::default()
+        },
+        cmd,
+    )
+    .await
 }
 
 /// Temporary build directories of this process left in a cache.
@@ -98,15 +49,9 @@ async fn debian_template_builds_boots_and_runs_python() {
     if !support::enabled() {
         return;
     }
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter("wrenn_agent=info")
-        .try_init();
+    support::init_tracing("wrenn_agent=info");
     // Declared first so it is dropped last, after the VM and the slot.
-    let work = tempfile::Builder::new()
-        .prefix("wrenn-debian-test")
-        .tempdir_in("/var/tmp")
-        .unwrap();
+    let work = support::work_dir("wrenn-debian-test");
     let work_path = work.path().to_owned();
 
     let envd = support::envd_binary();
@@ -186,19 +131,8 @@ async fn debian_template_builds_boots_and_runs_python() {
     let kernel = Kernel::find(None).expect("guest kernel");
     let initramfs = image::build_initramfs(&cache, &kernel, Path::new("/bin/busybox")).unwrap();
     let slot = support::new_slot();
-    let net = NetAttach {
-        netns: slot.netns_path(),
-        tap: TAP_NAME.into(),
-    };
     let client = EnvdClient::new(slot.guest_endpoint(ENVD_PORT));
-    let spec = VmSpec {
-        accel,
-        kernel: kernel.vmlinuz.clone(),
-        initramfs: initramfs.path.clone(),
-        cmdline: VmSpec::default_cmdline(accel),
-        memory_mib: 512,
-        vcpus: 1,
-    };
+    let spec = support::vm_spec(accel, &kernel, &initramfs.path);
     let vm_dir = work_path.join("vm");
     std::fs::create_dir_all(&vm_dir).unwrap();
     let disk = vm_dir.join("rootfs.qcow2");
@@ -211,7 +145,7 @@ async fn debian_template_builds_boots_and_runs_python() {
         dir: vm_dir.clone(),
         disk,
         memory: Memory::Shared(work_path.join("memory")),
-        net: Some(net),
+        net: Some(slot.attach()),
         incoming: false,
     })
     .await
@@ -305,10 +239,7 @@ fn failed_debian_build_leaves_nothing() {
     if !support::enabled() {
         return;
     }
-    let cache = tempfile::Builder::new()
-        .prefix("wrenn-debian-fail")
-        .tempdir_in("/var/tmp")
-        .unwrap();
+    let cache = support::work_dir("wrenn-debian-fail");
     // A killed earlier build: its temporary directory, with a mount debootstrap left in it.
     // Pid 999999999 is above any pid_max, so that builder is surely gone.
     let stale = cache

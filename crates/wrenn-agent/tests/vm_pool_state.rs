@@ -10,98 +10,35 @@
 //!
 //! Gated by `WRENN_VM_TESTS=1` (needs root, QEMU, the extracted kernel and a static envd).
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use support::{RunOpts, now_rfc3339, pid_alive, qemu_pids_under, run_with, tail};
 use wrenn_agent::accel::Accel;
 use wrenn_agent::envd::{EnvdClient, EnvdError};
 use wrenn_agent::image::{self, ENVD_PORT, Kernel, SmallImageInputs};
 use wrenn_agent::metadata::Metadata;
 use wrenn_agent::pool::{SlotPool, WarmPool, restore_warm};
-use wrenn_agent::slot::{Slot, TAP_NAME};
+use wrenn_agent::sandbox::SandboxNet as _;
+use wrenn_agent::slot::Slot;
 use wrenn_agent::snapshot::{self, Snapshot};
 use wrenn_agent::state::{self, ScanScope, VmRecord, VmState};
-use wrenn_agent::vm::{Launch, Memory, NetAttach, Vm, VmSpec, create_overlay};
+use wrenn_agent::vm::{Launch, Memory, Vm, VmSpec, create_overlay};
 
 const COLD_BOOT_DEADLINE: Duration = Duration::from_secs(90);
 const RESTORE_DEADLINE: Duration = Duration::from_secs(15);
 const CHILD_ENV: &str = "WRENN_ADOPT_CHILD";
 
-fn enabled() -> bool {
-    if std::env::var("WRENN_VM_TESTS").as_deref() == Ok("1") {
-        return true;
+/// envd calls of this file: root, with the access token when `/init` set one.
+fn run_opts(token: Option<&str>) -> RunOpts<'_> {
+    RunOpts {
+        token,
+        timeout: Duration::from_secs(60),
+        ..RunOpts::default()
     }
-    eprintln!("skipped: set WRENN_VM_TESTS=1 to run real QEMU guests");
-    false
-}
-
-fn envd_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("WRENN_ENVD_BIN") {
-        return p.into();
-    }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace.join("target"), PathBuf::from);
-    target.join("x86_64-unknown-linux-gnu/guest/envd")
-}
-
-fn console_tail(path: &Path) -> String {
-    let bytes = std::fs::read(path).unwrap_or_default();
-    String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(3000)..]).into_owned()
-}
-
-fn now_rfc3339() -> String {
-    let out = Command::new("date")
-        .args(["-u", "+%Y-%m-%dT%H:%M:%S.%NZ"])
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-/// Runs `bash -c <cmd>` through envd's Start RPC; returns (stdout, exit code).
-async fn run_command(base: &str, token: Option<&str>, cmd: &str) -> (String, i64) {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let msg = serde_json::json!({
-        "process": { "cmd": "/bin/bash", "args": ["-l", "-c", cmd], "envs": {} }
-    })
-    .to_string();
-    let mut body = vec![0u8];
-    body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-    body.extend_from_slice(msg.as_bytes());
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let mut req = http
-        .post(format!("{base}/process.Process/Start"))
-        .header("content-type", "application/connect+json")
-        .header("authorization", format!("Basic {}", b64.encode("root:")))
-        .timeout(Duration::from_secs(60))
-        .body(body);
-    if let Some(t) = token {
-        req = req.header("x-access-token", t);
-    }
-    let resp = req.send().await.expect("Start request");
-    assert_eq!(resp.status(), 200, "Start status");
-    let bytes = resp.bytes().await.unwrap();
-    let (mut stdout, mut exit, mut rest) = (String::new(), None, &bytes[..]);
-    while rest.len() >= 5 {
-        let flags = rest[0];
-        let len = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
-        let v: serde_json::Value = serde_json::from_slice(&rest[5..5 + len]).unwrap();
-        rest = &rest[5 + len..];
-        if flags & 2 != 0 {
-            assert!(v.get("error").is_none(), "end-stream error: {v}");
-            break;
-        }
-        let event = &v["event"];
-        if let Some(data) = event["data"]["stdout"].as_str() {
-            stdout.push_str(&String::from_utf8_lossy(&b64.decode(data).unwrap()));
-        }
-        if let Some(end) = event.get("end") {
-            exit = Some(end["exitCode"].as_i64().unwrap_or(0));
-        }
-    }
-    (stdout, exit.expect("no end event"))
 }
 
 /// `bash` probe: prints `open` if a TCP connection to host:port succeeds within 2 s.
@@ -124,26 +61,6 @@ fn host_ipv4() -> Option<String> {
             w.next()?.split('/').next().map(str::to_owned)
         })
         .find(|a| !a.starts_with("10.12."))
-}
-
-fn pid_alive(pid: u32) -> bool {
-    state::process_start_time(pid).is_some()
-}
-
-/// QEMU processes whose command line mentions `dir` (the test's own, wherever they came from).
-fn qemu_pids_under(dir: &Path) -> Vec<u32> {
-    let needle = dir.display().to_string();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                let c = String::from_utf8_lossy(&c);
-                c.starts_with("qemu-system") && c.contains(&needle)
-            })
-        })
-        .collect()
 }
 
 /// Kills every QEMU started under the work directory and deletes the test's slot range, even
@@ -182,20 +99,13 @@ struct Fixture {
 /// Builds the small image and a template snapshot, booted in a slot from `slots`.
 async fn template(work: &Path, slots: &SlotPool) -> Fixture {
     let accel = Accel::detect().unwrap();
-    let envd = envd_binary();
+    let envd = support::envd_binary();
     assert!(envd.is_file(), "no static envd at {}", envd.display());
     let cache = work.join("images");
     let kernel = Kernel::find(None).expect("guest kernel");
     let initramfs = image::build_initramfs(&cache, &kernel, Path::new("/bin/busybox")).unwrap();
     let rootfs = image::build_small_rootfs(&cache, &SmallImageInputs::debian(envd)).unwrap();
-    let spec = VmSpec {
-        accel,
-        kernel: kernel.vmlinuz.clone(),
-        initramfs: initramfs.path.clone(),
-        cmdline: VmSpec::default_cmdline(accel),
-        memory_mib: 512,
-        vcpus: 1,
-    };
+    let spec = support::vm_spec(accel, &kernel, &initramfs.path);
     let template_dir = work.join("template");
     std::fs::create_dir_all(&template_dir).unwrap();
     let boot_dir = work.join("boot");
@@ -216,7 +126,7 @@ async fn template(work: &Path, slots: &SlotPool) -> Fixture {
     .unwrap();
     let client = EnvdClient::new(lease.slot().guest_endpoint(ENVD_PORT));
     if let Err(e) = client.wait_healthy(COLD_BOOT_DEADLINE).await {
-        panic!("cold boot: {e}\n{}", console_tail(&vm.console_log()));
+        panic!("cold boot: {e}\n{}", tail(&vm.console_log()));
     }
     eprintln!("template cold boot: {:?}", t.elapsed());
     client
@@ -235,17 +145,11 @@ async fn template(work: &Path, slots: &SlotPool) -> Fixture {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_firewall_warm_pool_and_adoption() {
-    if std::env::var_os(CHILD_ENV).is_some() || !enabled() {
+    if std::env::var_os(CHILD_ENV).is_some() || !support::enabled() {
         return;
     }
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter("wrenn_agent=debug")
-        .try_init();
-    let work = tempfile::Builder::new()
-        .prefix("wrenn-pool-test")
-        .tempdir_in("/var/tmp")
-        .unwrap();
+    support::init_tracing("wrenn_agent=debug");
+    let work = support::work_dir("wrenn-pool-test");
     let work_path = work.path().to_owned();
     // Test slot ranges: vm_template 4000..8000, the sandbox tests 8000..30400, slot_pool
     // 30400..30800, this file 30800..32600.
@@ -277,7 +181,7 @@ async fn metadata_firewall_warm_pool_and_adoption() {
     guard.pids.push(vm_a.pid());
     let client_a = EnvdClient::new(a.slot().guest_endpoint(ENVD_PORT));
     if let Err(e) = client_a.wait_healthy(RESTORE_DEADLINE).await {
-        panic!("a: {e}\n{}", console_tail(&vm_a.console_log()));
+        panic!("a: {e}\n{}", tail(&vm_a.console_log()));
     }
     let cold_create = t.elapsed();
     let wrong = client_a
@@ -336,7 +240,7 @@ async fn metadata_firewall_warm_pool_and_adoption() {
         probe(&b_envd.ip().to_string(), b_envd.port())
     ));
     script.push_str(&format!("echo tapaddr:$({})\n", probe("169.254.0.22", 22)));
-    let (out, _) = run_command(&client_a.base_url(), Some("right-token"), &script).await;
+    let (out, _) = run_with(&client_a.base_url(), run_opts(Some("right-token")), &script).await;
     eprintln!("guest probes:\n{out}");
     assert!(out.contains("meta:open"), "{out}");
     assert!(out.contains("\"instanceID\":\"sbx-a\""), "{out}");
@@ -469,7 +373,7 @@ async fn metadata_firewall_warm_pool_and_adoption() {
             .wait_healthy(RESTORE_DEADLINE)
             .await
         {
-            panic!("warm restore: {e}\n{}", console_tail(&vm.console_log()));
+            panic!("warm restore: {e}\n{}", tail(&vm.console_log()));
         }
         warm.push((running, t.elapsed()));
         vm.kill().await.unwrap();
@@ -592,7 +496,7 @@ async fn metadata_firewall_warm_pool_and_adoption() {
         .wait_healthy(Duration::from_secs(5))
         .await
         .expect("adopted envd answers");
-    let (o, code) = run_command(&client.base_url(), None, "echo adopted").await;
+    let (o, code) = run_with(&client.base_url(), run_opts(None), "echo adopted").await;
     assert_eq!((o.trim(), code), ("adopted", 0));
     assert!(adopted.qmp.query_status().await.unwrap().running);
 
@@ -675,16 +579,7 @@ async fn adoption_child() {
     {
         let slot = Slot::create(first + i as u32).unwrap();
         let dir = root.join(name);
-        let vm = snap
-            .restore(
-                &dir,
-                Some(NetAttach {
-                    netns: slot.netns_path(),
-                    tap: TAP_NAME.into(),
-                }),
-            )
-            .await
-            .unwrap();
+        let vm = snap.restore(&dir, Some(slot.attach())).await.unwrap();
         if state == Some(VmState::Running) {
             EnvdClient::new(slot.guest_endpoint(ENVD_PORT))
                 .wait_healthy(RESTORE_DEADLINE)

@@ -5,108 +5,31 @@
 //! Gated by `WRENN_VM_TESTS=1` (needs root, QEMU, the extracted kernel and a static envd:
 //! `.ci/install-runtime-deps.sh`, then `scripts/build-guest-envd.sh`).
 
-use std::path::{Path, PathBuf};
+mod support;
+
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use support::{RunOpts, enabled, envd_binary, files_under, pid_alive, run_with, tail};
 use wrenn_agent::accel::Accel;
 use wrenn_agent::envd::EnvdClient;
 use wrenn_agent::image::{self, ENVD_PORT, Kernel, SmallImageInputs};
-use wrenn_agent::slot::{Slot, TAP_NAME};
+use wrenn_agent::sandbox::SandboxNet as _;
+use wrenn_agent::slot::Slot;
 use wrenn_agent::snapshot::{self, Snapshot};
-use wrenn_agent::vm::{Launch, Memory, NetAttach, Vm, VmSpec, create_overlay};
+use wrenn_agent::vm::{Launch, Memory, Vm, create_overlay};
 
 const COLD_BOOT_DEADLINE: Duration = Duration::from_secs(60);
 const RESTORE_DEADLINE: Duration = Duration::from_secs(10);
-
-fn enabled() -> bool {
-    if std::env::var("WRENN_VM_TESTS").as_deref() == Ok("1") {
-        return true;
-    }
-    eprintln!(
-        "skipped: set WRENN_VM_TESTS=1 to run real QEMU guests (needs root, QEMU, the guest kernel, a static envd)"
-    );
-    false
-}
-
-fn envd_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("WRENN_ENVD_BIN") {
-        return p.into();
-    }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace.join("target"), PathBuf::from);
-    target.join("x86_64-unknown-linux-gnu/guest/envd")
-}
-
-fn console_tail(path: &Path) -> String {
-    let bytes = std::fs::read(path).unwrap_or_default();
-    String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(3000)..]).into_owned()
-}
-
-/// Runs `/bin/bash -l -c <cmd>` through envd's `process.Process/Start` (Connect, JSON
-/// envelopes) and returns (stdout, exit code).
-async fn run_command(base: &str, cmd: &str) -> (String, i64) {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let msg = serde_json::json!({
-        "process": { "cmd": "/bin/bash", "args": ["-l", "-c", cmd], "envs": {} }
-    })
-    .to_string();
-    let mut body = vec![0u8];
-    body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-    body.extend_from_slice(msg.as_bytes());
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let resp = http
-        .post(format!("{base}/process.Process/Start"))
-        .header("content-type", "application/connect+json")
-        .header("authorization", format!("Basic {}", b64.encode("root:")))
-        .timeout(Duration::from_secs(30))
-        .body(body)
-        .send()
-        .await
-        .expect("Start request");
-    assert_eq!(resp.status(), 200, "Start status");
-    let bytes = resp.bytes().await.unwrap();
-    let (mut stdout, mut exit, mut rest) = (String::new(), None, &bytes[..]);
-    while rest.len() >= 5 {
-        let flags = rest[0];
-        let len = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
-        let v: serde_json::Value = serde_json::from_slice(&rest[5..5 + len]).unwrap();
-        rest = &rest[5 + len..];
-        if flags & 2 != 0 {
-            assert!(v.get("error").is_none(), "end-stream error: {v}");
-            break;
-        }
-        let event = &v["event"];
-        if let Some(data) = event["data"]["stdout"].as_str() {
-            stdout.push_str(&String::from_utf8_lossy(&b64.decode(data).unwrap()));
-        }
-        if let Some(end) = event.get("end") {
-            exit = Some(end["exitCode"].as_i64().unwrap_or(0));
-        }
-    }
-    (stdout, exit.expect("no end event"))
-}
-
-fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn template_boot_snapshot_restore_and_cleanup() {
     if !enabled() {
         return;
     }
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter("wrenn_agent=trace,wrenn_qmp=debug")
-        .try_init();
+    support::init_tracing("wrenn_agent=trace,wrenn_qmp=debug");
     // Declared first so it is dropped last, after the VMs and the slot.
-    let work = tempfile::Builder::new()
-        .prefix("wrenn-vm-test")
-        .tempdir_in("/var/tmp")
-        .unwrap();
+    let work = support::work_dir("wrenn-vm-test");
     let work_path = work.path().to_owned();
 
     let accel = Accel::detect().unwrap();
@@ -154,21 +77,11 @@ async fn template_boot_snapshot_restore_and_cleanup() {
 
     let slot_index = 4000 + std::process::id() % 4000;
     let slot = Slot::create(slot_index).expect("slot");
-    let net = NetAttach {
-        netns: slot.netns_path(),
-        tap: TAP_NAME.into(),
-    };
+    let net = slot.attach();
     let client = EnvdClient::new(slot.guest_endpoint(ENVD_PORT));
 
     // Cold boot of the template, RAM shared into the template's memory file.
-    let spec = VmSpec {
-        accel,
-        kernel: kernel.vmlinuz.clone(),
-        initramfs: initramfs.path.clone(),
-        cmdline: VmSpec::default_cmdline(accel),
-        memory_mib: 512,
-        vcpus: 1,
-    };
+    let spec = support::vm_spec(accel, &kernel, &initramfs.path);
     let template_dir = work_path.join("template");
     std::fs::create_dir_all(&template_dir).unwrap();
     let boot_dir = work_path.join("vms/template");
@@ -190,10 +103,7 @@ async fn template_boot_snapshot_restore_and_cleanup() {
     .expect("launch template VM");
     let template_pid = vm.pid();
     if let Err(e) = client.wait_healthy(COLD_BOOT_DEADLINE).await {
-        panic!(
-            "cold boot: {e}\nconsole:\n{}",
-            console_tail(&vm.console_log())
-        );
+        panic!("cold boot: {e}\nconsole:\n{}", tail(&vm.console_log()));
     }
     let cold_boot = t.elapsed();
     eprintln!("cold boot to envd /health: {cold_boot:?} ({accel})");
@@ -224,10 +134,7 @@ async fn template_boot_snapshot_restore_and_cleanup() {
         .expect("restore");
     let restored_at = t.elapsed();
     if let Err(e) = client.wait_healthy(RESTORE_DEADLINE).await {
-        panic!(
-            "after restore: {e}\nconsole:\n{}",
-            console_tail(&vm.console_log())
-        );
+        panic!("after restore: {e}\nconsole:\n{}", tail(&vm.console_log()));
     }
     let restore = t.elapsed();
     eprintln!("restore: QEMU running after {restored_at:?}, envd /health after {restore:?}");
@@ -235,7 +142,7 @@ async fn template_boot_snapshot_restore_and_cleanup() {
     eprintln!("second /health after restore: {again:?}");
     let restored_pid = vm.pid();
 
-    let now = time_rfc3339();
+    let now = support::now_rfc3339();
     client
         .init(
             &serde_json::json!({ "envVars": { "WRENN_TEST": "restored" }, "timestamp": now }),
@@ -243,8 +150,12 @@ async fn template_boot_snapshot_restore_and_cleanup() {
         )
         .await
         .expect("/init");
-    let (stdout, code) = run_command(
+    let (stdout, code) = run_with(
         &client.base_url(),
+        RunOpts {
+            timeout: Duration::from_secs(30),
+            ..RunOpts::default()
+        },
         "echo \"$WRENN_TEST $(id -un) $(cat /proc/1/comm)\"; uname -r; cut -d' ' -f1 /proc/uptime",
     )
     .await;
@@ -318,11 +229,8 @@ async fn template_boot_snapshot_restore_and_cleanup() {
     assert!(!Path::new("/run/netns").join(&netns).exists());
     std::fs::remove_dir_all(&template_dir).unwrap();
     std::fs::remove_dir_all(&cache).unwrap();
-    let leftovers: Vec<_> = walk(&work_path);
-    assert!(
-        leftovers.iter().all(|p| p.is_dir()),
-        "files left: {leftovers:?}"
-    );
+    let leftovers = files_under(&work_path);
+    assert!(leftovers.is_empty(), "files left: {leftovers:?}");
     work.close().unwrap();
     assert!(!work_path.exists());
     eprintln!(
@@ -331,24 +239,4 @@ async fn template_boot_snapshot_restore_and_cleanup() {
         save.as_millis(),
         restore.as_millis()
     );
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        }
-        out.push(p);
-    }
-    out
-}
-
-fn time_rfc3339() -> String {
-    let out = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%dT%H:%M:%S.%NZ"])
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }

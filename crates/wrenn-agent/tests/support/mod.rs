@@ -9,9 +9,10 @@ use std::time::Duration;
 use wrenn_agent::accel::Accel;
 use wrenn_agent::envd::EnvdClient;
 use wrenn_agent::image::{self, ENVD_PORT, Kernel, SmallImageInputs};
-use wrenn_agent::slot::{Slot, TAP_NAME};
+use wrenn_agent::sandbox::SandboxNet as _;
+use wrenn_agent::slot::Slot;
 use wrenn_agent::snapshot::{self, Snapshot};
-use wrenn_agent::vm::{Launch, Memory, NetAttach, Vm, VmSpec, create_overlay};
+use wrenn_agent::vm::{Launch, Memory, Vm, VmSpec, create_overlay};
 
 /// Template cold boots are slow under TCG on a loaded machine.
 pub const COLD_BOOT_DEADLINE: Duration = Duration::from_secs(120);
@@ -27,6 +28,23 @@ pub fn enabled() -> bool {
     false
 }
 
+/// Sets up `tracing` output captured by the test harness (once per process).
+pub fn init_tracing(filter: &str) {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(filter)
+        .try_init();
+}
+
+/// A temporary work directory under `/var/tmp` (disk-backed: images and VM memory files are
+/// large). Declare it before VMs and slots so that it is dropped after them.
+pub fn work_dir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/var/tmp")
+        .unwrap()
+}
+
 /// The static guest envd (`scripts/build-guest-envd.sh`).
 pub fn envd_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("WRENN_ENVD_BIN") {
@@ -39,6 +57,18 @@ pub fn envd_binary() -> PathBuf {
 }
 
 static NEXT_SLOT: AtomicU32 = AtomicU32::new(0);
+
+/// The spec the tests boot: a 512 MiB, one-vCPU guest with the default command line.
+pub fn vm_spec(accel: Accel, kernel: &Kernel, initramfs: &Path) -> VmSpec {
+    VmSpec {
+        accel,
+        kernel: kernel.vmlinuz.clone(),
+        initramfs: initramfs.to_owned(),
+        cmdline: VmSpec::default_cmdline(accel),
+        memory_mib: 512,
+        vcpus: 1,
+    }
+}
 
 /// A new slot with an index unlikely to collide with other test processes.
 pub fn new_slot() -> Slot {
@@ -57,18 +87,7 @@ pub async fn build_template(cache: &Path, template_dir: &Path, work: &Path) -> S
     let initramfs = image::build_initramfs(cache, &kernel, Path::new("/bin/busybox")).unwrap();
     let rootfs = image::build_small_rootfs(cache, &SmallImageInputs::debian(envd)).unwrap();
     let slot = new_slot();
-    let net = NetAttach {
-        netns: slot.netns_path(),
-        tap: TAP_NAME.into(),
-    };
-    let spec = VmSpec {
-        accel,
-        kernel: kernel.vmlinuz.clone(),
-        initramfs: initramfs.path.clone(),
-        cmdline: VmSpec::default_cmdline(accel),
-        memory_mib: 512,
-        vcpus: 1,
-    };
+    let spec = vm_spec(accel, &kernel, &initramfs.path);
     std::fs::create_dir_all(template_dir).unwrap();
     let boot_dir = work.join("template-boot");
     std::fs::create_dir_all(&boot_dir).unwrap();
@@ -79,7 +98,7 @@ pub async fn build_template(cache: &Path, template_dir: &Path, work: &Path) -> S
         dir: boot_dir.clone(),
         disk: disk.clone(),
         memory: Memory::Shared(snapshot::template_memory_path(template_dir)),
-        net: Some(net),
+        net: Some(slot.attach()),
         incoming: false,
     })
     .await
@@ -109,9 +128,30 @@ fn http() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().unwrap()
 }
 
-/// Runs `/bin/bash -l -c <cmd>` as root through envd's `process.Process/Start` (Connect
-/// JSON envelopes) and returns (stdout, exit code).
-pub async fn run(base: &str, cmd: &str) -> (String, i64) {
+/// Who runs a command through envd, and how long the call may take.
+#[derive(Clone, Copy, Debug)]
+pub struct RunOpts<'a> {
+    /// The guest user (HTTP Basic auth without a password).
+    pub user: &'a str,
+    /// envd's access token (`X-Access-Token`), once `/init` has set one.
+    pub token: Option<&'a str>,
+    /// The limit for the whole call, command included.
+    pub timeout: Duration,
+}
+
+impl Default for RunOpts<'_> {
+    fn default() -> Self {
+        Self {
+            user: "root",
+            token: None,
+            timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Runs `/bin/bash -l -c <cmd>` through envd's `process.Process/Start` (Connect JSON
+/// envelopes) and returns (stdout, exit code); the guest's stderr goes to the test's stderr.
+pub async fn run_with(base: &str, opts: RunOpts<'_>, cmd: &str) -> (String, i64) {
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD;
     let msg = serde_json::json!({
@@ -121,15 +161,19 @@ pub async fn run(base: &str, cmd: &str) -> (String, i64) {
     let mut body = vec![0u8];
     body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
     body.extend_from_slice(msg.as_bytes());
-    let resp = http()
+    let mut req = http()
         .post(format!("{base}/process.Process/Start"))
         .header("content-type", "application/connect+json")
-        .header("authorization", format!("Basic {}", b64.encode("root:")))
-        .timeout(Duration::from_secs(120))
-        .body(body)
-        .send()
-        .await
-        .expect("Start request");
+        .header(
+            "authorization",
+            format!("Basic {}", b64.encode(format!("{}:", opts.user))),
+        )
+        .timeout(opts.timeout)
+        .body(body);
+    if let Some(token) = opts.token {
+        req = req.header("x-access-token", token);
+    }
+    let resp = req.send().await.expect("Start request");
     assert_eq!(resp.status(), 200, "Start status");
     let bytes = resp.bytes().await.unwrap();
     let (mut stdout, mut exit, mut rest) = (String::new(), None, &bytes[..]);
@@ -146,6 +190,12 @@ pub async fn run(base: &str, cmd: &str) -> (String, i64) {
         if let Some(data) = event["data"]["stdout"].as_str() {
             stdout.push_str(&String::from_utf8_lossy(&b64.decode(data).unwrap()));
         }
+        if let Some(data) = event["data"]["stderr"].as_str() {
+            eprint!(
+                "guest stderr: {}",
+                String::from_utf8_lossy(&b64.decode(data).unwrap())
+            );
+        }
         if let Some(end) = event.get("end") {
             exit = Some(end["exitCode"].as_i64().unwrap_or(0));
         }
@@ -153,11 +203,21 @@ pub async fn run(base: &str, cmd: &str) -> (String, i64) {
     (stdout, exit.expect("no end event"))
 }
 
-/// Runs a command that must succeed; returns its trimmed stdout.
-pub async fn run_ok(base: &str, cmd: &str) -> String {
-    let (out, code) = run(base, cmd).await;
-    assert_eq!(code, 0, "`{cmd}` exited {code}: {out}");
+/// Runs a command that must succeed with `opts`; returns its trimmed stdout.
+pub async fn run_ok_with(base: &str, opts: RunOpts<'_>, cmd: &str) -> String {
+    let (out, code) = run_with(base, opts, cmd).await;
+    assert_eq!(code, 0, "`{cmd}` as {} exited {code}: {out}", opts.user);
     out.trim().to_owned()
+}
+
+/// [`run_with`] as root, without a token.
+pub async fn run(base: &str, cmd: &str) -> (String, i64) {
+    run_with(base, RunOpts::default(), cmd).await
+}
+
+/// [`run_ok_with`] as root, without a token.
+pub async fn run_ok(base: &str, cmd: &str) -> String {
+    run_ok_with(base, RunOpts::default(), cmd).await
 }
 
 /// Writes a file as root through `POST /files` (octet-stream).
@@ -176,9 +236,26 @@ pub async fn write_file(base: &str, path: &str, data: &[u8]) {
     assert!(status.is_success(), "POST /files {status}: {text}");
 }
 
-/// Whether a process is alive (not a zombie).
+/// Whether a process is alive (neither gone nor a zombie).
 pub fn pid_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+    wrenn_agent::state::process_start_time(pid).is_some()
+}
+
+/// Live QEMU processes whose command line mentions `dir` (wherever they came from).
+pub fn qemu_pids_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.starts_with("qemu-system") && cmdline.contains(&needle) && pid_alive(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 /// Every file under `dir` (directories excluded).
@@ -201,6 +278,15 @@ pub fn host_now() -> f64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs_f64()
+}
+
+/// The host clock as RFC 3339 in UTC with nanoseconds, as envd's `/init` takes it.
+pub fn now_rfc3339() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%S.%NZ"])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 /// The first index of a [`wrenn_agent::pool::SlotPool`] for the sandbox test and the benchmark
