@@ -7,11 +7,10 @@
 
 mod support;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::{files_under, pid_alive, run_ok, write_file};
+use support::{files_under, run_ok, write_file};
 use wrenn_agent::pool::SlotPool;
 use wrenn_agent::rpc::Agent;
 use wrenn_agent::sandbox::Deadlines;
@@ -22,22 +21,6 @@ use wrenn_agent_proto::v1::*;
 use wrenn_connect::{Client, Code, Codec, ConnectError};
 
 const TEMPLATE: &str = "small";
-
-fn qemu_pids_under(dir: &Path) -> Vec<u32> {
-    let needle = dir.to_string_lossy().into_owned();
-    let mut pids = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        if cmdline.starts_with("qemu-system") && cmdline.contains(&needle) && pid_alive(pid) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
 
 fn netns_names() -> Vec<String> {
     let out = std::process::Command::new("ip")
@@ -357,7 +340,10 @@ async fn agent_rpc_lifecycle() {
     server.abort();
     agent.shutdown().await;
     drop(agent);
-    assert!(qemu_pids_under(&w).is_empty(), "QEMU processes left");
+    assert!(
+        support::qemu_pids_under(&w).is_empty(),
+        "QEMU processes left"
+    );
     let ours: Vec<String> = (first..first + 4)
         .map(|i| format!("{NETNS_PREFIX}{i}"))
         .collect();

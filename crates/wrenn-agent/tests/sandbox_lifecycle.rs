@@ -36,23 +36,6 @@ fn init(name: &str) -> InitConfig {
     }
 }
 
-/// QEMU processes whose command line mentions `dir`.
-fn qemu_pids_under(dir: &Path) -> Vec<u32> {
-    let needle = dir.to_string_lossy().into_owned();
-    let mut pids = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        if cmdline.starts_with("qemu-system") && cmdline.contains(&needle) && pid_alive(pid) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
 async fn create(template: &Snapshot, root: PathBuf, name: &str) -> Sandbox<Slot> {
     let slot = new_slot();
     match Sandbox::create(template, slot, &root, init(name), &deadlines()).await {
@@ -331,7 +314,10 @@ async fn sandboxes_create_pause_resume_clone_corrupt_and_cleanup() {
             "{what}: {err:?}"
         );
         assert!(!bad.join("vm").exists(), "{what}: runtime dir left");
-        assert!(qemu_pids_under(&bad).is_empty(), "{what}: QEMU left");
+        assert!(
+            support::qemu_pids_under(&bad).is_empty(),
+            "{what}: QEMU left"
+        );
         std::fs::remove_dir_all(&bad).unwrap();
     }
     // A state that passes our checks but that QEMU rejects (manifest hash updated too).
@@ -369,7 +355,7 @@ async fn sandboxes_create_pause_resume_clone_corrupt_and_cleanup() {
             }
         }
         assert!(!bad.join("vm").exists());
-        assert!(qemu_pids_under(&bad).is_empty());
+        assert!(support::qemu_pids_under(&bad).is_empty());
         std::fs::remove_dir_all(&bad).unwrap();
     }
     // A truncated template memory file: the template refuses to open.
@@ -401,7 +387,10 @@ async fn sandboxes_create_pause_resume_clone_corrupt_and_cleanup() {
         assert!(!root.exists(), "{} left", root.display());
         drop(slot);
     }
-    assert!(qemu_pids_under(&w).is_empty(), "QEMU processes left");
+    assert!(
+        support::qemu_pids_under(&w).is_empty(),
+        "QEMU processes left"
+    );
     let netns = String::from_utf8(
         std::process::Command::new("ip")
             .args(["netns", "list"])
@@ -460,7 +449,7 @@ async fn warm_pool_creates(template: &Snapshot, w: &Path, sandboxes: &Path, othe
         .map(|e| e.path())
         .collect();
     assert_eq!(waiting.len(), 1, "{waiting:?}");
-    let warm_pid = qemu_pids_under(&waiting[0]);
+    let warm_pid = support::qemu_pids_under(&waiting[0]);
     assert_eq!(warm_pid.len(), 1, "one waiting QEMU");
 
     let cold_root = sandboxes.join("pooled-cold");
@@ -532,7 +521,7 @@ async fn warm_pool_creates(template: &Snapshot, w: &Path, sandboxes: &Path, othe
     }
     pool.shutdown().await;
     slots.shutdown().await;
-    assert!(qemu_pids_under(&vms).is_empty(), "warm QEMU left");
+    assert!(support::qemu_pids_under(&vms).is_empty(), "warm QEMU left");
     let left = files_under(&vms);
     assert!(left.is_empty(), "files left: {left:?}");
     std::fs::remove_dir(&vms).unwrap();
