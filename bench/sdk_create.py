@@ -1,4 +1,4 @@
-"""Create and time-to-first-command through the official E2B Python SDK, against a running
+"""Create, time-to-first-command, pause and resume through the official E2B Python SDK, against a running
 Wrenn (E2B_API_URL, E2B_SANDBOX_URL, E2B_API_KEY in the environment, e.g. `source
 /var/lib/wrenn/env`). Prints a Markdown report with medians and p99.
 
@@ -39,6 +39,7 @@ def main():
     args = ap.parse_args()
 
     create, first_cmd, echo_only, second, kill = [], [], [], [], []
+    pause, resume, after_resume = [], [], []
     for i in range(args.warmup + args.samples):
         t0 = time.perf_counter()
         sbx = Sandbox.create(timeout=120)
@@ -49,6 +50,13 @@ def main():
         t2b = time.perf_counter()
         sbx.commands.run("echo again")
         t2c = time.perf_counter()
+        sbx.pause()
+        t4 = time.perf_counter()
+        sbx = Sandbox.connect(sbx.sandbox_id, timeout=120)
+        t5 = time.perf_counter()
+        out = sbx.commands.run("echo back")
+        t6 = time.perf_counter()
+        assert out.stdout == "back\n", out
         sbx.kill()
         t3 = time.perf_counter()
         if i >= args.warmup:
@@ -56,7 +64,10 @@ def main():
             first_cmd.append((t2 - t0) * 1000)
             echo_only.append((t2 - t1) * 1000)
             second.append((t2c - t2b) * 1000)
-            kill.append((t3 - t2c) * 1000)
+            pause.append((t4 - t2c) * 1000)
+            resume.append((t5 - t4) * 1000)
+            after_resume.append((t6 - t5) * 1000)
+            kill.append((t3 - t6) * 1000)
 
     cores = os.cpu_count()
     print(f"## Create through the API (Python SDK), {time.strftime('%Y-%m-%d')}\n")
@@ -69,6 +80,9 @@ def main():
         ("create + first `commands.run('echo')`", first_cmd),
         ("first `commands.run('echo')` alone", echo_only),
         ("second `commands.run('echo')`", second),
+        ("`pause()`", pause),
+        ("resume: `Sandbox.connect()` of the paused sandbox", resume),
+        ("first `commands.run('echo')` after resume", after_resume),
         ("`kill()`", kill),
     ]:
         print(f"| {name} | {statistics.median(vals):.0f} | {pct(vals, 99):.0f} | {min(vals):.0f} | {max(vals):.0f} |")
