@@ -467,12 +467,13 @@ impl Agent {
         let Some((meta, dir)) = found else {
             return;
         };
-        let write = || -> std::io::Result<()> {
-            let tmp = dir.join(format!("{META_FILE}.tmp"));
-            std::fs::write(&tmp, serde_json::to_vec_pretty(&meta)?)?;
-            std::fs::rename(&tmp, dir.join(META_FILE))
-        };
-        if let Err(e) = write() {
+        let written = serde_json::to_vec_pretty(&meta)
+            .map_err(|e| e.to_string())
+            .and_then(|text| {
+                crate::sandbox::write_private(&dir.join(META_FILE), &text, false)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = written {
             tracing::warn!(sandbox = %id, error = %e, "could not save the sandbox's agent record");
         }
     }

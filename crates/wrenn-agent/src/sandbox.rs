@@ -447,7 +447,7 @@ impl<N: SandboxNet> Sandbox<N> {
             dir: self.root.clone(),
             reason: e.to_string(),
         })?;
-        write_private(&self.root.join(RUNNING_FILE), &text)?;
+        write_private(&self.root.join(RUNNING_FILE), &text, false)?;
         let mut record = crate::state::VmRecord::for_process(
             self.vm.dir(),
             self.vm.pid(),
@@ -907,8 +907,11 @@ impl PausedSandbox {
     }
 }
 
-/// Writes a file only the owner can read (it holds the access token), atomically.
-fn write_private(path: &Path, data: &[u8]) -> Result<(), SandboxError> {
+/// Writes a file only the owner can read (records hold the access token), atomically: a
+/// temporary file renamed into place. `durable` also syncs the file and its directory, for
+/// records that must survive a host crash (a paused state); a running sandbox's records need
+/// not: they only have to survive the agent, and its VM dies with the host anyway.
+pub(crate) fn write_private(path: &Path, data: &[u8], durable: bool) -> Result<(), SandboxError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
@@ -920,35 +923,23 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), SandboxError> {
         .open(&tmp)
         .map_err(VmError::io("create", &tmp))?;
     f.write_all(data).map_err(VmError::io("write", &tmp))?;
+    if durable {
+        f.sync_all().map_err(VmError::io("sync", &tmp))?;
+    }
     std::fs::rename(&tmp, path).map_err(VmError::io("rename", &tmp))?;
+    if durable && let Some(dir) = path.parent() {
+        sync_file(dir)?;
+    }
     Ok(())
 }
 
-/// Writes `paused.json` atomically and durably (temp file, fsync, rename, fsync the directory).
+/// Writes `paused.json` atomically and durably: its presence means a complete pause.
 fn write_manifest(root: &Path, manifest: &PausedManifest) -> Result<(), SandboxError> {
     let text = serde_json::to_vec_pretty(manifest).map_err(|e| SandboxError::Invalid {
         dir: root.to_owned(),
         reason: e.to_string(),
     })?;
-    let tmp = root.join("paused.json.tmp");
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        // The manifest holds the access token: owner only.
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(VmError::io("create", &tmp))?;
-        f.write_all(&text).map_err(VmError::io("write", &tmp))?;
-        f.sync_all().map_err(VmError::io("sync", &tmp))?;
-    }
-    let path = root.join(MANIFEST_FILE);
-    std::fs::rename(&tmp, &path).map_err(VmError::io("rename", &tmp))?;
-    sync_file(root)?;
-    Ok(())
+    write_private(&root.join(MANIFEST_FILE), &text, true)
 }
 
 fn sync_file(path: &Path) -> Result<(), VmError> {

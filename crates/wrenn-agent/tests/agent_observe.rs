@@ -7,29 +7,18 @@
 
 mod support;
 
-use std::sync::Arc;
+use support::{TestAgent, call};
+
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use support::pid_alive;
-use wrenn_agent::pool::SlotPool;
-use wrenn_agent::rpc::Agent;
-use wrenn_agent::sandbox::Deadlines;
-use wrenn_agent::snapshot::Snapshot;
 use wrenn_agent_proto::paths;
 use wrenn_agent_proto::v1::*;
-use wrenn_connect::{Client, Code, Codec, ConnectError};
+use wrenn_connect::{Client, Code, ConnectError};
 
 const TEMPLATE: &str = "small";
 const ID: &str = "sb-observe";
-
-async fn call<Req: wrenn_connect::Message, Resp: wrenn_connect::Message>(
-    c: &Client,
-    path: &str,
-    req: Req,
-) -> Result<Resp, ConnectError> {
-    c.unary(path, &req).await
-}
 
 async fn metrics(c: &Client, start: i64, end: i64) -> Result<Vec<MetricSample>, ConnectError> {
     let r: MetricsResponse = call(
@@ -144,39 +133,15 @@ async fn agent_metrics_and_logs() {
     if !support::enabled() {
         return;
     }
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter("wrenn_agent=debug")
-        .try_init();
-    let work = tempfile::Builder::new()
-        .prefix("wrenn-agent-observe-test")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    let w = work.path().to_owned();
-    let t = Instant::now();
-    let template = support::build_template(&w.join("images"), &w.join("template"), &w).await;
-    eprintln!("template built and snapshotted in {:?}", t.elapsed());
-    let template = Snapshot::open(&template.dir).expect("open template");
-
     let first = 3_400 + (std::process::id() % 50) * 4;
-    let slots = SlotPool::new(1, first, 4).await.expect("slot pool");
-    let sandboxes = w.join("sandboxes");
-    std::fs::create_dir_all(&sandboxes).unwrap();
-    let agent = Arc::new(
-        Agent::new("test-host", slots, sandboxes.clone(), 4).with_deadlines(Deadlines {
-            health: Duration::from_secs(60),
-            init: Duration::from_secs(30),
-            prepare: Duration::from_secs(30),
-        }),
-    );
-    agent.register_template(TEMPLATE, template.clone(), None, "test-envd");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(axum::serve(listener, agent.clone().router()).into_future());
-    let c = Client::new(&format!("http://{addr}"))
-        .unwrap()
-        .with_codec(Codec::Json)
-        .with_timeout(Duration::from_secs(180));
+    let TestAgent {
+        work,
+        sandboxes,
+        agent,
+        client: c,
+        server,
+    } = support::start_agent("wrenn-agent-observe-test", TEMPLATE, first, 1, 4).await;
+    let w = work.path().to_owned();
 
     let e = metrics(&c, 0, 0).await.expect_err("unknown sandbox");
     assert_eq!(e.code, Code::NotFound, "{e:?}");
@@ -367,6 +332,6 @@ async fn agent_metrics_and_logs() {
             }),
         "QEMU processes left"
     );
-    std::fs::remove_dir_all(&template.dir).unwrap();
+    std::fs::remove_dir_all(w.join("template")).unwrap();
     work.close().unwrap();
 }

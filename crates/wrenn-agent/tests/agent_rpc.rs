@@ -7,18 +7,15 @@
 
 mod support;
 
-use std::sync::Arc;
+use support::{TestAgent, call};
+
 use std::time::{Duration, Instant};
 
 use support::{files_under, run_ok, write_file};
-use wrenn_agent::pool::SlotPool;
-use wrenn_agent::rpc::Agent;
-use wrenn_agent::sandbox::Deadlines;
 use wrenn_agent::slot::NETNS_PREFIX;
-use wrenn_agent::snapshot::Snapshot;
 use wrenn_agent_proto::paths;
 use wrenn_agent_proto::v1::*;
-use wrenn_connect::{Client, Code, Codec, ConnectError};
+use wrenn_connect::Code;
 
 const TEMPLATE: &str = "small";
 
@@ -43,14 +40,6 @@ fn spec(id: &str, template: &str) -> SandboxSpec {
     }
 }
 
-async fn call<Req: wrenn_connect::Message, Resp: wrenn_connect::Message>(
-    c: &Client,
-    path: &str,
-    req: Req,
-) -> Result<Resp, ConnectError> {
-    c.unary(path, &req).await
-}
-
 fn states(list: &ListResponse) -> Vec<(String, i32)> {
     list.sandboxes
         .iter()
@@ -63,41 +52,17 @@ async fn agent_rpc_lifecycle() {
     if !support::enabled() {
         return;
     }
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter("wrenn_agent=debug")
-        .try_init();
-    let work = tempfile::Builder::new()
-        .prefix("wrenn-agent-rpc-test")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    let w = work.path().to_owned();
-    let t = Instant::now();
-    let template = support::build_template(&w.join("images"), &w.join("template"), &w).await;
-    eprintln!("template built and snapshotted in {:?}", t.elapsed());
-    let template = Snapshot::open(&template.dir).expect("open template");
-
     // 33000..33400 was asked for, but slot indices stop at MAX_SLOTS (32768); 3000..3400 is
     // clear of every other test's range (vm_template 4000.., new_slot 8000.., pools 30400..).
     let first = 3_000 + (std::process::id() % 100) * 4;
-    let slots = SlotPool::new(2, first, 4).await.expect("slot pool");
-    let sandboxes = w.join("sandboxes");
-    std::fs::create_dir_all(&sandboxes).unwrap();
-    let agent = Arc::new(
-        Agent::new("test-host", slots, sandboxes.clone(), 8).with_deadlines(Deadlines {
-            health: Duration::from_secs(60),
-            init: Duration::from_secs(30),
-            prepare: Duration::from_secs(30),
-        }),
-    );
-    agent.register_template(TEMPLATE, template.clone(), None, "test-envd");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(axum::serve(listener, agent.clone().router()).into_future());
-    let c = Client::new(&format!("http://{addr}"))
-        .unwrap()
-        .with_codec(Codec::Json)
-        .with_timeout(Duration::from_secs(180));
+    let TestAgent {
+        work,
+        sandboxes,
+        agent,
+        client: c,
+        server,
+    } = support::start_agent("wrenn-agent-rpc-test", TEMPLATE, first, 2, 8).await;
+    let w = work.path().to_owned();
 
     let info: HostInfoResponse = call(&c, paths::HOST_INFO, HostInfoRequest {})
         .await
@@ -354,7 +319,7 @@ async fn agent_rpc_lifecycle() {
     assert!(left.is_empty(), "namespaces left: {left:?}");
     let left = files_under(&sandboxes);
     assert!(left.is_empty(), "sandbox files left: {left:?}");
-    std::fs::remove_dir_all(&template.dir).unwrap();
+    std::fs::remove_dir_all(w.join("template")).unwrap();
     std::fs::remove_dir_all(w.join("images")).unwrap();
     let left = files_under(&w);
     assert!(left.is_empty(), "files left: {left:?}");

@@ -4,6 +4,10 @@ use std::time::Duration;
 
 use wrenn_core::Deadline;
 
+/// The envd version of this workspace's envd (`envd::ENVD_VERSION`), for templates whose
+/// record has none. The control plane does not depend on the envd crate, hence the copy.
+pub const DEFAULT_ENVD_VERSION: &str = "0.6.4";
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// `postgres://...`, `sqlite://PATH` or a plain SQLite file path.
@@ -36,7 +40,7 @@ impl Config {
             deadline: Deadline::default(),
             backstop_grace_secs: 60,
             reaper_interval: Duration::from_secs(1),
-            default_envd_version: "0.6.4".to_owned(),
+            default_envd_version: DEFAULT_ENVD_VERSION.to_owned(),
         }
     }
 }

@@ -14,7 +14,7 @@ mod service;
 pub mod store;
 pub mod tokens;
 
-pub use config::Config;
+pub use config::{Config, DEFAULT_ENVD_VERSION};
 pub use error::ApiError;
 pub use http::{HEADER_READ_TIMEOUT, IDLE_TIMEOUT, app, serve, serve_with_idle};
 pub use service::{ControlPlane, Reconciled};

@@ -178,7 +178,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     // 2. The default template.
     let build_slot_index = range.start;
     let snapshot = default_template(&args, &templates, build_slot_index).await?;
-    let envd_version = Config::new("", Vec::new()).default_envd_version;
+    let envd_version = wrenn_server::DEFAULT_ENVD_VERSION.to_owned();
 
     // 3. The agent, with the paused sandboxes it found.
     let pool_first = range.start + 1;

@@ -294,3 +294,75 @@ pub fn now_rfc3339() -> String {
 pub fn pool_first_slot() -> u32 {
     32_600 + (std::process::id() % 40) * 4
 }
+
+/// An [`Agent`](wrenn_agent::rpc::Agent) serving `AgentService` on a loopback port, with the
+/// small image's template registered as `template_id` (envd version `test-envd`).
+pub struct TestAgent {
+    /// The work directory (template, images, `sandboxes/`); dropped last.
+    pub work: tempfile::TempDir,
+    /// The agent's sandboxes directory.
+    pub sandboxes: PathBuf,
+    pub agent: std::sync::Arc<wrenn_agent::rpc::Agent>,
+    /// A JSON Connect client for the agent's RPC.
+    pub client: wrenn_connect::Client,
+    pub server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Builds the small template in a fresh work directory and starts an agent (host ID
+/// `test-host`) with a pool of `pool` slots from `first_slot` (4 indices) and room for
+/// `max_sandboxes`, with deadlines for a loaded TCG host.
+pub async fn start_agent(
+    prefix: &str,
+    template_id: &str,
+    first_slot: u32,
+    pool: usize,
+    max_sandboxes: u32,
+) -> TestAgent {
+    use wrenn_agent::pool::SlotPool;
+    use wrenn_agent::rpc::Agent;
+    use wrenn_agent::sandbox::Deadlines;
+
+    init_tracing("wrenn_agent=debug");
+    let work = work_dir(prefix);
+    let w = work.path().to_owned();
+    let t = std::time::Instant::now();
+    let template = build_template(&w.join("images"), &w.join("template"), &w).await;
+    eprintln!("template built and snapshotted in {:?}", t.elapsed());
+    let template = Snapshot::open(&template.dir).expect("open template");
+    let slots = SlotPool::new(pool, first_slot, 4).await.expect("slot pool");
+    let sandboxes = w.join("sandboxes");
+    std::fs::create_dir_all(&sandboxes).unwrap();
+    let agent = std::sync::Arc::new(
+        Agent::new("test-host", slots, sandboxes.clone(), max_sandboxes).with_deadlines(
+            Deadlines {
+                health: Duration::from_secs(60),
+                init: Duration::from_secs(30),
+                prepare: Duration::from_secs(30),
+            },
+        ),
+    );
+    agent.register_template(template_id, template, None, "test-envd");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(axum::serve(listener, agent.clone().router()).into_future());
+    let client = wrenn_connect::Client::new(&format!("http://{addr}"))
+        .unwrap()
+        .with_codec(wrenn_connect::Codec::Json)
+        .with_timeout(Duration::from_secs(180));
+    TestAgent {
+        work,
+        sandboxes,
+        agent,
+        client,
+        server,
+    }
+}
+
+/// One unary agent RPC.
+pub async fn call<Req: wrenn_connect::Message, Resp: wrenn_connect::Message>(
+    c: &wrenn_connect::Client,
+    path: &str,
+    req: Req,
+) -> Result<Resp, wrenn_connect::ConnectError> {
+    c.unary(path, &req).await
+}
