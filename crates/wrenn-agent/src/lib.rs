@@ -1,12 +1,11 @@
-//! The host agent's microVM runtime, as a library: accelerator choice ([`accel`]), guest
-//! images ([`image`]), QEMU VMs ([`vm`]), template snapshots and restores ([`snapshot`]),
+//! The host agent's microVM runtime, as a library: accelerator choice ([`accel`]), QEMU VMs
+//! ([`vm`]) booting the guest images of `wrenn-image`, template snapshots and restores ([`snapshot`]),
 //! network slots ([`slot`]) and the envd lifecycle client ([`envd`]); per-slot metadata
 //! endpoints ([`metadata`]), slot and pre-started QEMU pools ([`pool`]), and on-disk VM records
 //! for crash recovery ([`state`]); the traffic proxy into sandboxes ([`proxy`]).
 
 pub mod accel;
 pub mod envd;
-pub mod image;
 pub mod memdiff;
 pub mod metadata;
 pub mod observe;

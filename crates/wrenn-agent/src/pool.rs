@@ -300,7 +300,7 @@ impl crate::sandbox::SandboxNet for SlotLease {
     }
 
     fn envd_addr(&self) -> std::net::SocketAddr {
-        self.slot().guest_endpoint(crate::image::ENVD_PORT)
+        self.slot().guest_endpoint(wrenn_image::ENVD_PORT)
     }
 
     fn slot_index(&self) -> Option<u32> {

@@ -1,7 +1,7 @@
 //! The agent's traffic proxy: forwards SDK traffic from the edge proxy into sandboxes.
 //!
 //! Each request names its sandbox and guest port in the `E2b-Sandbox-Id` and
-//! `E2b-Sandbox-Port` headers (port default envd's 49983). They are read per request, not per
+//! `E2b-Sandbox-Port` headers (port default envd's, `wrenn_image::ENVD_PORT`). They are read per request, not per
 //! connection, because the edge proxy and the SDKs share connections between sandboxes. The
 //! request goes to the guest's `169.254.0.21:<port>`, which the host reaches at the slot's
 //! guest endpoint; bodies stream both ways and upgrades (WebSocket) are spliced through.
@@ -18,9 +18,9 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use wrenn_http::forward::{self, ForwardError, HttpClient};
+// envd's port is the default when a request names none.
+use wrenn_image::ENVD_PORT;
 
-/// envd's port, used when a request names no port.
-pub const ENVD_PORT: u16 = 49983;
 const SANDBOX_ID_HEADER: &str = "e2b-sandbox-id";
 const SANDBOX_PORT_HEADER: &str = "e2b-sandbox-port";
 /// The guest is on this host: a port that does not accept within this time is as good as closed.

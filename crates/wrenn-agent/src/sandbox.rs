@@ -28,9 +28,9 @@ use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use wrenn_image::ENVD_PORT;
 
 use crate::envd::{EnvdClient, EnvdError};
-use crate::image::ENVD_PORT;
 use crate::memdiff::{DiffInfo, MemDiffError};
 use crate::pool::{PoolError, RestoredWarm, SlotLease, SlotPool, WarmPool, restore_warm};
 use crate::slot::{Slot, TAP_NAME};

@@ -15,10 +15,9 @@ use std::time::{Duration, Instant};
 use support::RunOpts;
 use wrenn_agent::accel::Accel;
 use wrenn_agent::envd::EnvdClient;
-use wrenn_agent::image::debian::{self, DebianImageInputs, ProgressMode};
-use wrenn_agent::image::{self, ENVD_PORT, Kernel};
 use wrenn_agent::sandbox::SandboxNet as _;
 use wrenn_agent::vm::{Launch, Memory, Vm, create_overlay};
+use wrenn_image::{DebianImageInputs, ENVD_PORT, Kernel, Progress};
 
 /// Runs a command that must succeed as `user` through envd; returns its trimmed stdout.
 async fn run_ok(base: &str, user: &str, cmd: &str) -> String {
@@ -31,6 +30,11 @@ async fn run_ok(base: &str, user: &str, cmd: &str) -> String {
         cmd,
     )
     .await
+}
+
+/// Shows a build's progress in the test log.
+fn print_progress(p: Progress) {
+    eprintln!("{p:?}");
 }
 
 /// Temporary build directories of this process left in a cache.
@@ -49,35 +53,38 @@ async fn debian_template_builds_boots_and_runs_python() {
     if !support::enabled() {
         return;
     }
-    support::init_tracing("wrenn_agent=info");
+    support::init_tracing("wrenn_agent=info,wrenn_image=info");
     // Declared first so it is dropped last, after the VM and the slot.
     let work = support::work_dir("wrenn-debian-test");
     let work_path = work.path().to_owned();
 
     let envd = support::envd_binary();
     assert!(envd.is_file(), "no static envd at {}", envd.display());
-    let cache = image::default_cache_dir();
-    let inputs = DebianImageInputs {
-        progress: ProgressMode::Auto,
-        ..DebianImageInputs::new(envd.clone())
-    };
+    let cache = wrenn_image::default_cache_dir();
+    let inputs = DebianImageInputs::new(envd.clone());
 
     let t = Instant::now();
     let built = {
         let (cache, inputs) = (cache.clone(), inputs.clone());
-        tokio::task::spawn_blocking(move || debian::build_debian_rootfs(&cache, &inputs))
-            .await
-            .unwrap()
-            .expect("build the Debian image")
+        tokio::task::spawn_blocking(move || {
+            wrenn_image::build_debian_rootfs(&cache, &inputs, &mut print_progress)
+        })
+        .await
+        .unwrap()
+        .expect("build the Debian image")
     };
     let first = t.elapsed();
     let t = Instant::now();
     let again = {
         let (cache, inputs) = (cache.clone(), inputs.clone());
-        tokio::task::spawn_blocking(move || debian::build_debian_rootfs(&cache, &inputs))
-            .await
-            .unwrap()
-            .unwrap()
+        tokio::task::spawn_blocking(move || {
+            wrenn_image::build_debian_rootfs(&cache, &inputs, &mut |p| {
+                panic!("a cache hit reported {p:?}")
+            })
+        })
+        .await
+        .unwrap()
+        .unwrap()
     };
     let cached = t.elapsed();
     assert_eq!(again.rootfs.path, built.rootfs.path);
@@ -129,7 +136,8 @@ async fn debian_template_builds_boots_and_runs_python() {
     // Cold boot.
     let accel = Accel::detect().unwrap();
     let kernel = Kernel::find(None).expect("guest kernel");
-    let initramfs = image::build_initramfs(&cache, &kernel, Path::new("/bin/busybox")).unwrap();
+    let initramfs =
+        wrenn_image::build_initramfs(&cache, &kernel, Path::new("/bin/busybox")).unwrap();
     let slot = support::new_slot();
     let client = EnvdClient::new(slot.guest_endpoint(ENVD_PORT));
     let spec = support::vm_spec(accel, &kernel, &initramfs.path);
@@ -268,10 +276,21 @@ fn failed_debian_build_leaves_nothing() {
     let inputs = DebianImageInputs {
         // Port 9 (discard) on loopback: nothing listens, so debootstrap fails at once.
         mirror: Some("http://127.0.0.1:9/debian".into()),
-        progress: ProgressMode::Plain,
         ..DebianImageInputs::new(envd)
     };
-    let err = debian::build_debian_rootfs(cache.path(), &inputs).expect_err("must fail");
+    let mut events = Vec::new();
+    let err = wrenn_image::build_debian_rootfs(cache.path(), &inputs, &mut |p| events.push(p))
+        .expect_err("must fail");
+    assert!(
+        events.iter().any(|p| matches!(
+            p,
+            Progress::PhaseFailed {
+                phase: "debootstrap",
+                ..
+            }
+        )),
+        "no failed phase reported: {events:?}"
+    );
     let text = format!("{err}");
     eprintln!("failed build: {text}");
     assert!(text.contains("debootstrap"), "{text}");

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use support::{RunOpts, now_rfc3339, pid_alive, qemu_pids_under, run_with, tail};
 use wrenn_agent::accel::Accel;
 use wrenn_agent::envd::{EnvdClient, EnvdError};
-use wrenn_agent::image::{self, ENVD_PORT, Kernel, SmallImageInputs};
 use wrenn_agent::metadata::Metadata;
 use wrenn_agent::pool::{SlotPool, WarmPool, restore_warm};
 use wrenn_agent::sandbox::SandboxNet as _;
@@ -27,6 +26,7 @@ use wrenn_agent::slot::Slot;
 use wrenn_agent::snapshot::{self, Snapshot};
 use wrenn_agent::state::{self, ScanScope, VmRecord, VmState};
 use wrenn_agent::vm::{Launch, Memory, Vm, VmSpec, create_overlay};
+use wrenn_image::{ENVD_PORT, Kernel, SmallImageInputs};
 
 const COLD_BOOT_DEADLINE: Duration = Duration::from_secs(90);
 const RESTORE_DEADLINE: Duration = Duration::from_secs(15);
@@ -103,8 +103,9 @@ async fn template(work: &Path, slots: &SlotPool) -> Fixture {
     assert!(envd.is_file(), "no static envd at {}", envd.display());
     let cache = work.join("images");
     let kernel = Kernel::find(None).expect("guest kernel");
-    let initramfs = image::build_initramfs(&cache, &kernel, Path::new("/bin/busybox")).unwrap();
-    let rootfs = image::build_small_rootfs(&cache, &SmallImageInputs::debian(envd)).unwrap();
+    let initramfs =
+        wrenn_image::build_initramfs(&cache, &kernel, Path::new("/bin/busybox")).unwrap();
+    let rootfs = wrenn_image::build_small_rootfs(&cache, &SmallImageInputs::debian(envd)).unwrap();
     let spec = support::vm_spec(accel, &kernel, &initramfs.path);
     let template_dir = work.join("template");
     std::fs::create_dir_all(&template_dir).unwrap();

@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 use support::{RunOpts, enabled, envd_binary, files_under, pid_alive, run_with, tail};
 use wrenn_agent::accel::Accel;
 use wrenn_agent::envd::EnvdClient;
-use wrenn_agent::image::{self, ENVD_PORT, Kernel, SmallImageInputs};
 use wrenn_agent::sandbox::SandboxNet as _;
 use wrenn_agent::slot::Slot;
 use wrenn_agent::snapshot::{self, Snapshot};
 use wrenn_agent::vm::{Launch, Memory, Vm, create_overlay};
+use wrenn_image::{ENVD_PORT, Kernel, SmallImageInputs};
 
 const COLD_BOOT_DEADLINE: Duration = Duration::from_secs(60);
 const RESTORE_DEADLINE: Duration = Duration::from_secs(10);
@@ -51,12 +51,13 @@ async fn template_boot_snapshot_restore_and_cleanup() {
     let cache = work_path.join("images");
     let t = Instant::now();
     let kernel = Kernel::find(None).expect("guest kernel");
-    let initramfs = image::build_initramfs(&cache, &kernel, Path::new("/bin/busybox")).unwrap();
+    let initramfs =
+        wrenn_image::build_initramfs(&cache, &kernel, Path::new("/bin/busybox")).unwrap();
     let rootfs =
-        image::build_small_rootfs(&cache, &SmallImageInputs::debian(envd.clone())).unwrap();
+        wrenn_image::build_small_rootfs(&cache, &SmallImageInputs::debian(envd.clone())).unwrap();
     let build_time = t.elapsed();
     let t = Instant::now();
-    let again = image::build_small_rootfs(&cache, &SmallImageInputs::debian(envd)).unwrap();
+    let again = wrenn_image::build_small_rootfs(&cache, &SmallImageInputs::debian(envd)).unwrap();
     assert_eq!(again.path, rootfs.path);
     assert!(
         t.elapsed() < build_time,

@@ -101,9 +101,36 @@ fn dependency_directions() {
             "wrenn-qmp",
             &["envd", "wrenn-agent", "wrenn-server", "wrenn-core"],
         ),
+        // The control plane reaches hosts only over the agent RPC, so it can run elsewhere.
         (
             "wrenn-server",
-            &["envd", "wrenn-agent", "wrenn-qmp", "wrenn-hostnet"],
+            &[
+                "envd",
+                "wrenn-agent",
+                "wrenn-qmp",
+                "wrenn-hostnet",
+                "wrenn-image",
+            ],
+        ),
+        // Host building blocks know nothing of the agent that wires them, nor of the guest.
+        (
+            "wrenn-hostnet",
+            &["envd", "wrenn-agent", "wrenn-server", "wrenn-image"],
+        ),
+        // Image builds report progress as events; drawing it is the caller's concern.
+        (
+            "wrenn-image",
+            &[
+                "envd",
+                "wrenn-agent",
+                "wrenn-server",
+                "wrenn-hostnet",
+                "indicatif",
+                "console",
+                "crossterm",
+                "termion",
+                "ratatui",
+            ],
         ),
     ];
     let root = workspace_root();
@@ -126,4 +153,54 @@ fn dependency_directions() {
         }
     }
     assert!(bad.is_empty(), "{bad:?}");
+}
+
+/// The packages `krate` depends on, directly or not, from `Cargo.lock` (every target and
+/// feature, so this over-approximates: it errs on the side of a failure).
+fn lock_closure(krate: &str) -> std::collections::BTreeSet<String> {
+    let lock = std::fs::read_to_string(workspace_root().join("Cargo.lock")).unwrap();
+    let mut deps: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for block in lock.split("[[package]]").skip(1) {
+        let Some(name) = block
+            .lines()
+            .find_map(|l| l.strip_prefix("name = "))
+            .map(|n| n.trim_matches('"').to_owned())
+        else {
+            continue;
+        };
+        let list = block
+            .split_once("dependencies = [")
+            .map(|(_, rest)| rest.split(']').next().unwrap_or(""))
+            .unwrap_or("");
+        // Entries are `"name"` or `"name version"` (with a source when names clash).
+        let names = list
+            .split(',')
+            .filter_map(|e| e.trim().trim_matches('"').split(' ').next())
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned);
+        deps.entry(name).or_default().extend(names);
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut todo = vec![krate.to_owned()];
+    while let Some(next) = todo.pop() {
+        for dep in deps.get(&next).into_iter().flatten() {
+            if seen.insert(dep.clone()) {
+                todo.push(dep.clone());
+            }
+        }
+    }
+    seen
+}
+
+/// Image builds report progress as events; no terminal crate may sneak in, not even through
+/// another dependency.
+#[test]
+fn image_builds_draw_nothing() {
+    let closure = lock_closure("wrenn-image");
+    assert!(closure.contains("serde"), "wrenn-image not in Cargo.lock?");
+    let terminal: Vec<_> = ["indicatif", "console", "crossterm", "termion", "ratatui"]
+        .into_iter()
+        .filter(|t| closure.contains(*t))
+        .collect();
+    assert!(terminal.is_empty(), "wrenn-image pulls in {terminal:?}");
 }

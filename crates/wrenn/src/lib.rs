@@ -2,4 +2,5 @@
 //! a `run` function, so `main.rs` only parses and dispatches.
 
 pub mod cli;
+mod progress;
 pub mod up;

@@ -21,8 +21,6 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use tokio_util::sync::CancellationToken;
 use wrenn_agent::accel::Accel;
-use wrenn_agent::image::debian::{self, DebianImageInputs, ProgressMode};
-use wrenn_agent::image::{self, Kernel};
 use wrenn_agent::pool::{SlotPool, WarmPool};
 use wrenn_agent::rpc::Agent;
 use wrenn_agent::sandbox::Deadlines;
@@ -30,9 +28,12 @@ use wrenn_agent::slot::Slot;
 use wrenn_agent::state::{self, OwnerLock, ScanScope};
 use wrenn_agent::template::{self, TemplateInputs};
 use wrenn_agent::vm::VmSpec;
+use wrenn_image::{DebianImageInputs, Kernel};
 use wrenn_server::agents::ConnectConnector;
 use wrenn_server::store::TemplateRecord;
 use wrenn_server::{Config, ControlPlane};
+
+use crate::progress::{ProgressMode, Renderer};
 
 /// The template every E2B SDK asks for by default.
 pub const DEFAULT_TEMPLATE: &str = "base";
@@ -366,24 +367,18 @@ async fn default_template(
     let cache = args
         .image_cache
         .clone()
-        .unwrap_or_else(image::default_cache_dir);
-    let progress = match args.progress.as_str() {
-        "spinner" => ProgressMode::Spinner,
-        "plain" => ProgressMode::Plain,
-        "quiet" => ProgressMode::Quiet,
-        _ => ProgressMode::Auto,
-    };
+        .unwrap_or_else(wrenn_image::default_cache_dir);
+    let mut progress = Renderer::new(ProgressMode::from_arg(&args.progress));
     let (rootfs, initramfs) = {
         let (cache, kernel) = (cache.clone(), kernel.clone());
-        let inputs = DebianImageInputs {
-            progress,
-            ..DebianImageInputs::new(envd)
-        };
+        let inputs = DebianImageInputs::new(envd);
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let rootfs = debian::build_debian_rootfs(&cache, &inputs)
-                .context("build the Debian template image")?;
-            let initramfs = image::build_initramfs(&cache, &kernel, Path::new("/bin/busybox"))
-                .context("build the initramfs")?;
+            let rootfs =
+                wrenn_image::build_debian_rootfs(&cache, &inputs, &mut |p| progress.show(p))
+                    .context("build the Debian template image")?;
+            let initramfs =
+                wrenn_image::build_initramfs(&cache, &kernel, Path::new("/bin/busybox"))
+                    .context("build the initramfs")?;
             Ok((rootfs, initramfs))
         })
         .await

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use wrenn_agent::accel::Accel;
 use wrenn_agent::envd::EnvdClient;
-use wrenn_agent::image::{self, ENVD_PORT, Kernel, SmallImageInputs};
 use wrenn_agent::sandbox::SandboxNet as _;
 use wrenn_agent::slot::Slot;
 use wrenn_agent::snapshot::{self, Snapshot};
 use wrenn_agent::vm::{Launch, Memory, Vm, VmSpec, create_overlay};
+use wrenn_image::{ENVD_PORT, Kernel, SmallImageInputs};
 
 /// Template cold boots are slow under TCG on a loaded machine.
 pub const COLD_BOOT_DEADLINE: Duration = Duration::from_secs(120);
@@ -84,8 +84,9 @@ pub async fn build_template(cache: &Path, template_dir: &Path, work: &Path) -> S
     let envd = envd_binary();
     assert!(envd.is_file(), "no static envd at {}", envd.display());
     let kernel = Kernel::find(None).expect("guest kernel");
-    let initramfs = image::build_initramfs(cache, &kernel, Path::new("/bin/busybox")).unwrap();
-    let rootfs = image::build_small_rootfs(cache, &SmallImageInputs::debian(envd)).unwrap();
+    let initramfs =
+        wrenn_image::build_initramfs(cache, &kernel, Path::new("/bin/busybox")).unwrap();
+    let rootfs = wrenn_image::build_small_rootfs(cache, &SmallImageInputs::debian(envd)).unwrap();
     let slot = new_slot();
     let spec = vm_spec(accel, &kernel, &initramfs.path);
     std::fs::create_dir_all(template_dir).unwrap();

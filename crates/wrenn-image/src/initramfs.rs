@@ -8,14 +8,16 @@ use flate2::Compression;
 use flate2::write::GzEncoder;
 use serde::{Deserialize, Serialize};
 
-use super::cpio::Cpio;
-use super::{
-    CacheKey, ImageError, Kernel, VIRTIO_MODULES, cached, deb_version, sha256_file, write_manifest,
-};
+use crate::cache::{CacheKey, cached, sha256_file, write_manifest};
+use crate::cpio::Cpio;
+use crate::kernel::VIRTIO_MODULES;
+use crate::{ImageError, Kernel, deb_version};
 
-/// The guest's address inside every slot, and its gateway (the slot's tap).
-pub(crate) const GUEST_CIDR: &str = "169.254.0.21/30";
-pub(crate) const GUEST_GATEWAY: &str = "169.254.0.22";
+/// The guest's address inside every slot, and its gateway (the slot's tap). They must match
+/// the host side of a slot (`wrenn-hostnet`): a snapshot restores into any slot because every
+/// slot looks like this from inside.
+const GUEST_CIDR: &str = "169.254.0.21/30";
+const GUEST_GATEWAY: &str = "169.254.0.22";
 
 /// The init script. Runs as PID 1 from the initramfs; any failure powers the VM off (QEMU runs
 /// with `-no-reboot`), so the host sees the VM exit instead of waiting on a hung guest.

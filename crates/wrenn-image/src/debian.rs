@@ -13,26 +13,27 @@
 //! directories of dead builders are swept (after unmounting anything debootstrap left mounted
 //! in them) before the next build.
 //!
-//! Building takes minutes, so it reports progress: a spinner per phase on a terminal, plain
-//! lines otherwise (CI logs), or nothing.
+//! Building takes minutes, so it reports its phases (debootstrap, installing envd, mkfs, the
+//! manifest) and debootstrap's output lines as [`Progress`] events.
 
-use std::io::{BufRead, BufReader, IsTerminal};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use super::rootfs::{Component, Rootfs, RootfsManifest, make_ext4};
-use super::{CacheKey, ImageError, cached, deb_version, run, sha256_file, write_manifest};
+use crate::cache::{CacheKey, cached, sha256_file, write_manifest};
+use crate::progress::{Progress, Reporter};
+use crate::rootfs::{Component, Rootfs, RootfsManifest, make_ext4, tree_size};
+use crate::{ENVD_PORT, ImageError, deb_version, run};
 
 /// Bumped whenever what this module puts into the image changes (part of the cache key).
 const SCRIPT_VERSION: &str = "debian-rootfs-v1";
 /// The Debian release of the default template.
-pub const SUITE: &str = "bookworm";
+const SUITE: &str = "bookworm";
 /// Packages added to debootstrap's minbase set.
-pub const PACKAGES: [&str; 4] = ["bash", "coreutils", "python3", "ca-certificates"];
+const PACKAGES: [&str; 4] = ["bash", "coreutils", "python3", "ca-certificates"];
 /// Used when neither the caller nor the host's apt sources name a mirror.
 const FALLBACK_MIRROR: &str = "http://deb.debian.org/debian";
 /// Free space in the image beyond its content; the file is sparse, so this costs no disk
@@ -40,15 +41,15 @@ const FALLBACK_MIRROR: &str = "http://deb.debian.org/debian";
 const FREE_SPACE: u64 = 1 << 30;
 /// How many of debootstrap's last output lines a failure reports.
 const ERROR_TAIL_LINES: usize = 30;
-/// Plain progress output prints a repeated kind of line at most this often.
-const PLAIN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// PID 1 after the initramfs' `switch_root`. Minbase has no init system; this does what the
 /// small image's busybox init does. Bash reaps every child on SIGCHLD (`waitpid(-1)`), so
 /// orphans reparented to PID 1 do not pile up as zombies, and `wait $!` still waits for envd
 /// alone. PID 1 ignores signals it has no handler for, hence the trap (QEMU runs with
 /// `-no-reboot`, so powering off ends the VM).
-const INIT: &str = r#"#!/bin/bash
+fn init_script() -> String {
+    format!(
+        r#"#!/bin/bash
 # Wrenn guest init (Debian template): mounts what envd needs, then keeps envd running.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 mountpoint -q /proc || mount -t proc proc /proc
@@ -70,32 +71,20 @@ echo wrenn > /proc/sys/kernel/hostname
 ip link set lo up 2>/dev/null || true
 trap 'sync; echo o > /proc/sysrq-trigger' TERM INT
 while :; do
-    /usr/bin/envd --in-sandbox --listen 0.0.0.0:49983 --metadata-url http://169.254.169.254/ &
+    /usr/bin/envd --in-sandbox --listen 0.0.0.0:{ENVD_PORT} --metadata-url http://169.254.169.254/ &
     wait $!
     echo "wrenn-init: envd exited with status $?, restarting" >/dev/console
     sleep 1
 done
-"#;
+"#
+    )
+}
 const HOSTS: &str =
     "127.0.0.1\tlocalhost\n127.0.1.1\twrenn\n::1\tlocalhost ip6-localhost ip6-loopback\n";
 /// A placeholder: the sandbox's network setup may rewrite it; until then, a public resolver
 /// reachable through the slot's masquerade.
 const RESOLV_CONF: &str =
     "# Wrenn placeholder; rewritten when the sandbox's network is set up.\nnameserver 8.8.8.8\n";
-
-/// How a build shows its progress.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ProgressMode {
-    /// Spinners when stderr is a terminal, plain lines otherwise.
-    #[default]
-    Auto,
-    /// A spinner per phase on stderr.
-    Spinner,
-    /// One line per step on stderr (for logs).
-    Plain,
-    /// Nothing (only `tracing` events).
-    Quiet,
-}
 
 /// Inputs of the Debian template image.
 #[derive(Debug, Clone)]
@@ -105,18 +94,12 @@ pub struct DebianImageInputs {
     /// The Debian mirror; `None`: `WRENN_DEBIAN_MIRROR`, else the host's apt sources, else
     /// `deb.debian.org`. Not part of the cache key.
     pub mirror: Option<String>,
-    /// How to show progress.
-    pub progress: ProgressMode,
 }
 
 impl DebianImageInputs {
-    /// Defaults (host mirror, automatic progress) with the given envd.
+    /// Defaults (the host's mirror) with the given envd.
     pub fn new(envd: PathBuf) -> Self {
-        Self {
-            envd,
-            mirror: None,
-            progress: ProgressMode::Auto,
-        }
+        Self { envd, mirror: None }
     }
 }
 
@@ -167,33 +150,35 @@ pub struct DebianRootfs {
 }
 
 /// Builds (or finds in `cache`) the Debian template image. Blocking, and minutes long on a
-/// miss: call it from a blocking thread. Needs root (debootstrap chroots and mounts).
+/// miss: call it from a blocking thread. Needs root (debootstrap chroots and mounts). A miss
+/// reports its phases to `progress`; a hit reports nothing.
 pub fn build_debian_rootfs(
     cache: &Path,
     inputs: &DebianImageInputs,
+    progress: &mut dyn FnMut(Progress),
 ) -> Result<DebianRootfs, ImageError> {
     let envd_sha256 = sha256_file(&inputs.envd)?;
     let mut key = CacheKey::default();
     key.text("format", SCRIPT_VERSION)
         .text("suite", SUITE)
         .text("include", &PACKAGES.join(","))
-        .text("init", INIT)
+        .text("init", &init_script())
         .text("hosts", HOSTS)
         .text("resolv", RESOLV_CONF)
         .text("envd", &envd_sha256);
     let key = key.finish();
-    let progress = Progress::new(inputs.progress);
     let artifact = cache.join(format!("rootfs-debian-{key}"));
     if !artifact.join("manifest.json").is_file() {
+        let mut report = Reporter::new(progress);
         sweep_stale(cache);
         let started = Instant::now();
-        progress.line(&format!(
+        report.note(format!(
             "building the Debian {SUITE} template image (about a minute or two; cached afterwards)"
         ));
         cached(cache, "rootfs-debian", &key, |tmp| {
-            build(tmp, inputs, &key, &envd_sha256, &progress, started)
+            build(tmp, inputs, &key, &envd_sha256, &mut report, started)
         })?;
-        progress.line(&format!(
+        report.note(format!(
             "Debian template image ready in {:.1} s",
             started.elapsed().as_secs_f64()
         ));
@@ -216,7 +201,7 @@ fn build(
     inputs: &DebianImageInputs,
     key: &str,
     envd_sha256: &str,
-    progress: &Progress,
+    report: &mut Reporter<'_>,
     started: Instant,
 ) -> Result<(), ImageError> {
     let root = tmp.join("root");
@@ -228,89 +213,91 @@ fn build(
         .or_else(|| std::env::var("WRENN_DEBIAN_MIRROR").ok())
         .unwrap_or_else(host_mirror);
 
-    let mut phase = progress.phase("debootstrap");
-    debootstrap(&root, &mirror, &mut phase)?;
-    phase.finish(&format!("{} from {mirror}", SUITE));
+    report.phase("debootstrap", |log| {
+        debootstrap(&root, &mirror, log)?;
+        Ok(((), format!("{SUITE} from {mirror}")))
+    })?;
 
-    let phase = progress.phase("installing envd and init");
-    install(&root, &inputs.envd)?;
-    let packages = installed_packages(&root)?;
-    let debian_version = std::fs::read_to_string(root.join("etc/debian_version"))
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into());
-    phase.finish(&format!(
-        "Debian {debian_version}, {} packages",
-        packages.len()
-    ));
+    let (packages, debian_version) = report.phase("installing envd and init", |_| {
+        install(&root, &inputs.envd)?;
+        let packages = installed_packages(&root)?;
+        let debian_version = std::fs::read_to_string(root.join("etc/debian_version"))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".into());
+        let detail = format!("Debian {debian_version}, {} packages", packages.len());
+        Ok(((packages, debian_version), detail))
+    })?;
 
-    let mut phase = progress.phase("mkfs.ext4");
-    let content_bytes = super::rootfs::tree_size(&root);
     let image = tmp.join("rootfs.ext4");
-    phase.message(&format!(
-        "mkfs.ext4 -d ({} MiB of files)",
-        content_bytes >> 20
-    ));
-    let t = Instant::now();
-    let size = make_ext4(&root, &image, FREE_SPACE)?;
-    let mkfs_secs = t.elapsed().as_secs_f64();
-    phase.message("removing the staging tree");
-    drop(unmount);
-    let t = Instant::now();
-    std::fs::remove_dir_all(&root).map_err(ImageError::io("remove", &root))?;
-    let remove_secs = t.elapsed().as_secs_f64();
-    phase.finish(&format!(
-        "{} MiB content, {} MiB sparse image; mkfs {mkfs_secs:.1} s, cleanup {remove_secs:.1} s",
-        content_bytes >> 20,
-        size >> 20
-    ));
+    let (content_bytes, size) = report.phase("mkfs.ext4", |log| {
+        let content_bytes = tree_size(&root);
+        log(&format!(
+            "mkfs.ext4 -d ({} MiB of files)",
+            content_bytes >> 20
+        ));
+        let t = Instant::now();
+        let size = make_ext4(&root, &image, FREE_SPACE)?;
+        let mkfs_secs = t.elapsed().as_secs_f64();
+        log("removing the staging tree");
+        drop(unmount);
+        let t = Instant::now();
+        std::fs::remove_dir_all(&root).map_err(ImageError::io("remove", &root))?;
+        let remove_secs = t.elapsed().as_secs_f64();
+        let detail = format!(
+            "{} MiB content, {} MiB sparse image; mkfs {mkfs_secs:.1} s, cleanup {remove_secs:.1} s",
+            content_bytes >> 20,
+            size >> 20
+        );
+        Ok(((content_bytes, size), detail))
+    })?;
 
-    let phase = progress.phase("manifest");
-    let envd_version = run(Command::new(&inputs.envd).arg("--version"))
-        .map(|v| v.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into());
-    let debootstrap_version = deb_version("debootstrap");
-    let manifest = DebianManifest {
-        common: RootfsManifest {
-            key: key.to_owned(),
-            kind: "debian".into(),
-            components: vec![
-                Component {
-                    name: "envd".into(),
-                    version: envd_version,
-                    sha256: Some(envd_sha256.to_owned()),
-                },
-                Component {
-                    name: "debootstrap".into(),
-                    version: debootstrap_version.clone(),
-                    sha256: None,
-                },
-                Component {
-                    name: "debian".into(),
-                    version: debian_version.clone(),
-                    sha256: None,
-                },
-            ],
-            size,
-            e2fsprogs_version: deb_version("e2fsprogs"),
-        },
-        script_version: SCRIPT_VERSION.into(),
-        suite: SUITE.into(),
-        debian_version,
-        debootstrap_version,
-        mirror,
-        include: PACKAGES.iter().map(|p| p.to_string()).collect(),
-        packages,
-        content_bytes,
-        build_seconds: started.elapsed().as_secs_f64(),
-        built_at: now_rfc3339(),
-    };
-    write_manifest(tmp, &manifest)?;
-    phase.finish("written");
-    Ok(())
+    report.phase("manifest", |_| {
+        let envd_version = run(Command::new(&inputs.envd).arg("--version"))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".into());
+        let debootstrap_version = deb_version("debootstrap");
+        let manifest = DebianManifest {
+            common: RootfsManifest {
+                key: key.to_owned(),
+                kind: "debian".into(),
+                components: vec![
+                    Component {
+                        name: "envd".into(),
+                        version: envd_version,
+                        sha256: Some(envd_sha256.to_owned()),
+                    },
+                    Component {
+                        name: "debootstrap".into(),
+                        version: debootstrap_version.clone(),
+                        sha256: None,
+                    },
+                    Component {
+                        name: "debian".into(),
+                        version: debian_version.clone(),
+                        sha256: None,
+                    },
+                ],
+                size,
+                e2fsprogs_version: deb_version("e2fsprogs"),
+            },
+            script_version: SCRIPT_VERSION.into(),
+            suite: SUITE.into(),
+            debian_version,
+            debootstrap_version,
+            mirror,
+            include: PACKAGES.iter().map(|p| p.to_string()).collect(),
+            packages,
+            content_bytes,
+            build_seconds: started.elapsed().as_secs_f64(),
+            built_at: now_rfc3339(),
+        };
+        write_manifest(tmp, &manifest)?;
+        Ok(((), "written".into()))
+    })
 }
 
-/// Runs debootstrap into `root`, streaming its output lines into the phase.
-fn debootstrap(root: &Path, mirror: &str, phase: &mut Phase) -> Result<(), ImageError> {
+/// Runs debootstrap into `root`, streaming its output lines to `log`.
+fn debootstrap(root: &Path, mirror: &str, log: &mut dyn FnMut(&str)) -> Result<(), ImageError> {
     let mut cmd = Command::new("debootstrap");
     cmd.args([
         "--variant=minbase",
@@ -346,8 +333,8 @@ fn debootstrap(root: &Path, mirror: &str, phase: &mut Phase) -> Result<(), Image
         if line.is_empty() {
             continue;
         }
-        tracing::debug!(target: "wrenn_agent::image::debian", "debootstrap: {line}");
-        phase.message(line);
+        tracing::debug!("debootstrap: {line}");
+        log(line);
         if tail.len() == ERROR_TAIL_LINES {
             tail.pop_front();
         }
@@ -372,7 +359,7 @@ fn debootstrap(root: &Path, mirror: &str, phase: &mut Phase) -> Result<(), Image
 fn install(root: &Path, envd: &Path) -> Result<(), ImageError> {
     put_file(root, "usr/bin/envd", &read(envd)?, 0o755)?;
     // `/sbin` is a relative symlink to `usr/sbin` (merged /usr), so this stays in the tree.
-    put_file(root, "usr/sbin/init", INIT.as_bytes(), 0o755)?;
+    put_file(root, "usr/sbin/init", init_script().as_bytes(), 0o755)?;
     put_file(root, "etc/hostname", b"wrenn\n", 0o644)?;
     put_file(root, "etc/hosts", HOSTS.as_bytes(), 0o644)?;
     put_file(root, "etc/resolv.conf", RESOLV_CONF.as_bytes(), 0o644)?;
@@ -471,7 +458,7 @@ fn installed_packages(root: &Path) -> Result<Vec<Package>, ImageError> {
 
 /// The Debian mirror the host's apt uses for `bookworm`, like `.ci/install-runtime-deps.sh`
 /// finds it: a deb822 `.sources` stanza first, then `sources.list`, else `deb.debian.org`.
-pub fn host_mirror() -> String {
+fn host_mirror() -> String {
     let mut files: Vec<PathBuf> = std::fs::read_dir("/etc/apt/sources.list.d")
         .into_iter()
         .flatten()
@@ -612,121 +599,6 @@ fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| "unknown".into())
-}
-
-/// Progress output for one build.
-struct Progress {
-    mode: ProgressMode,
-}
-
-impl Progress {
-    fn new(mode: ProgressMode) -> Self {
-        let mode = match mode {
-            ProgressMode::Auto if std::io::stderr().is_terminal() => ProgressMode::Spinner,
-            ProgressMode::Auto => ProgressMode::Plain,
-            other => other,
-        };
-        Self { mode }
-    }
-
-    fn line(&self, text: &str) {
-        tracing::info!(target: "wrenn_agent::image::debian", "{text}");
-        if self.mode != ProgressMode::Quiet {
-            eprintln!("{text}");
-        }
-    }
-
-    fn phase(&self, name: &'static str) -> Phase {
-        let bar = (self.mode == ProgressMode::Spinner).then(|| {
-            let bar = ProgressBar::new_spinner();
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{spinner:.cyan} [{elapsed:>4}] {prefix:.bold}: {wide_msg}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-            );
-            bar.set_prefix(name);
-            bar.enable_steady_tick(Duration::from_millis(120));
-            bar
-        });
-        if self.mode == ProgressMode::Plain {
-            eprintln!("[{name}] started");
-        }
-        Phase {
-            name,
-            mode: self.mode,
-            bar,
-            started: Instant::now(),
-            seen_kinds: Default::default(),
-            last_print: Instant::now(),
-            finished: false,
-        }
-    }
-}
-
-/// One phase of a build: a spinner, or plain lines.
-struct Phase {
-    name: &'static str,
-    mode: ProgressMode,
-    bar: Option<ProgressBar>,
-    started: Instant,
-    /// Plain mode: the kinds of line printed so far (first two words, e.g. `I: Retrieving`).
-    seen_kinds: std::collections::HashSet<String>,
-    last_print: Instant,
-    finished: bool,
-}
-
-impl Phase {
-    /// A line of the phase's output: the spinner's message; in plain mode printed when its
-    /// kind is new or now and then, so a log gets the stages without every package.
-    fn message(&mut self, line: &str) {
-        if let Some(bar) = &self.bar {
-            bar.set_message(line.to_owned());
-        }
-        if self.mode == ProgressMode::Plain {
-            let kind: String = line
-                .split_whitespace()
-                .take(2)
-                .collect::<Vec<_>>()
-                .join(" ");
-            let new_kind = self.seen_kinds.insert(kind);
-            if new_kind || self.last_print.elapsed() >= PLAIN_INTERVAL {
-                eprintln!(
-                    "[{} {:>5.1}s] {line}",
-                    self.name,
-                    self.started.elapsed().as_secs_f64()
-                );
-                self.last_print = Instant::now();
-            }
-        }
-    }
-
-    fn finish(mut self, detail: &str) {
-        self.finished = true;
-        let secs = self.started.elapsed().as_secs_f64();
-        tracing::info!(target: "wrenn_agent::image::debian", phase = self.name, secs, "{detail}");
-        match (&self.bar, self.mode) {
-            (Some(bar), _) => bar.finish_with_message(format!("done in {secs:.1} s ({detail})")),
-            (None, ProgressMode::Plain) => {
-                eprintln!("[{}] done in {secs:.1} s ({detail})", self.name);
-            }
-            _ => {}
-        }
-    }
-}
-
-impl Drop for Phase {
-    fn drop(&mut self) {
-        if self.finished {
-            return;
-        }
-        let secs = self.started.elapsed().as_secs_f64();
-        match (&self.bar, self.mode) {
-            (Some(bar), _) => bar.abandon_with_message(format!("failed after {secs:.1} s")),
-            (None, ProgressMode::Plain) => eprintln!("[{}] failed after {secs:.1} s", self.name),
-            _ => {}
-        }
-    }
 }
 
 #[cfg(test)]

@@ -10,19 +10,21 @@ use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 
-use super::{CacheKey, ImageError, cached, deb_version, run, sha256_file, write_manifest};
-
-/// The port envd listens on in every guest.
-pub const ENVD_PORT: u16 = 49983;
+use crate::cache::{CacheKey, cached, sha256_file, write_manifest};
+use crate::{ENVD_PORT, ImageError, deb_version, run};
 
 const PASSWD: &str =
     "root:x:0:0:root:/root:/bin/bash\nuser:x:1000:1000:user:/home/user:/bin/bash\n";
 const GROUP: &str = "root:x:0:\nuser:x:1000:\n";
 const SHADOW: &str = "root:*:19000:0:99999:7:::\nuser:*:19000:0:99999:7:::\n";
 const PROFILE: &str = "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n";
-const INITTAB: &str = "::sysinit:/etc/wrenn/rc\n\
-::respawn:/usr/bin/envd --in-sandbox --listen 0.0.0.0:49983 --metadata-url http://169.254.169.254/\n\
-::ctrlaltdel:/bin/busybox reboot -f\n";
+fn inittab() -> String {
+    format!(
+        "::sysinit:/etc/wrenn/rc\n\
+         ::respawn:/usr/bin/envd --in-sandbox --listen 0.0.0.0:{ENVD_PORT} --metadata-url http://169.254.169.254/\n\
+         ::ctrlaltdel:/bin/busybox reboot -f\n"
+    )
+}
 /// Mounts what envd needs before it starts (it creates cgroups and PTYs, and serves /tmp).
 const RC: &str = r#"#!/bin/sh
 mountpoint -q /proc || mount -t proc proc /proc
@@ -100,7 +102,7 @@ pub fn build_small_rootfs(cache: &Path, inputs: &SmallImageInputs) -> Result<Roo
     key.text("format", "small-rootfs-v1")
         .text("passwd", PASSWD)
         .text("group", GROUP)
-        .text("inittab", INITTAB)
+        .text("inittab", &inittab())
         .text("rc", RC)
         .text("profile", PROFILE)
         .file("busybox", &inputs.busybox)?
@@ -189,12 +191,13 @@ fn stage_small(root: &Path, inputs: &SmallImageInputs) -> Result<(), ImageError>
         }
         symlink("/bin/busybox", &link).map_err(ImageError::io("symlink", &link))?;
     }
+    let inittab = inittab();
     for (path, text, mode) in [
         ("etc/passwd", PASSWD, 0o644),
         ("etc/group", GROUP, 0o644),
         ("etc/shadow", SHADOW, 0o640),
         ("etc/profile", PROFILE, 0o644),
-        ("etc/inittab", INITTAB, 0o644),
+        ("etc/inittab", inittab.as_str(), 0o644),
         ("etc/hostname", "wrenn\n", 0o644),
         ("etc/wrenn/rc", RC, 0o755),
     ] {
