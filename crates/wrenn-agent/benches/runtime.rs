@@ -18,8 +18,8 @@ use support::{new_slot, run_ok};
 use wrenn_agent::accel::Accel;
 use wrenn_agent::pool::{SlotPool, WarmPool};
 use wrenn_agent::sandbox::{Deadlines, Failed, InitConfig, Sandbox};
-use wrenn_agent::slot::Slot;
 use wrenn_agent::snapshot::Snapshot;
+use wrenn_hostnet::Slot;
 use wrenn_qmp::MigrationCapability;
 
 const DIRTY_MIB: u32 = 64;

@@ -21,10 +21,11 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use wrenn_hostnet::{
+    MAX_SLOTS, Metadata, MetadataError, MetadataServer, Slot, SlotError, TAP_NAME,
+};
 use wrenn_qmp::QmpError;
 
-use crate::metadata::{Metadata, MetadataError, MetadataServer};
-use crate::slot::{MAX_SLOTS, Slot, SlotError, TAP_NAME};
 use crate::snapshot::Snapshot;
 use crate::state::{StateError, VmRecord, VmState};
 use crate::vm::{Launch, Memory, NetAttach, Vm, VmError, create_overlay};

@@ -28,12 +28,12 @@ use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use wrenn_hostnet::{Slot, TAP_NAME};
 use wrenn_image::ENVD_PORT;
 
 use crate::envd::{EnvdClient, EnvdError};
 use crate::memdiff::{DiffInfo, MemDiffError};
 use crate::pool::{PoolError, RestoredWarm, SlotLease, SlotPool, WarmPool, restore_warm};
-use crate::slot::{Slot, TAP_NAME};
 use crate::snapshot::{
     RestoreFrom, Snapshot, SnapshotError, check_file, check_memory_file, restore_vm, sha256_file,
 };

@@ -22,9 +22,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use wrenn_hostnet::{HOST_VETH_PREFIX, NETNS_PREFIX, Slot, SlotError};
 use wrenn_qmp::Qmp;
-
-use crate::slot::{HOST_VETH_PREFIX, NETNS_PREFIX, Slot, SlotError};
 
 /// The record's file name inside a VM directory.
 pub const RECORD_FILE: &str = "wrenn-vm.json";
@@ -325,7 +324,7 @@ impl Default for ScanScope {
     fn default() -> Self {
         Self {
             in_use: Vec::new(),
-            slots: 0..crate::slot::MAX_SLOTS,
+            slots: 0..wrenn_hostnet::MAX_SLOTS,
         }
     }
 }

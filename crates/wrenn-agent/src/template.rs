@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+use wrenn_hostnet::{Slot, TAP_NAME};
 use wrenn_image::ENVD_PORT;
 
 use crate::envd::EnvdClient;
-use crate::slot::{Slot, TAP_NAME};
 use crate::snapshot::{self, Snapshot, SnapshotError};
 use crate::vm::{Launch, Memory, NetAttach, Vm, VmError, VmSpec, create_overlay};
 

@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use nix::sched::CloneFlags;
 use serde::{Deserialize, Serialize};
 use wrenn_qmp::{Qmp, QmpError};
 
@@ -181,14 +180,8 @@ impl Vm {
         let log2 = log.try_clone().map_err(VmError::io("dup", &log_path))?;
         cmd.stdout(log).stderr(log2);
         if let Some(net) = &launch.net {
-            let ns = std::fs::File::open(&net.netns).map_err(VmError::io("open", &net.netns))?;
-            // SAFETY: the closure runs between fork and exec; it makes one syscall (setns) on an
-            // fd opened before the fork, and neither allocates nor takes locks.
-            unsafe {
-                cmd.pre_exec(move || {
-                    nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
-                });
-            }
+            wrenn_hostnet::enter_netns_on_exec(&mut cmd, &net.netns)
+                .map_err(VmError::io("open", &net.netns))?;
         }
         let mut child = cmd
             .spawn()

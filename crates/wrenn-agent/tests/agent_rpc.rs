@@ -12,10 +12,10 @@ use support::{TestAgent, call};
 use std::time::{Duration, Instant};
 
 use support::{files_under, run_ok, write_file};
-use wrenn_agent::slot::NETNS_PREFIX;
 use wrenn_agent_proto::paths;
 use wrenn_agent_proto::v1::*;
 use wrenn_connect::Code;
+use wrenn_hostnet::NETNS_PREFIX;
 
 const TEMPLATE: &str = "small";
 

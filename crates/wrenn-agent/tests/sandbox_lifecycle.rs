@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use support::{files_under, host_now, new_slot, pid_alive, run_ok, write_file};
 use wrenn_agent::pool::{SlotPool, WarmPool};
 use wrenn_agent::sandbox::{Deadlines, Failed, InitConfig, PausedSandbox, Sandbox, SandboxError};
-use wrenn_agent::slot::Slot;
 use wrenn_agent::snapshot::{Snapshot, SnapshotError};
+use wrenn_hostnet::Slot;
 
 fn deadlines() -> Deadlines {
     // Generous: a loaded 2-core machine under TCG.

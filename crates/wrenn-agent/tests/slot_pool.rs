@@ -9,9 +9,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use wrenn_agent::metadata::{Metadata, token_hash};
 use wrenn_agent::pool::SlotPool;
-use wrenn_agent::slot::{EGRESS_CHAIN, NFT_TABLE};
+use wrenn_hostnet::{EGRESS_CHAIN, Metadata, NFT_TABLE, token_hash};
 
 fn enabled() -> bool {
     let root = nix::unistd::geteuid().is_root();

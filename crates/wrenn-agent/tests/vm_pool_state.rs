@@ -19,13 +19,12 @@ use std::time::{Duration, Instant};
 use support::{RunOpts, now_rfc3339, pid_alive, qemu_pids_under, run_with, tail};
 use wrenn_agent::accel::Accel;
 use wrenn_agent::envd::{EnvdClient, EnvdError};
-use wrenn_agent::metadata::Metadata;
 use wrenn_agent::pool::{SlotPool, WarmPool, restore_warm};
 use wrenn_agent::sandbox::SandboxNet as _;
-use wrenn_agent::slot::Slot;
 use wrenn_agent::snapshot::{self, Snapshot};
 use wrenn_agent::state::{self, ScanScope, VmRecord, VmState};
 use wrenn_agent::vm::{Launch, Memory, Vm, VmSpec, create_overlay};
+use wrenn_hostnet::{Metadata, Slot};
 use wrenn_image::{ENVD_PORT, Kernel, SmallImageInputs};
 
 const COLD_BOOT_DEADLINE: Duration = Duration::from_secs(90);

@@ -14,9 +14,9 @@ use support::{RunOpts, enabled, envd_binary, files_under, pid_alive, run_with, t
 use wrenn_agent::accel::Accel;
 use wrenn_agent::envd::EnvdClient;
 use wrenn_agent::sandbox::SandboxNet as _;
-use wrenn_agent::slot::Slot;
 use wrenn_agent::snapshot::{self, Snapshot};
 use wrenn_agent::vm::{Launch, Memory, Vm, create_overlay};
+use wrenn_hostnet::Slot;
 use wrenn_image::{ENVD_PORT, Kernel, SmallImageInputs};
 
 const COLD_BOOT_DEADLINE: Duration = Duration::from_secs(60);

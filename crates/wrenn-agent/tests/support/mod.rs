@@ -9,9 +9,9 @@ use std::time::Duration;
 use wrenn_agent::accel::Accel;
 use wrenn_agent::envd::EnvdClient;
 use wrenn_agent::sandbox::SandboxNet as _;
-use wrenn_agent::slot::Slot;
 use wrenn_agent::snapshot::{self, Snapshot};
 use wrenn_agent::vm::{Launch, Memory, Vm, VmSpec, create_overlay};
+use wrenn_hostnet::Slot;
 use wrenn_image::{ENVD_PORT, Kernel, SmallImageInputs};
 
 /// Template cold boots are slow under TCG on a loaded machine.

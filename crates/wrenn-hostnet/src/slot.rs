@@ -12,7 +12,7 @@
 //! may only send from its own address, never to the host's own addresses, other slots
 //! (`10.12.0.0/16`), link-local space (cloud metadata `169.254.169.254` included), loopback,
 //! multicast or reserved ranges, and never over IPv6. Inside the namespace the only thing it
-//! reaches is the slot's own metadata endpoint ([`METADATA_IP`]:80, see `crate::metadata`),
+//! reaches is the slot's own metadata endpoint ([`METADATA_IP`]:80, see [`crate::MetadataServer`]),
 //! which lives on the namespace's loopback. Per-sandbox egress policy goes into the chain
 //! [`EGRESS_CHAIN`], which the forward chain jumps to after the fixed denials; [`Slot::reset`]
 //! empties it along with every other rule change and the connection tracking table.
@@ -25,7 +25,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use nix::sched::CloneFlags;
+use crate::netns::in_netns;
 
 /// The tap QEMU attaches to, inside the namespace.
 pub const TAP_NAME: &str = "tap0";
@@ -355,24 +355,6 @@ fn host_addresses() -> Vec<Ipv4Addr> {
     addrs.sort();
     addrs.dedup();
     addrs
-}
-
-/// Runs `f` on a fresh thread that has entered the network namespace at `netns`. Sockets
-/// created there stay in that namespace after the thread ends, so a listener made this way
-/// can be served from the agent's runtime.
-pub(crate) fn in_netns<T: Send + 'static>(
-    netns: &Path,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> std::io::Result<T> {
-    let ns = std::fs::File::open(netns)?;
-    std::thread::Builder::new()
-        .name("wrenn-netns".into())
-        .spawn(move || {
-            nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
-            Ok(f())
-        })?
-        .join()
-        .map_err(|_| std::io::Error::other("namespace thread panicked"))?
 }
 
 /// Flushes the conntrack table of the calling thread's network namespace over netlink.

@@ -22,7 +22,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use crate::slot::{GUEST_IP, METADATA_IP, METADATA_PORT, in_netns};
+use crate::netns::in_netns;
+use crate::slot::{GUEST_IP, METADATA_IP, METADATA_PORT};
 
 /// A request's headers must arrive within this (a hung guest must not hold a task).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(2);

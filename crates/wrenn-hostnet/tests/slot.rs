@@ -1,0 +1,208 @@
+//! Network slots with real namespaces (no QEMU): what a slot looks like from inside and from
+//! the host (addresses, routes, the tap, sysctls, the firewall table), that dropping it leaves
+//! nothing behind, and how long setting one up, resetting it and removing it take (medians
+//! over [`ROUNDS`] slots, printed; run with `--release --nocapture` to read them).
+//!
+//! Needs root with `ip` and `nft` (used here only to look); skipped otherwise.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use wrenn_hostnet::{NFT_TABLE, Slot};
+
+/// Slots timed in a row.
+const ROUNDS: usize = 20;
+
+fn enabled() -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    let tools = ["ip", "nft"]
+        .iter()
+        .all(|t| Command::new(t).arg("-V").output().is_ok());
+    if !(root && tools) {
+        eprintln!("skipped: needs root with ip and nft");
+    }
+    root && tools
+}
+
+/// This file's slot indices: clear of the agent tests' ranges (3000.. and up).
+fn first_index() -> u32 {
+    1_000 + (std::process::id() % 200) * 8
+}
+
+fn run(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn in_ns(netns: &str, args: &[&str]) -> String {
+    let mut all = vec!["ip", "netns", "exec", netns];
+    all.extend_from_slice(args);
+    run(&all)
+}
+
+fn leftovers(index: u32) -> Vec<String> {
+    let mut left = Vec::new();
+    let ns = format!("wrenn-slot-{index}");
+    if Path::new("/run/netns").join(&ns).exists() {
+        left.push(ns);
+    }
+    let veth = format!("wrv{index}");
+    if Path::new("/sys/class/net").join(&veth).exists() {
+        left.push(veth);
+    }
+    left
+}
+
+/// Deletes what a failed test left in its index range.
+struct Cleanup(std::ops::Range<u32>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for i in self.0.clone() {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &format!("wrenn-slot-{i}")])
+                .stderr(std::process::Stdio::null())
+                .status();
+            let _ = Command::new("ip")
+                .args(["link", "del", &format!("wrv{i}")])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+#[test]
+fn a_slot_looks_the_same_from_inside_and_leaves_nothing() {
+    if !enabled() {
+        return;
+    }
+    let index = first_index();
+    let _cleanup = Cleanup(index..index + 1);
+    let slot = Slot::create(index).expect("slot");
+    let ns = slot.netns().to_owned();
+    let host = slot.host_veth().to_owned();
+    let peer = slot.guest_endpoint(0).ip().to_string();
+    let base = 2 * index;
+    let host_ip = format!("10.12.{}.{}", base >> 8, base & 0xff);
+    assert_eq!(
+        peer,
+        format!("10.12.{}.{}", (base + 1) >> 8, (base + 1) & 0xff)
+    );
+
+    // Host side: the veth end, up, with the /31.
+    let addrs = run(&["ip", "-4", "-o", "addr", "show", "dev", &host]);
+    assert!(addrs.contains(&format!("{host_ip}/31")), "{addrs}");
+    let link = run(&["ip", "-o", "link", "show", "dev", &host]);
+    assert!(link.contains("state UP") || link.contains(",UP"), "{link}");
+
+    // Inside: lo with the metadata address, eth0 with the peer address, the tap.
+    let addrs = in_ns(&ns, &["ip", "-4", "-o", "addr", "show"]);
+    for want in [
+        "lo    inet 127.0.0.1/8".to_owned(),
+        "lo    inet 169.254.169.254/32".to_owned(),
+        format!("eth0    inet {peer}/31"),
+        "tap0    inet 169.254.0.22/30".to_owned(),
+    ] {
+        let want: Vec<&str> = want.split_whitespace().collect();
+        assert!(
+            addrs.lines().any(|l| l
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .windows(3)
+                .any(|w| w == want)),
+            "no {want:?} in\n{addrs}"
+        );
+    }
+    let links = in_ns(&ns, &["ip", "-o", "link", "show"]);
+    for name in ["lo:", "eth0@", "tap0:"] {
+        let line = links
+            .lines()
+            .find(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .is_some_and(|n| n.starts_with(name))
+            })
+            .unwrap_or_else(|| panic!("no {name} in\n{links}"));
+        assert!(line.contains(",UP"), "{name} not up: {line}");
+    }
+    assert_eq!(links.lines().count(), 3, "unexpected links:\n{links}");
+    // A persistent tap without packet information, as `ip tuntap add mode tap` makes it.
+    let flags = in_ns(&ns, &["cat", "/sys/class/net/tap0/tun_flags"]);
+    assert_eq!(flags.trim(), "0x1802", "tap0 flags: TAP | NO_PI | PERSIST");
+    let routes = in_ns(&ns, &["ip", "-4", "route", "show"]);
+    assert!(
+        routes.contains(&format!("default via {host_ip} dev eth0")),
+        "{routes}"
+    );
+    // Forwarding on; no IPv6 at all.
+    for (file, want) in [
+        ("/proc/sys/net/ipv4/ip_forward", "1"),
+        ("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1"),
+        ("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1"),
+        ("/proc/sys/net/ipv6/conf/eth0/disable_ipv6", "1"),
+        ("/proc/sys/net/ipv6/conf/tap0/disable_ipv6", "1"),
+    ] {
+        assert_eq!(in_ns(&ns, &["cat", file]).trim(), want, "{file}");
+    }
+    let v6 = in_ns(&ns, &["ip", "-6", "-o", "addr", "show"]);
+    assert!(v6.trim().is_empty(), "IPv6 addresses: {v6}");
+    // The firewall: only our table, with its chains and the DNAT to the guest.
+    let tables = in_ns(&ns, &["nft", "list", "tables"]);
+    assert_eq!(tables.trim(), format!("table inet {NFT_TABLE}"));
+    let table = in_ns(&ns, &["nft", "list", "table", "inet", NFT_TABLE]);
+    for needle in [
+        format!("ip daddr {peer} dnat ip to 169.254.0.21"),
+        "oifname \"eth0\" ip saddr 169.254.0.21 masquerade".into(),
+        "chain egress".into(),
+        "policy drop".into(),
+    ] {
+        assert!(table.contains(&needle), "missing {needle} in\n{table}");
+    }
+    slot.reset().expect("reset");
+    let again = in_ns(&ns, &["nft", "list", "table", "inet", NFT_TABLE]);
+    assert_eq!(again, table, "reset changed the firewall");
+
+    drop(slot);
+    assert!(leftovers(index).is_empty(), "left: {:?}", leftovers(index));
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+#[test]
+fn slot_setup_timings() {
+    if !enabled() {
+        return;
+    }
+    let first = first_index() + 1;
+    let _cleanup = Cleanup(first..first + ROUNDS as u32);
+    let (mut create, mut reset, mut remove) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..ROUNDS as u32 {
+        let t = Instant::now();
+        let slot = Slot::create(first + i).expect("slot");
+        create.push(t.elapsed());
+        let t = Instant::now();
+        slot.reset().expect("reset");
+        reset.push(t.elapsed());
+        let t = Instant::now();
+        drop(slot);
+        remove.push(t.elapsed());
+        assert!(leftovers(first + i).is_empty(), "slot {} left", first + i);
+    }
+    let (min, max) = (*create.iter().min().unwrap(), *create.iter().max().unwrap());
+    eprintln!(
+        "slot timings over {ROUNDS} slots: create median {:?} (min {min:?}, max {max:?}), \
+         reset median {:?}, remove median {:?}",
+        median(create),
+        median(reset),
+        median(remove)
+    );
+}
