@@ -86,7 +86,7 @@ async fn create(
 ) -> (Sandbox<Slot>, wrenn_agent::sandbox::Timings) {
     match Sandbox::create(
         template,
-        new_slot(),
+        new_slot().await,
         root,
         InitConfig::default(),
         &deadlines(),

@@ -1,10 +1,10 @@
 //! Pools: network slots ([`SlotPool`]) and pre-started QEMU processes ([`WarmPool`]).
 //!
-//! **Slots.** Setting up a slot (namespace, tap, veth, firewall) takes a dozen `ip`/`nft`
-//! runs, so a pool keeps some ready, each with its metadata endpoint already listening. A
-//! [`SlotLease`] hands one out; [`SlotPool::release`] resets it (firewall replaced, conntrack
-//! flushed, metadata cleared) and keeps it for the next sandbox. When no slot is free one is
-//! created on demand. A lease dropped without `release` destroys its slot.
+//! **Slots.** Setting up a slot (namespace, tap, veth, firewall) takes tens of milliseconds,
+//! most of it the one `nft` run, so a pool keeps some ready, each with its metadata endpoint
+//! already listening. A [`SlotLease`] hands one out; [`SlotPool::release`] resets it (firewall
+//! replaced, conntrack flushed, metadata cleared) and keeps it for the next sandbox. When no
+//! slot is free one is created on demand. A lease dropped without `release` destroys its slot.
 //!
 //! **Warm QEMU.** QEMU's start-up is most of a restore. A [`WarmPool`] belongs to one template
 //! snapshot and keeps QEMU processes already started with that snapshot's machine (kernel,
@@ -73,9 +73,6 @@ pub enum PoolError {
         /// The one asked for.
         got: PathBuf,
     },
-    /// A blocking task panicked.
-    #[error("slot worker: {0}")]
-    Join(String),
 }
 
 /// One slot with its metadata endpoint.
@@ -116,10 +113,8 @@ impl SlotsInner {
     /// Creates slot `index` with its endpoint; frees the index on failure.
     async fn create(self: &Arc<Self>, index: u32) -> Result<PoolSlot, PoolError> {
         let made = async {
-            let slot = tokio::task::spawn_blocking(move || Slot::create(index))
-                .await
-                .map_err(|e| PoolError::Join(e.to_string()))??;
-            let metadata = MetadataServer::start(&slot.netns_path())?;
+            let slot = Slot::create(index).await?;
+            let metadata = MetadataServer::start(&slot.netns_path()).await?;
             Ok(PoolSlot { metadata, slot })
         }
         .await;
@@ -185,7 +180,7 @@ impl SlotPool {
         }
         let mut leases = Vec::with_capacity(adopted.len());
         for slot in adopted {
-            let metadata = MetadataServer::start(&slot.netns_path())?;
+            let metadata = MetadataServer::start(&slot.netns_path()).await?;
             leases.push(SlotLease {
                 entry: Some(PoolSlot { metadata, slot }),
                 pool: Arc::downgrade(&pool.inner),
@@ -243,13 +238,7 @@ impl SlotPool {
             self.inner.destroy(entry).await;
             return;
         }
-        let (entry, reset) = tokio::task::spawn_blocking(move || {
-            let r = entry.slot.reset();
-            (entry, r)
-        })
-        .await
-        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
-        match reset {
+        match entry.slot.reset().await {
             Ok(()) => self.lock_free().push(entry),
             Err(e) => {
                 tracing::warn!(error = %e, index = entry.slot.index(), "slot reset failed; deleting it");

@@ -518,13 +518,15 @@ impl Scan {
             }
         }
         for name in self.orphan_netns.drain(..) {
-            if ip(&["netns", "del", &name]) {
+            if wrenn_hostnet::delete_netns(&name).await.is_ok() {
                 cleaned.netns.push(name);
             }
         }
         for name in self.orphan_veths.drain(..) {
             // Usually gone with its namespace already (the peer's deletion takes both ends).
-            if !Path::new("/sys/class/net").join(&name).exists() || ip(&["link", "del", &name]) {
+            if !Path::new("/sys/class/net").join(&name).exists()
+                || wrenn_hostnet::delete_link(&name).await.is_ok()
+            {
                 cleaned.veths.push(name);
             }
         }
@@ -580,16 +582,6 @@ fn slot_index(name: &str, prefix: &str) -> Option<u32> {
         return None;
     }
     rest.parse().ok()
-}
-
-fn ip(args: &[&str]) -> bool {
-    std::process::Command::new("ip")
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 #[cfg(test)]

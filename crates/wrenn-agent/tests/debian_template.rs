@@ -138,7 +138,7 @@ async fn debian_template_builds_boots_and_runs_python() {
     let kernel = Kernel::find(None).expect("guest kernel");
     let initramfs =
         wrenn_image::build_initramfs(&cache, &kernel, Path::new("/bin/busybox")).unwrap();
-    let slot = support::new_slot();
+    let slot = support::new_slot().await;
     let client = EnvdClient::new(slot.guest_endpoint(ENVD_PORT));
     let spec = support::vm_spec(accel, &kernel, &initramfs.path);
     let vm_dir = work_path.join("vm");

@@ -37,7 +37,7 @@ fn init(name: &str) -> InitConfig {
 }
 
 async fn create(template: &Snapshot, root: PathBuf, name: &str) -> Sandbox<Slot> {
-    let slot = new_slot();
+    let slot = new_slot().await;
     match Sandbox::create(template, slot, &root, init(name), &deadlines()).await {
         Ok((sb, t)) => {
             eprintln!(
@@ -197,7 +197,7 @@ async fn sandboxes_create_pause_resume_clone_corrupt_and_cleanup() {
             tokio::time::sleep(Duration::from_secs(4)).await;
         }
         drop(slot); // any free slot will do
-        let slot = new_slot();
+        let slot = new_slot().await;
         a = resume(paused, slot).await;
         if cycle == 1 {
             let h0 = host_now();
@@ -246,7 +246,7 @@ async fn sandboxes_create_pause_resume_clone_corrupt_and_cleanup() {
         .unwrap();
     assert!(cp.success());
     let copy = PausedSandbox::open(&copy_root).unwrap();
-    let (a, a2) = tokio::join!(resume(paused, slot), resume(copy, new_slot()));
+    let (a, a2) = tokio::join!(resume(paused, slot), resume(copy, new_slot().await));
     let (r1, r2) = (run_ok(&base(&a), rng).await, run_ok(&base(&a2), rng).await);
     assert_ne!(lines(&r1)[0], lines(&r2)[0], "resumed copies share uuid");
     assert_ne!(lines(&r1)[1], lines(&r2)[1], "resumed copies share urandom");

@@ -577,7 +577,7 @@ async fn adoption_child() {
     .into_iter()
     .enumerate()
     {
-        let slot = Slot::create(first + i as u32).unwrap();
+        let slot = Slot::create(first + i as u32).await.unwrap();
         let dir = root.join(name);
         let vm = snap.restore(&dir, Some(slot.attach())).await.unwrap();
         if state == Some(VmState::Running) {

@@ -77,7 +77,7 @@ async fn template_boot_snapshot_restore_and_cleanup() {
     );
 
     let slot_index = 4000 + std::process::id() % 4000;
-    let slot = Slot::create(slot_index).expect("slot");
+    let slot = Slot::create(slot_index).await.expect("slot");
     let net = slot.attach();
     let client = EnvdClient::new(slot.guest_endpoint(ENVD_PORT));
 

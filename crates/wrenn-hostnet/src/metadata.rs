@@ -22,7 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use crate::netns::in_netns;
+use crate::netns::in_netns_async;
 use crate::slot::{GUEST_IP, METADATA_IP, METADATA_PORT};
 
 /// A request's headers must arrive within this (a hung guest must not hold a task).
@@ -87,8 +87,9 @@ pub struct MetadataServer {
 
 impl MetadataServer {
     /// Starts serving inside the namespace at `netns` (`/run/netns/<name>`), with no sandbox
-    /// assigned. Must be called from within a tokio runtime.
-    pub fn start(netns: &Path) -> Result<Self, MetadataError> {
+    /// assigned. The socket is made on a thread of its own that enters the namespace; it is
+    /// served on the caller's tokio runtime.
+    pub async fn start(netns: &Path) -> Result<Self, MetadataError> {
         let err = |what: &'static str| {
             let netns = netns.display().to_string();
             move |source| MetadataError::Bind {
@@ -97,11 +98,12 @@ impl MetadataServer {
                 source,
             }
         };
-        let std_listener = in_netns(netns, || {
+        let std_listener = in_netns_async(netns, || {
             let l = std::net::TcpListener::bind((METADATA_IP, METADATA_PORT))?;
             l.set_nonblocking(true)?;
             Ok::<_, std::io::Error>(l)
         })
+        .await
         .map_err(err("enter namespace"))?
         .map_err(err("bind"))?;
         let listener = TcpListener::from_std(std_listener).map_err(err("register"))?;

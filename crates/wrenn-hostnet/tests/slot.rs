@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use wrenn_hostnet::{NFT_TABLE, Slot};
+use wrenn_hostnet::{NFT_TABLE, Slot, delete_link, delete_netns};
 
 /// Slots timed in a row.
 const ROUNDS: usize = 20;
@@ -25,9 +25,10 @@ fn enabled() -> bool {
     root && tools
 }
 
-/// This file's slot indices: clear of the agent tests' ranges (3000.. and up).
+/// The first of this process's 32 slot indices: clear of the agent tests' ranges (3000.. and
+/// up) and of other processes running this file.
 fn first_index() -> u32 {
-    1_000 + (std::process::id() % 200) * 8
+    1_000 + (std::process::id() % 60) * 32
 }
 
 fn run(args: &[&str]) -> String {
@@ -77,14 +78,14 @@ impl Drop for Cleanup {
     }
 }
 
-#[test]
-fn a_slot_looks_the_same_from_inside_and_leaves_nothing() {
+#[tokio::test]
+async fn a_slot_looks_the_same_from_inside_and_leaves_nothing() {
     if !enabled() {
         return;
     }
     let index = first_index();
     let _cleanup = Cleanup(index..index + 1);
-    let slot = Slot::create(index).expect("slot");
+    let slot = Slot::create(index).await.expect("slot");
     let ns = slot.netns().to_owned();
     let host = slot.host_veth().to_owned();
     let peer = slot.guest_endpoint(0).ip().to_string();
@@ -164,7 +165,7 @@ fn a_slot_looks_the_same_from_inside_and_leaves_nothing() {
     ] {
         assert!(table.contains(&needle), "missing {needle} in\n{table}");
     }
-    slot.reset().expect("reset");
+    slot.reset().await.expect("reset");
     let again = in_ns(&ns, &["nft", "list", "table", "inet", NFT_TABLE]);
     assert_eq!(again, table, "reset changed the firewall");
 
@@ -177,8 +178,8 @@ fn median(mut samples: Vec<Duration>) -> Duration {
     samples[samples.len() / 2]
 }
 
-#[test]
-fn slot_setup_timings() {
+#[tokio::test]
+async fn slot_setup_timings() {
     if !enabled() {
         return;
     }
@@ -187,10 +188,10 @@ fn slot_setup_timings() {
     let (mut create, mut reset, mut remove) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..ROUNDS as u32 {
         let t = Instant::now();
-        let slot = Slot::create(first + i).expect("slot");
+        let slot = Slot::create(first + i).await.expect("slot");
         create.push(t.elapsed());
         let t = Instant::now();
-        slot.reset().expect("reset");
+        slot.reset().await.expect("reset");
         reset.push(t.elapsed());
         let t = Instant::now();
         drop(slot);
@@ -204,5 +205,55 @@ fn slot_setup_timings() {
         median(create),
         median(reset),
         median(remove)
+    );
+}
+
+#[tokio::test]
+async fn leftovers_of_a_crash_are_replaced_or_deleted() {
+    if !enabled() {
+        return;
+    }
+    let (stale, orphan) = (first_index() + 24, first_index() + 25);
+    let _cleanup = Cleanup(stale..orphan + 1);
+    // What a crashed agent leaves: a namespace with its veth pair.
+    for i in [stale, orphan] {
+        let ns = format!("wrenn-slot-{i}");
+        run(&["ip", "netns", "add", &ns]);
+        run(&[
+            "ip",
+            "link",
+            "add",
+            &format!("wrv{i}"),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &ns,
+        ]);
+    }
+    // A new slot of the same index replaces it.
+    let slot = Slot::create(stale).await.expect("slot over a stale one");
+    let addrs = in_ns(
+        slot.netns(),
+        &["ip", "-4", "-o", "addr", "show", "dev", "eth0"],
+    );
+    assert_eq!(addrs.lines().count(), 1, "{addrs}");
+    drop(slot);
+    assert!(leftovers(stale).is_empty(), "left: {:?}", leftovers(stale));
+    // The agent's orphan cleanup deletes the rest, and a second time is no error.
+    for _ in 0..2 {
+        delete_link(&format!("wrv{orphan}"))
+            .await
+            .expect("delete the veth");
+        delete_netns(&format!("wrenn-slot-{orphan}"))
+            .await
+            .expect("delete the namespace");
+    }
+    assert!(
+        leftovers(orphan).is_empty(),
+        "left: {:?}",
+        leftovers(orphan)
     );
 }

@@ -398,9 +398,8 @@ async fn default_template(
         default_user: Some("user".to_owned()),
         default_workdir: Some("/home/user".to_owned()),
     };
-    let slot = tokio::task::spawn_blocking(move || Slot::create(build_slot))
+    let slot = Slot::create(build_slot)
         .await
-        .context("slot thread")?
         .context("create the template build slot")?;
     let started = std::time::Instant::now();
     let built = template::build_or_open(

@@ -71,10 +71,10 @@ pub fn vm_spec(accel: Accel, kernel: &Kernel, initramfs: &Path) -> VmSpec {
 }
 
 /// A new slot with an index unlikely to collide with other test processes.
-pub fn new_slot() -> Slot {
+pub async fn new_slot() -> Slot {
     let n = NEXT_SLOT.fetch_add(1, Ordering::Relaxed);
     let index = 8000 + (std::process::id() % 2800) * 8 + n % 8;
-    Slot::create(index).expect("slot")
+    Slot::create(index).await.expect("slot")
 }
 
 /// Builds the small image (cached by content in `cache`) and a 512 MiB template snapshot in
@@ -87,7 +87,7 @@ pub async fn build_template(cache: &Path, template_dir: &Path, work: &Path) -> S
     let initramfs =
         wrenn_image::build_initramfs(cache, &kernel, Path::new("/bin/busybox")).unwrap();
     let rootfs = wrenn_image::build_small_rootfs(cache, &SmallImageInputs::debian(envd)).unwrap();
-    let slot = new_slot();
+    let slot = new_slot().await;
     let spec = vm_spec(accel, &kernel, &initramfs.path);
     std::fs::create_dir_all(template_dir).unwrap();
     let boot_dir = work.join("template-boot");

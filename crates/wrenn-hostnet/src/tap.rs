@@ -1,0 +1,38 @@
+//! Persistent tap devices, as `ip tuntap add <name> mode tap` makes them. The kernel creates
+//! tun/tap devices only through `/dev/net/tun` (rtnetlink refuses `tun` links), so this is an
+//! ioctl; the device belongs to the network namespace of the thread that opens the file.
+
+use std::io;
+use std::os::fd::AsRawFd;
+
+/// Creates tap `name` in the calling thread's network namespace, without packet information
+/// headers and persistent, so it outlives this call until QEMU attaches to it.
+pub(crate) fn create_tap(name: &str) -> io::Result<()> {
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")?;
+    // SAFETY: `ifreq` is plain old data (a name and a union of integers and addresses), for
+    // which all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *slot = byte as libc::c_char;
+    }
+    // TUN_EXCL: fail rather than attach to an existing device of that name.
+    req.ifr_ifru.ifru_flags =
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_TUN_EXCL) as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes one `ifreq`, which `req` is, for the whole call; the
+    // name is NUL-terminated (shorter than IFNAMSIZ, the rest zeroes).
+    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &raw mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TUNSETPERSIST takes its argument by value; no memory is shared.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Closing `tun` leaves the persistent device behind.
+    Ok(())
+}
