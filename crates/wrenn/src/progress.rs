@@ -6,7 +6,7 @@
 //! debootstrap's stages without one line per package.
 
 use std::collections::HashSet;
-use std::io::IsTerminal as _;
+use std::io::{IsTerminal as _, Write};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -45,6 +45,8 @@ impl ProgressMode {
 pub(crate) struct Renderer {
     mode: ProgressMode,
     phase: Option<Phase>,
+    /// Where lines go (stderr; a buffer in tests). Spinners draw on stderr themselves.
+    out: Box<dyn Write + Send>,
 }
 
 /// The phase on screen.
@@ -64,7 +66,16 @@ impl Renderer {
             ProgressMode::Auto => ProgressMode::Plain,
             other => other,
         };
-        Self { mode, phase: None }
+        Self {
+            mode,
+            phase: None,
+            out: Box::new(std::io::stderr()),
+        }
+    }
+
+    /// Prints a line; a closed stderr is no reason to fail a build.
+    fn line(&mut self, text: std::fmt::Arguments<'_>) {
+        let _ = writeln!(self.out, "{text}");
     }
 
     pub(crate) fn show(&mut self, event: Progress) {
@@ -72,7 +83,7 @@ impl Renderer {
             return;
         }
         match event {
-            Progress::Note(text) => eprintln!("{text}"),
+            Progress::Note(text) => self.line(format_args!("{text}")),
             Progress::PhaseStarted { phase } => self.start(phase),
             Progress::Log { phase, line } => self.log(phase, &line),
             Progress::PhaseFinished {
@@ -106,7 +117,7 @@ impl Renderer {
             bar
         });
         if self.mode == ProgressMode::Plain {
-            eprintln!("[{name}] started");
+            self.line(format_args!("[{name}] started"));
         }
         self.phase = Some(Phase {
             name,
@@ -132,11 +143,9 @@ impl Renderer {
             .join(" ");
         let new_kind = phase.seen_kinds.insert(kind);
         if new_kind || phase.last_print.elapsed() >= PLAIN_INTERVAL {
-            eprintln!(
-                "[{name} {:>5.1}s] {line}",
-                phase.started.elapsed().as_secs_f64()
-            );
             phase.last_print = Instant::now();
+            let secs = phase.started.elapsed().as_secs_f64();
+            let _ = writeln!(self.out, "[{name} {secs:>5.1}s] {line}");
         }
     }
 
@@ -145,7 +154,7 @@ impl Renderer {
         match bar {
             Some(bar) if failed => bar.abandon_with_message(text),
             Some(bar) => bar.finish_with_message(text),
-            None => eprintln!("[{name}] {text}"),
+            None => self.line(format_args!("[{name}] {text}")),
         }
     }
 }
@@ -156,5 +165,100 @@ impl Drop for Renderer {
         if let Some(bar) = self.phase.take().and_then(|p| p.bar) {
             bar.abandon();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// A writer the test can read back.
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Buffer {
+        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(data);
+            Ok(data.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// What `mode` prints for `events`, with log lines' running times (which a test cannot
+    /// know) cut out.
+    fn render(mode: ProgressMode, events: Vec<Progress>) -> Vec<String> {
+        let buffer = Buffer::default();
+        let mut renderer = Renderer::new(mode);
+        renderer.out = Box::new(buffer.clone());
+        for event in events {
+            renderer.show(event);
+        }
+        drop(renderer);
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|l| match l.split_once("s] ") {
+                Some((head, rest)) if head.contains(' ') => {
+                    format!("{}] {rest}", head.split(' ').next().unwrap())
+                }
+                _ => l.to_owned(),
+            })
+            .collect()
+    }
+
+    fn events() -> Vec<Progress> {
+        let log = |line: &str| Progress::Log {
+            phase: "debootstrap",
+            line: line.into(),
+        };
+        vec![
+            Progress::Note("building the image".into()),
+            Progress::PhaseStarted {
+                phase: "debootstrap",
+            },
+            log("I: Retrieving InRelease"),
+            log("I: Retrieving Packages"),
+            log("I: Validating Packages"),
+            Progress::PhaseFinished {
+                phase: "debootstrap",
+                elapsed: Duration::from_millis(65_400),
+                detail: "bookworm from http://mirror.example/debian".into(),
+            },
+            Progress::PhaseStarted { phase: "mkfs.ext4" },
+            Progress::PhaseFailed {
+                phase: "mkfs.ext4",
+                elapsed: Duration::from_millis(1_200),
+            },
+        ]
+    }
+
+    #[test]
+    fn plain_lines_thin_out_repeated_kinds() {
+        assert_eq!(
+            render(ProgressMode::Plain, events()),
+            [
+                "building the image",
+                "[debootstrap] started",
+                "[debootstrap] I: Retrieving InRelease",
+                "[debootstrap] I: Validating Packages",
+                "[debootstrap] done in 65.4 s (bookworm from http://mirror.example/debian)",
+                "[mkfs.ext4] started",
+                "[mkfs.ext4] failed after 1.2 s",
+            ]
+        );
+    }
+
+    #[test]
+    fn quiet_prints_nothing_and_spinners_print_only_notes() {
+        assert!(render(ProgressMode::Quiet, events()).is_empty());
+        // Spinners draw on stderr by themselves (nothing when it is no terminal).
+        assert_eq!(
+            render(ProgressMode::Spinner, events()),
+            ["building the image"]
+        );
     }
 }
