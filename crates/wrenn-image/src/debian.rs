@@ -252,48 +252,66 @@ fn build(
     })?;
 
     report.phase("manifest", |_| {
-        let envd_version = run(Command::new(&inputs.envd).arg("--version"))
-            .map(|v| v.trim().to_owned())
-            .unwrap_or_else(|_| "unknown".into());
-        let debootstrap_version = deb_version("debootstrap");
-        let manifest = DebianManifest {
-            common: RootfsManifest {
-                key: key.to_owned(),
-                kind: "debian".into(),
-                components: vec![
-                    Component {
-                        name: "envd".into(),
-                        version: envd_version,
-                        sha256: Some(envd_sha256.to_owned()),
-                    },
-                    Component {
-                        name: "debootstrap".into(),
-                        version: debootstrap_version.clone(),
-                        sha256: None,
-                    },
-                    Component {
-                        name: "debian".into(),
-                        version: debian_version.clone(),
-                        sha256: None,
-                    },
-                ],
-                size,
-                e2fsprogs_version: deb_version("e2fsprogs"),
-            },
-            script_version: SCRIPT_VERSION.into(),
-            suite: SUITE.into(),
+        let tree = Tree {
             debian_version,
-            debootstrap_version,
-            mirror,
-            include: PACKAGES.iter().map(|p| p.to_string()).collect(),
             packages,
             content_bytes,
-            build_seconds: started.elapsed().as_secs_f64(),
-            built_at: now_rfc3339(),
+            size,
         };
+        let manifest = manifest(inputs, key, envd_sha256, mirror, tree, started);
         write_manifest(tmp, &manifest)?;
         Ok(((), "written".into()))
     })
+}
+
+/// What the build made, for the manifest.
+struct Tree {
+    debian_version: String,
+    packages: Vec<Package>,
+    content_bytes: u64,
+    size: u64,
+}
+
+fn manifest(
+    inputs: &DebianImageInputs,
+    key: &str,
+    envd_sha256: &str,
+    mirror: String,
+    tree: Tree,
+    started: Instant,
+) -> DebianManifest {
+    let envd_version = run(Command::new(&inputs.envd).arg("--version"))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    let debootstrap_version = deb_version("debootstrap");
+    let component = |name: &str, version: &str, sha256: Option<&str>| Component {
+        name: name.into(),
+        version: version.into(),
+        sha256: sha256.map(str::to_owned),
+    };
+    DebianManifest {
+        common: RootfsManifest {
+            key: key.to_owned(),
+            kind: "debian".into(),
+            components: vec![
+                component("envd", &envd_version, Some(envd_sha256)),
+                component("debootstrap", &debootstrap_version, None),
+                component("debian", &tree.debian_version, None),
+            ],
+            size: tree.size,
+            e2fsprogs_version: deb_version("e2fsprogs"),
+        },
+        script_version: SCRIPT_VERSION.into(),
+        suite: SUITE.into(),
+        debian_version: tree.debian_version,
+        debootstrap_version,
+        mirror,
+        include: PACKAGES.iter().map(|p| p.to_string()).collect(),
+        packages: tree.packages,
+        content_bytes: tree.content_bytes,
+        build_seconds: started.elapsed().as_secs_f64(),
+        built_at: now_rfc3339(),
+    }
 }
 
 /// Runs debootstrap into `root`, streaming its output lines to `log`.
