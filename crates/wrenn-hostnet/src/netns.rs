@@ -43,7 +43,8 @@ where
         .map_err(|_| io::Error::other("namespace thread panicked"))?
 }
 
-/// [`on_own_thread`], awaited instead of blocking the caller's thread.
+/// [`on_own_thread`], awaited instead of blocking the caller's thread. Dropping the future
+/// does not stop `work`; its result is then dropped on that thread.
 pub(crate) async fn on_own_thread_async<T, F>(
     work: impl FnOnce() -> F + Send + 'static,
 ) -> io::Result<T>
@@ -61,11 +62,18 @@ where
         .map_err(|_| io::Error::other("namespace thread panicked"))?
 }
 
+/// Runs `work` on this (fresh) thread, then returns the thread to the namespace it started
+/// in before handing the result over: what the caller drops of it (a `Slot` nobody waited for,
+/// say) is then dropped in the caller's namespace.
 fn run_to_completion<T, F: Future<Output = T>>(work: impl FnOnce() -> F) -> io::Result<T> {
+    let home = File::open("/proc/thread-self/ns/net")?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()?;
-    Ok(runtime.block_on(async { work().await }))
+    let out = runtime.block_on(async { work().await });
+    drop(runtime);
+    enter(&home)?;
+    Ok(out)
 }
 
 /// Runs `f` on a fresh thread that has entered the namespace at `netns`. Sockets made there

@@ -126,14 +126,18 @@ pub struct Slot {
 
 impl Slot {
     /// Creates slot `index`. A stale namespace of the same name (a crashed agent's) is removed
-    /// first. On an error nothing of the slot is left.
+    /// first. On an error, or when the caller stops waiting, nothing of the slot is left.
     pub async fn create(index: u32) -> Result<Self, SlotError> {
         let layout = Layout::new(index)?;
-        let work = layout.clone();
-        on_own_thread_async(move || async move { set_up(&work).await })
-            .await
-            .map_err(layout.err("run the slot thread"))??;
-        Ok(Self { layout })
+        let err = layout.err("run the slot thread");
+        // The slot is made on the worker thread, so a caller that stops waiting (its future
+        // dropped) still gets it removed: the worker drops what nobody received.
+        on_own_thread_async(move || async move {
+            set_up(&layout).await?;
+            Ok(Self { layout })
+        })
+        .await
+        .map_err(err)?
     }
 
     /// Takes over the existing namespace of slot `index` (left by an agent that crashed with a

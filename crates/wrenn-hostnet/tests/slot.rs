@@ -257,3 +257,20 @@ async fn leftovers_of_a_crash_are_replaced_or_deleted() {
         leftovers(orphan)
     );
 }
+
+#[tokio::test]
+async fn a_create_nobody_waits_for_leaves_nothing() {
+    if !enabled() {
+        return;
+    }
+    let index = first_index() + 26;
+    let _cleanup = Cleanup(index..index + 1);
+    // Gives up at once: the setup goes on on its own thread, and what it made is removed.
+    let gave_up = tokio::time::timeout(Duration::from_micros(1), Slot::create(index)).await;
+    assert!(gave_up.is_err(), "a slot in a microsecond?");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !leftovers(index).is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(leftovers(index).is_empty(), "left: {:?}", leftovers(index));
+}
