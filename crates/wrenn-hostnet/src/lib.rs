@@ -19,6 +19,6 @@ mod tap;
 pub use metadata::{Metadata, MetadataError, MetadataServer, token_hash};
 pub use netns::enter_netns_on_exec;
 pub use slot::{
-    EGRESS_CHAIN, GUEST_IP, HOST_VETH_PREFIX, MAX_SLOTS, METADATA_IP, METADATA_PORT, NETNS_PREFIX,
-    NFT_TABLE, Slot, SlotError, TAP_IP, TAP_NAME, delete_link, delete_netns,
+    EGRESS_CHAIN, HOST_VETH_PREFIX, MAX_SLOTS, NETNS_PREFIX, NFT_TABLE, Slot, SlotError, TAP_NAME,
+    delete_link, delete_netns,
 };

@@ -35,16 +35,16 @@ use crate::tap::create_tap;
 /// The tap QEMU attaches to, inside the namespace.
 pub const TAP_NAME: &str = "tap0";
 /// The guest's address in every slot.
-pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 21);
+pub(crate) const GUEST_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 21);
 /// The tap's address in every slot (the guest's gateway).
-pub const TAP_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 22);
+pub(crate) const TAP_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 22);
 /// Slots are numbered below this: two addresses each in `10.12.0.0/16`.
 pub const MAX_SLOTS: u32 = 1 << 15;
 /// The metadata endpoint's address, on the namespace's loopback (the cloud metadata address
 /// guests conventionally use; the real one is unreachable from a slot).
-pub const METADATA_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+pub(crate) const METADATA_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 /// The metadata endpoint's port.
-pub const METADATA_PORT: u16 = 80;
+pub(crate) const METADATA_PORT: u16 = 80;
 /// The nftables table (family `inet`) inside each slot namespace.
 pub const NFT_TABLE: &str = "wrenn";
 /// The chain for a sandbox's own egress policy; empty (allow) after [`Slot::reset`].
@@ -182,7 +182,7 @@ impl Slot {
         &self.layout.host_veth
     }
 
-    /// Where the host reaches `port` on the guest (DNAT'd to [`GUEST_IP`]).
+    /// Where the host reaches `port` on the guest (DNAT'd to the guest's `169.254.0.21`).
     pub fn guest_endpoint(&self, port: u16) -> SocketAddr {
         SocketAddr::from((self.layout.ns_ip, port))
     }

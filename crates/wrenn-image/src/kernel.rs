@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::ImageError;
 
 /// Where the install script extracts Debian's cloud kernel (`WRENN_KERNEL_CACHE` overrides).
-pub const DEFAULT_KERNEL_DIR: &str = "/var/cache/wrenn/kernel";
+pub(crate) const DEFAULT_KERNEL_DIR: &str = "/var/cache/wrenn/kernel";
 /// The virtio modules the initramfs loads, in dependency order ("unknown symbol" otherwise).
 pub(crate) const VIRTIO_MODULES: [&str; 7] = [
     "virtio_ring",
@@ -34,7 +34,8 @@ pub struct Kernel {
 }
 
 impl Kernel {
-    /// Finds the kernel in `dir` (`WRENN_KERNEL_CACHE` or [`DEFAULT_KERNEL_DIR`] when `None`).
+    /// Finds the kernel in `dir` (`WRENN_KERNEL_CACHE`, else `/var/cache/wrenn/kernel`, when
+    /// `None`).
     /// With several releases, the highest sorts last and wins.
     pub fn find(dir: Option<&Path>) -> Result<Self, ImageError> {
         let dir = match dir {

@@ -23,7 +23,7 @@ use std::process::Command;
 pub use cache::default_cache_dir;
 pub use debian::{DebianImageInputs, DebianManifest, DebianRootfs, Package, build_debian_rootfs};
 pub use initramfs::{Initramfs, InitramfsManifest, build_initramfs};
-pub use kernel::{DEFAULT_KERNEL_DIR, Kernel};
+pub use kernel::Kernel;
 pub use progress::Progress;
 pub use rootfs::{Component, Rootfs, RootfsManifest, SmallImageInputs, build_small_rootfs};
 
