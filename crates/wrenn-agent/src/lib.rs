@@ -2,9 +2,13 @@
 //! images ([`image`]), QEMU VMs ([`vm`]), template snapshots and restores ([`snapshot`]),
 //! network slots ([`slot`]) and the envd lifecycle client ([`envd`]); per-slot metadata
 //! endpoints ([`metadata`]), slot and pre-started QEMU pools ([`pool`]), and on-disk VM records
-//! for crash recovery ([`state`]); the traffic proxy into sandboxes ([`proxy`]).
+//! for crash recovery ([`state`]); the traffic proxy into sandboxes ([`proxy`]). The
+//! [`controller`] owns the sandbox table and drives a [`runtime::Runtime`] ([`qemu`] is the
+//! real one); [`agent`] is the host facade over it, served by [`rpc`].
 
 pub mod accel;
+pub mod agent;
+pub mod controller;
 pub mod envd;
 pub mod image;
 pub mod memdiff;
@@ -12,10 +16,30 @@ pub mod metadata;
 pub mod observe;
 pub mod pool;
 pub mod proxy;
+pub mod qemu;
 pub mod rpc;
+pub mod runtime;
 pub mod sandbox;
 pub mod slot;
 pub mod snapshot;
 pub mod state;
 pub mod template;
 pub mod vm;
+
+pub use agent::Agent;
+
+/// An error with its causes, `outer: inner: ...`, for logs and RPC messages (the causes are
+/// kept in `source()`, never repeated in a variant's text).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !text.is_empty() && !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
+}

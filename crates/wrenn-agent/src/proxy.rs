@@ -33,7 +33,7 @@ pub trait Resolve: Send + Sync {
     fn resolve(&self, sandbox_id: &str, port: u16) -> Option<SocketAddr>;
 }
 
-impl Resolve for crate::rpc::Agent {
+impl Resolve for crate::agent::Agent {
     fn resolve(&self, sandbox_id: &str, port: u16) -> Option<SocketAddr> {
         self.guest_endpoint(sandbox_id, port)
     }

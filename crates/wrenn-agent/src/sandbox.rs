@@ -51,6 +51,14 @@ const VM_DIR: &str = "vm";
 const STATE_FILE: &str = "state";
 const DIFF_FILE: &str = "memory.diff";
 const MANIFEST_FILE: &str = "paused.json";
+/// The paused manifest written before QEMU is told to quit: the snapshot is complete once it
+/// exists (the vCPUs are stopped and the disk flushed), so a crash from there on is finished
+/// into a pause by [`finish_interrupted_pause`] instead of losing the sandbox.
+pub const PAUSING_FILE: &str = "pausing.json";
+/// Overlays a resumed guest writes to, on top of its paused disk (`rootfs-<n>.qcow2`): the
+/// paused disk stays unchanged until the resume succeeded, and a pause commits the overlay
+/// back into it.
+const RUN_DISK_PREFIX: &str = "rootfs-";
 /// Entropy sent with every `/init` (envd accepts 16..=4096 bytes).
 const ENTROPY_BYTES: usize = 64;
 /// How long QEMU may take to exit after `quit` (it flushes the disk overlay).
@@ -280,6 +288,16 @@ pub struct RunningManifest {
     pub memory: PathBuf,
     /// What `/init` gave the guest (a pause keeps it for the resume).
     pub init: InitConfig,
+    /// The disk image QEMU writes to (a file name in the sandbox directory).
+    #[serde(default = "default_disk")]
+    pub disk: String,
+    /// The paused disk `disk` is an overlay on, to commit into at the next pause.
+    #[serde(default)]
+    pub commit_into: Option<String>,
+}
+
+fn default_disk() -> String {
+    DISK_FILE.into()
 }
 
 impl RunningManifest {
@@ -312,6 +330,19 @@ pub struct Sandbox<N: SandboxNet> {
     template: TemplateRef,
     memory: PathBuf,
     init: InitConfig,
+    /// The disk QEMU writes to (a file name in `root`).
+    disk: String,
+    /// After a resume: the paused disk `disk` is an overlay on.
+    commit_into: Option<String>,
+}
+
+/// What a failed start of the guest removes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnFail {
+    /// A create: the whole directory.
+    RemoveAll,
+    /// A resume: only the run overlay; the paused state stays as it was.
+    KeepPaused,
 }
 
 /// How long the steps of a create or resume took.
@@ -366,7 +397,7 @@ impl<N: SandboxNet> Sandbox<N> {
         };
         let restored = start.elapsed();
         Self::adopt(template, root.to_owned(), vm, net, init)
-            .start_guest(start, restored, deadlines)
+            .start_guest(start, restored, deadlines, OnFail::RemoveAll)
             .await
     }
 
@@ -387,15 +418,18 @@ impl<N: SandboxNet> Sandbox<N> {
             },
             memory: template.memory_path(),
             init,
+            disk: DISK_FILE.into(),
+            commit_into: None,
         }
     }
 
-    /// Waits for envd and runs `/init`; on failure kills the sandbox (removing `root`).
+    /// Waits for envd and runs `/init`; on failure kills the VM and removes what `on_fail` says.
     async fn start_guest(
         self,
         start: Instant,
         restored: Duration,
         deadlines: &Deadlines,
+        on_fail: OnFail,
     ) -> Result<(Self, Timings), Failed<N>> {
         let result = async {
             self.envd
@@ -412,9 +446,15 @@ impl<N: SandboxNet> Sandbox<N> {
         }
         .await;
         let result = match result {
-            Ok(healthy) => self.record_running().map(|()| healthy),
+            Ok(healthy) => self.record_running().await.map(|()| healthy),
             Err(e) => Err(e),
         };
+        if result.is_ok() && on_fail == OnFail::KeepPaused {
+            // Running, with its own records: the paused state is history. The manifest goes
+            // first, so a crash from here never offers a stale snapshot for resume.
+            let root = self.root.clone();
+            blocking(move || remove_paused_files(&root)).await;
+        }
         match result {
             Ok(healthy) => Ok((
                 self,
@@ -427,27 +467,53 @@ impl<N: SandboxNet> Sandbox<N> {
             )),
             Err(error) => {
                 tracing::warn!(root = %self.root.display(), console = %console_tail(&self.vm), "guest did not start");
-                let net = self.kill().await;
+                let net = match on_fail {
+                    OnFail::RemoveAll => self.kill().await,
+                    OnFail::KeepPaused => self.stop_keeping_paused().await,
+                };
                 Err(Failed { error, net })
             }
         }
     }
 
+    /// After a failed resume: kills QEMU and removes its run overlay and running records; the
+    /// paused files are untouched.
+    async fn stop_keeping_paused(self) -> N {
+        let Sandbox {
+            root,
+            vm,
+            net,
+            disk,
+            ..
+        } = self;
+        if let Err(e) = vm.kill().await {
+            tracing::warn!(error = %e, "kill");
+        }
+        blocking(move || {
+            for f in [disk.as_str(), RUNNING_FILE, crate::state::RECORD_FILE] {
+                let _ = std::fs::remove_file(root.join(f));
+            }
+        })
+        .await;
+        net
+    }
+
     /// Writes `running.json` and the VM record (state running), so that a restarted agent
     /// finds this QEMU (`crate::state::scan`) and can take it over ([`Sandbox::adopt_running`]).
-    fn record_running(&self) -> Result<(), SandboxError> {
+    async fn record_running(&self) -> Result<(), SandboxError> {
         let manifest = RunningManifest {
             version: RUNNING_FORMAT,
             spec: self.spec.clone(),
             template: self.template.clone(),
             memory: self.memory.clone(),
             init: self.init.clone(),
+            disk: self.disk.clone(),
+            commit_into: self.commit_into.clone(),
         };
         let text = serde_json::to_vec_pretty(&manifest).map_err(|e| SandboxError::Invalid {
             dir: self.root.clone(),
             reason: e.to_string(),
         })?;
-        write_private(&self.root.join(RUNNING_FILE), &text, false)?;
         let mut record = crate::state::VmRecord::for_process(
             self.vm.dir(),
             self.vm.pid(),
@@ -459,16 +525,24 @@ impl<N: SandboxNet> Sandbox<N> {
             dir: self.root.clone(),
             reason: format!("VM record: {e}"),
         })?;
-        record.save(&self.root).map_err(|e| SandboxError::Invalid {
-            dir: self.root.clone(),
-            reason: format!("VM record: {e}"),
+        let root = self.root.clone();
+        blocking(move || {
+            write_private(&root.join(RUNNING_FILE), &text, false)?;
+            record.save(&root).map_err(|e| SandboxError::Invalid {
+                dir: root.clone(),
+                reason: format!("VM record: {e}"),
+            })
         })
+        .await
     }
 
     /// Takes over a sandbox whose QEMU outlived an earlier agent: `vm` adopted from the VM
     /// record in `root`, `net` its slot, `m` its [`RunningManifest::read`].
     pub fn adopt_running(root: PathBuf, vm: Vm, net: N, m: RunningManifest) -> Self {
         warm_in_background(m.memory.clone());
+        // A crash between a resume's running records and its removal of the paused files
+        // leaves both: the guest has run since, so the paused state is stale.
+        remove_paused_files(&root);
         Sandbox {
             root,
             vm,
@@ -478,6 +552,8 @@ impl<N: SandboxNet> Sandbox<N> {
             template: m.template,
             memory: m.memory,
             init: m.init,
+            disk: m.disk,
+            commit_into: m.commit_into,
         }
     }
 
@@ -506,22 +582,40 @@ impl<N: SandboxNet> Sandbox<N> {
         &self.net
     }
 
+    /// The memory size of the machine.
+    pub fn memory_mib(&self) -> u32 {
+        self.spec.memory_mib
+    }
+
+    /// The run overlay a pause will commit into the paused disk, if any.
+    pub fn pending_commit(&self) -> Option<PathBuf> {
+        self.commit_into
+            .as_ref()
+            .map(|_| self.root.join(&self.disk))
+    }
+
     /// Kills QEMU, removes the sandbox directory, and returns the slot.
     pub async fn kill(self) -> N {
         let Sandbox { root, vm, net, .. } = self;
         if let Err(e) = vm.kill().await {
             tracing::warn!(error = %e, "kill");
         }
-        if let Err(e) = std::fs::remove_dir_all(&root)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(error = %e, root = %root.display(), "remove sandbox directory");
-        }
+        blocking(move || {
+            if let Err(e) = std::fs::remove_dir_all(&root)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(error = %e, root = %root.display(), "remove sandbox directory");
+            }
+        })
+        .await;
         net
     }
 
-    /// Pauses: envd quiesces, the vCPUs stop, the device state and the changed pages are
-    /// written (synced), QEMU exits (flushing the overlay) and the slot is returned.
+    /// Pauses: envd quiesces, the vCPUs stop (QEMU flushes the disk), the device state and
+    /// the changed pages are written and synced, `pausing.json` records the complete snapshot,
+    /// QEMU exits and the slot is returned; a resumed sandbox's run overlay is then committed
+    /// into its paused disk. A failure before `pausing.json` exists leaves the sandbox running;
+    /// from there on the snapshot is complete and the pause is finished whatever fails.
     pub async fn pause(
         self,
         deadlines: &Deadlines,
@@ -538,14 +632,30 @@ impl<N: SandboxNet> Sandbox<N> {
             });
         }
         let prepared = start.elapsed();
-        let state_tmp = self.root.join("state.tmp");
-        let diff_tmp = self.root.join("memory.diff.tmp");
-        let saved = self.save(&state_tmp, &diff_tmp).await;
-        let (diff, saved_at) = match saved {
-            Ok(diff) => (diff, start.elapsed()),
+        let saved = async {
+            let diff = self.save().await?;
+            let manifest = self.paused_manifest(&diff).await?;
+            let (root, m) = (self.root.clone(), manifest.clone());
+            blocking(move || write_manifest(&root, PAUSING_FILE, &m)).await?;
+            Ok::<_, SandboxError>((diff, manifest))
+        }
+        .await;
+        let (diff, manifest) = match saved {
+            Ok(x) => x,
             Err(error) => {
-                let _ = std::fs::remove_file(&state_tmp);
-                let _ = std::fs::remove_file(&diff_tmp);
+                let root = self.root.clone();
+                blocking(move || {
+                    for f in [
+                        PAUSING_FILE,
+                        "state.tmp",
+                        "memory.diff.tmp",
+                        STATE_FILE,
+                        DIFF_FILE,
+                    ] {
+                        let _ = std::fs::remove_file(root.join(f));
+                    }
+                })
+                .await;
                 if let Err(e) = self.vm.qmp().cont().await {
                     tracing::warn!(error = %e, "cont after a failed pause");
                 }
@@ -556,57 +666,29 @@ impl<N: SandboxNet> Sandbox<N> {
                 });
             }
         };
+        let saved_at = start.elapsed();
         let Sandbox {
             root,
             mut vm,
             net,
-            spec,
-            template,
-            memory: _,
-            init,
+            disk,
+            commit_into,
             ..
         } = self;
-        let committed = async {
+        // The snapshot is complete: from here the pause is finished whatever QEMU does.
+        let quit = async {
             vm.qmp().quit().await.map_err(SandboxError::qmp("quit"))?;
             vm.wait_exit(QUIT_TIMEOUT).await?;
-            // No QEMU any more: the running records go (paused.json, written last, takes over).
-            for f in [RUNNING_FILE, crate::state::RECORD_FILE] {
-                let _ = std::fs::remove_file(root.join(f));
-            }
-            let disk = root.join(DISK_FILE);
-            sync_file(&disk)?;
-            let state = root.join(STATE_FILE);
-            std::fs::rename(&state_tmp, &state).map_err(VmError::io("rename", &state_tmp))?;
-            std::fs::rename(&diff_tmp, root.join(DIFF_FILE))
-                .map_err(VmError::io("rename", &diff_tmp))?;
-            let state_bytes = std::fs::metadata(&state)
-                .map_err(VmError::io("stat", &state))?
-                .len();
-            let manifest = PausedManifest {
-                version: PAUSED_FORMAT,
-                spec,
-                template,
-                disk: DISK_FILE.into(),
-                state: FileRecord {
-                    file: STATE_FILE.into(),
-                    bytes: state_bytes,
-                    sha256: sha256_file(&state).map_err(VmError::io("hash", &state))?,
-                },
-                memory_diff: FileRecord {
-                    file: DIFF_FILE.into(),
-                    bytes: diff.bytes,
-                    sha256: diff.sha256.clone(),
-                },
-                dirty_pages: diff.pages,
-                init,
-                paused_unix: unix_now(),
-                qemu_version: qemu_version().await,
-            };
-            write_manifest(&root, &manifest)?;
-            Ok::<_, SandboxError>(manifest)
+            Ok::<_, SandboxError>(())
         }
         .await;
+        if let Err(e) = quit {
+            tracing::warn!(error = %e, "QEMU did not quit after the snapshot; killed");
+        }
         let _ = vm.kill().await;
+        let root2 = root.clone();
+        let committed =
+            blocking(move || commit_paused(&root2, manifest, &disk, commit_into.as_deref())).await;
         match committed {
             Ok(manifest) => {
                 let timings = PauseTimings {
@@ -625,31 +707,67 @@ impl<N: SandboxNet> Sandbox<N> {
         }
     }
 
-    /// Stops the vCPUs and writes the device state and the memory diff.
-    async fn save(&self, state_tmp: &Path, diff_tmp: &Path) -> Result<DiffInfo, SandboxError> {
+    /// The paused manifest for the files [`Sandbox::save`] wrote.
+    async fn paused_manifest(&self, diff: &DiffInfo) -> Result<PausedManifest, SandboxError> {
+        let state = self.root.join(STATE_FILE);
+        let state2 = state.clone();
+        let (state_bytes, state_sha) = blocking(move || {
+            let bytes = std::fs::metadata(&state2)
+                .map_err(VmError::io("stat", &state2))?
+                .len();
+            let sha = sha256_file(&state2).map_err(VmError::io("hash", &state2))?;
+            Ok::<_, VmError>((bytes, sha))
+        })
+        .await?;
+        Ok(PausedManifest {
+            version: PAUSED_FORMAT,
+            spec: self.spec.clone(),
+            template: self.template.clone(),
+            disk: self.disk.clone(),
+            state: FileRecord {
+                file: STATE_FILE.into(),
+                bytes: state_bytes,
+                sha256: state_sha,
+            },
+            memory_diff: FileRecord {
+                file: DIFF_FILE.into(),
+                bytes: diff.bytes,
+                sha256: diff.sha256.clone(),
+            },
+            dirty_pages: diff.pages,
+            init: self.init.clone(),
+            paused_unix: unix_now(),
+            qemu_version: qemu_version().await,
+        })
+    }
+
+    /// Stops the vCPUs (QEMU drains and flushes the disk) and writes the device state and
+    /// the memory diff, synced, under their final names.
+    async fn save(&self) -> Result<DiffInfo, SandboxError> {
+        let state_tmp = self.root.join("state.tmp");
+        let diff_tmp = self.root.join("memory.diff.tmp");
         let qmp = self.vm.qmp();
         qmp.stop().await.map_err(SandboxError::qmp("stop"))?;
         // Devices only: RAM is the template's file plus the diff written below.
         qmp.execute_raw(
             "xen-save-devices-state",
-            Some(serde_json::json!({ "filename": state_tmp, "live": false })),
+            Some(serde_json::json!({ "filename": &state_tmp, "live": false })),
         )
         .await
         .map_err(SandboxError::qmp("xen-save-devices-state"))?;
         let pid = self.vm.pid();
         let memory = self.memory.clone();
         let ram = u64::from(self.spec.memory_mib) << 20;
-        let out = diff_tmp.to_owned();
-        let diff =
-            tokio::task::spawn_blocking(move || crate::memdiff::save(pid, &memory, ram, &out))
-                .await
-                .map_err(|e| MemDiffError::Io {
-                    what: "join the memory diff writer",
-                    path: PathBuf::new(),
-                    source: std::io::Error::other(e.to_string()),
-                })??;
-        sync_file(state_tmp)?;
-        Ok(diff)
+        let root = self.root.clone();
+        blocking(move || {
+            let diff = crate::memdiff::save(pid, &memory, ram, &diff_tmp)?;
+            sync_file(&state_tmp)?;
+            for (from, to) in [(&state_tmp, STATE_FILE), (&diff_tmp, DIFF_FILE)] {
+                std::fs::rename(from, root.join(to)).map_err(VmError::io("rename", from))?;
+            }
+            Ok::<_, SandboxError>(diff)
+        })
+        .await
     }
 
     /// `/init` again with fresh entropy (after an aborted pause).
@@ -698,7 +816,10 @@ impl Sandbox<SlotLease> {
                         tracing::debug!(error = %e, path = %record.display(), "remove warm record");
                     }
                     let sandbox = Self::adopt(template, root, vm, slot, init);
-                    return match sandbox.start_guest(start, restored, deadlines).await {
+                    return match sandbox
+                        .start_guest(start, restored, deadlines, OnFail::RemoveAll)
+                        .await
+                    {
                         Ok((sb, t)) => Ok((sb, Timings { warm: true, ..t })),
                         Err(Failed { error, net }) => {
                             slots.release(net).await;
@@ -829,31 +950,51 @@ impl PausedSandbox {
         )
         .map_err(invalid)?;
         // The diff's hash is checked while it is applied (one read instead of two).
-        let disk = self.root.join(DISK_FILE);
+        if m.disk.contains('/') {
+            return Err(invalid(format!("bad disk name {}", m.disk)));
+        }
+        let disk = self.root.join(&m.disk);
         let mut magic = [0u8; 4];
         let ok = std::fs::File::open(&disk)
             .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut magic, 0));
         if ok.is_err() || &magic != b"QFI\xfb" {
-            return Err(invalid(format!("{DISK_FILE} is missing or not qcow2")));
+            return Err(invalid(format!("{} is missing or not qcow2", m.disk)));
         }
         Ok(template)
     }
 
     /// Resumes into `net` (any free slot): restores the device state and the changed pages
-    /// over a private mapping of the template's memory, then runs `/init` (clock, fresh
-    /// entropy). On failure QEMU and its runtime directory are gone and `net` is returned; the
-    /// paused state stays resumable unless the guest had already run.
+    /// over a private mapping of the template's memory, with the guest writing to a new
+    /// overlay on the paused disk, then runs `/init` (clock, fresh entropy). On failure QEMU,
+    /// the overlay and the runtime directory are gone, `net` is returned, and the paused state
+    /// is exactly as it was: resumable again.
     pub async fn resume<N: SandboxNet>(
         self,
         net: N,
         deadlines: &Deadlines,
     ) -> Result<(Sandbox<N>, Timings), Failed<N>> {
         let start = Instant::now();
-        let template = match self.verify() {
+        let me = self.clone();
+        let checked = blocking(move || {
+            let template = me.verify()?;
+            me.remove_stale_overlays();
+            Ok::<_, SandboxError>(template)
+        })
+        .await;
+        let template = match checked {
             Ok(t) => t,
             Err(error) => return Err(Failed { error, net }),
         };
         let m = &self.manifest;
+        let run_disk = format!("{RUN_DISK_PREFIX}{}.qcow2", unix_now_ms());
+        let run_path = self.root.join(&run_disk);
+        if let Err(e) = create_overlay(&self.root.join(&m.disk), "qcow2", &run_path).await {
+            let _ = std::fs::remove_file(&run_path);
+            return Err(Failed {
+                error: e.into(),
+                net,
+            });
+        }
         let ram = u64::from(m.spec.memory_mib) << 20;
         let memory = template.memory_path();
         let diff_path = self.root.join(&m.memory_diff.file);
@@ -873,13 +1014,14 @@ impl PausedSandbox {
                 crate::memdiff::apply(pid, &mem2, ram, &diff_path, &expect)
             })),
             vm_dir: &self.root.join(VM_DIR),
-            disk: &self.root.join(DISK_FILE),
+            disk: &run_path,
             net: Some(net.attach()),
         })
         .await;
         let vm = match vm {
             Ok(vm) => vm,
             Err(error) => {
+                let _ = std::fs::remove_file(&run_path);
                 return Err(Failed {
                     error: error.into(),
                     net,
@@ -887,11 +1029,6 @@ impl PausedSandbox {
             }
         };
         let restored = start.elapsed();
-        // The guest runs and writes to the overlay: the paused state is no longer consistent.
-        // Drop the manifest first, so a crash from here on never offers it for resume.
-        let _ = std::fs::remove_file(self.root.join(MANIFEST_FILE));
-        let _ = std::fs::remove_file(self.root.join(&m.state.file));
-        let _ = std::fs::remove_file(self.root.join(&m.memory_diff.file));
         warm_in_background(memory.clone());
         let sandbox = Sandbox {
             root: self.root.clone(),
@@ -902,9 +1039,111 @@ impl PausedSandbox {
             template: m.template.clone(),
             memory,
             init: m.init.clone(),
+            disk: run_disk,
+            commit_into: Some(m.disk.clone()),
         };
-        sandbox.start_guest(start, restored, deadlines).await
+        sandbox
+            .start_guest(start, restored, deadlines, OnFail::KeepPaused)
+            .await
     }
+
+    /// Removes run overlays of resumes that never finished (a crash mid-resume).
+    fn remove_stale_overlays(&self) {
+        let Ok(dir) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for e in dir.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(RUN_DISK_PREFIX)
+                && name.ends_with(".qcow2")
+                && name != self.manifest.disk
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// Runs blocking file work off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+/// Removes a paused state's files, the manifest first.
+fn remove_paused_files(root: &Path) {
+    for f in [MANIFEST_FILE, PAUSING_FILE, STATE_FILE, DIFF_FILE] {
+        let _ = std::fs::remove_file(root.join(f));
+    }
+}
+
+/// Turns a complete snapshot (`pausing.json` written, QEMU gone) into a paused sandbox: the
+/// running records go, the disk is synced, `pausing.json` becomes `paused.json`; then a run
+/// overlay is committed into the paused disk it sits on. A failed commit keeps the overlay
+/// (the manifest names it; the chain reads the same), so it loses nothing.
+fn commit_paused(
+    root: &Path,
+    mut manifest: PausedManifest,
+    disk: &str,
+    commit_into: Option<&str>,
+) -> Result<PausedManifest, SandboxError> {
+    for f in [RUNNING_FILE, crate::state::RECORD_FILE] {
+        let _ = std::fs::remove_file(root.join(f));
+    }
+    sync_file(&root.join(disk))?;
+    let pausing = root.join(PAUSING_FILE);
+    std::fs::rename(&pausing, root.join(MANIFEST_FILE)).map_err(VmError::io("rename", &pausing))?;
+    sync_file(root)?;
+    if let Some(base) = commit_into {
+        match commit_overlay(&root.join(disk), &root.join(base)) {
+            Ok(()) => {
+                let mut flat = manifest.clone();
+                flat.disk = base.to_owned();
+                write_manifest(root, MANIFEST_FILE, &flat)?;
+                let _ = std::fs::remove_file(root.join(disk));
+                manifest = flat;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, root = %root.display(), "commit of the run overlay failed; the paused disk keeps it as a layer");
+            }
+        }
+    }
+    Ok(manifest)
+}
+
+/// `qemu-img commit`: writes an overlay's clusters into its backing file (the top stays valid
+/// throughout, so a failure halfway still reads the same through the chain).
+fn commit_overlay(top: &Path, base: &Path) -> Result<(), VmError> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["commit", "-q", "-d"])
+        .arg(top)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| VmError::QemuImg(e.to_string()))?;
+    if !out.status.success() {
+        return Err(VmError::QemuImg(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ));
+    }
+    sync_file(base)
+}
+
+/// A pause interrupted after its snapshot was complete (`pausing.json` in `root`, QEMU gone
+/// or stopped): finished into a paused sandbox. Used by the start-up scan.
+pub fn finish_interrupted_pause(root: &Path) -> Result<(), SandboxError> {
+    let path = root.join(PAUSING_FILE);
+    let text = std::fs::read(&path).map_err(VmError::io("read", &path))?;
+    let manifest: PausedManifest =
+        serde_json::from_slice(&text).map_err(|e| SandboxError::Invalid {
+            dir: root.to_owned(),
+            reason: format!("{PAUSING_FILE}: {e}"),
+        })?;
+    let disk = manifest.disk.clone();
+    let commit_into = RunningManifest::read(root).ok().and_then(|m| m.commit_into);
+    commit_paused(root, manifest, &disk, commit_into.as_deref()).map(|_| ())
 }
 
 /// Writes a file only the owner can read (records hold the access token), atomically: a
@@ -933,13 +1172,13 @@ pub(crate) fn write_private(path: &Path, data: &[u8], durable: bool) -> Result<(
     Ok(())
 }
 
-/// Writes `paused.json` atomically and durably: its presence means a complete pause.
-fn write_manifest(root: &Path, manifest: &PausedManifest) -> Result<(), SandboxError> {
+/// Writes a paused manifest (`paused.json` or `pausing.json`) atomically and durably.
+fn write_manifest(root: &Path, name: &str, manifest: &PausedManifest) -> Result<(), SandboxError> {
     let text = serde_json::to_vec_pretty(manifest).map_err(|e| SandboxError::Invalid {
         dir: root.to_owned(),
         reason: e.to_string(),
     })?;
-    write_private(&root.join(MANIFEST_FILE), &text, true)
+    write_private(&root.join(name), &text, true)
 }
 
 fn sync_file(path: &Path) -> Result<(), VmError> {
@@ -1036,6 +1275,12 @@ fn warm_in_background(path: PathBuf) {
 fn console_tail(vm: &Vm) -> String {
     let bytes = std::fs::read(vm.console_log()).unwrap_or_default();
     String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(1500)..]).into_owned()
+}
+
+fn unix_now_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
 }
 
 fn unix_now() -> u64 {

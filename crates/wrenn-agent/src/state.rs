@@ -388,6 +388,30 @@ async fn classify(dir: PathBuf, scan: &mut Scan) {
         record,
         reason,
     };
+    if dir.join(crate::sandbox::PAUSING_FILE).is_file() {
+        // A pause cut after its snapshot was complete: finish it (a QEMU still there is
+        // stopped, its disk flushed; it goes first).
+        if let Ok(r) = VmRecord::load(&dir)
+            && r.qemu_alive()
+        {
+            kill_qemu(&r).await;
+        }
+        let d = dir.clone();
+        let finished =
+            tokio::task::spawn_blocking(move || crate::sandbox::finish_interrupted_pause(&d)).await;
+        match finished {
+            Ok(Ok(())) => {
+                tracing::info!(dir = %dir.display(), "interrupted pause finished");
+                scan.paused.push(PausedVm { dir, record: None });
+            }
+            Ok(Err(e)) => {
+                let reason = format!("interrupted pause: {}", crate::error_chain(&e));
+                scan.garbage.push(garbage(dir, None, reason));
+            }
+            Err(e) => scan.garbage.push(garbage(dir, None, e.to_string())),
+        }
+        return;
+    }
     let paused_marker = dir.join(PAUSED_MARKER).is_file();
     let record = match VmRecord::load(&dir) {
         Ok(r) => r,

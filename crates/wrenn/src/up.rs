@@ -20,11 +20,11 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use tokio_util::sync::CancellationToken;
+use wrenn_agent::Agent;
 use wrenn_agent::accel::Accel;
 use wrenn_agent::image::debian::{self, DebianImageInputs, ProgressMode};
 use wrenn_agent::image::{self, Kernel};
 use wrenn_agent::pool::{SlotPool, WarmPool};
-use wrenn_agent::rpc::Agent;
 use wrenn_agent::sandbox::Deadlines;
 use wrenn_agent::slot::Slot;
 use wrenn_agent::state::{self, OwnerLock, ScanScope};
@@ -201,14 +201,14 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             slots.clone(),
             vms_root.clone(),
             args.max_sandboxes,
+            Deadlines {
+                health: Duration::from_secs(60),
+                init: Duration::from_secs(30),
+                prepare: Duration::from_secs(30),
+            },
         )
         .with_proxy_url(internal_url.clone())
-        .with_cpu_overcommit(args.cpu_overcommit)
-        .with_deadlines(Deadlines {
-            health: Duration::from_secs(60),
-            init: Duration::from_secs(30),
-            prepare: Duration::from_secs(30),
-        }),
+        .with_cpu_overcommit(args.cpu_overcommit),
     );
     remove_unused_templates(&templates, &snapshot.dir, &scan.paused);
     let loaded = agent.load_paused(&scan.paused);
@@ -339,7 +339,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
 fn agent_app(agent: Arc<Agent>) -> axum::Router {
     use axum::extract::Request;
     use tower::ServiceExt as _;
-    let rpc = agent.clone().router();
+    let rpc = wrenn_agent::rpc::router(agent.clone());
     let proxy = wrenn_agent::proxy::router(agent);
     axum::Router::new().fallback(move |req: Request| {
         let (rpc, proxy) = (rpc.clone(), proxy.clone());
