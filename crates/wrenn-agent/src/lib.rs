@@ -10,6 +10,7 @@ pub mod accel;
 pub mod agent;
 pub mod controller;
 pub mod envd;
+pub mod fault;
 pub mod image;
 pub mod memdiff;
 pub mod metadata;

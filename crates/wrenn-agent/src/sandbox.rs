@@ -431,6 +431,11 @@ impl<N: SandboxNet> Sandbox<N> {
         deadlines: &Deadlines,
         on_fail: OnFail,
     ) -> Result<(Self, Timings), Failed<N>> {
+        let (restored_point, running_point) = match on_fail {
+            OnFail::RemoveAll => ("create:restored", "create:running"),
+            OnFail::KeepPaused => ("resume:restored", "resume:running"),
+        };
+        crate::fault::point(restored_point);
         let result = async {
             self.envd
                 .wait_healthy(deadlines.health)
@@ -449,6 +454,9 @@ impl<N: SandboxNet> Sandbox<N> {
             Ok(healthy) => self.record_running().await.map(|()| healthy),
             Err(e) => Err(e),
         };
+        if result.is_ok() {
+            crate::fault::point(running_point);
+        }
         if result.is_ok() && on_fail == OnFail::KeepPaused {
             // Running, with its own records: the paused state is history. The manifest goes
             // first, so a crash from here never offers a stale snapshot for resume.
@@ -600,6 +608,7 @@ impl<N: SandboxNet> Sandbox<N> {
         if let Err(e) = vm.kill().await {
             tracing::warn!(error = %e, "kill");
         }
+        crate::fault::point("kill:stopped");
         blocking(move || {
             if let Err(e) = std::fs::remove_dir_all(&root)
                 && e.kind() != std::io::ErrorKind::NotFound
@@ -637,6 +646,7 @@ impl<N: SandboxNet> Sandbox<N> {
             let manifest = self.paused_manifest(&diff).await?;
             let (root, m) = (self.root.clone(), manifest.clone());
             blocking(move || write_manifest(&root, PAUSING_FILE, &m)).await?;
+            crate::fault::point("pause:saved");
             Ok::<_, SandboxError>((diff, manifest))
         }
         .await;
@@ -686,6 +696,7 @@ impl<N: SandboxNet> Sandbox<N> {
             tracing::warn!(error = %e, "QEMU did not quit after the snapshot; killed");
         }
         let _ = vm.kill().await;
+        crate::fault::point("pause:quit");
         let root2 = root.clone();
         let committed =
             blocking(move || commit_paused(&root2, manifest, &disk, commit_into.as_deref())).await;
