@@ -293,6 +293,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         .public_url
         .clone()
         .unwrap_or_else(|| format!("http://{addr}"));
+    // Handlers first: a supervisor may send SIGTERM the moment it reads the lines below.
+    let stop = StopSignals::install().context("install signal handlers")?;
     let env = format!(
         "export E2B_API_URL={url}\nexport E2B_SANDBOX_URL={url}\nexport E2B_API_KEY={api_key}\n"
     );
@@ -316,7 +318,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
 
-    wait_for_signal().await;
+    stop.wait().await;
     tracing::info!("stopping: pausing running sandboxes");
     // New requests stop at once; running sandboxes are paused to disk, then the records follow.
     shutdown.cancel();
@@ -563,11 +565,25 @@ fn read_or_create_token(path: &Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// SIGTERM and SIGINT, caught from the moment they are installed.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
     }
 }
