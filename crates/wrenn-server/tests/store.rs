@@ -35,6 +35,7 @@ fn sandbox(id: &str, team: &TeamId, started: i64, meta: &[(&str, &str)]) -> Sand
         end_at: UnixMillis(started + 1000),
         auto_pause: false,
         allow_internet_access: None,
+        updated_at: UnixMillis(1_000),
     }
 }
 
@@ -149,7 +150,7 @@ async fn exercise(store: Store) {
         };
         let mut s = sandbox(id, &team, 10 * (i as i64 + 1), meta);
         s.host_id = Some(host.id.clone());
-        store.insert_sandbox(&s, now).await.unwrap();
+        store.insert_sandbox(&s).await.unwrap();
     }
     let got = store.get_sandbox(&ids[0]).await.unwrap().unwrap();
     assert_eq!(got, {
