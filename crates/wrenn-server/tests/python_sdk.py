@@ -7,8 +7,10 @@ edge proxy, whose test-double agent proxy echoes the routed sandbox ID.
 import json
 import urllib.request
 
+import uuid
+
 from e2b import Sandbox, SandboxQuery, SandboxState
-from e2b.exceptions import NotFoundException
+from e2b.exceptions import InvalidArgumentException, NotFoundException
 
 sbx = Sandbox.create(timeout=120, metadata={"suite": "py"}, envs={"A": "1"})
 other = Sandbox.create(metadata={"suite": "py", "n": "2"})
@@ -56,4 +58,21 @@ try:
 except NotFoundException:
     pass
 other.kill()
+
+# Idempotency-Key: the same key returns the same sandbox, another key another one.
+key = str(uuid.uuid4())
+first = Sandbox.create(idempotency_key=key, metadata={"suite": "idem"})
+again = Sandbox.create(idempotency_key=key, metadata={"suite": "idem"})
+assert again.sandbox_id == first.sandbox_id, (first.sandbox_id, again.sandbox_id)
+fresh = Sandbox.create(idempotency_key=str(uuid.uuid4()), metadata={"suite": "idem"})
+assert fresh.sandbox_id != first.sandbox_id
+ids = sorted(s.sandbox_id for s in Sandbox.list(query=SandboxQuery(metadata={"suite": "idem"})).next_items())
+assert ids == sorted([first.sandbox_id, fresh.sandbox_id]), ids
+try:
+    Sandbox.create(idempotency_key="Not_Valid")
+    raise AssertionError("the SDK checks keys itself")
+except InvalidArgumentException:
+    pass
+first.kill()
+fresh.kill()
 print("python sdk: ok")
