@@ -382,9 +382,9 @@ async fn reconcile_settles_what_disagrees(db: Db) {
             stale_pausing.id.to_string()
         ])
     );
-    assert_eq!(done.lost, [lost.clone()]);
+    assert_eq!(done.lost, std::slice::from_ref(&lost));
     assert_eq!(done.removed, [stale_creating.id.to_string()]);
-    assert_eq!(done.orphans, [orphan.clone()]);
+    assert_eq!(done.orphans, std::slice::from_ref(&orphan));
 
     let sr = &s;
     let state = |id: String| async move { record(sr, &id).await.map(|r| r.state) };
@@ -725,6 +725,111 @@ async fn agent_refusals_are_404_and_409(db: Db) {
         assert!(
             v["message"].as_str().unwrap().contains("no such sandbox"),
             "{v}"
+        );
+    }
+    s.stop().await;
+}
+
+/// (span name, `sandbox_id`) of every span that carried the field, from any test of this binary.
+type SeenSpans = std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>;
+
+struct SandboxSpans(SeenSpans);
+
+struct SandboxIdField(Option<String>);
+
+impl tracing::field::Visit for SandboxIdField {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "sandbox_id" {
+            self.0 = Some(format!("{value:?}"));
+        }
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "sandbox_id" {
+            self.0 = Some(value.to_owned());
+        }
+    }
+}
+
+impl<S> tracing_subscriber::Layer<S> for SandboxSpans
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        _: &tracing::span::Id,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let mut v = SandboxIdField(None);
+        attrs.record(&mut v);
+        if let Some(id) = v.0 {
+            self.0
+                .lock()
+                .unwrap()
+                .push((attrs.metadata().name().to_owned(), id));
+        }
+    }
+    fn on_record(
+        &self,
+        span: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let mut v = SandboxIdField(None);
+        values.record(&mut v);
+        if let (Some(id), Some(span)) = (v.0, ctx.span(span)) {
+            self.0.lock().unwrap().push((span.name().to_owned(), id));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_operations_run_in_spans_with_sandbox_id() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    static SEEN: std::sync::OnceLock<SeenSpans> = std::sync::OnceLock::new();
+    let seen = SEEN
+        .get_or_init(|| {
+            let seen = SeenSpans::default();
+            let subscriber = tracing_subscriber::registry().with(SandboxSpans(seen.clone()));
+            tracing::subscriber::set_global_default(subscriber).unwrap();
+            seen
+        })
+        .clone();
+    let s = Stack::start().await;
+    let id = id_of(
+        &create(&s, "/v2/sandboxes", None, &json!({"templateID": "base"}))
+            .await
+            .1,
+    );
+    let calls = [
+        (
+            Method::POST,
+            format!("/sandboxes/{id}/timeout"),
+            json!({"timeout": 60}),
+        ),
+        (Method::POST, format!("/sandboxes/{id}/pause"), json!({})),
+        (
+            Method::POST,
+            format!("/v2/sandboxes/{id}/connect"),
+            json!({"timeout": 60}),
+        ),
+        (Method::DELETE, format!("/sandboxes/{id}"), json!({})),
+    ];
+    for (m, p, b) in calls {
+        let (st, v) = json(s.req(m.clone(), &p).json(&b)).await;
+        assert!(st < 300, "{m} {p}: {v}");
+    }
+    let names: std::collections::BTreeSet<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, sid)| *sid == id)
+        .map(|(name, _)| name.clone())
+        .collect();
+    for op in ["create", "set_timeout", "pause", "connect", "kill"] {
+        assert!(
+            names.contains(op),
+            "no `{op}` span with sandbox_id={id}: {names:?}"
         );
     }
     s.stop().await;
