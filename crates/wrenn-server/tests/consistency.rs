@@ -41,9 +41,11 @@ on_both_databases!(
     burst_of_creates_respects_capacity,
     failed_create_leaves_no_record,
     slow_create_is_creating_and_counted,
-    reconcile_settles_what_disagrees,
+    reconcile_settles_records_and_vms_that_disagree,
+    reconcile_settles_stuck_transitions_after_the_grace,
     periodic_reconcile_leaves_creates_in_flight_alone,
     idempotency_key_returns_the_same_sandbox,
+    bad_or_failed_idempotency_keys,
     concurrent_creates_with_one_key_make_one_sandbox,
     agent_refusals_are_404_and_409,
 );
@@ -293,143 +295,109 @@ async fn slow_create_is_creating_and_counted(db: Db) {
     s.stop().await;
 }
 
-async fn reconcile_settles_what_disagrees(db: Db) {
-    // Only the explicit calls below reconcile.
-    let s = Stack::with(db, FakeAgent::default(), |c| {
+/// A stack whose reconciler only runs when the test calls it.
+async fn quiet_stack(db: Db) -> Stack {
+    Stack::with(db, FakeAgent::default(), |c| {
         c.reconcile_interval = Duration::from_secs(3600);
     })
-    .await;
-    let store = s.server.cp.store();
+    .await
+}
+
+async fn reconcile_settles_records_and_vms_that_disagree(db: Db) {
+    let s = quiet_stack(db).await;
     let agent = &s.server.agent;
     let base = json!({"templateID": "base"});
     let lost = id_of(&create(&s, "/v2/sandboxes", None, &base).await.1);
     agent.lose_vm(&lost);
     let paused_there = id_of(&create(&s, "/v2/sandboxes", None, &base).await.1);
-    agent
-        .sandboxes
-        .lock()
-        .unwrap()
-        .get_mut(&paused_there)
-        .unwrap()
-        .0 = AgentState::Paused;
+    agent.set_state(&paused_there, AgentState::Paused);
+    let fine = id_of(&create(&s, "/v2/sandboxes", None, &base).await.1);
     let orphan = SandboxId::from_random(rand::random()).to_string();
     agent.add_vm(&orphan);
 
-    let old = now_ms() - 600_000;
-    let fresh = now_ms() - 1_000;
-    let raw = |state, updated, vm: Option<AgentState>| {
-        let r = raw_record(&s.team, state, updated);
-        if let Some(st) = vm {
-            agent.add_vm(r.id.as_str());
-            agent
-                .sandboxes
-                .lock()
-                .unwrap()
-                .get_mut(r.id.as_str())
-                .unwrap()
-                .0 = st;
-        }
-        r
-    };
-    let stale_creating = raw(SandboxState::Creating, old, None);
-    let stale_creating_made = raw(SandboxState::Creating, old, Some(AgentState::Running));
-    let creating_in_flight = raw(SandboxState::Creating, fresh, None);
-    let creating_in_flight_vm = raw(SandboxState::Creating, fresh, Some(AgentState::Running));
-    let stale_pausing = raw(SandboxState::Pausing, old, Some(AgentState::Paused));
-    let pausing_in_flight = raw(SandboxState::Pausing, fresh, Some(AgentState::Running));
-    for r in [
-        &stale_creating,
-        &stale_creating_made,
-        &creating_in_flight,
-        &creating_in_flight_vm,
-        &stale_pausing,
-        &pausing_in_flight,
-    ] {
-        store.insert_sandbox(r).await.unwrap();
-    }
-    // A retry with the key of the stale create must create afresh once it is removed.
-    let team = TeamId::parse(&s.team).unwrap();
-    store
-        .claim_idempotency_key(
-            &team,
-            "k-stale",
-            &stale_creating.id,
-            "h",
-            UnixMillis(old),
-            UnixMillis(0),
-        )
-        .await
-        .unwrap();
-
-    let mut done = s.server.cp.reconcile_host("h1").await.unwrap();
-    for v in [
-        &mut done.changed,
-        &mut done.lost,
-        &mut done.removed,
-        &mut done.orphans,
-    ] {
-        v.sort();
-    }
-    let sorted = |mut v: Vec<String>| {
-        v.sort();
-        v
-    };
-    assert_eq!(
-        done.changed,
-        sorted(vec![
-            paused_there.clone(),
-            stale_creating_made.id.to_string(),
-            stale_pausing.id.to_string()
-        ])
-    );
+    let done = s.server.cp.reconcile_host("h1").await.unwrap();
+    assert_eq!(done.changed, std::slice::from_ref(&paused_there));
     assert_eq!(done.lost, std::slice::from_ref(&lost));
-    assert_eq!(done.removed, [stale_creating.id.to_string()]);
     assert_eq!(done.orphans, std::slice::from_ref(&orphan));
-
+    assert!(done.removed.is_empty());
     let sr = &s;
-    let state = |id: String| async move { record(sr, &id).await.map(|r| r.state) };
-    assert_eq!(state(lost.clone()).await, Some(SandboxState::Killed));
-    assert_eq!(
-        state(paused_there.clone()).await,
-        Some(SandboxState::Paused)
-    );
+    let state = |id: String| async move { record(sr, &id).await.unwrap().state };
+    assert_eq!(state(lost.clone()).await, SandboxState::Killed);
+    assert_eq!(state(paused_there.clone()).await, SandboxState::Paused);
+    assert_eq!(state(fine.clone()).await, SandboxState::Running);
     assert_eq!(
         agent.state(&orphan),
         None,
         "a VM without a record is killed"
     );
-    assert_eq!(state(stale_creating.id.to_string()).await, None);
-    assert_eq!(store.idempotency_key(&team, "k-stale").await.unwrap(), None);
-    assert_eq!(
-        state(stale_creating_made.id.to_string()).await,
-        Some(SandboxState::Running)
-    );
-    assert_eq!(
-        state(stale_pausing.id.to_string()).await,
-        Some(SandboxState::Paused)
-    );
-    // Inside the grace period: left as they are, VMs included.
-    assert_eq!(
-        state(creating_in_flight.id.to_string()).await,
-        Some(SandboxState::Creating)
-    );
-    assert_eq!(
-        state(creating_in_flight_vm.id.to_string()).await,
-        Some(SandboxState::Creating)
-    );
-    assert_eq!(
-        agent.state(creating_in_flight_vm.id.as_str()),
-        Some(AgentState::Running)
-    );
-    assert_eq!(
-        state(pausing_in_flight.id.to_string()).await,
-        Some(SandboxState::Pausing)
-    );
+    assert_eq!(agent.state(&fine), Some(AgentState::Running));
     // Settled records stay settled.
     assert_eq!(
         s.server.cp.reconcile_host("h1").await.unwrap(),
         Default::default()
     );
+    s.stop().await;
+}
+
+async fn reconcile_settles_stuck_transitions_after_the_grace(db: Db) {
+    use AgentState::{Paused as VmPaused, Running as VmRunning};
+    use SandboxState::{Creating, Paused, Pausing, Running};
+    let s = quiet_stack(db).await;
+    let (store, agent) = (s.server.cp.store(), &s.server.agent);
+    let (old, fresh) = (now_ms() - 600_000, now_ms() - 1_000);
+    // (record state, last change, VM on the agent) -> (record after, VM after); as records
+    // another control plane left, so no lock of this process protects them.
+    let cases = [
+        ((Creating, old, None), (None, None)),
+        (
+            (Creating, old, Some(VmRunning)),
+            (Some(Running), Some(VmRunning)),
+        ),
+        ((Creating, fresh, None), (Some(Creating), None)),
+        (
+            (Creating, fresh, Some(VmRunning)),
+            (Some(Creating), Some(VmRunning)),
+        ),
+        (
+            (Pausing, old, Some(VmPaused)),
+            (Some(Paused), Some(VmPaused)),
+        ),
+        (
+            (Pausing, fresh, Some(VmRunning)),
+            (Some(Pausing), Some(VmRunning)),
+        ),
+    ];
+    let mut ids = Vec::new();
+    for ((state, updated, vm), _) in &cases {
+        let r = raw_record(&s.team, *state, *updated);
+        if let Some(st) = vm {
+            agent.add_vm(r.id.as_str());
+            agent.set_state(r.id.as_str(), *st);
+        }
+        store.insert_sandbox(&r).await.unwrap();
+        ids.push(r.id.to_string());
+    }
+    // The stale create's key goes with its record, so a retry creates afresh.
+    let team = TeamId::parse(&s.team).unwrap();
+    let stale = SandboxId::parse(&ids[0]).unwrap();
+    store
+        .claim_idempotency_key(&team, "k", &stale, "h", UnixMillis(old), UnixMillis(0))
+        .await
+        .unwrap();
+
+    let done = s.server.cp.reconcile_host("h1").await.unwrap();
+    assert_eq!(done.removed, [ids[0].clone()]);
+    let mut changed = done.changed.clone();
+    changed.sort();
+    let mut want = vec![ids[1].clone(), ids[4].clone()];
+    want.sort();
+    assert_eq!(changed, want);
+    assert!(done.lost.is_empty() && done.orphans.is_empty(), "{done:?}");
+    for (id, (_, (record_after, vm_after))) in ids.iter().zip(&cases) {
+        assert_eq!(record(&s, id).await.map(|r| r.state), *record_after, "{id}");
+        assert_eq!(agent.state(id), *vm_after, "{id}");
+    }
+    assert_eq!(store.idempotency_key(&team, "k").await.unwrap(), None);
     s.stop().await;
 }
 
@@ -543,6 +511,23 @@ async fn idempotency_key_returns_the_same_sandbox(db: Db) {
     .await;
     assert_eq!(st, 422);
 
+    // The key keeps naming its sandbox whatever became of it.
+    assert_eq!(
+        json(s.req(Method::DELETE, &format!("/sandboxes/{}", id_of(&first))))
+            .await
+            .0,
+        204
+    );
+    assert_eq!(
+        create(&s, "/v2/sandboxes", Some("key-1"), &body).await,
+        (201, first)
+    );
+    s.stop().await;
+}
+
+async fn bad_or_failed_idempotency_keys(db: Db) {
+    let s = Stack::with(db, FakeAgent::default(), |_| {}).await;
+    let body = json!({"templateID": "base"});
     // Malformed keys: 400 with the E2B body, on both routes, and nothing created.
     let before = s.server.agent.creates();
     for path in ["/v2/sandboxes", "/sandboxes"] {
@@ -604,18 +589,6 @@ async fn idempotency_key_returns_the_same_sandbox(db: Db) {
     assert_eq!(
         create(&s, "/v2/sandboxes", Some("key-4"), &body).await.0,
         201
-    );
-
-    // The key keeps naming its sandbox whatever became of it.
-    assert_eq!(
-        json(s.req(Method::DELETE, &format!("/sandboxes/{}", id_of(&first))))
-            .await
-            .0,
-        204
-    );
-    assert_eq!(
-        create(&s, "/v2/sandboxes", Some("key-1"), &body).await,
-        (201, first)
     );
     s.stop().await;
 }

@@ -101,6 +101,10 @@ impl FakeAgent {
             .unwrap()
             .insert(id.into(), (SandboxState::Running, spec));
     }
+    /// Sets a VM's state behind the control plane's back.
+    pub fn set_state(&self, id: &str, st: SandboxState) {
+        self.sandboxes.lock().unwrap().get_mut(id).unwrap().0 = st;
+    }
     /// Makes a VM vanish without the control plane knowing.
     pub fn lose_vm(&self, id: &str) {
         self.sandboxes.lock().unwrap().remove(id);
