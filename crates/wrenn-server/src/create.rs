@@ -91,9 +91,15 @@ fn expired_before(now: UnixMillis) -> UnixMillis {
 }
 
 /// SHA-256 of the request in canonical JSON (keys sorted), so the same request hashes the same
-/// whatever order its maps were sent or parsed in.
+/// whatever order its maps were sent or parsed in. What changes nothing is left out: empty maps
+/// are absent ones (the SDKs send `envVars: {}`, plain clients often nothing), and `secure` is
+/// ignored anyway.
 fn request_hash(body: &NewSandbox) -> String {
-    let value = serde_json::to_value(body).expect("a NewSandbox always serializes");
+    let mut body = body.clone();
+    body.secure = None;
+    body.metadata = body.metadata.filter(|m| !m.is_empty());
+    body.env_vars = body.env_vars.filter(|m| !m.is_empty());
+    let value = serde_json::to_value(&body).expect("a NewSandbox always serializes");
     let mut text = String::new();
     canonical_json(&value, &mut text);
     hex::encode(Sha256::digest(text.as_bytes()))
@@ -489,7 +495,7 @@ mod tests {
     }
 
     #[test]
-    fn request_hash_ignores_map_order_only() {
+    fn request_hash_ignores_map_order_and_what_changes_nothing() {
         let body = |pairs: &[(&str, &str)], timeout| NewSandbox {
             template_id: "base".into(),
             timeout,
@@ -512,5 +518,17 @@ mod tests {
             request_hash(&a),
             request_hash(&body(&[("a", "1"), ("b", "2"), ("c", "3")], Some(61)))
         );
+        // An empty map is no map; `secure` changes nothing.
+        let bare = NewSandbox {
+            template_id: "base".into(),
+            ..Default::default()
+        };
+        let sdk = NewSandbox {
+            env_vars: Some(Default::default()),
+            metadata: Some(Default::default()),
+            secure: Some(true),
+            ..bare.clone()
+        };
+        assert_eq!(request_hash(&bare), request_hash(&sdk));
     }
 }
