@@ -11,7 +11,7 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderValue, StatusCode};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
@@ -22,6 +22,7 @@ use wrenn_api::{
 };
 use wrenn_core::{PublicState, SandboxState, UnixMillis};
 
+use crate::create::IdempotencyKey;
 use crate::error::ApiError;
 use crate::service::{ControlPlane, decode_cursor};
 use crate::store::{SandboxFilter, TeamRecord, TemplateRecord};
@@ -157,22 +158,29 @@ async fn parse_body<T: DeserializeOwned, S: Send + Sync>(
         .map_err(|e| ApiError::BadRequest(format!("Invalid request body: {e}")))
 }
 
-/// Sandbox create: v2 and v1 answer the same way (201 with a `Sandbox`).
+/// Sandbox create: v2 and v1 answer the same way (201 with a `Sandbox`), a retry with the
+/// same `Idempotency-Key` too (the SDKs accept only 201 from a create).
 async fn create(
     State(cp): Cp,
     AuthTeam(team): AuthTeam,
+    headers: HeaderMap,
     RequiredBody(body): RequiredBody<NewSandbox>,
 ) -> Result<Response, ApiError> {
-    let sbx = cp.create(&team, body).await?;
+    let key = match headers.get(IdempotencyKey::HEADER) {
+        None => None,
+        Some(v) => Some(IdempotencyKey::parse(v.to_str().unwrap_or("\u{fffd}"))?),
+    };
+    let sbx = cp.create(&team, body, key.as_ref()).await?;
     Ok((StatusCode::CREATED, Json(sbx)).into_response())
 }
 
 async fn create_v1(
     cp: Cp,
     team: AuthTeam,
+    headers: HeaderMap,
     body: RequiredBody<NewSandbox>,
 ) -> Result<Response, ApiError> {
-    create(cp, team, body).await
+    create(cp, team, headers, body).await
 }
 
 async fn connect(

@@ -124,7 +124,15 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&vms_root).with_context(|| format!("create {}", vms_root.display()))?;
     std::fs::create_dir_all(&templates)
         .with_context(|| format!("create {}", templates.display()))?;
-    let secret = read_or_create_secret(&state.join("secret"))?;
+    let database_url = args
+        .database_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", state.join("wrenn.db").display()));
+    let secret_file = state.join("secret");
+    if !secret_file.exists() {
+        refuse_new_secret_over_sandboxes(&state, &database_url).await?;
+    }
+    let secret = read_or_create_secret(&secret_file)?;
     let admin_token = read_or_create_token(&state.join("admin-token"))?;
 
     // 1. Own the VMs root, clean what an earlier run left, keep its paused sandboxes.
@@ -245,10 +253,6 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let agent_server = tokio::spawn(wrenn_server::serve(internal, agent_app, agent_stop.clone()));
 
     // 4. The control plane.
-    let database_url = args
-        .database_url
-        .clone()
-        .unwrap_or_else(|| format!("sqlite://{}", state.join("wrenn.db").display()));
     let mut config = Config::new(database_url.clone(), secret);
     config.admin_token = Some(admin_token);
     config.domain = args.domain.clone();
@@ -269,20 +273,24 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     })
     .await
     .map_err(|e| anyhow::anyhow!("register the default template: {e}"))?;
+    // Nothing is in flight before the port opens (this is the only control plane of its
+    // database), so records left mid-operation by a crash are settled now, without a grace.
     let rec = cp
-        .reconcile_host(LOCAL_HOST)
+        .reconcile_host_with_grace(LOCAL_HOST, Duration::ZERO)
         .await
         .map_err(|e| anyhow::anyhow!("reconcile sandbox records: {e}"))?;
     if rec != Default::default() {
         tracing::info!(
             changed = rec.changed.len(),
             lost = rec.lost.len(),
+            removed = rec.removed.len(),
             orphans = rec.orphans.len(),
             "sandbox records reconciled with the agent"
         );
     }
     let api_key = default_api_key(&cp, &state.join("api-key")).await?;
     let reaper = wrenn_server::reaper::spawn(cp.clone(), shutdown.child_token());
+    let reconciler = wrenn_server::reconcile::spawn(cp.clone(), shutdown.child_token());
 
     // 5. The public port.
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -324,8 +332,12 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     shutdown.cancel();
     let _ = server.await;
     let _ = reaper.await;
+    let _ = reconciler.await;
     let paused = agent.suspend().await;
-    if let Err(e) = cp.reconcile_host(LOCAL_HOST).await {
+    if let Err(e) = cp
+        .reconcile_host_with_grace(LOCAL_HOST, Duration::ZERO)
+        .await
+    {
         // The agent's RPC port may already be gone; the next start reconciles again.
         tracing::warn!(error = %e, "reconcile at shutdown");
     }
@@ -550,6 +562,54 @@ fn random_hex(bytes: usize) -> String {
     hex::encode(buf)
 }
 
+/// Stops `wrenn up` before it makes a new server secret over sandboxes made with the old one
+/// (called when `<state>/secret` is missing). Their envd access tokens are HMACs of the secret,
+/// and a running or paused guest keeps the token it was given: a new secret would lock every
+/// client out of them for good. Sandboxes are the live records of the database and the
+/// directories in `sandboxes/`; the agent's lock file and warm-pool VMs (no identity yet) do
+/// not count, nor do killed records (nobody can reach those anyway).
+async fn refuse_new_secret_over_sandboxes(state: &Path, database_url: &str) -> anyhow::Result<()> {
+    let vms_root = state.join("sandboxes");
+    let mut found: Vec<String> = std::fs::read_dir(&vms_root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.') && !n.starts_with("warm-"))
+        .map(|n| format!("{}", vms_root.join(n).display()))
+        .collect();
+    found.sort();
+    let sqlite_file = database_url
+        .strip_prefix("sqlite://")
+        .map(|rest| Path::new(rest.split('?').next().unwrap_or(rest)));
+    // Opening a SQLite file that does not exist would create it: there are no records then.
+    if sqlite_file.is_none_or(Path::exists) {
+        let store = wrenn_server::store::Store::open(database_url)
+            .await
+            .with_context(|| format!("open the database {}", redact(database_url)))?;
+        let live = store.live_sandbox_count().await;
+        store.close().await;
+        match live.context("count the sandbox records")? {
+            0 => {}
+            n => found.push(format!("{n} sandbox records in {}", redact(database_url))),
+        }
+    }
+    if found.is_empty() {
+        return Ok(());
+    }
+    let secret = state.join("secret");
+    bail!(
+        "the server secret {secret} is missing, but sandboxes made with it exist:\n  {list}\n\
+         Their envd access tokens derive from that secret, so a new one would lock clients out \
+         of them. Restore {secret} from a backup and start again; or, to give those sandboxes \
+         up, remove them deliberately (the sandboxes directory {vms} and the database's \
+         sandbox records) and start again.",
+        secret = secret.display(),
+        list = found.join("\n  "),
+        vms = vms_root.display(),
+    )
+}
+
 fn read_or_create_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(read_or_create_token(path)?.into_bytes())
 }
@@ -585,5 +645,86 @@ impl StopSignals {
             _ = self.int.recv() => {}
             _ = self.term.recv() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use wrenn_core::{HostId, SandboxId, SandboxState, TeamId, UnixMillis};
+    use wrenn_server::store::{SandboxRecord, Store, TeamRecord};
+
+    use super::*;
+
+    fn url(state: &Path) -> String {
+        format!("sqlite://{}", state.join("wrenn.db").display())
+    }
+
+    async fn add_sandbox(state: &Path, sandbox_state: SandboxState) {
+        let store = Store::open(&url(state)).await.unwrap();
+        let team = TeamId::parse("t").unwrap();
+        let _ = store
+            .insert_team(
+                &TeamRecord {
+                    id: team.clone(),
+                    name: "t".into(),
+                },
+                UnixMillis(0),
+            )
+            .await;
+        let rec = SandboxRecord {
+            id: SandboxId::from_random(rand::random()),
+            team_id: team,
+            template_id: "base".into(),
+            state: sandbox_state,
+            host_id: Some(HostId::parse(LOCAL_HOST).unwrap()),
+            vcpus: 2,
+            memory_mb: 512,
+            disk_size_mb: 1024,
+            envd_version: "0.6.4".into(),
+            metadata: Default::default(),
+            env_vars: Default::default(),
+            started_at: UnixMillis(0),
+            end_at: UnixMillis(1),
+            auto_pause: false,
+            allow_internet_access: None,
+            updated_at: UnixMillis(0),
+        };
+        store.insert_sandbox(&rec).await.unwrap();
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_new_secret_is_refused_only_over_sandboxes() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path();
+        // A fresh state directory: a secret may be made, and no database appears.
+        refuse_new_secret_over_sandboxes(state, &url(state))
+            .await
+            .unwrap();
+        assert!(!state.join("wrenn.db").exists());
+        // The agent's lock file and warm VMs are no sandboxes; killed records are history.
+        std::fs::create_dir_all(state.join("sandboxes/warm-12-0")).unwrap();
+        std::fs::write(state.join("sandboxes/.wrenn-agent.lock"), "").unwrap();
+        add_sandbox(state, SandboxState::Killed).await;
+        refuse_new_secret_over_sandboxes(state, &url(state))
+            .await
+            .unwrap();
+
+        // A live record.
+        add_sandbox(state, SandboxState::Paused).await;
+        let err = refuse_new_secret_over_sandboxes(state, &url(state))
+            .await
+            .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("1 sandbox records"), "{msg}");
+        assert!(msg.contains("Restore"), "{msg}");
+
+        // A sandbox directory alone (its records lost or in another database).
+        let other = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(other.path().join("sandboxes/abc123")).unwrap();
+        let err = refuse_new_secret_over_sandboxes(other.path(), &url(other.path()))
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("sandboxes/abc123"), "{err:#}");
     }
 }
