@@ -63,6 +63,8 @@ class Wrenn:
             "--progress", "plain",
             # Its own slot range: never the one a developer's `wrenn up` uses.
             "--first-slot", "28672", "--slots", "1024",
+            # Often, so the suite also runs with the reconciler racing every operation.
+            "--reconcile-interval", "2",
         ]
         if self.database_url:
             args += ["--database-url", self.database_url]
@@ -128,6 +130,15 @@ class Wrenn:
         code = self.stop()
         assert code == 0, f"wrenn up exited with {code} on SIGTERM; log: {self.log}"
         self.start()
+
+    def agent_url(self) -> str:
+        """The agent's loopback RPC URL, from the log of the current process's start."""
+        url = None
+        for line in self.log.read_text(errors="replace").splitlines():
+            if "agent RPC and sandbox proxy listening" in line and "url=" in line:
+                url = line.split("url=", 1)[1].split()[0]
+        assert url, f"no agent URL in {self.log}"
+        return url
 
     @property
     def api_url(self) -> str:

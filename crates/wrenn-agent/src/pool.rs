@@ -249,7 +249,21 @@ impl SlotPool {
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         match reset {
-            Ok(()) => self.lock_free().push(entry),
+            Ok(()) => {
+                // Decided again under the lock: concurrent releases all saw room above.
+                let extra = {
+                    let mut free = self.lock_free();
+                    if free.len() < self.inner.keep {
+                        free.push(entry);
+                        None
+                    } else {
+                        Some(entry)
+                    }
+                };
+                if let Some(entry) = extra {
+                    self.inner.destroy(entry).await;
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, index = entry.slot.index(), "slot reset failed; deleting it");
                 self.inner.destroy(entry).await;

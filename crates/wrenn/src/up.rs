@@ -75,6 +75,9 @@ pub struct UpArgs {
     /// vCPUs offered to sandboxes per host core (most sandboxes are idle most of the time).
     #[arg(long, default_value_t = 8)]
     pub cpu_overcommit: u32,
+    /// Seconds between reconciliations of the sandbox records with the agent.
+    #[arg(long, default_value_t = 30)]
+    pub reconcile_interval: u64,
     /// Most running sandboxes on this host (paused ones are only files).
     #[arg(long, default_value_t = 64)]
     pub max_sandboxes: u32,
@@ -203,6 +206,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         .await
         .context("bind the agent's internal port")?;
     let internal_url = format!("http://{}", internal.local_addr()?);
+    tracing::info!(url = %internal_url, "agent RPC and sandbox proxy listening (loopback only)");
     let agent = Arc::new(
         Agent::new(
             LOCAL_HOST,
@@ -255,6 +259,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     // 4. The control plane.
     let mut config = Config::new(database_url.clone(), secret);
     config.admin_token = Some(admin_token);
+    config.reconcile_interval = Duration::from_secs(args.reconcile_interval.max(1));
     config.domain = args.domain.clone();
     let cp = ControlPlane::open(config, Arc::new(ConnectConnector))
         .await
