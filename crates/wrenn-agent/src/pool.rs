@@ -265,7 +265,7 @@ impl SlotPool {
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, index = entry.slot.index(), "slot reset failed; deleting it");
+                tracing::warn!(error = %crate::error_chain(&e), index = entry.slot.index(), "slot reset failed; deleting it");
                 self.inner.destroy(entry).await;
             }
         }
@@ -602,7 +602,7 @@ async fn refill(inner: Arc<WarmInner>) {
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "warm pool: could not start a QEMU");
+                    tracing::warn!(error = %crate::error_chain(&e), "warm pool: could not start a QEMU");
                     tokio::time::sleep(REFILL_BACKOFF).await;
                     continue;
                 }

@@ -495,7 +495,7 @@ impl<N: SandboxNet> Sandbox<N> {
             ..
         } = self;
         if let Err(e) = vm.kill().await {
-            tracing::warn!(error = %e, "kill");
+            tracing::warn!(error = %crate::error_chain(&e), "kill");
         }
         blocking(move || {
             for f in [disk.as_str(), RUNNING_FILE, crate::state::RECORD_FILE] {
@@ -606,7 +606,7 @@ impl<N: SandboxNet> Sandbox<N> {
     pub async fn kill(self) -> N {
         let Sandbox { root, vm, net, .. } = self;
         if let Err(e) = vm.kill().await {
-            tracing::warn!(error = %e, "kill");
+            tracing::warn!(error = %crate::error_chain(&e), "kill");
         }
         crate::fault::point("kill:stopped");
         blocking(move || {
@@ -667,7 +667,7 @@ impl<N: SandboxNet> Sandbox<N> {
                 })
                 .await;
                 if let Err(e) = self.vm.qmp().cont().await {
-                    tracing::warn!(error = %e, "cont after a failed pause");
+                    tracing::warn!(error = %crate::error_chain(&e), "cont after a failed pause");
                 }
                 let _ = self.reinit(deadlines).await;
                 return Err(PauseError::StillRunning {
@@ -693,7 +693,7 @@ impl<N: SandboxNet> Sandbox<N> {
         }
         .await;
         if let Err(e) = quit {
-            tracing::warn!(error = %e, "QEMU did not quit after the snapshot; killed");
+            tracing::warn!(error = %crate::error_chain(&e), "QEMU did not quit after the snapshot; killed");
         }
         let _ = vm.kill().await;
         crate::fault::point("pause:quit");
@@ -839,7 +839,7 @@ impl Sandbox<SlotLease> {
                     };
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "warm QEMU failed to load; restoring cold");
+                    tracing::warn!(error = %crate::error_chain(&e), "warm QEMU failed to load; restoring cold");
                 }
             }
         }
@@ -1118,7 +1118,7 @@ fn commit_paused(
                 manifest = flat;
             }
             Err(e) => {
-                tracing::warn!(error = %e, root = %root.display(), "commit of the run overlay failed; the paused disk keeps it as a layer");
+                tracing::warn!(error = %crate::error_chain(&e), root = %root.display(), "commit of the run overlay failed; the paused disk keeps it as a layer");
             }
         }
     }

@@ -171,7 +171,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
                 tracing::warn!(dir = %vm.dir.display(), "running VM without a usable slot; stopping it");
                 drop(other);
                 if let Err(e) = vm.kill().await {
-                    tracing::warn!(error = %e, "stop an earlier VM");
+                    tracing::warn!(error = %wrenn_agent::error_chain(&e), "stop an earlier VM");
                 }
             }
         }
@@ -344,7 +344,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         .await
     {
         // The agent's RPC port may already be gone; the next start reconciles again.
-        tracing::warn!(error = %e, "reconcile at shutdown");
+        tracing::warn!(error = %wrenn_agent::error_chain(&e), "reconcile at shutdown");
     }
     agent_stop.cancel();
     let _ = agent_server.await;
