@@ -40,18 +40,17 @@ def listed(meta: dict) -> dict[str, SandboxState]:
 
 
 def sandbox_dirs(wrenn) -> dict[str, str]:
-    """Sandbox directories on the host: name -> the sandbox ID in its agent record, or the
-    state of its VM record for a warm VM, or "" for a directory with neither."""
+    """Sandbox directories on the host: name -> the sandbox ID in its record (`sandbox.json`),
+    or `vm:<phase>` for a warm pool VM, or "" for a directory without a record."""
     out = {}
     root = Path(wrenn.state_dir) / "sandboxes"
     for d in root.iterdir():
         if not d.is_dir():
             continue
-        meta, rec = d / "agent-meta.json", d / "wrenn-vm.json"
-        if meta.exists():
-            out[d.name] = json.loads(meta.read_text())["sandbox_id"]
-        elif rec.exists():
-            out[d.name] = "vm:" + json.loads(rec.read_text())["state"]
+        rec = d / "sandbox.json"
+        if rec.exists():
+            r = json.loads(rec.read_text())
+            out[d.name] = (r.get("meta") or {}).get("sandbox_id") or "vm:" + r["phase"]["state"]
         else:
             out[d.name] = ""
     return out

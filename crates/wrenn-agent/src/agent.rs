@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use crate::controller::{Controller, check_id};
 use crate::pool::{SlotLease, SlotPool, WarmPool};
-use crate::qemu::{QemuRuntime, read_meta};
+use crate::qemu::QemuRuntime;
+use crate::record::{Phase, Recorder};
 use crate::runtime::{Runtime as _, SandboxMeta, TemplateInfo};
 use crate::sandbox::{Deadlines, PausedSandbox, Sandbox};
 use crate::snapshot::Snapshot;
@@ -147,8 +148,8 @@ impl Agent {
 
     /// Takes over running sandboxes whose QEMU outlived an earlier agent (found by
     /// [`crate::state::scan`], each with its slot taken over by [`SlotPool::with_adopted`]).
-    /// One that cannot be taken over (no agent record, no `running.json`, envd not answering)
-    /// is stopped and removed. Returns the IDs taken.
+    /// One that cannot be taken over (no agent meta in its record, envd not answering) is
+    /// stopped and removed. Returns the IDs taken.
     pub async fn adopt_running(
         &self,
         found: Vec<(crate::state::AdoptableVm, SlotLease)>,
@@ -174,21 +175,25 @@ impl Agent {
         lease: SlotLease,
     ) -> Result<String, String> {
         let slots = self.runtime().slots();
-        let meta = read_meta(&found.dir).filter(|m| check_id(&m.sandbox_id).is_ok());
-        let r = &found.record;
-        let vm_dir = r
-            .qmp_socket
-            .parent()
-            .map(std::path::Path::to_owned)
-            .unwrap_or_default();
-        let vm = crate::vm::Vm::adopt(vm_dir, r.qemu_pid, r.qemu_start_time, found.qmp);
-        let Some(meta) = meta else {
+        let crate::state::AdoptableVm {
+            dir,
+            record,
+            vm: process,
+            qmp,
+            status,
+        } = found;
+        let meta = record
+            .meta
+            .clone()
+            .filter(|m| check_id(&m.sandbox_id).is_ok());
+        let vm = crate::vm::Vm::adopt(process.dir(), process.pid, process.start_time, qmp);
+        let (Some(meta), Phase::Running { running, .. }) = (meta, record.phase.clone()) else {
             let _ = vm.kill().await;
             slots.release(lease).await;
-            return Err("no agent record".into());
+            return Err("no agent meta in its running record".into());
         };
         let id = meta.sandbox_id.clone();
-        if found.status != "running" {
+        if status != "running" {
             // Stopped by a pause that had not yet written its snapshot: the guest is intact,
             // let it run on.
             if let Err(e) = vm.qmp().cont().await {
@@ -197,15 +202,8 @@ impl Agent {
                 return Err(format!("cont: {e}"));
             }
         }
-        let manifest = match crate::sandbox::RunningManifest::read(&found.dir) {
-            Ok(m) => m,
-            Err(e) => {
-                let _ = vm.kill().await;
-                slots.release(lease).await;
-                return Err(crate::error_chain(&e));
-            }
-        };
-        let sb = Sandbox::adopt_running(found.dir.clone(), vm, lease, manifest);
+        let rec = Recorder::from_record(&dir, &record);
+        let sb = Sandbox::adopt_running(rec, vm, lease, running);
         if let Err(e) = sb.envd().wait_healthy(Duration::from_secs(10)).await {
             let lease = sb.kill().await;
             slots.release(lease).await;
@@ -247,6 +245,8 @@ impl Agent {
                 tracing::warn!(dir = %p.dir.display(), "paused sandbox without a usable ID");
                 continue;
             };
+            // Its next record carries the meta (one made up here for an older agent's).
+            paused.recorder().set_meta(Some(meta.clone()));
             let id = meta.sandbox_id.clone();
             if self.ctl.insert_paused(meta, Box::new(paused)).is_ok() {
                 self.runtime().track(&id, &p.dir);
@@ -257,10 +257,10 @@ impl Agent {
     }
 }
 
-/// The agent's record of a paused sandbox found on disk; one without a record (an older
-/// agent's) gets one from its directory name and manifest.
+/// The agent's meta of a paused sandbox found on disk; one without (an older agent's) gets
+/// one from its directory name and manifest.
 fn paused_meta(p: &crate::state::PausedVm, paused: &PausedSandbox) -> Option<SandboxMeta> {
-    let saved = read_meta(&p.dir);
+    let saved = paused.meta();
     let id = match &saved {
         Some(m) if !m.sandbox_id.is_empty() => m.sandbox_id.clone(),
         _ => p.dir.file_name()?.to_str()?.to_owned(),
@@ -275,11 +275,7 @@ fn paused_meta(p: &crate::state::PausedVm, paused: &PausedSandbox) -> Option<San
             let m = paused.manifest();
             SandboxMeta {
                 sandbox_id: id,
-                template_id: p
-                    .record
-                    .as_ref()
-                    .map(|r| r.template_id.clone())
-                    .unwrap_or_default(),
+                template_id: String::new(),
                 vcpus: m.spec.vcpus,
                 memory_mb: u64::from(m.spec.memory_mib),
                 start_unix_ms: i64::try_from(m.paused_unix)

@@ -1,8 +1,9 @@
 //! The host agent's microVM runtime, as a library: accelerator choice ([`accel`]), guest
 //! images ([`image`]), QEMU VMs ([`vm`]), template snapshots and restores ([`snapshot`]),
 //! network slots ([`slot`]) and the envd lifecycle client ([`envd`]); per-slot metadata
-//! endpoints ([`metadata`]), slot and pre-started QEMU pools ([`pool`]), and on-disk VM records
-//! for crash recovery ([`state`]); the traffic proxy into sandboxes ([`proxy`]). The
+//! endpoints ([`metadata`]), slot and pre-started QEMU pools ([`pool`]), the one on-disk record
+//! per sandbox directory ([`record`]) and the crash-recovery scan over them ([`state`]); the
+//! traffic proxy into sandboxes ([`proxy`]). The
 //! [`controller`] owns the sandbox table and drives a [`runtime::Runtime`] ([`qemu`] is the
 //! real one); [`agent`] is the host facade over it, served by [`rpc`].
 
@@ -18,6 +19,7 @@ pub mod observe;
 pub mod pool;
 pub mod proxy;
 pub mod qemu;
+pub mod record;
 pub mod rpc;
 pub mod runtime;
 pub mod sandbox;

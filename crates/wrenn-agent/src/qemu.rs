@@ -3,8 +3,9 @@
 //! (a pre-started QEMU from the template's [`WarmPool`] when one waits), paused to
 //! [`PausedSandbox`] directories under `root`.
 //!
-//! Besides the VM files each sandbox directory holds the agent's record of it
-//! ([`META_FILE`]: identity and timers), which a restarted agent reads back.
+//! The agent's [`SandboxMeta`] (identity and timers) goes into each sandbox's record
+//! (`crate::record`) with its phase, through the sandbox's own record writer, so a restarted
+//! agent reads both back from one file.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::observe::Observer;
 use crate::pool::{SlotLease, SlotPool, WarmPool};
+use crate::record::Recorder;
 use crate::runtime::{
     GuestInit, Held, PauseFailure, ResumeFailure, Runtime, RuntimeError, SandboxMeta, TemplateInfo,
 };
@@ -21,8 +23,6 @@ use crate::sandbox::{
 };
 use crate::snapshot::Snapshot;
 
-/// The agent's record of a sandbox ([`SandboxMeta`]) inside its directory.
-pub const META_FILE: &str = "agent-meta.json";
 /// Room a pause keeps free beyond the memory diff (device state, manifests, filesystem slack).
 const PAUSE_SPACE_MARGIN: u64 = 16 << 20;
 
@@ -123,25 +123,19 @@ impl QemuRuntime {
             .unwrap_or_else(|| self.root.join(id))
     }
 
-    /// Saves `meta` into `dir`, off the async workers when there are some. Failures are
-    /// logged: the sandbox works without it, only a restarted agent would see defaults.
-    fn write_meta(&self, meta: &SandboxMeta, dir: &Path) {
-        let path = dir.join(META_FILE);
-        let write = move |text: Vec<u8>| {
-            if let Err(e) = crate::sandbox::write_private(&path, &text, false) {
-                tracing::warn!(error = %crate::error_chain(&e), path = %path.display(), "could not save the sandbox's agent record");
-            }
-        };
-        let text = match serde_json::to_vec_pretty(meta) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(error = %e, "encode the sandbox's agent record");
-                return;
+    /// Saves `meta` into the record `rec` writes, off the async workers when there are some.
+    /// Failures are logged: the sandbox works without it, only a restarted agent would see
+    /// the earlier timers.
+    fn write_meta(&self, meta: &SandboxMeta, rec: &Recorder) {
+        let (rec, meta) = (rec.clone(), meta.clone());
+        let write = move || {
+            if let Err(e) = rec.save_meta(meta) {
+                tracing::warn!(error = %crate::error_chain(&e), dir = %rec.dir().display(), "could not save the sandbox's timers");
             }
         };
         match tokio::runtime::Handle::try_current() {
-            Ok(h) => drop(h.spawn_blocking(move || write(text))),
-            Err(_) => write(text),
+            Ok(h) => drop(h.spawn_blocking(write)),
+            Err(_) => write(),
         }
     }
 
@@ -222,6 +216,7 @@ impl Runtime for QemuRuntime {
             &self.slots,
             &self.root.join(id),
             init,
+            Some(meta.clone()),
             &self.deadlines,
         )
         .await
@@ -230,7 +225,6 @@ impl Runtime for QemuRuntime {
         self.track(id, sb.root());
         self.observe
             .started(id, token, sb.vm().console_log(), "created");
-        self.write_meta(meta, sb.root());
         Ok(Box::new(sb))
     }
 
@@ -243,6 +237,8 @@ impl Runtime for QemuRuntime {
         if let Err(e) = self.check_pause_space(&sb) {
             return Err(PauseFailure::Running(e, sb));
         }
+        // The pause's records carry the meta as it is now.
+        sb.recorder().set_meta(Some(meta.clone()));
         // The VM's console goes with it: read it first.
         self.observe.catch_up(id);
         match sb.pause(&self.deadlines).await {
@@ -250,7 +246,6 @@ impl Runtime for QemuRuntime {
                 tracing::info!(total = ?t.total, dirty = t.dirty_bytes, "snapshot written");
                 self.observe.paused(id);
                 self.slots.release(lease).await;
-                self.write_meta(meta, paused.root());
                 Ok(Box::new(paused))
             }
             Err(PauseError::StillRunning { error, sandbox }) => {
@@ -280,7 +275,8 @@ impl Runtime for QemuRuntime {
                 ));
             }
         };
-        let saved = paused.manifest().init.clone();
+        paused.recorder().set_meta(Some(meta.clone()));
+        let saved = paused.init().clone();
         if init.access_token.is_some() || !init.env_vars.is_empty() {
             let mut next = saved.clone();
             if init.access_token.is_some() {
@@ -290,14 +286,13 @@ impl Runtime for QemuRuntime {
             paused.set_init(next);
         }
         let root = paused.root().to_owned();
-        let token = paused.manifest().init.access_token.clone();
+        let token = paused.init().access_token.clone();
         match (*paused).resume(lease, &self.deadlines).await {
             Ok((sb, t)) => {
                 tracing::info!(total = ?t.total, "guest resumed");
                 self.track(id, sb.root());
                 self.observe
                     .started(id, token, sb.vm().console_log(), "resumed");
-                self.write_meta(meta, sb.root());
                 Ok(Box::new(sb))
             }
             Err(Failed { error, net }) => {
@@ -332,23 +327,21 @@ impl Runtime for QemuRuntime {
     }
 
     fn save_meta(&self, meta: &SandboxMeta, sandbox: Held<'_, Self>) {
-        let dir = match sandbox {
-            Held::Running(sb) => sb.root(),
-            Held::Paused(p) => p.root(),
+        let rec = match sandbox {
+            Held::Running(sb) => sb.recorder(),
+            Held::Paused(p) => p.recorder(),
         };
-        self.write_meta(meta, dir);
+        self.write_meta(meta, rec);
     }
 
     fn recover(&self, meta: &SandboxMeta) -> Option<Paused> {
+        // The operation's QEMU went with its dropped future; a pause with a complete snapshot
+        // is finished, a resume undone.
         let dir = self.dir_of(&meta.sandbox_id);
-        if dir.join(crate::sandbox::PAUSING_FILE).is_file()
-            && let Err(e) = crate::sandbox::finish_interrupted_pause(&dir)
-        {
-            tracing::warn!(error = %crate::error_chain(&e), "finish an interrupted pause");
-        }
-        match PausedSandbox::open(&dir) {
+        match crate::sandbox::settle_interrupted(&dir) {
             Ok(p) => Some(Box::new(p)),
-            Err(_) => {
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "nothing paused left");
                 self.discard(meta);
                 None
             }
@@ -378,11 +371,4 @@ fn info(t: &Template) -> TemplateInfo {
         memory_mb: u64::from(m.memory_mib),
         envd_version: t.envd_version.clone(),
     }
-}
-
-/// Reads the agent's record in `dir`, if there is a usable one.
-pub(crate) fn read_meta(dir: &Path) -> Option<SandboxMeta> {
-    std::fs::read(dir.join(META_FILE))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<SandboxMeta>(&b).ok())
 }

@@ -1,9 +1,9 @@
 //! Failures that must lose nothing, against real QEMU guests:
 //! - a resume whose `/init` is refused (401: a new token without the current one) and a resume
 //!   whose envd does not answer in time (a restarted agent with a 1 ms health deadline) each
-//!   leave the sandbox paused with its disk overlay, device state, memory diff and manifest
-//!   byte for byte unchanged and no run overlay or QEMU left; a later resume succeeds with the
-//!   guest's file intact;
+//!   leave the sandbox paused with its disk overlay, device state and memory diff byte for byte
+//!   unchanged, its record paused with the same manifest, and no run overlay or QEMU left; a
+//!   later resume succeeds with the guest's file intact;
 //! - a pause onto a full filesystem (a small loop-mounted ext4 made here) fails with a clear
 //!   error before the guest stops, and the sandbox keeps running; with room again it pauses
 //!   and resumes.
@@ -20,6 +20,7 @@ use support::{RunOpts, files_under, qemu_pids_under, run_ok_with};
 use wrenn_agent::Agent;
 use wrenn_agent::controller::{ControlError, CreateArgs, Phase};
 use wrenn_agent::pool::SlotPool;
+use wrenn_agent::record::RECORD_FILE;
 use wrenn_agent::runtime::{GuestInit, RuntimeError};
 use wrenn_agent::sandbox::Deadlines;
 use wrenn_agent::snapshot::Snapshot;
@@ -62,15 +63,20 @@ fn opts() -> RunOpts<'static> {
     }
 }
 
-/// SHA-256 of every file in a paused sandbox's directory, by name.
+/// SHA-256 of every file in a paused sandbox's directory, by name; for the record, its phase
+/// (a failed resume records it paused again, with a new time).
 fn hashes(dir: &Path) -> Vec<(String, String)> {
     use sha2::Digest as _;
     let mut out: Vec<(String, String)> = files_under(dir)
         .into_iter()
         .map(|p| {
             let name = p.strip_prefix(dir).unwrap().display().to_string();
-            let digest = hex::encode(sha2::Sha256::digest(std::fs::read(&p).unwrap()));
-            (name, digest)
+            let bytes = std::fs::read(&p).unwrap();
+            if name == RECORD_FILE {
+                let record: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                return (name, record["phase"].to_string());
+            }
+            (name, hex::encode(sha2::Sha256::digest(bytes)))
         })
         .collect();
     out.sort();
@@ -152,6 +158,12 @@ async fn failed_resumes(first: u32, sandboxes: &Path, template: &Snapshot) {
         before.iter().any(|(n, _)| n == "rootfs.qcow2"),
         "{before:?}"
     );
+    assert!(
+        before
+            .iter()
+            .any(|(n, phase)| n == RECORD_FILE && phase.contains(r#""state":"paused""#)),
+        "{before:?}"
+    );
 
     // `/init` refuses a new token from a caller without the current one.
     let init = GuestInit {
@@ -170,10 +182,7 @@ async fn failed_resumes(first: u32, sandboxes: &Path, template: &Snapshot) {
     // A restarted agent whose envd deadline passes before the guest answers.
     a.suspend().await;
     drop(a);
-    let found = [PausedVm {
-        dir: dir.clone(),
-        record: None,
-    }];
+    let found = [PausedVm { dir: dir.clone() }];
     let slow = agent(first + 4, sandboxes, template, Duration::from_millis(1)).await;
     assert_eq!(slow.load_paused(&found), vec!["sb-r".to_owned()]);
     let err = slow
