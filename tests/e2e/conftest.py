@@ -54,7 +54,8 @@ class Wrenn:
         self.log = state_dir.parent / "wrenn-up.log"
         self.external = False
 
-    def start(self) -> None:
+    def start(self, env: dict[str, str] | None = None) -> None:
+        """Starts `wrenn up`; `env` adds to its environment (e.g. a `WRENN_FAULT` point)."""
         args = [
             str(wrenn_binary()), "up",
             "--state-dir", str(self.state_dir),
@@ -62,11 +63,15 @@ class Wrenn:
             "--progress", "plain",
             # Its own slot range: never the one a developer's `wrenn up` uses.
             "--first-slot", "28672", "--slots", "1024",
+            # Often, so the suite also runs with the reconciler racing every operation.
+            "--reconcile-interval", "2",
         ]
         if self.database_url:
             args += ["--database-url", self.database_url]
         log = open(self.log, "ab")
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, text=True)
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, **(env or {})}
+        )
         env: dict[str, str] = {}
         lines: list[str] = []
         deadline = time.monotonic() + START_TIMEOUT
@@ -106,18 +111,34 @@ class Wrenn:
         self.proc = None
         return code
 
-    def crash_restart(self) -> None:
+    def crash_restart(self, env: dict[str, str] | None = None) -> None:
         """SIGKILL (no clean stop: QEMU processes outlive it), then start again."""
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait()
         self.proc = None
-        self.start()
+        self.start(env)
+
+    def wait_died(self, timeout: float = 120) -> int:
+        """Waits for the process to end on its own (a fault point killed it)."""
+        assert self.proc is not None
+        code = self.proc.wait(timeout=timeout)
+        self.proc = None
+        return code
 
     def restart(self) -> None:
         code = self.stop()
         assert code == 0, f"wrenn up exited with {code} on SIGTERM; log: {self.log}"
         self.start()
+
+    def agent_url(self) -> str:
+        """The agent's loopback RPC URL, from the log of the current process's start."""
+        url = None
+        for line in self.log.read_text(errors="replace").splitlines():
+            if "agent RPC and sandbox proxy listening" in line and "url=" in line:
+                url = line.split("url=", 1)[1].split()[0]
+        assert url, f"no agent URL in {self.log}"
+        return url
 
     @property
     def api_url(self) -> str:

@@ -89,6 +89,7 @@ async fn create(
         new_slot().await,
         root,
         InitConfig::default(),
+        None,
         &deadlines(),
     )
     .await
@@ -183,6 +184,7 @@ async fn bench() {
                 &slots,
                 &w.join(format!("pooled-{warm}-{i}")),
                 InitConfig::default(),
+                None,
                 &deadlines(),
             )
             .await

@@ -84,7 +84,9 @@ impl EnvdClient {
         let url = format!("{}/health", self.base_url());
         let mut last = String::from("no attempt");
         while start.elapsed() < timeout {
-            match self.http.get(&url).timeout(HEALTH_ATTEMPT).send().await {
+            // No attempt may outlast the deadline itself.
+            let attempt = HEALTH_ATTEMPT.min(timeout.saturating_sub(start.elapsed()));
+            match self.http.get(&url).timeout(attempt).send().await {
                 Ok(r) if r.status().is_success() => return Ok(start.elapsed()),
                 Ok(r) => last = format!("status {}", r.status()),
                 Err(e) => last = format!("{e:?}"),

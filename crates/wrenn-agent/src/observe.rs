@@ -23,7 +23,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Deserialize;
 use wrenn_agent_proto::v1::{LogEntry, LogsRequest, MetricSample, MetricsRequest, MetricsResponse};
 
-use crate::rpc::{Agent, RpcError};
+use crate::agent::Agent;
+use crate::controller::ControlError;
 use crate::sandbox::{Sandbox, SandboxNet};
 
 /// How often each running sandbox is sampled (and its console read).
@@ -469,40 +470,49 @@ impl Observer {
 }
 
 impl Agent {
+    /// `id`'s envd target if it is running, `None` if it is paused or busy.
+    fn observe_target(&self, id: &str) -> Result<Option<Target>, ControlError> {
+        if self.controller().get(id).is_none() {
+            return Err(ControlError::NotFound(id.to_owned()));
+        }
+        Ok(self.controller().with_running(id, |sb| Target::of(id, sb)))
+    }
+
     /// `Metrics`: the samples between `start_unix_ms` and `end_unix_ms` (0: open). A running
     /// sandbox with no sample yet is sampled now, and that sample is returned even past `end`
     /// (a caller's "until now" is read before the sample is taken). A paused sandbox answers
     /// with its samples from before the pause.
-    pub(crate) async fn metrics(&self, req: &MetricsRequest) -> Result<MetricsResponse, RpcError> {
+    pub(crate) async fn metrics(
+        &self,
+        req: &MetricsRequest,
+    ) -> Result<MetricsResponse, ControlError> {
         let target = self.observe_target(&req.sandbox_id)?;
+        let observe = &self.runtime().observe;
         if let Some(t) = target
-            && !self.observe.has_samples(&t.id)
+            && !observe.has_samples(&t.id)
         {
-            match self.observe.sample(&t).await {
+            match observe.sample(&t).await {
                 Ok(s) if s.timestamp_unix_ms >= req.start_unix_ms => {
                     return Ok(MetricsResponse { samples: vec![s] });
                 }
                 Ok(_) => {}
-                Err(e) => tracing::debug!(sandbox = %t.id, error = ?e, "on-demand sample"),
+                Err(e) => tracing::debug!(sandbox_id = %t.id, error = ?e, "on-demand sample"),
             }
         }
         Ok(MetricsResponse {
-            samples: self
-                .observe
-                .samples(&req.sandbox_id, req.start_unix_ms, req.end_unix_ms),
+            samples: observe.samples(&req.sandbox_id, req.start_unix_ms, req.end_unix_ms),
         })
     }
 
     /// `Logs`: up to `limit` entries (default 100, at most 1000) from `start_unix_ms` on,
     /// oldest first: the guest console's lines and the agent's lifecycle events. `follow` is
     /// not supported: the answer is what is there now (the control plane never follows).
-    pub(crate) fn logs(&self, req: &LogsRequest) -> Result<Vec<LogEntry>, RpcError> {
+    pub(crate) fn logs(&self, req: &LogsRequest) -> Result<Vec<LogEntry>, ControlError> {
+        let observe = &self.runtime().observe;
         if self.observe_target(&req.sandbox_id)?.is_some() {
-            self.observe.catch_up(&req.sandbox_id);
+            observe.catch_up(&req.sandbox_id);
         }
-        Ok(self
-            .observe
-            .logs(&req.sandbox_id, req.start_unix_ms, req.limit))
+        Ok(observe.logs(&req.sandbox_id, req.start_unix_ms, req.limit))
     }
 }
 
@@ -519,14 +529,15 @@ pub(crate) async fn sampler(agent: Weak<Agent>) {
             let Some(a) = agent.upgrade() else {
                 return;
             };
-            let (ids, targets) = a.observe_targets();
-            a.observe.retain(&ids);
+            let (ids, targets) = a.controller().map_running(|id, sb| Target::of(id, sb));
+            let observe = &a.runtime().observe;
+            observe.retain(&ids.into_iter().collect());
             for t in targets {
-                a.observe.catch_up(&t.id);
-                let Some((generation, token)) = a.observe.token_of(&t.id) else {
+                observe.catch_up(&t.id);
+                let Some((generation, token)) = observe.token_of(&t.id) else {
                     continue;
                 };
-                let http = a.observe.http.clone();
+                let http = observe.http.clone();
                 fetches.spawn(async move {
                     let r = fetch(&http, &t.envd_url, token.as_deref()).await;
                     (t.id, generation, r)
@@ -541,10 +552,10 @@ pub(crate) async fn sampler(agent: Weak<Agent>) {
             match result {
                 Ok(s) => {
                     if let Some(a) = agent.upgrade() {
-                        a.observe.record(&id, generation, s);
+                        a.runtime().observe.record(&id, generation, s);
                     }
                 }
-                Err(e) => tracing::debug!(sandbox = %id, error = ?e, "metrics sample"),
+                Err(e) => tracing::debug!(sandbox_id = %id, error = ?e, "metrics sample"),
             }
         }
     }

@@ -26,8 +26,8 @@ use wrenn_hostnet::{
 };
 use wrenn_qmp::QmpError;
 
+use crate::record::{Phase, RecordError, Recorder, VmProcess};
 use crate::snapshot::Snapshot;
-use crate::state::{StateError, VmRecord, VmState};
 use crate::vm::{Launch, Memory, NetAttach, Vm, VmError, create_overlay};
 
 /// After a failed warm start the refill waits this long before trying again.
@@ -48,9 +48,9 @@ pub enum PoolError {
     /// Starting QEMU failed.
     #[error(transparent)]
     Vm(#[from] VmError),
-    /// Writing the VM record failed.
+    /// Writing the VM's record failed.
     #[error(transparent)]
-    State(#[from] StateError),
+    Record(#[from] RecordError),
     /// Every slot index is in use.
     #[error("no free slot index below {0}")]
     Exhausted(u32),
@@ -73,6 +73,9 @@ pub enum PoolError {
         /// The one asked for.
         got: PathBuf,
     },
+    /// A blocking task panicked.
+    #[error("blocking worker: {0}")]
+    Join(String),
 }
 
 /// One slot with its metadata endpoint.
@@ -239,9 +242,23 @@ impl SlotPool {
             return;
         }
         match entry.slot.reset().await {
-            Ok(()) => self.lock_free().push(entry),
+            Ok(()) => {
+                // Decided again under the lock: concurrent releases all saw room above.
+                let extra = {
+                    let mut free = self.lock_free();
+                    if free.len() < self.inner.keep {
+                        free.push(entry);
+                        None
+                    } else {
+                        Some(entry)
+                    }
+                };
+                if let Some(entry) = extra {
+                    self.inner.destroy(entry).await;
+                }
+            }
             Err(e) => {
-                tracing::warn!(error = %e, index = entry.slot.index(), "slot reset failed; deleting it");
+                tracing::warn!(error = %crate::error_chain(&e), index = entry.slot.index(), "slot reset failed; deleting it");
                 self.inner.destroy(entry).await;
             }
         }
@@ -314,7 +331,7 @@ impl Drop for SlotLease {
 ///
 /// Its directory follows the sandbox layout (see `crate::sandbox`): `root/rootfs.qcow2` (the
 /// disk overlay on the template's disk, kept for the sandbox's life), `root/vm/` (QEMU's
-/// runtime files; removed with the [`Vm`]) and `root/wrenn-vm.json` (its [`VmRecord`]).
+/// runtime files; removed with the [`Vm`]) and `root/sandbox.json` (its record, phase `warm`).
 #[derive(Debug)]
 pub struct WarmVm {
     /// The paused QEMU (`inmigrate`).
@@ -352,7 +369,7 @@ const WARM_DISK: &str = "rootfs.qcow2";
 const WARM_VM_DIR: &str = "vm";
 
 /// Starts a QEMU for `snapshot` in `slot`, paused and waiting for its device state, in the new
-/// directory `root` (layout in [`WarmVm`]; the record is in state `warm`). On failure the
+/// directory `root` (layout in [`WarmVm`]; the record says `warm`). On failure the
 /// directory is removed and the lease dropped (its slot deleted).
 pub async fn launch_warm(
     snapshot: &Snapshot,
@@ -374,14 +391,14 @@ pub async fn launch_warm(
             incoming: true,
         })
         .await?;
-        let mut record = VmRecord::for_process(
-            &vm_dir,
-            vm.pid(),
-            template_id,
-            Some(slot.slot().index()),
-            VmState::Warm,
-        )?;
-        record.save(root)?;
+        let warm = Phase::Warm {
+            vm: VmProcess::of(&vm, Some(slot.slot().index()))?,
+        };
+        let rec = Recorder::new(root, None);
+        tokio::task::spawn_blocking(move || rec.write(warm))
+            .await
+            .map_err(|e| PoolError::Join(e.to_string()))??;
+        tracing::debug!(template_id, pid = vm.pid(), "warm QEMU waiting");
         Ok::<_, PoolError>(vm)
     }
     .await;
@@ -578,7 +595,7 @@ async fn refill(inner: Arc<WarmInner>) {
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "warm pool: could not start a QEMU");
+                    tracing::warn!(error = %crate::error_chain(&e), "warm pool: could not start a QEMU");
                     tokio::time::sleep(REFILL_BACKOFF).await;
                     continue;
                 }

@@ -33,7 +33,7 @@ pub trait Resolve: Send + Sync {
     fn resolve(&self, sandbox_id: &str, port: u16) -> Option<SocketAddr>;
 }
 
-impl Resolve for crate::rpc::Agent {
+impl Resolve for crate::agent::Agent {
     fn resolve(&self, sandbox_id: &str, port: u16) -> Option<SocketAddr> {
         self.guest_endpoint(sandbox_id, port)
     }
@@ -96,7 +96,7 @@ async fn handle(State(proxy): State<Proxy>, mut req: Request) -> Response {
             if matches!(e, ForwardError::Refused(_) | ForwardError::Connect(_)) {
                 tracing::debug!(sandbox_id = %id, port, error = %e, "sandbox port not open");
             } else {
-                tracing::warn!(sandbox_id = %id, port, error = %e, "forwarding into the sandbox failed");
+                tracing::warn!(sandbox_id = %id, port, error = %crate::error_chain(&e), "forwarding into the sandbox failed");
             }
             let message = match e {
                 ForwardError::Refused(_) => {

@@ -1,15 +1,22 @@
 //! Sandboxes: a VM restored from a template, its network slot and its directory, with
 //! create, pause, resume and kill.
 //!
-//! A sandbox's directory (`root`) holds its disk overlay `rootfs.qcow2` for its whole life,
-//! QEMU's runtime files in `vm/` while it runs, and while paused: `state` (device state only,
-//! from `xen-save-devices-state`: QEMU writes no RAM), `memory.diff` (the pages the sandbox
-//! changed against its template's memory file, found in QEMU's page tables: see
-//! [`crate::memdiff`]) and `paused.json`, a versioned manifest written last, so its presence
-//! means a complete pause. Resume maps the template's memory file privately again, writes the
-//! diff into it before any guest code runs, loads the device state and continues. Pause thus
-//! writes only what the sandbox changed and resume reads only that, and sandboxes keep sharing
-//! the template's page cache.
+//! A sandbox's directory (`root`) holds its record (`sandbox.json`, written only through
+//! [`crate::record`]: what the sandbox is and which phase it is in), its disk overlay
+//! `rootfs.qcow2` for its whole life, QEMU's runtime files in `vm/` while it runs, and while
+//! paused: `state` (device state only, from `xen-save-devices-state`: QEMU writes no RAM) and
+//! `memory.diff` (the pages the sandbox changed against its template's memory file, found in
+//! QEMU's page tables: see [`crate::memdiff`]), described by the [`PausedManifest`] in the
+//! record. Resume maps the template's memory file privately again, writes the diff into it
+//! before any guest code runs, loads the device state and continues. Pause thus writes only
+//! what the sandbox changed and resume reads only that, and sandboxes keep sharing the
+//! template's page cache.
+//!
+//! Each step that can fail is recorded first: `creating` before a cold create starts QEMU,
+//! `pausing` once the snapshot files are complete and synced but before QEMU quits (a crash
+//! from there on is finished into a pause by [`settle_interrupted`]), `resuming` before a
+//! resume starts QEMU (it keeps the paused manifest: a crash mid-resume leaves a resumable
+//! paused sandbox, whose files a resume leaves untouched until it succeeded).
 //!
 //! Every restore (create or resume) sends envd `/init` with the host's clock and fresh host
 //! entropy, so clones of one snapshot do not share RNG state and the guest clock is current.
@@ -34,23 +41,24 @@ use wrenn_image::ENVD_PORT;
 use crate::envd::{EnvdClient, EnvdError};
 use crate::memdiff::{DiffInfo, MemDiffError};
 use crate::pool::{PoolError, RestoredWarm, SlotLease, SlotPool, WarmPool, restore_warm};
-use crate::snapshot::{
-    RestoreFrom, Snapshot, SnapshotError, check_file, check_memory_file, restore_vm, sha256_file,
-};
+use crate::record::{Phase, RecordError, Recorder, VmProcess};
+use crate::runtime::SandboxMeta;
+use crate::snapshot::{Snapshot, SnapshotError, sha256_file};
 use crate::vm::{NetAttach, Vm, VmError, VmSpec, create_overlay, qemu_version};
 
-/// The paused-state manifest's format.
-pub const PAUSED_FORMAT: u32 = 1;
-/// The running-state record's format.
-pub const RUNNING_FORMAT: u32 = 1;
-/// A running sandbox's record (with [`crate::state::RECORD_FILE`] next to it): what a
-/// restarted agent needs to take its QEMU over.
-pub const RUNNING_FILE: &str = "running.json";
+mod paused;
+
+pub use paused::{PausedSandbox, settle_interrupted};
+use paused::{back_to_paused, commit_paused, remove_paused_files};
+
 const DISK_FILE: &str = "rootfs.qcow2";
 const VM_DIR: &str = "vm";
 const STATE_FILE: &str = "state";
 const DIFF_FILE: &str = "memory.diff";
-const MANIFEST_FILE: &str = "paused.json";
+/// Overlays a resumed guest writes to, on top of its paused disk (`rootfs-<n>.qcow2`): the
+/// paused disk stays unchanged until the resume succeeded, and a pause commits the overlay
+/// back into it.
+const RUN_DISK_PREFIX: &str = "rootfs-";
 /// Entropy sent with every `/init` (envd accepts 16..=4096 bytes).
 const ENTROPY_BYTES: usize = 64;
 /// How long QEMU may take to exit after `quit` (it flushes the disk overlay).
@@ -168,6 +176,9 @@ pub enum SandboxError {
     /// No slot could be had for a cold create.
     #[error(transparent)]
     Pool(#[from] PoolError),
+    /// The sandbox's record could not be read or written.
+    #[error(transparent)]
+    Record(#[from] RecordError),
 }
 
 impl SandboxError {
@@ -242,11 +253,10 @@ pub struct FileRecord {
     pub sha256: String,
 }
 
-/// `paused.json`: everything needed to resume, so a restarted agent can find paused sandboxes.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A paused snapshot: everything needed to resume (in the record of a pausing, paused or
+/// resuming sandbox), so a restarted agent can find paused sandboxes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PausedManifest {
-    /// [`PAUSED_FORMAT`].
-    pub version: u32,
     /// The machine (must equal the template's).
     pub spec: VmSpec,
     /// The template.
@@ -267,11 +277,10 @@ pub struct PausedManifest {
     pub qemu_version: String,
 }
 
-/// `running.json`: the parts of a running [`Sandbox`] that are not in its VM record.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// What a restarted agent needs to take a running [`Sandbox`] over, besides its QEMU (in the
+/// record of a running sandbox).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunningManifest {
-    /// [`RUNNING_FORMAT`].
-    pub version: u32,
     /// The machine.
     pub spec: VmSpec,
     /// The template whose memory file the guest RAM maps.
@@ -280,24 +289,11 @@ pub struct RunningManifest {
     pub memory: PathBuf,
     /// What `/init` gave the guest (a pause keeps it for the resume).
     pub init: InitConfig,
-}
-
-impl RunningManifest {
-    /// Reads `root/running.json`.
-    pub fn read(root: &Path) -> Result<Self, SandboxError> {
-        let invalid = |reason: String| SandboxError::Invalid {
-            dir: root.to_owned(),
-            reason,
-        };
-        let bytes = std::fs::read(root.join(RUNNING_FILE))
-            .map_err(|e| invalid(format!("{RUNNING_FILE}: {e}")))?;
-        let m: Self =
-            serde_json::from_slice(&bytes).map_err(|e| invalid(format!("{RUNNING_FILE}: {e}")))?;
-        if m.version != RUNNING_FORMAT {
-            return Err(invalid(format!("{RUNNING_FILE} format {}", m.version)));
-        }
-        Ok(m)
-    }
+    /// The disk image QEMU writes to (a file name in the sandbox directory).
+    pub disk: String,
+    /// The paused disk `disk` is an overlay on, to commit into at the next pause.
+    #[serde(default)]
+    pub commit_into: Option<String>,
 }
 
 /// A running sandbox. Dropping it kills QEMU (through [`Vm`]) but keeps its directory; use
@@ -312,6 +308,21 @@ pub struct Sandbox<N: SandboxNet> {
     template: TemplateRef,
     memory: PathBuf,
     init: InitConfig,
+    /// The disk QEMU writes to (a file name in `root`).
+    disk: String,
+    /// After a resume: the paused disk `disk` is an overlay on.
+    commit_into: Option<String>,
+    /// The writer of its record.
+    rec: Recorder,
+}
+
+/// What a failed start of the guest removes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnFail {
+    /// A create: the whole directory.
+    RemoveAll,
+    /// A resume: only the run overlay; the paused state stays as it was.
+    KeepPaused,
 }
 
 /// How long the steps of a create or resume took.
@@ -329,12 +340,14 @@ pub struct Timings {
 
 impl<N: SandboxNet> Sandbox<N> {
     /// Creates a sandbox in `root` (which must not exist) by restoring `template` into `net`,
-    /// then waits for envd and runs `/init`. On failure nothing is left and `net` is returned.
+    /// then waits for envd and runs `/init`; `meta` goes into its record. On failure nothing
+    /// is left and `net` is returned.
     pub async fn create(
         template: &Snapshot,
         net: N,
         root: &Path,
         init: InitConfig,
+        meta: Option<SandboxMeta>,
         deadlines: &Deadlines,
     ) -> Result<(Self, Timings), Failed<N>> {
         let start = Instant::now();
@@ -347,8 +360,15 @@ impl<N: SandboxNet> Sandbox<N> {
                 net,
             });
         }
+        let rec = Recorder::new(root, meta);
         let made = async {
-            std::fs::create_dir_all(root).map_err(VmError::io("create", root))?;
+            let (r, dir) = (rec.clone(), root.to_owned());
+            blocking(move || {
+                std::fs::create_dir_all(&dir).map_err(VmError::io("create", &dir))?;
+                r.write(Phase::Creating)?;
+                Ok::<_, SandboxError>(())
+            })
+            .await?;
             let disk = root.join(DISK_FILE);
             create_overlay(&template.disk_path(), "qcow2", &disk).await?;
             let vm = template
@@ -365,17 +385,17 @@ impl<N: SandboxNet> Sandbox<N> {
             }
         };
         let restored = start.elapsed();
-        Self::adopt(template, root.to_owned(), vm, net, init)
-            .start_guest(start, restored, deadlines)
+        Self::adopt(template, rec, vm, net, init)
+            .start_guest(start, restored, deadlines, OnFail::RemoveAll)
             .await
     }
 
-    /// A sandbox around a QEMU already running `template`'s guest, in its directory `root`
+    /// A sandbox around a QEMU already running `template`'s guest, in the directory of `rec`
     /// (which holds the disk overlay `rootfs.qcow2` and the runtime directory `vm/`).
-    fn adopt(template: &Snapshot, root: PathBuf, vm: Vm, net: N, init: InitConfig) -> Self {
+    fn adopt(template: &Snapshot, rec: Recorder, vm: Vm, net: N, init: InitConfig) -> Self {
         warm_in_background(template.memory_path());
         Sandbox {
-            root,
+            root: rec.dir().to_owned(),
             vm,
             envd: EnvdClient::new(net.envd_addr()),
             net,
@@ -387,16 +407,25 @@ impl<N: SandboxNet> Sandbox<N> {
             },
             memory: template.memory_path(),
             init,
+            disk: DISK_FILE.into(),
+            commit_into: None,
+            rec,
         }
     }
 
-    /// Waits for envd and runs `/init`; on failure kills the sandbox (removing `root`).
+    /// Waits for envd and runs `/init`; on failure kills the VM and removes what `on_fail` says.
     async fn start_guest(
         self,
         start: Instant,
         restored: Duration,
         deadlines: &Deadlines,
+        on_fail: OnFail,
     ) -> Result<(Self, Timings), Failed<N>> {
+        let (restored_point, running_point) = match on_fail {
+            OnFail::RemoveAll => ("create:restored", "create:running"),
+            OnFail::KeepPaused => ("resume:restored", "resume:running"),
+        };
+        crate::fault::point(restored_point);
         let result = async {
             self.envd
                 .wait_healthy(deadlines.health)
@@ -412,9 +441,17 @@ impl<N: SandboxNet> Sandbox<N> {
         }
         .await;
         let result = match result {
-            Ok(healthy) => self.record_running().map(|()| healthy),
+            Ok(healthy) => self.record_running().await.map(|()| healthy),
             Err(e) => Err(e),
         };
+        if result.is_ok() {
+            crate::fault::point(running_point);
+        }
+        if result.is_ok() && on_fail == OnFail::KeepPaused {
+            // Recorded as running: the paused state is history.
+            let root = self.root.clone();
+            blocking(move || remove_paused_files(&root)).await;
+        }
         match result {
             Ok(healthy) => Ok((
                 self,
@@ -427,48 +464,71 @@ impl<N: SandboxNet> Sandbox<N> {
             )),
             Err(error) => {
                 tracing::warn!(root = %self.root.display(), console = %console_tail(&self.vm), "guest did not start");
-                let net = self.kill().await;
+                let net = match on_fail {
+                    OnFail::RemoveAll => self.kill().await,
+                    OnFail::KeepPaused => self.stop_keeping_paused().await,
+                };
                 Err(Failed { error, net })
             }
         }
     }
 
-    /// Writes `running.json` and the VM record (state running), so that a restarted agent
-    /// finds this QEMU (`crate::state::scan`) and can take it over ([`Sandbox::adopt_running`]).
-    fn record_running(&self) -> Result<(), SandboxError> {
+    /// After a failed resume: kills QEMU, removes its run overlay and records the sandbox
+    /// paused again; the paused files are untouched.
+    async fn stop_keeping_paused(self) -> N {
+        let Sandbox {
+            root,
+            vm,
+            net,
+            disk,
+            rec,
+            ..
+        } = self;
+        if let Err(e) = vm.kill().await {
+            tracing::warn!(error = %crate::error_chain(&e), "kill");
+        }
+        blocking(move || {
+            let _ = std::fs::remove_file(root.join(disk));
+            if let Err(e) = back_to_paused(&rec) {
+                // Still `resuming`, with the paused manifest: a restarted agent keeps it too.
+                tracing::warn!(error = %crate::error_chain(&e), "record the sandbox paused again");
+            }
+        })
+        .await;
+        net
+    }
+
+    /// Records the sandbox running, so that a restarted agent finds this QEMU
+    /// (`crate::state::scan`) and can take it over ([`Sandbox::adopt_running`]).
+    async fn record_running(&self) -> Result<(), SandboxError> {
         let manifest = RunningManifest {
-            version: RUNNING_FORMAT,
             spec: self.spec.clone(),
             template: self.template.clone(),
             memory: self.memory.clone(),
             init: self.init.clone(),
+            disk: self.disk.clone(),
+            commit_into: self.commit_into.clone(),
         };
-        let text = serde_json::to_vec_pretty(&manifest).map_err(|e| SandboxError::Invalid {
-            dir: self.root.clone(),
-            reason: e.to_string(),
-        })?;
-        write_private(&self.root.join(RUNNING_FILE), &text, false)?;
-        let mut record = crate::state::VmRecord::for_process(
-            self.vm.dir(),
-            self.vm.pid(),
-            &self.template.dir.to_string_lossy(),
-            self.net.slot_index(),
-            crate::state::VmState::Running,
-        )
-        .map_err(|e| SandboxError::Invalid {
-            dir: self.root.clone(),
-            reason: format!("VM record: {e}"),
-        })?;
-        record.save(&self.root).map_err(|e| SandboxError::Invalid {
-            dir: self.root.clone(),
-            reason: format!("VM record: {e}"),
+        let vm = VmProcess::of(&self.vm, self.net.slot_index())?;
+        let rec = self.rec.clone();
+        blocking(move || {
+            rec.write(Phase::Running {
+                vm,
+                running: manifest,
+            })
         })
+        .await
+        .map_err(Into::into)
     }
 
-    /// Takes over a sandbox whose QEMU outlived an earlier agent: `vm` adopted from the VM
-    /// record in `root`, `net` its slot, `m` its [`RunningManifest::read`].
-    pub fn adopt_running(root: PathBuf, vm: Vm, net: N, m: RunningManifest) -> Self {
+    /// Takes over a sandbox whose QEMU outlived an earlier agent: `vm` adopted from the
+    /// running record `rec` goes on from, `net` its slot, `m` the record's running state.
+    pub fn adopt_running(rec: Recorder, vm: Vm, net: N, m: RunningManifest) -> Self {
         warm_in_background(m.memory.clone());
+        let root = rec.dir().to_owned();
+        // A crash between a resume's running record and its removal of the paused files
+        // leaves them: the guest has run since, so they are stale.
+        remove_paused_files(&root);
         Sandbox {
             root,
             vm,
@@ -478,7 +538,15 @@ impl<N: SandboxNet> Sandbox<N> {
             template: m.template,
             memory: m.memory,
             init: m.init,
+            disk: m.disk,
+            commit_into: m.commit_into,
+            rec,
         }
+    }
+
+    /// The writer of its record (the runtime saves changed timers through it).
+    pub fn recorder(&self) -> &Recorder {
+        &self.rec
     }
 
     /// The sandbox directory.
@@ -506,22 +574,45 @@ impl<N: SandboxNet> Sandbox<N> {
         &self.net
     }
 
+    /// The memory size of the machine.
+    pub fn memory_mib(&self) -> u32 {
+        self.spec.memory_mib
+    }
+
+    /// The run overlay a pause will commit into the paused disk, if any.
+    pub fn pending_commit(&self) -> Option<PathBuf> {
+        self.commit_into
+            .as_ref()
+            .map(|_| self.root.join(&self.disk))
+    }
+
     /// Kills QEMU, removes the sandbox directory, and returns the slot.
     pub async fn kill(self) -> N {
-        let Sandbox { root, vm, net, .. } = self;
+        let Sandbox {
+            root, vm, net, rec, ..
+        } = self;
+        rec.retire();
         if let Err(e) = vm.kill().await {
-            tracing::warn!(error = %e, "kill");
+            tracing::warn!(error = %crate::error_chain(&e), "kill");
         }
-        if let Err(e) = std::fs::remove_dir_all(&root)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(error = %e, root = %root.display(), "remove sandbox directory");
-        }
+        crate::fault::point("kill:stopped");
+        blocking(move || {
+            if let Err(e) = std::fs::remove_dir_all(&root)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(error = %e, root = %root.display(), "remove sandbox directory");
+            }
+        })
+        .await;
         net
     }
 
-    /// Pauses: envd quiesces, the vCPUs stop, the device state and the changed pages are
-    /// written (synced), QEMU exits (flushing the overlay) and the slot is returned.
+    /// Pauses: envd quiesces, the vCPUs stop (QEMU flushes the disk), the device state and
+    /// the changed pages are written and synced, the record says `pausing` (the snapshot is
+    /// complete), QEMU exits and the slot is returned; the record then says `paused`, and a
+    /// resumed sandbox's run overlay is committed into its paused disk. A failure before the
+    /// `pausing` record leaves the sandbox running; from there on the snapshot is complete and
+    /// the pause is finished whatever fails.
     pub async fn pause(
         self,
         deadlines: &Deadlines,
@@ -538,16 +629,32 @@ impl<N: SandboxNet> Sandbox<N> {
             });
         }
         let prepared = start.elapsed();
-        let state_tmp = self.root.join("state.tmp");
-        let diff_tmp = self.root.join("memory.diff.tmp");
-        let saved = self.save(&state_tmp, &diff_tmp).await;
-        let (diff, saved_at) = match saved {
-            Ok(diff) => (diff, start.elapsed()),
+        let saved = async {
+            let diff = self.save().await?;
+            let manifest = self.paused_manifest(&diff).await?;
+            let pausing = Phase::Pausing {
+                paused: manifest.clone(),
+                vm: VmProcess::of(&self.vm, self.net.slot_index()).ok(),
+                commit_into: self.commit_into.clone(),
+            };
+            let rec = self.rec.clone();
+            blocking(move || rec.write(pausing)).await?;
+            crate::fault::point("pause:saved");
+            Ok::<_, SandboxError>((diff, manifest))
+        }
+        .await;
+        let (diff, manifest) = match saved {
+            Ok(x) => x,
             Err(error) => {
-                let _ = std::fs::remove_file(&state_tmp);
-                let _ = std::fs::remove_file(&diff_tmp);
+                let root = self.root.clone();
+                blocking(move || {
+                    for f in ["state.tmp", "memory.diff.tmp", STATE_FILE, DIFF_FILE] {
+                        let _ = std::fs::remove_file(root.join(f));
+                    }
+                })
+                .await;
                 if let Err(e) = self.vm.qmp().cont().await {
-                    tracing::warn!(error = %e, "cont after a failed pause");
+                    tracing::warn!(error = %crate::error_chain(&e), "cont after a failed pause");
                 }
                 let _ = self.reinit(deadlines).await;
                 return Err(PauseError::StillRunning {
@@ -556,57 +663,31 @@ impl<N: SandboxNet> Sandbox<N> {
                 });
             }
         };
+        let saved_at = start.elapsed();
         let Sandbox {
             root,
             mut vm,
             net,
-            spec,
-            template,
-            memory: _,
-            init,
+            disk,
+            commit_into,
+            rec,
             ..
         } = self;
-        let committed = async {
+        // The snapshot is complete: from here the pause is finished whatever QEMU does.
+        let quit = async {
             vm.qmp().quit().await.map_err(SandboxError::qmp("quit"))?;
             vm.wait_exit(QUIT_TIMEOUT).await?;
-            // No QEMU any more: the running records go (paused.json, written last, takes over).
-            for f in [RUNNING_FILE, crate::state::RECORD_FILE] {
-                let _ = std::fs::remove_file(root.join(f));
-            }
-            let disk = root.join(DISK_FILE);
-            sync_file(&disk)?;
-            let state = root.join(STATE_FILE);
-            std::fs::rename(&state_tmp, &state).map_err(VmError::io("rename", &state_tmp))?;
-            std::fs::rename(&diff_tmp, root.join(DIFF_FILE))
-                .map_err(VmError::io("rename", &diff_tmp))?;
-            let state_bytes = std::fs::metadata(&state)
-                .map_err(VmError::io("stat", &state))?
-                .len();
-            let manifest = PausedManifest {
-                version: PAUSED_FORMAT,
-                spec,
-                template,
-                disk: DISK_FILE.into(),
-                state: FileRecord {
-                    file: STATE_FILE.into(),
-                    bytes: state_bytes,
-                    sha256: sha256_file(&state).map_err(VmError::io("hash", &state))?,
-                },
-                memory_diff: FileRecord {
-                    file: DIFF_FILE.into(),
-                    bytes: diff.bytes,
-                    sha256: diff.sha256.clone(),
-                },
-                dirty_pages: diff.pages,
-                init,
-                paused_unix: unix_now(),
-                qemu_version: qemu_version().await,
-            };
-            write_manifest(&root, &manifest)?;
-            Ok::<_, SandboxError>(manifest)
+            Ok::<_, SandboxError>(())
         }
         .await;
+        if let Err(e) = quit {
+            tracing::warn!(error = %e, "QEMU did not quit after the snapshot; killed");
+        }
         let _ = vm.kill().await;
+        crate::fault::point("pause:quit");
+        let rec2 = rec.clone();
+        let committed =
+            blocking(move || commit_paused(&rec2, manifest, &disk, commit_into.as_deref())).await;
         match committed {
             Ok(manifest) => {
                 let timings = PauseTimings {
@@ -616,40 +697,76 @@ impl<N: SandboxNet> Sandbox<N> {
                     dirty_bytes: diff.pages * crate::memdiff::PAGE,
                 };
                 tracing::debug!(?timings, "paused");
-                Ok((PausedSandbox { root, manifest }, net, timings))
+                Ok((PausedSandbox::new(rec, manifest), net, timings))
             }
             Err(error) => {
+                rec.retire();
                 let _ = std::fs::remove_dir_all(&root);
                 Err(PauseError::Lost { error, net })
             }
         }
     }
 
-    /// Stops the vCPUs and writes the device state and the memory diff.
-    async fn save(&self, state_tmp: &Path, diff_tmp: &Path) -> Result<DiffInfo, SandboxError> {
+    /// The paused manifest for the files [`Sandbox::save`] wrote.
+    async fn paused_manifest(&self, diff: &DiffInfo) -> Result<PausedManifest, SandboxError> {
+        let state = self.root.join(STATE_FILE);
+        let state2 = state.clone();
+        let (state_bytes, state_sha) = blocking(move || {
+            let bytes = std::fs::metadata(&state2)
+                .map_err(VmError::io("stat", &state2))?
+                .len();
+            let sha = sha256_file(&state2).map_err(VmError::io("hash", &state2))?;
+            Ok::<_, VmError>((bytes, sha))
+        })
+        .await?;
+        Ok(PausedManifest {
+            spec: self.spec.clone(),
+            template: self.template.clone(),
+            disk: self.disk.clone(),
+            state: FileRecord {
+                file: STATE_FILE.into(),
+                bytes: state_bytes,
+                sha256: state_sha,
+            },
+            memory_diff: FileRecord {
+                file: DIFF_FILE.into(),
+                bytes: diff.bytes,
+                sha256: diff.sha256.clone(),
+            },
+            dirty_pages: diff.pages,
+            init: self.init.clone(),
+            paused_unix: unix_now(),
+            qemu_version: qemu_version().await,
+        })
+    }
+
+    /// Stops the vCPUs (QEMU drains and flushes the disk) and writes the device state and
+    /// the memory diff, synced, under their final names.
+    async fn save(&self) -> Result<DiffInfo, SandboxError> {
+        let state_tmp = self.root.join("state.tmp");
+        let diff_tmp = self.root.join("memory.diff.tmp");
         let qmp = self.vm.qmp();
         qmp.stop().await.map_err(SandboxError::qmp("stop"))?;
         // Devices only: RAM is the template's file plus the diff written below.
         qmp.execute_raw(
             "xen-save-devices-state",
-            Some(serde_json::json!({ "filename": state_tmp, "live": false })),
+            Some(serde_json::json!({ "filename": &state_tmp, "live": false })),
         )
         .await
         .map_err(SandboxError::qmp("xen-save-devices-state"))?;
         let pid = self.vm.pid();
         let memory = self.memory.clone();
         let ram = u64::from(self.spec.memory_mib) << 20;
-        let out = diff_tmp.to_owned();
-        let diff =
-            tokio::task::spawn_blocking(move || crate::memdiff::save(pid, &memory, ram, &out))
-                .await
-                .map_err(|e| MemDiffError::Io {
-                    what: "join the memory diff writer",
-                    path: PathBuf::new(),
-                    source: std::io::Error::other(e.to_string()),
-                })??;
-        sync_file(state_tmp)?;
-        Ok(diff)
+        let root = self.root.clone();
+        blocking(move || {
+            let diff = crate::memdiff::save(pid, &memory, ram, &diff_tmp)?;
+            sync_file(&state_tmp)?;
+            for (from, to) in [(&state_tmp, STATE_FILE), (&diff_tmp, DIFF_FILE)] {
+                std::fs::rename(from, root.join(to)).map_err(VmError::io("rename", from))?;
+            }
+            Ok::<_, SandboxError>(diff)
+        })
+        .await
     }
 
     /// `/init` again with fresh entropy (after an aborted pause).
@@ -665,7 +782,7 @@ impl<N: SandboxNet> Sandbox<N> {
 impl Sandbox<SlotLease> {
     /// Creates a sandbox from `template`, in a pre-started QEMU from `warm` when it has one
     /// waiting for this very snapshot (never waits for one), else by a cold restore into a
-    /// slot from `slots` in `cold_root` (which must not exist).
+    /// slot from `slots` in `cold_root` (which must not exist). `meta` goes into its record.
     ///
     /// A warm sandbox lives in its warm VM's directory (under the pool's VMs root; see
     /// [`Sandbox::root`]), which already holds `rootfs.qcow2` and `vm/`. A warm VM that fails
@@ -677,6 +794,7 @@ impl Sandbox<SlotLease> {
         slots: &SlotPool,
         cold_root: &Path,
         init: InitConfig,
+        meta: Option<SandboxMeta>,
         deadlines: &Deadlines,
     ) -> Result<(Self, Timings), SandboxError> {
         let start = Instant::now();
@@ -690,15 +808,13 @@ impl Sandbox<SlotLease> {
             match restore_warm(template, vm).await {
                 Ok(RestoredWarm { vm, slot, root }) => {
                     let restored = start.elapsed();
-                    // The directory's record says `warm`; from here the sandbox layer owns it
-                    // and, like a cold create, keeps none (a paused sandbox is found by its
-                    // `paused.json`; a stale `warm` record would make a scan delete it).
-                    let record = root.join(crate::state::RECORD_FILE);
-                    if let Err(e) = std::fs::remove_file(&record) {
-                        tracing::debug!(error = %e, path = %record.display(), "remove warm record");
-                    }
-                    let sandbox = Self::adopt(template, root, vm, slot, init);
-                    return match sandbox.start_guest(start, restored, deadlines).await {
+                    // The record says `warm` until the guest runs its `/init`: a crash before
+                    // makes it garbage, as a cold create's `creating` would be.
+                    let sandbox = Self::adopt(template, Recorder::new(&root, meta), vm, slot, init);
+                    return match sandbox
+                        .start_guest(start, restored, deadlines, OnFail::RemoveAll)
+                        .await
+                    {
                         Ok((sb, t)) => Ok((sb, Timings { warm: true, ..t })),
                         Err(Failed { error, net }) => {
                             slots.release(net).await;
@@ -707,14 +823,14 @@ impl Sandbox<SlotLease> {
                     };
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "warm QEMU failed to load; restoring cold");
+                    tracing::warn!(error = %crate::error_chain(&e), "warm QEMU failed to load; restoring cold");
                 }
             }
         }
         let lease = slots.acquire().await?;
         // Timings count from this call's start (slot, failed warm attempt included).
         let before = start.elapsed();
-        match Sandbox::create(template, lease, cold_root, init, deadlines).await {
+        match Sandbox::create(template, lease, cold_root, init, meta, deadlines).await {
             Ok((sb, t)) => Ok((
                 sb,
                 Timings {
@@ -745,201 +861,12 @@ pub struct PauseTimings {
     pub dirty_bytes: u64,
 }
 
-/// A paused sandbox on disk.
-#[derive(Debug, Clone)]
-pub struct PausedSandbox {
-    root: PathBuf,
-    manifest: PausedManifest,
-}
-
-impl PausedSandbox {
-    /// Opens a paused sandbox directory (for example after an agent restart).
-    pub fn open(root: &Path) -> Result<Self, SandboxError> {
-        let invalid = |reason: String| SandboxError::Invalid {
-            dir: root.to_owned(),
-            reason,
-        };
-        let path = root.join(MANIFEST_FILE);
-        let text =
-            std::fs::read_to_string(&path).map_err(|e| invalid(format!("{MANIFEST_FILE}: {e}")))?;
-        let manifest: PausedManifest =
-            serde_json::from_str(&text).map_err(|e| invalid(format!("{MANIFEST_FILE}: {e}")))?;
-        if manifest.version != PAUSED_FORMAT {
-            return Err(invalid(format!(
-                "format version {} (this agent reads {PAUSED_FORMAT})",
-                manifest.version
-            )));
-        }
-        Ok(Self {
-            root: root.to_owned(),
-            manifest,
-        })
+/// Runs blocking file work off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
-
-    /// The sandbox directory.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    /// The manifest.
-    pub fn manifest(&self) -> &PausedManifest {
-        &self.manifest
-    }
-
-    /// Replaces what the resume's `/init` gives the guest (a new access token or env vars from
-    /// the resume request). In memory only: `paused.json` keeps the pause-time values.
-    pub fn set_init(&mut self, init: InitConfig) {
-        self.manifest.init = init;
-    }
-
-    /// Deletes the paused sandbox.
-    pub fn remove(self) -> Result<(), SandboxError> {
-        std::fs::remove_dir_all(&self.root).map_err(|e| VmError::io("remove", &self.root)(e).into())
-    }
-
-    /// Checks everything that can be checked before starting QEMU.
-    fn verify(&self) -> Result<Snapshot, SandboxError> {
-        let m = &self.manifest;
-        let invalid = |reason: String| SandboxError::Invalid {
-            dir: self.root.clone(),
-            reason,
-        };
-        let template = Snapshot::open(&m.template.dir)?;
-        if template.manifest.state_sha256 != m.template.state_sha256
-            || template.manifest.created_unix != m.template.created_unix
-        {
-            return Err(invalid(format!(
-                "template {} changed since the pause",
-                m.template.dir.display()
-            )));
-        }
-        if template.manifest.spec != m.spec {
-            return Err(invalid("machine differs from the template's".into()));
-        }
-        check_memory_file(&template.memory_path(), &m.spec).map_err(invalid)?;
-        for rec in [&m.state, &m.memory_diff] {
-            if rec.file.contains('/') {
-                return Err(invalid(format!("bad file name {}", rec.file)));
-            }
-        }
-        check_file(
-            &self.root.join(&m.state.file),
-            m.state.bytes,
-            &m.state.sha256,
-        )
-        .map_err(invalid)?;
-        // The diff's hash is checked while it is applied (one read instead of two).
-        let disk = self.root.join(DISK_FILE);
-        let mut magic = [0u8; 4];
-        let ok = std::fs::File::open(&disk)
-            .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut magic, 0));
-        if ok.is_err() || &magic != b"QFI\xfb" {
-            return Err(invalid(format!("{DISK_FILE} is missing or not qcow2")));
-        }
-        Ok(template)
-    }
-
-    /// Resumes into `net` (any free slot): restores the device state and the changed pages
-    /// over a private mapping of the template's memory, then runs `/init` (clock, fresh
-    /// entropy). On failure QEMU and its runtime directory are gone and `net` is returned; the
-    /// paused state stays resumable unless the guest had already run.
-    pub async fn resume<N: SandboxNet>(
-        self,
-        net: N,
-        deadlines: &Deadlines,
-    ) -> Result<(Sandbox<N>, Timings), Failed<N>> {
-        let start = Instant::now();
-        let template = match self.verify() {
-            Ok(t) => t,
-            Err(error) => return Err(Failed { error, net }),
-        };
-        let m = &self.manifest;
-        let ram = u64::from(m.spec.memory_mib) << 20;
-        let memory = template.memory_path();
-        let diff_path = self.root.join(&m.memory_diff.file);
-        let expect = DiffInfo {
-            pages: m.dirty_pages,
-            bytes: m.memory_diff.bytes,
-            sha256: m.memory_diff.sha256.clone(),
-        };
-        let mem2 = memory.clone();
-        let vm = restore_vm(RestoreFrom {
-            snapshot_dir: &self.root,
-            spec: &m.spec,
-            memory: &memory,
-            state: &self.root.join(&m.state.file),
-            ignore_shared: false,
-            before_load: Some(Box::new(move |pid| {
-                crate::memdiff::apply(pid, &mem2, ram, &diff_path, &expect)
-            })),
-            vm_dir: &self.root.join(VM_DIR),
-            disk: &self.root.join(DISK_FILE),
-            net: Some(net.attach()),
-        })
-        .await;
-        let vm = match vm {
-            Ok(vm) => vm,
-            Err(error) => {
-                return Err(Failed {
-                    error: error.into(),
-                    net,
-                });
-            }
-        };
-        let restored = start.elapsed();
-        // The guest runs and writes to the overlay: the paused state is no longer consistent.
-        // Drop the manifest first, so a crash from here on never offers it for resume.
-        let _ = std::fs::remove_file(self.root.join(MANIFEST_FILE));
-        let _ = std::fs::remove_file(self.root.join(&m.state.file));
-        let _ = std::fs::remove_file(self.root.join(&m.memory_diff.file));
-        warm_in_background(memory.clone());
-        let sandbox = Sandbox {
-            root: self.root.clone(),
-            vm,
-            envd: EnvdClient::new(net.envd_addr()),
-            net,
-            spec: m.spec.clone(),
-            template: m.template.clone(),
-            memory,
-            init: m.init.clone(),
-        };
-        sandbox.start_guest(start, restored, deadlines).await
-    }
-}
-
-/// Writes a file only the owner can read (records hold the access token), atomically: a
-/// temporary file renamed into place. `durable` also syncs the file and its directory, for
-/// records that must survive a host crash (a paused state); a running sandbox's records need
-/// not: they only have to survive the agent, and its VM dies with the host anyway.
-pub(crate) fn write_private(path: &Path, data: &[u8], durable: bool) -> Result<(), SandboxError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(VmError::io("create", &tmp))?;
-    f.write_all(data).map_err(VmError::io("write", &tmp))?;
-    if durable {
-        f.sync_all().map_err(VmError::io("sync", &tmp))?;
-    }
-    std::fs::rename(&tmp, path).map_err(VmError::io("rename", &tmp))?;
-    if durable && let Some(dir) = path.parent() {
-        sync_file(dir)?;
-    }
-    Ok(())
-}
-
-/// Writes `paused.json` atomically and durably: its presence means a complete pause.
-fn write_manifest(root: &Path, manifest: &PausedManifest) -> Result<(), SandboxError> {
-    let text = serde_json::to_vec_pretty(manifest).map_err(|e| SandboxError::Invalid {
-        dir: root.to_owned(),
-        reason: e.to_string(),
-    })?;
-    write_private(&root.join(MANIFEST_FILE), &text, true)
 }
 
 fn sync_file(path: &Path) -> Result<(), VmError> {
@@ -1036,6 +963,12 @@ fn warm_in_background(path: PathBuf) {
 fn console_tail(vm: &Vm) -> String {
     let bytes = std::fs::read(vm.console_log()).unwrap_or_default();
     String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(1500)..]).into_owned()
+}
+
+fn unix_now_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
 }
 
 fn unix_now() -> u64 {

@@ -1,38 +1,37 @@
-//! On-disk VM state, for recovery after the owning process crashes.
+//! Recovery after the owning process crashed: finding again what an earlier agent left under
+//! its VMs root, from each directory's record (`crate::record`) and the processes running.
 //!
-//! Every VM directory holds a versioned JSON record ([`VmRecord`], file [`RECORD_FILE`]) with
-//! what a new agent needs to find the VM again: the sandbox and template, the slot, QEMU's pid
-//! *and its start time* (field 22 of `/proc/<pid>/stat`, so a recycled pid is never mistaken
-//! for our QEMU), the QMP socket and the lifecycle state. Records are written atomically
-//! (temporary file, fsync, rename).
-//!
-//! [`scan`] walks the VMs root after a crash and sorts every directory into: running and
-//! adoptable (QEMU alive with the recorded start time and answering QMP), paused (the snapshot
-//! is on disk, no QEMU), or garbage (anything else: no or unreadable record, QEMU dead or not
-//! answering, a warm pool VM, a create or kill that never finished). It also lists slot
-//! namespaces and host veths that no adoptable VM uses. [`Scan::clean`] removes the garbage:
-//! kills stray QEMU (only after re-checking the start time), deletes directories, orphan
-//! namespaces and veths.
+//! [`scan`] sorts every directory into: running and adoptable (the record says running, QEMU
+//! alive with the recorded start time, so a recycled pid is never mistaken for our QEMU, and
+//! answering QMP), paused (a pause cut short after its snapshot was complete is finished
+//! first, a resume cut short undone: both leave a paused sandbox), kept (a record this agent
+//! cannot read: a newer agent's, or a corrupt one next to files worth keeping; left alone and
+//! reported), or garbage: what provably holds nothing, i.e. no record at all, a warm pool VM,
+//! a create that never finished, a running record whose QEMU is gone or does not answer, a
+//! corrupt record with no snapshot files and no QEMU. It also lists QEMU processes under the
+//! root that nothing accounts for, and slot namespaces and host veths that no adoptable VM
+//! uses. [`Scan::clean`] removes the garbage: kills stray QEMU (only after re-checking the
+//! start time), deletes directories, orphan namespaces and veths.
 //!
 //! A scan judges a VM whose QMP does not answer as garbage, so it must not run while another
 //! agent owns the same VMs root: take [`OwnerLock`] first (a `flock` on a file in the root,
 //! released by the kernel when its holder dies, so a crash frees it).
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use wrenn_hostnet::{HOST_VETH_PREFIX, NETNS_PREFIX, Slot, SlotError};
 use wrenn_qmp::Qmp;
 
-/// The record's file name inside a VM directory.
-pub const RECORD_FILE: &str = "wrenn-vm.json";
-/// The record format version written by this code.
-pub const RECORD_VERSION: u32 = 1;
+use crate::record::{Phase, RecordError, SandboxRecord, VmProcess};
+
 /// How long a QMP connection may take during a scan.
 const QMP_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A paused snapshot's files: a directory with one of them is never garbage unless its record
+/// says so.
+const SNAPSHOT_FILES: [&str; 2] = ["state", "memory.diff"];
 
-/// Why a record could not be read or written.
+/// Why a scan step failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     /// A file operation failed.
@@ -46,17 +45,6 @@ pub enum StateError {
         #[source]
         source: std::io::Error,
     },
-    /// The record is not valid JSON of a known version.
-    #[error("record {path}: {reason}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
-    /// The recorded process is gone (or its pid now belongs to another process).
-    #[error("QEMU pid {0} is not running (or was reused)")]
-    NotRunning(u32),
     /// Slot handling failed.
     #[error(transparent)]
     Slot(#[from] SlotError),
@@ -65,115 +53,6 @@ pub enum StateError {
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StateError {
     let path = path.to_owned();
     move |source| StateError::Io { what, path, source }
-}
-
-/// Where a VM is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum VmState {
-    /// A pre-started QEMU in a warm pool, waiting in `-incoming defer`; no sandbox yet.
-    Warm,
-    /// Being created (restore or `/init` not finished).
-    Starting,
-    /// Running a sandbox.
-    Running,
-    /// Being paused (snapshot being written).
-    Pausing,
-    /// Paused: QEMU is gone and the snapshot in [`VmRecord::snapshot`] is complete.
-    Paused,
-    /// Being killed.
-    Stopping,
-}
-
-/// What a VM directory records about its VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmRecord {
-    /// Format version ([`RECORD_VERSION`]).
-    pub version: u32,
-    /// The sandbox, once one is assigned (warm pool VMs have none).
-    pub sandbox_id: Option<String>,
-    /// The template the VM was restored from.
-    pub template_id: String,
-    /// The network slot index (`wrenn-slot-<index>`).
-    pub slot: Option<u32>,
-    /// QEMU's pid (0 when there is no process, e.g. paused).
-    pub qemu_pid: u32,
-    /// QEMU's start time in clock ticks after boot (`/proc/<pid>/stat` field 22).
-    pub qemu_start_time: u64,
-    /// The QMP socket.
-    pub qmp_socket: PathBuf,
-    /// The lifecycle state.
-    pub state: VmState,
-    /// A paused VM's snapshot directory.
-    pub snapshot: Option<PathBuf>,
-    /// When the record was last written (seconds since the epoch).
-    pub updated_unix: u64,
-}
-
-impl VmRecord {
-    /// A record for the QEMU process `pid` whose runtime directory is `vm_dir` (QMP at
-    /// `vm_dir/qmp.sock`). Fails if the process is not running. Save it in the VM's (sandbox's)
-    /// root directory, the one that outlives QEMU.
-    pub fn for_process(
-        vm_dir: &Path,
-        pid: u32,
-        template_id: &str,
-        slot: Option<u32>,
-        state: VmState,
-    ) -> Result<Self, StateError> {
-        let start = process_start_time(pid).ok_or(StateError::NotRunning(pid))?;
-        Ok(Self {
-            version: RECORD_VERSION,
-            sandbox_id: None,
-            template_id: template_id.to_owned(),
-            slot,
-            qemu_pid: pid,
-            qemu_start_time: start,
-            qmp_socket: vm_dir.join("qmp.sock"),
-            state,
-            snapshot: None,
-            updated_unix: unix_now(),
-        })
-    }
-
-    /// Writes the record into `dir` atomically.
-    pub fn save(&mut self, dir: &Path) -> Result<(), StateError> {
-        use std::io::Write;
-        self.updated_unix = unix_now();
-        let path = dir.join(RECORD_FILE);
-        let tmp = dir.join(format!(".{RECORD_FILE}.tmp"));
-        let text = serde_json::to_vec_pretty(self).map_err(|e| StateError::Invalid {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        let mut f = std::fs::File::create(&tmp).map_err(io_err("create", &tmp))?;
-        f.write_all(&text)
-            .and_then(|()| f.sync_all())
-            .map_err(io_err("write", &tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io_err("rename", &path))
-    }
-
-    /// Reads the record in `dir`.
-    pub fn load(dir: &Path) -> Result<Self, StateError> {
-        let path = dir.join(RECORD_FILE);
-        let text = std::fs::read(&path).map_err(io_err("read", &path))?;
-        let invalid = |reason: String| StateError::Invalid {
-            path: path.clone(),
-            reason,
-        };
-        let value: serde_json::Value =
-            serde_json::from_slice(&text).map_err(|e| invalid(e.to_string()))?;
-        match value.get("version").and_then(serde_json::Value::as_u64) {
-            Some(v) if v == u64::from(RECORD_VERSION) => {}
-            other => return Err(invalid(format!("unknown version {other:?}"))),
-        }
-        serde_json::from_value(value).map_err(|e| invalid(e.to_string()))
-    }
-
-    /// Whether the recorded QEMU is still this very process (alive, same start time).
-    pub fn qemu_alive(&self) -> bool {
-        self.qemu_pid != 0 && process_start_time(self.qemu_pid) == Some(self.qemu_start_time)
-    }
 }
 
 /// Exclusive ownership of a VMs root, held for the agent's life.
@@ -219,19 +98,15 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
     fields.nth(18)?.parse().ok()
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// A VM that survived its owner: QEMU runs and answers QMP.
 #[derive(Debug)]
 pub struct AdoptableVm {
     /// Its directory.
     pub dir: PathBuf,
-    /// Its record.
-    pub record: VmRecord,
+    /// Its record (phase running).
+    pub record: SandboxRecord,
+    /// Its QEMU, as recorded.
+    pub vm: VmProcess,
     /// A fresh QMP connection.
     pub qmp: Qmp,
     /// QEMU's run state at the scan (`running`, `paused`, ...).
@@ -241,7 +116,7 @@ pub struct AdoptableVm {
 impl AdoptableVm {
     /// Takes over the VM's slot namespace (still configured, the guest reachable through it).
     pub fn adopt_slot(&self) -> Result<Option<Slot>, StateError> {
-        match self.record.slot {
+        match self.vm.slot {
             Some(index) => Ok(Slot::adopt(index)?),
             None => Ok(None),
         }
@@ -250,32 +125,35 @@ impl AdoptableVm {
     /// Kills the adopted QEMU (after re-checking its identity) and removes its directory.
     pub async fn kill(self) -> Result<(), StateError> {
         drop(self.qmp);
-        kill_qemu(&self.record).await;
+        kill_qemu(&self.vm).await;
         remove_dir(&self.dir)
     }
 }
 
-/// A paused VM: no process, a complete snapshot on disk.
+/// A paused sandbox: no process, a complete snapshot on disk, its record saying paused.
 #[derive(Debug, Clone)]
 pub struct PausedVm {
     /// Its directory.
     pub dir: PathBuf,
-    /// Its record (`None`: a sandbox directory with a complete [`PAUSED_MARKER`] only).
-    pub record: Option<VmRecord>,
 }
-
-/// A paused sandbox's manifest, written last by a pause (see `crate::sandbox`): its presence
-/// means the pause completed.
-pub const PAUSED_MARKER: &str = "paused.json";
 
 /// A directory (and maybe a process) to remove.
 #[derive(Debug, Clone)]
 pub struct Garbage {
     /// The directory.
     pub dir: PathBuf,
-    /// Its record, if one could be read.
-    pub record: Option<VmRecord>,
+    /// Its recorded QEMU, if any (killed if still that process).
+    pub vm: Option<VmProcess>,
     /// Why it is garbage.
+    pub reason: String,
+}
+
+/// A directory left alone: its record could not be used, and it may hold something.
+#[derive(Debug, Clone)]
+pub struct Kept {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Why it was not used.
     pub reason: String,
 }
 
@@ -286,10 +164,13 @@ pub struct Scan {
     pub adoptable: Vec<AdoptableVm>,
     /// Paused VMs whose snapshots can be resumed.
     pub paused: Vec<PausedVm>,
-    /// Directories to remove (with any stray QEMU).
+    /// Directories to remove (with any recorded QEMU).
     pub garbage: Vec<Garbage>,
+    /// Directories left alone, with their QEMU if any: a newer agent's record, a corrupt one
+    /// next to snapshot files or a running QEMU, a pause that could not be finished.
+    pub kept: Vec<Kept>,
     /// QEMU processes running from a directory under the VMs root that no record accounts
-    /// for (a crash between starting QEMU and writing its record): (pid, start time).
+    /// for (a crash between starting QEMU and recording it): (pid, start time).
     pub stray_qemu: Vec<(u32, u64)>,
     /// Slot namespaces no adoptable VM uses.
     pub orphan_netns: Vec<String>,
@@ -329,6 +210,22 @@ impl Default for ScanScope {
     }
 }
 
+/// A QEMU process found under the VMs root.
+#[derive(Debug, Clone)]
+struct Qemu {
+    pid: u32,
+    start_time: u64,
+    /// Its command line, arguments joined by spaces.
+    cmdline: String,
+}
+
+impl Qemu {
+    /// Whether its command line names a path in `dir`.
+    fn runs_from(&self, dir: &Path) -> bool {
+        self.cmdline.contains(&format!("{}/", dir.display()))
+    }
+}
+
 /// Classifies every directory under `vms_root`, and lists the slot namespaces and veths in
 /// `scope` that no adoptable VM uses.
 pub async fn scan(vms_root: &Path, scope: &ScanScope) -> Scan {
@@ -341,26 +238,32 @@ pub async fn scan(vms_root: &Path, scope: &ScanScope) -> Scan {
         .filter(|p| p.is_dir())
         .collect();
     entries.sort();
+    let qemus = qemu_processes_under(vms_root);
     for dir in entries {
-        classify(dir, &mut scan).await;
+        classify(dir, &qemus, &mut scan).await;
+    }
+    for k in &scan.kept {
+        tracing::warn!(dir = %k.dir.display(), reason = %k.reason, "sandbox directory left alone");
     }
     let accounted: Vec<u32> = scan
         .adoptable
         .iter()
-        .map(|a| a.record.qemu_pid)
-        .chain(scan.garbage.iter().filter_map(|g| {
-            g.record
-                .as_ref()
-                .filter(|r| r.qemu_alive())
-                .map(|r| r.qemu_pid)
-        }))
+        .map(|a| a.vm.pid)
+        .chain(
+            scan.garbage
+                .iter()
+                .filter_map(|g| g.vm.as_ref().filter(|v| v.alive()).map(|v| v.pid)),
+        )
         .collect();
-    scan.stray_qemu = qemu_processes_under(vms_root)
-        .into_iter()
-        .filter(|(pid, _)| !accounted.contains(pid))
+    scan.stray_qemu = qemus
+        .iter()
+        .filter(|q| !accounted.contains(&q.pid))
+        .filter(|q| !scan.kept.iter().any(|k| q.runs_from(&k.dir)))
+        .filter(|q| process_start_time(q.pid) == Some(q.start_time))
+        .map(|q| (q.pid, q.start_time))
         .collect();
     let mut keep: Vec<u32> = scope.in_use.clone();
-    keep.extend(scan.adoptable.iter().filter_map(|a| a.record.slot));
+    keep.extend(scan.adoptable.iter().filter_map(|a| a.vm.slot));
     // Paused VMs keep no slot: a resume restores into any free one.
     for name in list_names(Path::new("/run/netns")) {
         if let Some(index) = slot_index(&name, NETNS_PREFIX)
@@ -381,62 +284,102 @@ pub async fn scan(vms_root: &Path, scope: &ScanScope) -> Scan {
     scan
 }
 
-async fn classify(dir: PathBuf, scan: &mut Scan) {
-    let garbage = |dir: PathBuf, record: Option<VmRecord>, reason: String| Garbage {
-        dir,
-        record,
-        reason,
-    };
-    let paused_marker = dir.join(PAUSED_MARKER).is_file();
-    let record = match VmRecord::load(&dir) {
-        Ok(r) => r,
-        // A sandbox paused by code that writes no record: the marker is enough.
-        Err(StateError::Io { source, .. })
-            if paused_marker && source.kind() == std::io::ErrorKind::NotFound =>
-        {
-            scan.paused.push(PausedVm { dir, record: None });
+async fn classify(dir: PathBuf, qemus: &[Qemu], scan: &mut Scan) {
+    let d = dir.clone();
+    let read = tokio::task::spawn_blocking(move || crate::record::read(&d)).await;
+    let record = match read {
+        Ok(Ok(Some(r))) => r,
+        Ok(Ok(None)) => {
+            let reason = "no record".to_owned();
+            scan.garbage.push(Garbage {
+                dir,
+                vm: None,
+                reason,
+            });
             return;
         }
+        Ok(Err(e)) => return unreadable(dir, &e, qemus, scan),
         Err(e) => {
-            scan.garbage.push(garbage(dir, None, e.to_string()));
+            let reason = format!("reading the record: {e}");
+            scan.kept.push(Kept { dir, reason });
             return;
         }
     };
-    match record.state {
-        VmState::Paused => {
-            let complete = paused_marker || record.snapshot.as_deref().is_some_and(Path::exists);
-            if complete && !record.qemu_alive() {
-                scan.paused.push(PausedVm {
-                    dir,
-                    record: Some(record),
-                });
-            } else {
-                let reason = "paused without a snapshot (or with a QEMU still running)".into();
-                scan.garbage.push(garbage(dir, Some(record), reason));
-            }
+    let garbage = |dir: PathBuf, vm: Option<VmProcess>, reason: String| Garbage { dir, vm, reason };
+    match record.phase.clone() {
+        Phase::Warm { vm } => scan
+            .garbage
+            .push(garbage(dir, Some(vm), "a warm pool VM".into())),
+        Phase::Creating => {
+            // Its QEMU, if one got started, is not recorded: it is killed as a stray.
+            let reason = "a create that never finished".into();
+            scan.garbage.push(garbage(dir, None, reason));
         }
-        VmState::Running if record.qemu_alive() => match probe_qmp(&record.qmp_socket).await {
+        Phase::Running { vm, .. } if vm.alive() => match probe_qmp(&vm.qmp_socket).await {
             Ok((qmp, status)) => scan.adoptable.push(AdoptableVm {
                 dir,
                 record,
+                vm,
                 qmp,
                 status,
             }),
-            Err(reason) => scan.garbage.push(garbage(dir, Some(record), reason)),
+            Err(reason) => scan.garbage.push(garbage(dir, Some(vm), reason)),
         },
-        VmState::Running => {
-            let reason = format!("QEMU {} is gone", record.qemu_pid);
-            scan.garbage.push(garbage(dir, Some(record), reason));
+        Phase::Running { vm, .. } => {
+            let reason = format!("QEMU {} is gone", vm.pid);
+            scan.garbage.push(garbage(dir, None, reason));
         }
-        state => {
-            let reason = format!("left in state {state:?}");
-            scan.garbage.push(garbage(dir, Some(record), reason));
+        Phase::Pausing { vm, .. } | Phase::Resuming { vm, .. } => {
+            settle(dir, vm, record.phase.name(), scan).await;
+        }
+        Phase::Paused { .. } => scan.paused.push(PausedVm { dir }),
+    }
+}
+
+/// A pause cut short after its snapshot was complete is finished, a resume cut short undone:
+/// its QEMU (stopped, or not yet past `/init`) goes first, as the disk must be free.
+async fn settle(dir: PathBuf, vm: Option<VmProcess>, phase: &str, scan: &mut Scan) {
+    if let Some(vm) = &vm {
+        kill_qemu(vm).await;
+    }
+    let d = dir.clone();
+    let settled = tokio::task::spawn_blocking(move || crate::sandbox::settle_interrupted(&d)).await;
+    match settled {
+        Ok(Ok(_)) => {
+            tracing::info!(dir = %dir.display(), phase, "interrupted operation settled: paused");
+            scan.paused.push(PausedVm { dir });
+        }
+        Ok(Err(e)) => {
+            let reason = format!("interrupted while {phase}: {}", crate::error_chain(&e));
+            scan.kept.push(Kept { dir, reason });
+        }
+        Err(e) => {
+            let reason = format!("interrupted while {phase}: {e}");
+            scan.kept.push(Kept { dir, reason });
         }
     }
 }
 
-/// QEMU processes whose command line names a path under `root`, with their start times.
-fn qemu_processes_under(root: &Path) -> Vec<(u32, u64)> {
+/// A record this agent cannot use. A newer version is always left alone; anything else only
+/// when the directory could hold something: snapshot files, or a QEMU running from it.
+fn unreadable(dir: PathBuf, e: &RecordError, qemus: &[Qemu], scan: &mut Scan) {
+    let reason = crate::error_chain(e);
+    let worth_keeping = matches!(e, RecordError::Version { .. })
+        || SNAPSHOT_FILES.iter().any(|f| dir.join(f).exists())
+        || qemus.iter().any(|q| q.runs_from(&dir));
+    if worth_keeping {
+        scan.kept.push(Kept { dir, reason });
+    } else {
+        scan.garbage.push(Garbage {
+            dir,
+            vm: None,
+            reason,
+        });
+    }
+}
+
+/// QEMU processes whose command line names a path under `root`.
+fn qemu_processes_under(root: &Path) -> Vec<Qemu> {
     let root = format!("{}/", root.display().to_string().trim_end_matches('/'));
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -450,18 +393,25 @@ fn qemu_processes_under(root: &Path) -> Vec<(u32, u64)> {
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
             continue;
         };
-        let mut args = cmdline.split(|b| *b == 0).map(String::from_utf8_lossy);
-        let is_qemu = args.next().is_some_and(|a0| {
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_qemu = args.first().is_some_and(|a0| {
             a0.rsplit('/')
                 .next()
                 .unwrap_or("")
                 .starts_with("qemu-system")
         });
         if is_qemu
-            && args.any(|a| a.contains(&root))
-            && let Some(start) = process_start_time(pid)
+            && args.iter().skip(1).any(|a| a.contains(&root))
+            && let Some(start_time) = process_start_time(pid)
         {
-            found.push((pid, start));
+            found.push(Qemu {
+                pid,
+                start_time,
+                cmdline: args.join(" "),
+            });
         }
     }
     found
@@ -486,35 +436,30 @@ async fn probe_qmp(socket: &Path) -> Result<(Qmp, String), String> {
 
 impl Scan {
     /// Removes the garbage: kills stray QEMU (identity re-checked), removes directories, and
-    /// deletes orphan namespaces and veths. Leaves adoptable and paused VMs alone.
+    /// deletes orphan namespaces and veths. Leaves adoptable, paused and kept VMs alone.
     pub async fn clean(&mut self) -> Cleaned {
         let mut cleaned = Cleaned::default();
+        // Strays first: some run from a garbage directory about to go.
+        for (pid, start_time) in self.stray_qemu.drain(..) {
+            let vm = VmProcess {
+                pid,
+                start_time,
+                qmp_socket: PathBuf::new(),
+                slot: None,
+            };
+            if kill_qemu(&vm).await {
+                cleaned.killed.push(pid);
+            }
+        }
         for g in self.garbage.drain(..) {
-            if let Some(record) = &g.record
-                && kill_qemu(record).await
+            if let Some(vm) = &g.vm
+                && kill_qemu(vm).await
             {
-                cleaned.killed.push(record.qemu_pid);
+                cleaned.killed.push(vm.pid);
             }
             match remove_dir(&g.dir) {
                 Ok(()) => cleaned.dirs.push(g.dir),
                 Err(e) => tracing::warn!(error = %e, "could not remove a garbage VM directory"),
-            }
-        }
-        for (pid, start) in self.stray_qemu.drain(..) {
-            let record = VmRecord {
-                version: RECORD_VERSION,
-                sandbox_id: None,
-                template_id: String::new(),
-                slot: None,
-                qemu_pid: pid,
-                qemu_start_time: start,
-                qmp_socket: PathBuf::new(),
-                state: VmState::Stopping,
-                snapshot: None,
-                updated_unix: 0,
-            };
-            if kill_qemu(&record).await {
-                cleaned.killed.push(pid);
             }
         }
         for name in self.orphan_netns.drain(..) {
@@ -535,24 +480,24 @@ impl Scan {
 }
 
 /// Kills the recorded QEMU if it is still that process; true if it was killed.
-async fn kill_qemu(record: &VmRecord) -> bool {
-    if !record.qemu_alive() {
+async fn kill_qemu(vm: &VmProcess) -> bool {
+    if !vm.alive() {
         return false;
     }
-    let pid = nix::unistd::Pid::from_raw(record.qemu_pid as i32);
+    let pid = nix::unistd::Pid::from_raw(vm.pid as i32);
     if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_err() {
         return false;
     }
     // If it happens to be our child (tests), reap it; otherwise init does.
     let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
     for _ in 0..200 {
-        if !record.qemu_alive() {
+        if !vm.alive() {
             return true;
         }
         let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    tracing::warn!(pid = record.qemu_pid, "QEMU survived SIGKILL for a second");
+    tracing::warn!(pid = vm.pid, "QEMU survived SIGKILL for a second");
     true
 }
 
@@ -585,58 +530,4 @@ fn slot_index(name: &str, prefix: &str) -> Option<u32> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn start_time_of_self_and_not_of_nothing() {
-        let me = std::process::id();
-        let t = process_start_time(me).expect("own start time");
-        assert_eq!(process_start_time(me), Some(t));
-        assert_eq!(process_start_time(u32::MAX - 1), None);
-    }
-
-    #[test]
-    fn one_owner_per_root() {
-        let dir = tempfile::tempdir().unwrap();
-        let first = OwnerLock::try_acquire(dir.path()).unwrap();
-        assert!(first.is_some());
-        assert!(OwnerLock::try_acquire(dir.path()).unwrap().is_none());
-        drop(first);
-        assert!(OwnerLock::try_acquire(dir.path()).unwrap().is_some());
-    }
-
-    #[test]
-    fn slot_names() {
-        assert_eq!(slot_index("wrenn-slot-12", NETNS_PREFIX), Some(12));
-        assert_eq!(slot_index("wrenn-slot-", NETNS_PREFIX), None);
-        assert_eq!(slot_index("wrenn-slot-1x", NETNS_PREFIX), None);
-        assert_eq!(slot_index("wrv7", HOST_VETH_PREFIX), Some(7));
-        assert_eq!(slot_index("wrvx", HOST_VETH_PREFIX), None);
-    }
-
-    #[test]
-    fn record_round_trip_and_version_check() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut r = VmRecord::for_process(
-            dir.path(),
-            std::process::id(),
-            "tpl",
-            Some(3),
-            VmState::Running,
-        )
-        .unwrap();
-        r.sandbox_id = Some("sbx".into());
-        r.save(dir.path()).unwrap();
-        let back = VmRecord::load(dir.path()).unwrap();
-        assert_eq!(back, r);
-        assert!(back.qemu_alive());
-        let mut bad = serde_json::to_value(&r).unwrap();
-        bad["version"] = 99.into();
-        std::fs::write(dir.path().join(RECORD_FILE), bad.to_string()).unwrap();
-        assert!(matches!(
-            VmRecord::load(dir.path()),
-            Err(StateError::Invalid { .. })
-        ));
-    }
-}
+mod tests;

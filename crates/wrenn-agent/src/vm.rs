@@ -19,6 +19,8 @@ use crate::accel::Accel;
 const MEM_ID: &str = "wrenn-mem";
 /// Every guest gets the same MAC, like the same IP: snapshots restore into any slot.
 pub const GUEST_MAC: &str = "02:fc:00:00:00:05";
+/// QEMU's QMP socket, in the per-VM directory.
+const QMP_SOCKET: &str = "qmp.sock";
 /// How long QEMU may take to open its QMP socket.
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -188,7 +190,7 @@ impl Vm {
             .map_err(|e| VmError::Qemu(format!("spawn: {e}")))?;
         let pid = child.id().unwrap_or_default();
         let qmp = tokio::select! {
-            qmp = Qmp::connect_retry(dir.join("qmp.sock"), QMP_CONNECT_TIMEOUT) => qmp,
+            qmp = Qmp::connect_retry(dir.join(QMP_SOCKET), QMP_CONNECT_TIMEOUT) => qmp,
             status = child.wait() => {
                 let log = std::fs::read_to_string(&log_path).unwrap_or_default();
                 let _ = std::fs::remove_dir_all(dir);
@@ -269,6 +271,11 @@ impl Vm {
     /// The per-VM directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The QMP socket (in the per-VM directory).
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.dir.join(QMP_SOCKET)
     }
 
     /// The guest's serial console log.
@@ -387,7 +394,7 @@ fn qemu_args(l: &Launch) -> Vec<String> {
         "-chardev".into(),
         format!(
             "socket,id=qmp,path={},server=on,wait=off",
-            dir.join("qmp.sock").display()
+            dir.join(QMP_SOCKET).display()
         ),
         "-mon".into(),
         "chardev=qmp,mode=control".into(),

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use support::{files_under, host_now, new_slot, pid_alive, run_ok, write_file};
 use wrenn_agent::pool::{SlotPool, WarmPool};
+use wrenn_agent::record::RECORD_FILE;
 use wrenn_agent::sandbox::{Deadlines, Failed, InitConfig, PausedSandbox, Sandbox, SandboxError};
 use wrenn_agent::snapshot::{Snapshot, SnapshotError};
 use wrenn_hostnet::Slot;
@@ -38,7 +39,7 @@ fn init(name: &str) -> InitConfig {
 
 async fn create(template: &Snapshot, root: PathBuf, name: &str) -> Sandbox<Slot> {
     let slot = new_slot().await;
-    match Sandbox::create(template, slot, &root, init(name), &deadlines()).await {
+    match Sandbox::create(template, slot, &root, init(name), None, &deadlines()).await {
         Ok((sb, t)) => {
             eprintln!(
                 "{name}: created: QEMU running {:?}, envd healthy {:?}, /init done {:?}",
@@ -48,6 +49,12 @@ async fn create(template: &Snapshot, root: PathBuf, name: &str) -> Sandbox<Slot>
         }
         Err(Failed { error, .. }) => panic!("create {name}: {error:?}"),
     }
+}
+
+/// The phase in a sandbox directory's record.
+fn recorded_phase(dir: &Path) -> String {
+    let record = wrenn_agent::record::read(dir).unwrap().expect("a record");
+    record.phase.name().to_owned()
 }
 
 async fn pause(sb: Sandbox<Slot>) -> (PausedSandbox, Slot) {
@@ -122,6 +129,7 @@ async fn sandboxes_create_pause_resume_clone_corrupt_and_cleanup() {
         create(&template, sandboxes.join("c"), "c"),
     );
     for (sb, name) in [(&a, "a"), (&b, "b"), (&c, "c")] {
+        assert_eq!(recorded_phase(sb.root()), "running");
         let out = run_ok(&base(sb), "echo \"$WRENN_SANDBOX $(id -un)\"").await;
         assert_eq!(out, format!("{name} root"));
         write_file(
@@ -187,7 +195,7 @@ async fn sandboxes_create_pause_resume_clone_corrupt_and_cleanup() {
             !a_root.join("vm").exists(),
             "paused sandbox kept its runtime dir"
         );
-        assert!(a_root.join("paused.json").is_file());
+        assert_eq!(recorded_phase(&a_root), "paused");
         // A restarted agent finds it from the directory alone.
         let paused = PausedSandbox::open(&a_root).expect("reopen paused");
         assert!(paused.manifest().dirty_pages > 0);
@@ -281,8 +289,8 @@ async fn sandboxes_create_pause_resume_clone_corrupt_and_cleanup() {
         ("flipped byte in the memory diff", |d| {
             flip(&d.join("memory.diff"), 100_000)
         }),
-        ("garbage manifest", |d| {
-            std::fs::write(d.join("paused.json"), b"{\"version\":1,").unwrap()
+        ("garbage record", |d| {
+            std::fs::write(d.join(RECORD_FILE), b"{\"version\":2,").unwrap()
         }),
     ];
     for (what, mutate) in cases {
@@ -310,7 +318,10 @@ async fn sandboxes_create_pause_resume_clone_corrupt_and_cleanup() {
         };
         eprintln!("{what}: {err}");
         assert!(
-            matches!(err, SandboxError::Invalid { .. } | SandboxError::Restore(_)),
+            matches!(
+                err,
+                SandboxError::Invalid { .. } | SandboxError::Restore(_) | SandboxError::Record(_)
+            ),
             "{what}: {err:?}"
         );
         assert!(!bad.join("vm").exists(), "{what}: runtime dir left");
@@ -337,11 +348,12 @@ async fn sandboxes_create_pause_resume_clone_corrupt_and_cleanup() {
         let n = bytes.len();
         bytes.truncate(n / 3);
         std::fs::write(&state, &bytes).unwrap();
-        let mut m: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(bad.join("paused.json")).unwrap()).unwrap();
+        let mut r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(bad.join(RECORD_FILE)).unwrap()).unwrap();
+        let m = &mut r["phase"]["paused"];
         m["state"]["bytes"] = bytes.len().into();
         m["state"]["sha256"] = sha256_hex(&bytes).into();
-        std::fs::write(bad.join("paused.json"), m.to_string()).unwrap();
+        std::fs::write(bad.join(RECORD_FILE), r.to_string()).unwrap();
         let p = PausedSandbox::open(&bad).unwrap();
         match p.resume(slot, &deadlines()).await {
             Ok(_) => panic!("resume from a truncated state succeeded"),
@@ -462,6 +474,7 @@ async fn warm_pool_creates(template: &Snapshot, w: &Path, sandboxes: &Path, othe
                 slots,
                 cold_root,
                 init(name),
+                None,
                 &deadlines(),
             )
             .await
@@ -490,6 +503,8 @@ async fn warm_pool_creates(template: &Snapshot, w: &Path, sandboxes: &Path, othe
         "the pre-started QEMU runs the sandbox"
     );
     assert!(warm.root().join("rootfs.qcow2").is_file());
+    // The warm VM's record is replaced by the sandbox's.
+    assert_eq!(recorded_phase(warm.root()), "running");
     assert_eq!(pool.ready(), 0);
     let (cold, tc) = create("pooled-cold").await;
     assert!(!tc.warm, "pool was empty: the create must be cold");

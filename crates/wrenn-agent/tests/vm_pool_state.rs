@@ -5,8 +5,9 @@
 //!   nor another slot's guest (each with a positive control from the host side);
 //! - create time with and without pre-started QEMU (`-incoming defer`);
 //! - crash recovery: a child process starts VMs, records them and exits without cleanup; a
-//!   scan finds one adoptable (QMP reconnects, envd answers through the adopted slot) and the
-//!   rest garbage, and cleaning removes the stray QEMU, directories, namespaces and veths.
+//!   scan finds one adoptable (QMP reconnects, envd answers through the adopted slot), keeps
+//!   a paused sandbox and leaves a newer agent's directory alone, and the rest is garbage;
+//!   cleaning removes the stray QEMU, directories, namespaces and veths.
 //!
 //! Gated by `WRENN_VM_TESTS=1` (needs root, QEMU, the extracted kernel and a static envd).
 
@@ -20,9 +21,13 @@ use support::{RunOpts, now_rfc3339, pid_alive, qemu_pids_under, run_with, tail};
 use wrenn_agent::accel::Accel;
 use wrenn_agent::envd::{EnvdClient, EnvdError};
 use wrenn_agent::pool::{SlotPool, WarmPool, restore_warm};
-use wrenn_agent::sandbox::SandboxNet as _;
+use wrenn_agent::record::{self, Phase, RECORD_FILE, Recorder, VmProcess};
+use wrenn_agent::runtime::SandboxMeta;
+use wrenn_agent::sandbox::{
+    FileRecord, InitConfig, PausedManifest, RunningManifest, SandboxNet as _, TemplateRef,
+};
 use wrenn_agent::snapshot::{self, Snapshot};
-use wrenn_agent::state::{self, ScanScope, VmRecord, VmState};
+use wrenn_agent::state::{self, ScanScope};
 use wrenn_agent::vm::{Launch, Memory, Vm, VmSpec, create_overlay};
 use wrenn_hostnet::{Metadata, Slot};
 use wrenn_image::{ENVD_PORT, Kernel, SmallImageInputs};
@@ -335,10 +340,13 @@ async fn metadata_firewall_warm_pool_and_adoption() {
     let pss: Vec<String> = std::fs::read_dir(&vms)
         .unwrap()
         .flatten()
-        .filter_map(|e| VmRecord::load(&e.path()).ok())
-        .map(|r| {
-            let rollup = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", r.qemu_pid))
-                .unwrap_or_default();
+        .filter_map(|e| match record::read(&e.path()).ok()??.phase {
+            Phase::Warm { vm } => Some(vm.pid),
+            _ => None,
+        })
+        .map(|pid| {
+            let rollup =
+                std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
             let field = |name: &str| {
                 rollup
                     .lines()
@@ -424,30 +432,54 @@ async fn metadata_firewall_warm_pool_and_adoption() {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "child failed:\n{child_out}");
     assert!(child_out.contains("CHILD READY"), "{child_out}");
-    let rec_live = VmRecord::load(&crash_root.join("live")).unwrap();
-    let rec_stray = VmRecord::load(&crash_root.join("stray")).unwrap();
-    let unrecorded: u32 = child_out
-        .lines()
-        .find_map(|l| l.split("UNRECORDED PID ").nth(1))
-        .and_then(|p| p.trim().parse().ok())
-        .expect("the child's unrecorded QEMU pid");
-    guard
-        .pids
-        .extend([rec_live.qemu_pid, rec_stray.qemu_pid, unrecorded]);
+    let child_pid = |name: &str| -> u32 {
+        child_out
+            .lines()
+            .find_map(|l| l.split(&format!("PID {name} ")).nth(1))
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("the child's {name} QEMU pid"))
+    };
+    let (live, stray, unrecorded) = (
+        child_pid("live"),
+        child_pid("stray"),
+        child_pid("unrecorded"),
+    );
+    let rec_live = record::read(&crash_root.join("live")).unwrap().unwrap();
+    let Phase::Running {
+        vm: live_vm,
+        running,
+    } = rec_live.phase.clone()
+    else {
+        panic!("live: {rec_live:?}")
+    };
+    assert_eq!(live_vm.pid, live);
+    let rec_stray = record::read(&crash_root.join("stray")).unwrap().unwrap();
+    assert_eq!(rec_stray.phase, Phase::Creating);
+    guard.pids.extend([live, stray, unrecorded]);
     assert!(
-        rec_live.qemu_alive() && rec_stray.qemu_alive() && pid_alive(unrecorded),
+        live_vm.alive() && pid_alive(stray) && pid_alive(unrecorded),
         "QEMU died with its owner"
     );
     // More garbage: a directory without a record, and a record of a dead process.
     std::fs::create_dir_all(crash_root.join("norecord")).unwrap();
-    // A sandbox whose pause completed (its manifest is written last).
-    std::fs::create_dir_all(crash_root.join("paused")).unwrap();
-    std::fs::write(crash_root.join("paused/paused.json"), "{}").unwrap();
-    let mut dead = rec_live.clone();
-    dead.qemu_start_time += 1; // same pid, different start time: pid reuse
-    dead.sandbox_id = Some("sbx-dead".into());
-    std::fs::create_dir_all(crash_root.join("reused")).unwrap();
-    dead.save(&crash_root.join("reused")).unwrap();
+    let reused = crash_root.join("reused");
+    std::fs::create_dir_all(&reused).unwrap();
+    let mut dead = live_vm.clone();
+    dead.start_time += 1; // same pid, different start time: pid reuse
+    Recorder::new(&reused, Some(meta("sbx-dead")))
+        .write(Phase::Running { vm: dead, running })
+        .unwrap();
+    // A sandbox whose pause completed, and a newer agent's directory: both kept.
+    let paused = crash_root.join("paused");
+    std::fs::create_dir_all(&paused).unwrap();
+    Recorder::new(&paused, Some(meta("sbx-paused")))
+        .write(Phase::Paused {
+            paused: paused_manifest(&snap),
+        })
+        .unwrap();
+    let newer = crash_root.join("newer");
+    std::fs::create_dir_all(&newer).unwrap();
+    std::fs::write(newer.join(RECORD_FILE), r#"{"version": 99}"#).unwrap();
 
     // The crashed owner's lock went with it.
     let _owner = state::OwnerLock::try_acquire(&crash_root)
@@ -475,12 +507,16 @@ async fn metadata_firewall_warm_pool_and_adoption() {
     assert_eq!(found.adoptable[0].status, "running");
     // norecord, reused, stray, unrecorded.
     assert_eq!(found.garbage.len(), 4);
-    assert_eq!(
-        found.stray_qemu.iter().map(|(p, _)| *p).collect::<Vec<_>>(),
-        vec![unrecorded]
-    );
+    // Neither QEMU is recorded: `stray`'s create wrote its intent before starting it.
+    let mut strays: Vec<u32> = found.stray_qemu.iter().map(|(p, _)| *p).collect();
+    strays.sort();
+    let mut expected = vec![stray, unrecorded];
+    expected.sort();
+    assert_eq!(strays, expected);
     assert_eq!(found.paused.len(), 1);
-    assert_eq!(found.paused[0].dir, crash_root.join("paused"));
+    assert_eq!(found.paused[0].dir, paused);
+    assert_eq!(found.kept.len(), 1);
+    assert_eq!(found.kept[0].dir, newer);
     assert_eq!(
         found.orphan_netns,
         vec![
@@ -502,10 +538,12 @@ async fn metadata_firewall_warm_pool_and_adoption() {
 
     let cleaned = found.clean().await;
     eprintln!("cleaned: {cleaned:?}");
-    assert_eq!(cleaned.killed, vec![rec_stray.qemu_pid, unrecorded]);
-    assert!(!pid_alive(rec_stray.qemu_pid), "stray QEMU survived");
+    let mut killed = cleaned.killed.clone();
+    killed.sort();
+    assert_eq!(killed, expected);
+    assert!(!pid_alive(stray), "stray QEMU survived");
     assert!(!pid_alive(unrecorded), "unrecorded QEMU survived");
-    assert!(pid_alive(rec_live.qemu_pid), "clean killed the adopted VM");
+    assert!(pid_alive(live), "clean killed the adopted VM");
     assert_eq!(cleaned.dirs.len(), 4);
     for i in [child_slot + 1, child_slot + 2] {
         assert!(
@@ -516,11 +554,16 @@ async fn metadata_firewall_warm_pool_and_adoption() {
         assert!(!Path::new("/sys/class/net").join(format!("wrv{i}")).exists());
     }
     adopted.kill().await.unwrap();
-    assert!(!pid_alive(rec_live.qemu_pid));
+    assert!(!pid_alive(live));
     drop(slot);
     // Nothing of the crashed owner is left.
     let again = state::scan(&crash_root, &scope).await;
     assert_eq!(again.paused.len(), 1, "clean must keep paused sandboxes");
+    assert_eq!(
+        again.kept.len(),
+        1,
+        "clean must leave a newer agent's directory"
+    );
     assert!(
         again.adoptable.is_empty()
             && again.garbage.is_empty()
@@ -552,9 +595,61 @@ async fn metadata_firewall_warm_pool_and_adoption() {
     work.close().unwrap();
 }
 
-/// Run only as the child of the test above: restores two VMs from the snapshot, records them
-/// (one running, one as if a create was interrupted) and exits without any cleanup, as a
-/// crashed agent would.
+fn meta(id: &str) -> SandboxMeta {
+    SandboxMeta {
+        sandbox_id: id.into(),
+        template_id: "tpl-small".into(),
+        vcpus: 1,
+        memory_mb: 512,
+        start_unix_ms: 0,
+        backstop_unix_ms: 0,
+        auto_pause: false,
+        envd_version: "test".into(),
+    }
+}
+
+fn template_ref(snap: &Snapshot) -> TemplateRef {
+    TemplateRef {
+        dir: snap.dir.clone(),
+        state_sha256: snap.manifest.state_sha256.clone(),
+        created_unix: snap.manifest.created_unix,
+    }
+}
+
+fn running_manifest(snap: &Snapshot) -> RunningManifest {
+    RunningManifest {
+        spec: snap.manifest.spec.clone(),
+        template: template_ref(snap),
+        memory: snap.memory_path(),
+        init: InitConfig::default(),
+        disk: "rootfs.qcow2".into(),
+        commit_into: None,
+    }
+}
+
+/// A paused manifest (its files are never read: the scan only sorts directories).
+fn paused_manifest(snap: &Snapshot) -> PausedManifest {
+    let file = |name: &str| FileRecord {
+        file: name.into(),
+        bytes: 0,
+        sha256: String::new(),
+    };
+    PausedManifest {
+        spec: snap.manifest.spec.clone(),
+        template: template_ref(snap),
+        disk: "rootfs.qcow2".into(),
+        state: file("state"),
+        memory_diff: file("memory.diff"),
+        dirty_pages: 0,
+        init: InitConfig::default(),
+        paused_unix: 0,
+        qemu_version: String::new(),
+    }
+}
+
+/// Run only as the child of the test above: restores three VMs from the snapshot, records
+/// them (one running, one as a create that was interrupted, one not at all) and exits without
+/// any cleanup, as a crashed agent would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adoption_child() {
     let Some(args) = std::env::var_os(CHILD_ENV) else {
@@ -568,33 +663,28 @@ async fn adoption_child() {
         .unwrap()
         .expect("the root is free");
     std::mem::forget(lock);
-    // The third VM crashes before its record is written.
-    for (i, (name, state)) in [
-        ("live", Some(VmState::Running)),
-        ("stray", Some(VmState::Starting)),
-        ("unrecorded", None),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    // The third VM's directory has no record at all (made by an older agent, say).
+    for (i, name) in ["live", "stray", "unrecorded"].into_iter().enumerate() {
         let slot = Slot::create(first + i as u32).await.unwrap();
         let dir = root.join(name);
+        let rec = Recorder::new(&dir, Some(meta(&format!("sbx-{name}"))));
+        std::fs::create_dir_all(&dir).unwrap();
+        if name == "stray" {
+            rec.write(Phase::Creating).unwrap();
+        }
         let vm = snap.restore(&dir, Some(slot.attach())).await.unwrap();
-        if state == Some(VmState::Running) {
+        if name == "live" {
             EnvdClient::new(slot.guest_endpoint(ENVD_PORT))
                 .wait_healthy(RESTORE_DEADLINE)
                 .await
                 .unwrap();
+            let running = Phase::Running {
+                vm: VmProcess::of(&vm, Some(slot.index())).unwrap(),
+                running: running_manifest(&snap),
+            };
+            rec.write(running).unwrap();
         }
-        if let Some(state) = state {
-            let mut record =
-                VmRecord::for_process(&dir, vm.pid(), "tpl-small", Some(slot.index()), state)
-                    .unwrap();
-            record.sandbox_id = Some(format!("sbx-{name}"));
-            record.save(&dir).unwrap();
-        } else {
-            println!("UNRECORDED PID {}", vm.pid());
-        }
+        println!("PID {name} {}", vm.pid());
         // A crash: no destructor runs.
         std::mem::forget(vm);
         std::mem::forget(slot);

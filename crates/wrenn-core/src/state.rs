@@ -1,14 +1,17 @@
 //! Sandbox states and the transitions allowed between them.
 //!
-//! The intermediate states (`pausing`, `resuming`) are written to the database before the
-//! agent is asked to act, so another request (or a restarted control plane) sees that an
-//! operation is under way and does not start a second one.
+//! The intermediate states (`creating`, `pausing`, `resuming`) are written to the database
+//! before the agent is asked to act, so another request (or a restarted control plane) sees
+//! that an operation is under way and does not start a second one, and placement counts a
+//! sandbox whose VM is still being made.
 
 use std::fmt;
 
 /// Where a sandbox is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SandboxState {
+    /// Placed on a host whose agent is making the VM; not shown to clients yet.
+    Creating,
     Running,
     Pausing,
     Paused,
@@ -19,6 +22,8 @@ pub enum SandboxState {
 /// What someone asks to happen to a sandbox, or what the agent reports as done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
+    CreateDone,
+    CreateFailed,
     Pause,
     PauseDone,
     PauseFailed,
@@ -49,6 +54,8 @@ impl SandboxState {
         use Action as A;
         use SandboxState as S;
         let next = match (self, action) {
+            (S::Creating, A::CreateDone) => S::Running,
+            (S::Creating, A::CreateFailed) => S::Killed,
             (S::Running, A::Pause) => S::Pausing,
             (S::Pausing, A::PauseDone) => S::Paused,
             (S::Pausing, A::PauseFailed) => S::Running,
@@ -62,12 +69,13 @@ impl SandboxState {
     }
 
     /// The state the API reports. Transitions show the state they started from, so a client
-    /// polling `get_info` never sees a state its SDK cannot parse.
+    /// polling `get_info` never sees a state its SDK cannot parse. A sandbox being created
+    /// has none: until its create answered, nobody has been told it exists.
     pub fn public(self) -> Option<PublicState> {
         match self {
             SandboxState::Running | SandboxState::Pausing => Some(PublicState::Running),
             SandboxState::Paused | SandboxState::Resuming => Some(PublicState::Paused),
-            SandboxState::Killed => None,
+            SandboxState::Creating | SandboxState::Killed => None,
         }
     }
 
@@ -75,13 +83,17 @@ impl SandboxState {
     pub fn occupies_host(self) -> bool {
         matches!(
             self,
-            SandboxState::Running | SandboxState::Pausing | SandboxState::Resuming
+            SandboxState::Creating
+                | SandboxState::Running
+                | SandboxState::Pausing
+                | SandboxState::Resuming
         )
     }
 
     /// The stable name stored in the database.
     pub fn as_str(self) -> &'static str {
         match self {
+            SandboxState::Creating => "creating",
             SandboxState::Running => "running",
             SandboxState::Pausing => "pausing",
             SandboxState::Paused => "paused",
@@ -92,6 +104,7 @@ impl SandboxState {
 
     pub fn parse(s: &str) -> Option<SandboxState> {
         Some(match s {
+            "creating" => SandboxState::Creating,
             "running" => SandboxState::Running,
             "pausing" => SandboxState::Pausing,
             "paused" => SandboxState::Paused,
@@ -129,8 +142,17 @@ impl PublicState {
 mod tests {
     use super::{Action as A, SandboxState as S, *};
 
-    const ALL_STATES: [S; 5] = [S::Running, S::Pausing, S::Paused, S::Resuming, S::Killed];
-    const ALL_ACTIONS: [A; 7] = [
+    const ALL_STATES: [S; 6] = [
+        S::Creating,
+        S::Running,
+        S::Pausing,
+        S::Paused,
+        S::Resuming,
+        S::Killed,
+    ];
+    const ALL_ACTIONS: [A; 9] = [
+        A::CreateDone,
+        A::CreateFailed,
         A::Pause,
         A::PauseDone,
         A::PauseFailed,
@@ -144,6 +166,8 @@ mod tests {
     fn transition_table() {
         // Every (state, action) pair, written out, so a change to the machine shows up here.
         let allowed = [
+            (S::Creating, A::CreateDone, S::Running),
+            (S::Creating, A::CreateFailed, S::Killed),
             (S::Running, A::Pause, S::Pausing),
             (S::Pausing, A::PauseDone, S::Paused),
             (S::Pausing, A::PauseFailed, S::Running),
@@ -174,8 +198,10 @@ mod tests {
         assert_eq!(S::Pausing.public(), Some(PublicState::Running));
         assert_eq!(S::Resuming.public(), Some(PublicState::Paused));
         assert_eq!(S::Killed.public(), None);
+        assert_eq!(S::Creating.public(), None);
         assert_eq!(PublicState::parse("paused"), Some(PublicState::Paused));
         assert_eq!(PublicState::parse("killed"), None);
         assert!(S::Resuming.occupies_host() && !S::Paused.occupies_host());
+        assert!(S::Creating.occupies_host() && !S::Killed.occupies_host());
     }
 }

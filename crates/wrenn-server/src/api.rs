@@ -11,7 +11,7 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderValue, StatusCode};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
@@ -22,6 +22,7 @@ use wrenn_api::{
 };
 use wrenn_core::{PublicState, SandboxState, UnixMillis};
 
+use crate::create::IdempotencyKey;
 use crate::error::ApiError;
 use crate::service::{ControlPlane, decode_cursor};
 use crate::store::{SandboxFilter, TeamRecord, TemplateRecord};
@@ -157,22 +158,40 @@ async fn parse_body<T: DeserializeOwned, S: Send + Sync>(
         .map_err(|e| ApiError::BadRequest(format!("Invalid request body: {e}")))
 }
 
-/// Sandbox create: v2 and v1 answer the same way (201 with a `Sandbox`).
+/// Sandbox create: v2 and v1 answer the same way (201 with a `Sandbox`), a retry with the
+/// same `Idempotency-Key` too (the SDKs accept only 201 from a create).
+/// Runs a lifecycle call to its end even when the client goes away (a request timeout, a
+/// disconnect drops the handler): the agent finishes what it was asked (its operations are
+/// detached too), so the record must follow, and a create is never left `creating`.
+async fn detached<T: Send + 'static>(
+    call: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(call)
+        .await
+        .map_err(|e| ApiError::Internal(format!("the operation's task failed: {e}")))?
+}
+
 async fn create(
     State(cp): Cp,
     AuthTeam(team): AuthTeam,
+    headers: HeaderMap,
     RequiredBody(body): RequiredBody<NewSandbox>,
 ) -> Result<Response, ApiError> {
-    let sbx = cp.create(&team, body).await?;
+    let key = match headers.get(IdempotencyKey::HEADER) {
+        None => None,
+        Some(v) => Some(IdempotencyKey::parse(v.to_str().unwrap_or("\u{fffd}"))?),
+    };
+    let sbx = detached(async move { cp.create(&team, body, key.as_ref()).await }).await?;
     Ok((StatusCode::CREATED, Json(sbx)).into_response())
 }
 
 async fn create_v1(
     cp: Cp,
     team: AuthTeam,
+    headers: HeaderMap,
     body: RequiredBody<NewSandbox>,
 ) -> Result<Response, ApiError> {
-    create(cp, team, body).await
+    create(cp, team, headers, body).await
 }
 
 async fn connect(
@@ -181,7 +200,7 @@ async fn connect(
     Path(id): Path<String>,
     Body(body): Body<ConnectSandbox>,
 ) -> Result<Response, ApiError> {
-    let (sbx, resumed) = cp.connect(&team, &id, body).await?;
+    let (sbx, resumed) = detached(async move { cp.connect(&team, &id, body).await }).await?;
     let status = if resumed {
         StatusCode::CREATED
     } else {
@@ -196,7 +215,7 @@ async fn resume(
     Path(id): Path<String>,
     Body(body): Body<ResumedSandbox>,
 ) -> Result<Response, ApiError> {
-    let sbx = cp.resume(&team, &id, body.timeout).await?;
+    let sbx = detached(async move { cp.resume(&team, &id, body.timeout).await }).await?;
     Ok((StatusCode::CREATED, Json(sbx)).into_response())
 }
 
@@ -205,7 +224,7 @@ async fn kill(
     AuthTeam(team): AuthTeam,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    cp.kill(&team, &id).await?;
+    detached(async move { cp.kill(&team, &id).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -215,7 +234,7 @@ async fn pause(
     Path(id): Path<String>,
     Body(body): Body<PauseSandbox>,
 ) -> Result<StatusCode, ApiError> {
-    cp.pause(&team, &id, body).await?;
+    detached(async move { cp.pause(&team, &id, body).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

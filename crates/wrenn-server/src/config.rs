@@ -25,6 +25,15 @@ pub struct Config {
     pub backstop_grace_secs: i64,
     /// How often the reaper looks for expired sandboxes.
     pub reaper_interval: Duration,
+    /// How often every host's records are reconciled with what its agent holds.
+    pub reconcile_interval: Duration,
+    /// How long a record may stay `creating`, `pausing` or `resuming` before the reconciler
+    /// settles it from what the agent reports. Longer than the slowest agent call (create,
+    /// 120 s), so it never settles a record whose operation is still waiting for its answer.
+    pub settle_grace: Duration,
+    /// How long a create with an idempotency key waits for an earlier create with the same key
+    /// to finish before it answers 409.
+    pub idempotency_wait: Duration,
     /// Envd version reported for sandboxes whose template record has none.
     pub default_envd_version: String,
 }
@@ -40,6 +49,9 @@ impl Config {
             deadline: Deadline::default(),
             backstop_grace_secs: 60,
             reaper_interval: Duration::from_secs(1),
+            reconcile_interval: Duration::from_secs(30),
+            settle_grace: Duration::from_secs(180),
+            idempotency_wait: Duration::from_secs(120),
             default_envd_version: DEFAULT_ENVD_VERSION.to_owned(),
         }
     }

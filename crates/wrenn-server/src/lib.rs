@@ -1,20 +1,24 @@
 //! The Wrenn control plane: the E2B-compatible REST API, the store, placement onto host
-//! agents, sandbox timeouts and the edge proxy.
+//! agents, sandbox timeouts, reconciliation with the agents and the edge proxy.
 
 #![forbid(unsafe_code)]
 
 pub mod agents;
 mod api;
 mod config;
+mod create;
 mod error;
 mod http;
 mod proxy;
 pub mod reaper;
+pub mod reconcile;
 mod service;
 pub mod store;
 pub mod tokens;
 
 pub use config::{Config, DEFAULT_ENVD_VERSION};
+pub use create::{IDEMPOTENCY_TTL, IdempotencyKey};
 pub use error::ApiError;
 pub use http::{HEADER_READ_TIMEOUT, IDLE_TIMEOUT, app, serve, serve_with_idle};
-pub use service::{ControlPlane, Reconciled};
+pub use reconcile::Reconciled;
+pub use service::ControlPlane;

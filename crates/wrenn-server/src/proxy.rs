@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderName, HeaderValue, StatusCode, header};
 use wrenn_http::forward::{self, ForwardError, HttpClient};
 
+use crate::error::Chain;
 use crate::service::ControlPlane;
 
 /// envd's port, used when a request names a sandbox but no port.
@@ -110,7 +111,7 @@ impl Proxy {
             Ok(Some(x)) => x,
             Ok(None) => return not_found(&id),
             Err(e) => {
-                tracing::error!(sandbox_id = %id, error = %e, "proxy lookup failed");
+                tracing::error!(sandbox_id = %id, error = %Chain(&e), "proxy lookup failed");
                 return bad_gateway(
                     &id,
                     "Internal error while looking up the sandbox".to_owned(),
@@ -141,7 +142,7 @@ impl Proxy {
                 bad_gateway(id, "Upgrade is not possible on this connection".to_owned())
             }
             Err(e) => {
-                tracing::warn!(sandbox_id = %id, error = %e, "host proxy unreachable");
+                tracing::warn!(sandbox_id = %id, error = %Chain(&e), "host proxy unreachable");
                 bad_gateway(id, format!("The host of sandbox {id} is unreachable"))
             }
         }
@@ -180,7 +181,7 @@ async fn signed_sandbox(
     {
         Ok(found) => Ok(found.map(|s| s.id.to_string())),
         Err(e) => {
-            tracing::error!(error = %e, "signed URL lookup failed");
+            tracing::error!(error = %Chain(&e), "signed URL lookup failed");
             Err(bad_gateway(
                 "",
                 "Internal error while looking up the sandbox".to_owned(),

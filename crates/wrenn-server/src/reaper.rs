@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::error::Chain;
 use crate::service::ControlPlane;
 
 /// Starts the reaper; it stops when `shutdown` is cancelled.
@@ -20,7 +21,7 @@ pub fn spawn(cp: Arc<ControlPlane>, shutdown: CancellationToken) -> tokio::task:
             // A pause can take seconds; shutdown waits for the current sandbox, not the batch.
             tokio::select! {
                 res = cp.expire() => if let Err(e) = res {
-                    tracing::error!(error = %e, "reaper could not read expired sandboxes");
+                    tracing::error!(error = %Chain(&e), "reaper could not read expired sandboxes");
                 },
                 _ = shutdown.cancelled() => break,
             }

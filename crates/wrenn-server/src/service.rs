@@ -1,10 +1,14 @@
 //! The control plane's operations on sandboxes, teams, hosts and snapshots: what the REST
-//! handlers, the reaper and the edge proxy call.
+//! handlers, the reaper and the edge proxy call. Creates (placement, idempotency keys) are in
+//! `create`, reconciliation with the agents in `reconcile`.
 //!
 //! Operations on one sandbox are serialized by a per-sandbox lock inside this process, and
 //! their state changes are compare-and-set in the store, so they are also safe between
 //! replicas. The agent is asked to act only after the record says an operation is under way
-//! (`pausing`, `resuming`), and the record is moved on only after the agent answered.
+//! (`creating`, `pausing`, `resuming`), and the record is moved on only after the agent
+//! answered.
+//!
+//! Each sandbox operation runs in a span named after it with the field `sandbox_id`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -13,35 +17,20 @@ use base64::Engine as _;
 use time::OffsetDateTime;
 use wrenn_agent_proto::v1 as agent;
 use wrenn_api::{
-    ConnectSandbox, CreatedApiKey, Lifecycle, ListedSandbox, NewSandbox, NewSnapshot, PauseSandbox,
-    Sandbox, SandboxDetail, SandboxLog, SandboxLogEntry, SandboxLogs, SandboxMetric, SnapshotInfo,
-    Team,
+    ConnectSandbox, CreatedApiKey, Lifecycle, ListedSandbox, NewSnapshot, PauseSandbox, Sandbox,
+    SandboxDetail, SandboxLog, SandboxLogEntry, SandboxLogs, SandboxMetric, SnapshotInfo, Team,
 };
 use wrenn_connect::{Code, ConnectError};
-use wrenn_core::{
-    HostCapacity, HostId, PlacementRequest, SandboxId, SandboxState, TeamId, TemplateId,
-    UnixMillis, backstop, pick_host,
-};
+use wrenn_core::{HostId, SandboxId, SandboxState, TeamId, TemplateId, UnixMillis, backstop};
 
 use crate::agents::{AgentClient, AgentConnector, Agents};
 use crate::config::Config;
-use crate::error::ApiError;
+use crate::error::{ApiError, Chain};
 use crate::store::{
     Cursor, HostRecord, SandboxFilter, SandboxRecord, SnapshotRecord, Store, StoreError,
     TeamRecord, TemplateRecord,
 };
 use crate::tokens;
-
-/// What [`ControlPlane::reconcile_host`] changed.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Reconciled {
-    /// Records whose state was corrected (running or paused).
-    pub changed: Vec<String>,
-    /// Records of sandboxes the host no longer has, now killed.
-    pub lost: Vec<String>,
-    /// Sandboxes on the host without a live record, killed there.
-    pub orphans: Vec<String>,
-}
 
 /// The control plane's shared state.
 pub struct ControlPlane {
@@ -50,6 +39,8 @@ pub struct ControlPlane {
     agents: Agents,
     locks: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
 }
+
+type SandboxLock = Arc<tokio::sync::Mutex<()>>;
 
 /// The current time.
 pub(crate) fn now() -> UnixMillis {
@@ -109,20 +100,27 @@ impl ControlPlane {
         &self.config
     }
 
-    async fn lock(&self, id: &SandboxId) -> tokio::sync::OwnedMutexGuard<()> {
-        let m = {
-            let mut locks = self.locks.lock().expect("locks");
-            locks.retain(|_, w| w.strong_count() > 0);
-            match locks.get(id.as_str()).and_then(Weak::upgrade) {
-                Some(m) => m,
-                None => {
-                    let m = Arc::new(tokio::sync::Mutex::new(()));
-                    locks.insert(id.as_str().to_owned(), Arc::downgrade(&m));
-                    m
-                }
+    fn lock_of(&self, id: &SandboxId) -> SandboxLock {
+        let mut locks = self.locks.lock().expect("locks");
+        locks.retain(|_, w| w.strong_count() > 0);
+        match locks.get(id.as_str()).and_then(Weak::upgrade) {
+            Some(m) => m,
+            None => {
+                let m = Arc::new(tokio::sync::Mutex::new(()));
+                locks.insert(id.as_str().to_owned(), Arc::downgrade(&m));
+                m
             }
-        };
-        m.lock_owned().await
+        }
+    }
+
+    /// The sandbox's operation lock in this process, once every earlier operation finished.
+    pub(crate) async fn lock(&self, id: &SandboxId) -> tokio::sync::OwnedMutexGuard<()> {
+        self.lock_of(id).lock_owned().await
+    }
+
+    /// The sandbox's operation lock if no operation holds it now.
+    pub(crate) fn try_lock(&self, id: &SandboxId) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        self.lock_of(id).try_lock_owned().ok()
     }
 
     pub(crate) fn access_token(&self, id: &str) -> String {
@@ -243,13 +241,13 @@ impl ControlPlane {
         Ok(host)
     }
 
-    fn client_for(&self, host: &HostRecord) -> Result<Arc<dyn AgentClient>, ApiError> {
+    pub(crate) fn client_for(&self, host: &HostRecord) -> Result<Arc<dyn AgentClient>, ApiError> {
         self.agents
             .client(host)
             .map_err(|e| ApiError::agent(format!("connect to host {}", host.id), e))
     }
 
-    async fn host_of(
+    pub(crate) async fn host_of(
         &self,
         rec: &SandboxRecord,
     ) -> Result<(HostRecord, Arc<dyn AgentClient>), ApiError> {
@@ -269,49 +267,26 @@ impl ControlPlane {
         Ok((host, client))
     }
 
-    /// The most-free registered host that fits the request.
-    async fn place(&self, vcpus: u32, memory_mb: u64) -> Result<HostRecord, ApiError> {
-        let hosts = self.store.list_hosts().await?;
-        let usage = self.store.host_usage().await?;
-        let caps: Vec<HostCapacity> = hosts
-            .iter()
-            .map(|h| {
-                let u = usage.get(h.id.as_str()).copied().unwrap_or_default();
-                HostCapacity {
-                    id: h.id.clone(),
-                    vcpus_total: h.vcpus,
-                    vcpus_used: u.vcpus,
-                    memory_mb_total: h.memory_mb,
-                    memory_mb_used: u.memory_mb,
-                    sandboxes: u.sandboxes,
-                    max_sandboxes: h.max_sandboxes,
-                    schedulable: h.schedulable,
-                }
-            })
-            .collect();
-        let chosen = pick_host(&caps, PlacementRequest { vcpus, memory_mb }).ok_or_else(|| {
-            ApiError::NoCapacity(
-                "No host has capacity for a new sandbox, try again later".to_owned(),
-            )
-        })?;
-        Ok(hosts
-            .into_iter()
-            .find(|h| h.id == chosen.id)
-            .expect("picked from this list"))
-    }
-
     // Sandboxes.
 
-    /// A live (not killed) sandbox of this team.
+    /// A live sandbox of this team. One still `creating` is not found: E2B creates are
+    /// synchronous, so nobody has been told its ID yet (the create answers once it runs), and
+    /// the SDKs treat 404 as "no such sandbox", which is the truth for a create that may still
+    /// fail. Answering "running" would send a client to an envd that does not exist yet.
     async fn team_sandbox(&self, team: &TeamId, id: &str) -> Result<SandboxRecord, ApiError> {
         let sid = SandboxId::parse(id).map_err(|_| ApiError::sandbox_not_found(id))?;
         match self.store.get_sandbox(sid.as_str()).await? {
-            Some(s) if s.team_id == *team && s.state != SandboxState::Killed => Ok(s),
+            Some(s)
+                if s.team_id == *team
+                    && !matches!(s.state, SandboxState::Killed | SandboxState::Creating) =>
+            {
+                Ok(s)
+            }
             _ => Err(ApiError::sandbox_not_found(id)),
         }
     }
 
-    fn sandbox_response(&self, rec: &SandboxRecord) -> Sandbox {
+    pub(crate) fn sandbox_response(&self, rec: &SandboxRecord) -> Sandbox {
         Sandbox {
             template_id: rec.template_id.clone(),
             sandbox_id: rec.id.to_string(),
@@ -324,80 +299,8 @@ impl ControlPlane {
         }
     }
 
-    pub async fn create(&self, team: &TeamRecord, body: NewSandbox) -> Result<Sandbox, ApiError> {
-        TemplateId::parse(&body.template_id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let now = now();
-        let end = self
-            .config
-            .deadline
-            .end_at(now, body.timeout)
-            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let tpl = self
-            .store
-            .get_template(&body.template_id, &team.id)
-            .await?
-            .ok_or_else(|| {
-                ApiError::NotFound(format!("Template \"{}\" not found", body.template_id))
-            })?;
-        let host = self.place(tpl.vcpus, tpl.memory_mb).await?;
-        let client = self.client_for(&host)?;
-        let rec = SandboxRecord {
-            id: SandboxId::from_random(rand::random()),
-            team_id: team.id.clone(),
-            template_id: tpl.id.clone(),
-            state: SandboxState::Running,
-            host_id: Some(host.id.clone()),
-            vcpus: tpl.vcpus,
-            memory_mb: tpl.memory_mb,
-            disk_size_mb: tpl.disk_size_mb,
-            envd_version: if tpl.envd_version.is_empty() {
-                self.config.default_envd_version.clone()
-            } else {
-                tpl.envd_version.clone()
-            },
-            metadata: body.metadata.unwrap_or_default().into_iter().collect(),
-            env_vars: body.env_vars.unwrap_or_default().into_iter().collect(),
-            started_at: now,
-            end_at: end,
-            auto_pause: body.auto_pause.unwrap_or(false),
-            allow_internet_access: body.allow_internet_access,
-        };
-        let spec = agent::SandboxSpec {
-            sandbox_id: rec.id.to_string(),
-            template_id: rec.template_id.clone(),
-            vcpus: rec.vcpus,
-            memory_mb: rec.memory_mb,
-            disk_size_mb: rec.disk_size_mb,
-            env_vars: rec.env_vars.clone().into_iter().collect(),
-            metadata: rec.metadata.clone().into_iter().collect(),
-            envd_access_token: self.access_token(rec.id.as_str()),
-            start_unix_ms: now.0,
-            end_unix_ms: end.0,
-            backstop_unix_ms: backstop(end, self.config.backstop_grace_secs).0,
-            auto_pause: rec.auto_pause,
-            allow_internet_access: rec.allow_internet_access.unwrap_or(true),
-            team_id: team.id.to_string(),
-        };
-        client
-            .create(agent::CreateRequest {
-                sandbox: Some(spec),
-            })
-            .await
-            .map_err(|e| ApiError::agent("create sandbox", e))?;
-        if let Err(e) = self.store.insert_sandbox(&rec, now).await {
-            // Without a record nobody would ever stop this VM.
-            let _ = client
-                .kill(agent::KillRequest {
-                    sandbox_id: rec.id.to_string(),
-                })
-                .await;
-            return Err(e.into());
-        }
-        tracing::info!(sandbox_id = %rec.id, host_id = %host.id, template = %rec.template_id, "sandbox created");
-        Ok(self.sandbox_response(&rec))
-    }
-
     /// `connect`: extends a running sandbox (`false`) or resumes a paused one (`true`).
+    #[tracing::instrument(name = "connect", skip_all, fields(sandbox_id = %id))]
     pub async fn connect(
         &self,
         team: &TeamRecord,
@@ -425,6 +328,7 @@ impl ControlPlane {
     }
 
     /// `POST /sandboxes/{id}/resume`: only for paused sandboxes.
+    #[tracing::instrument(name = "resume", skip_all, fields(sandbox_id = %id))]
     pub async fn resume(
         &self,
         team: &TeamRecord,
@@ -515,6 +419,7 @@ impl ControlPlane {
         Ok(())
     }
 
+    #[tracing::instrument(name = "set_timeout", skip_all, fields(sandbox_id = %id))]
     pub async fn set_timeout(
         &self,
         team: &TeamRecord,
@@ -529,6 +434,7 @@ impl ControlPlane {
         self.update_end(team, id, |_| Ok(end)).await
     }
 
+    #[tracing::instrument(name = "refresh", skip_all, fields(sandbox_id = %id))]
     pub async fn refresh(
         &self,
         team: &TeamRecord,
@@ -566,6 +472,7 @@ impl ControlPlane {
         self.move_end(&rec, end).await
     }
 
+    #[tracing::instrument(name = "kill", skip_all, fields(sandbox_id = %id))]
     pub async fn kill(&self, team: &TeamRecord, id: &str) -> Result<(), ApiError> {
         let rec = self.team_sandbox(&team.id, id).await?;
         let _guard = self.lock(&rec.id).await;
@@ -608,6 +515,7 @@ impl ControlPlane {
         Ok(())
     }
 
+    #[tracing::instrument(name = "pause", skip_all, fields(sandbox_id = %id))]
     pub async fn pause(
         &self,
         team: &TeamRecord,
@@ -820,6 +728,7 @@ impl ControlPlane {
     }
 
     /// Snapshots a running sandbox into a new team template.
+    #[tracing::instrument(name = "snapshot", skip_all, fields(sandbox_id = %id))]
     pub async fn snapshot(
         &self,
         team: &TeamRecord,
@@ -903,63 +812,6 @@ impl ControlPlane {
         Ok((page.iter().map(snapshot_info).collect(), next))
     }
 
-    /// Brings our records of `host` in line with what its agent holds (after either of them
-    /// restarted): a sandbox the agent runs or keeps paused takes that state; one the agent
-    /// does not know is killed (its VM is gone); one the agent holds that we do not know (or
-    /// think killed) is killed on the agent.
-    pub async fn reconcile_host(&self, host_id: &str) -> Result<Reconciled, ApiError> {
-        let hid = HostId::parse(host_id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let host = self
-            .store
-            .get_host(&hid)
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("Host \"{host_id}\" not found")))?;
-        let client = self.client_for(&host)?;
-        let listed = client
-            .list(agent::ListRequest {})
-            .await
-            .map_err(|e| ApiError::agent(format!("list sandboxes of host {hid}"), e))?;
-        let mut on_agent: HashMap<String, agent::SandboxState> = listed
-            .sandboxes
-            .iter()
-            .map(|s| {
-                let st = agent::SandboxState::try_from(s.state)
-                    .unwrap_or(agent::SandboxState::Unspecified);
-                (s.sandbox_id.clone(), st)
-            })
-            .collect();
-        let mut done = Reconciled::default();
-        for rec in self.store.live_on_host(&hid).await? {
-            let _guard = self.lock(&rec.id).await;
-            let want = match on_agent.remove(rec.id.as_str()) {
-                Some(agent::SandboxState::Paused) => SandboxState::Paused,
-                Some(_) => SandboxState::Running,
-                None => SandboxState::Killed,
-            };
-            if rec.state != want {
-                self.store.set_state(&rec.id, want, now()).await?;
-                tracing::info!(sandbox_id = %rec.id, from = ?rec.state, to = ?want, "reconciled");
-                match want {
-                    SandboxState::Killed => done.lost.push(rec.id.to_string()),
-                    _ => done.changed.push(rec.id.to_string()),
-                }
-            }
-        }
-        for id in on_agent.into_keys() {
-            tracing::warn!(sandbox_id = %id, host = %hid, "unknown sandbox on the host; killing it");
-            if let Err(e) = client
-                .kill(agent::KillRequest {
-                    sandbox_id: id.clone(),
-                })
-                .await
-            {
-                tracing::warn!(sandbox_id = %id, error = %e.message, "kill unknown sandbox");
-            }
-            done.orphans.push(id);
-        }
-        Ok(done)
-    }
-
     // Reaper and proxy support.
 
     /// Kills, or pauses when created with auto-pause, every running sandbox whose end has
@@ -968,30 +820,38 @@ impl ControlPlane {
         let expired = self.store.expired(now(), 100).await?;
         let mut handled = 0;
         for rec in expired {
-            let _guard = self.lock(&rec.id).await;
-            // Someone may have extended, paused or killed it meanwhile.
-            let Some(rec) = self.store.get_sandbox(rec.id.as_str()).await? else {
-                continue;
-            };
-            if rec.state != SandboxState::Running || rec.end_at > now() {
-                continue;
-            }
-            let res = if rec.auto_pause {
-                self.pause_locked(&rec, true).await
-            } else {
-                self.kill_locked(&rec).await
-            };
-            match res {
-                Ok(()) => {
-                    handled += 1;
-                    tracing::info!(sandbox_id = %rec.id, paused = rec.auto_pause, "sandbox timed out");
-                }
-                Err(e) => {
-                    tracing::warn!(sandbox_id = %rec.id, error = %e, "could not stop a timed-out sandbox")
-                }
+            if self.expire_one(&rec.id).await? {
+                handled += 1;
             }
         }
         Ok(handled)
+    }
+
+    #[tracing::instrument(name = "expire", skip_all, fields(sandbox_id = %id))]
+    async fn expire_one(&self, id: &SandboxId) -> Result<bool, StoreError> {
+        let _guard = self.lock(id).await;
+        // Someone may have extended, paused or killed it meanwhile.
+        let Some(rec) = self.store.get_sandbox(id.as_str()).await? else {
+            return Ok(false);
+        };
+        if rec.state != SandboxState::Running || rec.end_at > now() {
+            return Ok(false);
+        }
+        let res = if rec.auto_pause {
+            self.pause_locked(&rec, true).await
+        } else {
+            self.kill_locked(&rec).await
+        };
+        match res {
+            Ok(()) => {
+                tracing::info!(sandbox_id = %rec.id, paused = rec.auto_pause, "sandbox timed out");
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::warn!(sandbox_id = %rec.id, error = %Chain(&e), "could not stop a timed-out sandbox");
+                Ok(false)
+            }
+        }
     }
 
     /// Where the edge proxy sends traffic for this sandbox: its record and host, if running.

@@ -2,7 +2,10 @@
 //!
 //! What is durable (here): teams, API-key hashes, templates (with the envd version each
 //! carries), registered hosts, every sandbox record (state, host, timeout, metadata, env vars,
-//! killed ones included as history) and snapshots. A control plane can restart, or several can
+//! killed ones included as history), snapshots, and the idempotency keys of creates (24 hours).
+//! A sandbox's record is written, `creating` and with its host, before its agent is asked for
+//! the VM; a create that fails removes it again, so a record never outlives a VM that was never
+//! made. A control plane can restart, or several can
 //! run against one PostgreSQL database, without losing a sandbox.
 //!
 //! What is not stored and is rebuilt: envd access tokens (derived from the sandbox ID with the
@@ -12,7 +15,8 @@
 //!
 //! Hot queries: the sandbox by ID (every API call and every proxied request), the expired
 //! running sandboxes (the reaper, every tick: index `sandboxes_state_end`), a team's list
-//! (index `sandboxes_team_state`) and per-host usage (placement).
+//! (index `sandboxes_team_state`) and per-host usage (placement, also inside the conditional
+//! insert of every create).
 //!
 //! One implementation serves both databases through sqlx's `Any` driver: the queries are the
 //! same text, with `$N` placeholders (which SQLite accepts too), and the schema uses only TEXT
@@ -20,13 +24,20 @@
 //! native timestamp/JSON/bool columns; the gain is one set of queries and migrations, tested on
 //! both backends, instead of two implementations that drift apart.
 //! State changes are compare-and-set (`UPDATE ... WHERE state = $from`), so two control planes
-//! (or two requests) cannot both start a pause of one sandbox.
+//! (or two requests) cannot both start a pause of one sandbox. A create's record goes in only if
+//! its host still has room counting every record that holds or is getting a VM there (one
+//! statement; on PostgreSQL under a lock of the host's row), so concurrent creates cannot
+//! overbook a host.
 
 use std::collections::BTreeMap;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
 use wrenn_core::{HostId, SandboxId, SandboxState, TeamId, UnixMillis};
+
+mod idempotency;
+
+pub use idempotency::{IdempotencyClaim, IdempotencyRecord};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -108,6 +119,9 @@ pub struct SandboxRecord {
     pub end_at: UnixMillis,
     pub auto_pause: bool,
     pub allow_internet_access: Option<bool>,
+    /// When the record last changed (state or end); for a record in a transition, since when
+    /// it has been in it.
+    pub updated_at: UnixMillis,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,7 +165,11 @@ pub struct SandboxFilter {
 
 const SANDBOX_COLUMNS: &str = "id, team_id, template_id, state, host_id, vcpus, memory_mb, \
     disk_size_mb, envd_version, metadata, env_vars, started_at, end_at, auto_pause, \
-    allow_internet_access";
+    allow_internet_access, updated_at";
+
+/// The states whose sandboxes hold (or are getting) a VM on their host, as SQL; the same set as
+/// `SandboxState::occupies_host`.
+const OCCUPYING: &str = "('creating', 'running', 'pausing', 'resuming')";
 
 impl Store {
     /// Connects and runs the embedded migrations. `url` is `postgres://...`,
@@ -348,12 +366,12 @@ impl Store {
 
     /// What each host has handed out to sandboxes that hold a VM.
     pub async fn host_usage(&self) -> Result<BTreeMap<String, HostUsage>> {
-        let rows = sqlx::query(
+        let rows = sqlx::query(&format!(
             "SELECT host_id, CAST(COALESCE(SUM(vcpus), 0) AS BIGINT) AS vcpus, \
              CAST(COALESCE(SUM(memory_mb), 0) AS BIGINT) AS memory_mb, \
-             COUNT(*) AS n FROM sandboxes WHERE host_id IS NOT NULL AND state IN ('running', 'pausing', 'resuming') \
-             GROUP BY host_id",
-        )
+             COUNT(*) AS n FROM sandboxes WHERE host_id IS NOT NULL AND state IN {OCCUPYING} \
+             GROUP BY host_id"
+        ))
         .fetch_all(&self.pool)
         .await?;
         let mut out = BTreeMap::new();
@@ -375,31 +393,92 @@ impl Store {
 
     // Sandboxes.
 
-    pub async fn insert_sandbox(&self, s: &SandboxRecord, now: UnixMillis) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO sandboxes (id, team_id, template_id, state, host_id, vcpus, memory_mb, disk_size_mb, \
-             envd_version, metadata, env_vars, started_at, end_at, auto_pause, allow_internet_access, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+    /// Inserts a record as it is, wherever it says it is (imports and tests; creates go through
+    /// [`Store::insert_placed`]).
+    pub async fn insert_sandbox(&self, s: &SandboxRecord) -> Result<()> {
+        bind_sandbox(
+            sqlx::query(&format!(
+                "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+            )),
+            s,
         )
-        .bind(s.id.as_str())
-        .bind(s.team_id.as_str())
-        .bind(&s.template_id)
-        .bind(s.state.as_str())
-        .bind(s.host_id.as_ref().map(|h| h.as_str().to_owned()))
-        .bind(i64::from(s.vcpus))
-        .bind(to_i64(s.memory_mb))
-        .bind(to_i64(s.disk_size_mb))
-        .bind(&s.envd_version)
-        .bind(to_json(&s.metadata))
-        .bind(to_json(&s.env_vars))
-        .bind(s.started_at.0)
-        .bind(s.end_at.0)
-        .bind(i64::from(s.auto_pause))
-        .bind(s.allow_internet_access.map(i64::from))
-        .bind(now.0)
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Inserts the record of a sandbox placed on `s.host_id` if that host still takes it: it is
+    /// schedulable, and its sandboxes, vCPUs and memory, counting every record that holds or is
+    /// getting a VM there, leave room (the rule `wrenn_core::pick_host` applies). `false`:
+    /// another create took the room first.
+    ///
+    /// The check and the insert are one statement. SQLite runs writing statements one at a time,
+    /// so that alone is atomic; PostgreSQL's READ COMMITTED lets two such statements miss each
+    /// other's rows, so there the host's row is locked first (`FOR UPDATE`, until commit), and
+    /// the statement, run after the lock is granted, sees every create committed before.
+    pub async fn insert_placed(&self, s: &SandboxRecord) -> Result<bool> {
+        let sql = format!(
+            "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16 \
+             FROM hosts h WHERE h.id = $5 AND h.schedulable <> 0 \
+             AND (h.max_sandboxes = 0 OR h.max_sandboxes > \
+                  (SELECT COUNT(*) FROM sandboxes o WHERE o.host_id = h.id AND o.state IN {OCCUPYING})) \
+             AND h.vcpus >= $6 + \
+                  (SELECT COALESCE(SUM(o.vcpus), 0) FROM sandboxes o WHERE o.host_id = h.id AND o.state IN {OCCUPYING}) \
+             AND h.memory_mb >= $7 + \
+                  (SELECT COALESCE(SUM(o.memory_mb), 0) FROM sandboxes o WHERE o.host_id = h.id AND o.state IN {OCCUPYING})"
+        );
+        let Some(host) = &s.host_id else {
+            return Ok(false);
+        };
+        let done = match self.backend {
+            Backend::Sqlite => bind_sandbox(sqlx::query(&sql), s)
+                .execute(&self.pool)
+                .await?
+                .rows_affected(),
+            Backend::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query("SELECT id FROM hosts WHERE id = $1 FOR UPDATE")
+                    .bind(host.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let n = bind_sandbox(sqlx::query(&sql), s)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                tx.commit().await?;
+                n
+            }
+        };
+        Ok(done == 1)
+    }
+
+    /// Removes the record of a create that did not happen (only while it is `creating`), with
+    /// the idempotency keys that name it, so a retry with the same key creates afresh.
+    pub async fn delete_creating(&self, id: &SandboxId) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query("DELETE FROM sandboxes WHERE id = $1 AND state = 'creating'")
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 1 {
+            sqlx::query("DELETE FROM idempotency_keys WHERE sandbox_id = $1")
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// How many sandboxes are not killed (`wrenn up` refuses to make a new server secret over
+    /// them: their envd tokens derive from the old one).
+    pub async fn live_sandbox_count(&self) -> Result<u64> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM sandboxes WHERE state <> 'killed'")
+            .fetch_one(&self.pool)
+            .await?;
+        u64_col(&row, "n")
     }
 
     /// A sandbox of any team (for the proxy and the reaper); killed ones too.
@@ -487,7 +566,7 @@ impl Store {
         rows.iter().map(sandbox_from_row).collect()
     }
 
-    /// The sandboxes a host holds by our records (everything but killed).
+    /// The sandboxes a host holds or is getting by our records (everything but killed).
     pub async fn live_on_host(&self, host: &HostId) -> Result<Vec<SandboxRecord>> {
         let rows = sqlx::query(&format!(
             "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE host_id = $1 AND state <> 'killed'"
@@ -496,17 +575,6 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(sandbox_from_row).collect()
-    }
-
-    /// Sets a sandbox's state whatever it was (reconciliation with what an agent reports).
-    pub async fn set_state(&self, id: &SandboxId, to: SandboxState, now: UnixMillis) -> Result<()> {
-        sqlx::query("UPDATE sandboxes SET state = $1, updated_at = $2 WHERE id = $3")
-            .bind(to.as_str())
-            .bind(now.0)
-            .bind(id.as_str())
-            .execute(&self.pool)
-            .await?;
-        Ok(())
     }
 
     /// Every running sandbox (the proxy's search for the owner of a signed URL).
@@ -652,6 +720,28 @@ fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+/// Binds `s` as `$1..$16` in the order of [`SANDBOX_COLUMNS`].
+fn bind_sandbox<'q>(q: AnyQuery<'q>, s: &'q SandboxRecord) -> AnyQuery<'q> {
+    q.bind(s.id.as_str())
+        .bind(s.team_id.as_str())
+        .bind(&s.template_id)
+        .bind(s.state.as_str())
+        .bind(s.host_id.as_ref().map(|h| h.as_str().to_owned()))
+        .bind(i64::from(s.vcpus))
+        .bind(to_i64(s.memory_mb))
+        .bind(to_i64(s.disk_size_mb))
+        .bind(&s.envd_version)
+        .bind(to_json(&s.metadata))
+        .bind(to_json(&s.env_vars))
+        .bind(s.started_at.0)
+        .bind(s.end_at.0)
+        .bind(i64::from(s.auto_pause))
+        .bind(s.allow_internet_access.map(i64::from))
+        .bind(s.updated_at.0)
+}
+
 fn to_json(m: &BTreeMap<String, String>) -> String {
     serde_json::to_string(m).expect("a string map always serializes")
 }
@@ -736,6 +826,7 @@ fn sandbox_from_row(r: &AnyRow) -> Result<SandboxRecord> {
         allow_internet_access: r
             .try_get::<Option<i64>, _>("allow_internet_access")?
             .map(|v| v != 0),
+        updated_at: UnixMillis(r.try_get("updated_at")?),
         id: parse_id("sandboxes", &id, &id, SandboxId::parse)?,
     })
 }

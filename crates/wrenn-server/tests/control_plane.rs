@@ -570,6 +570,7 @@ async fn restart_keeps_records_and_paused_sandboxes_resume() {
         team: String::new(),
         http,
         dir,
+        pg: None,
     };
     let (st, info) = json(s.req(Method::GET, &format!("/sandboxes/{run}"))).await;
     assert_eq!((st, info["metadata"]["a"].as_str()), (200, Some("b")));

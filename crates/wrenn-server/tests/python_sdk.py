@@ -5,10 +5,12 @@ are out of scope here (the host agent is a test double); signed URLs are checked
 edge proxy, whose test-double agent proxy echoes the routed sandbox ID.
 """
 import json
+import os
 import urllib.request
+import uuid
 
 from e2b import Sandbox, SandboxQuery, SandboxState
-from e2b.exceptions import NotFoundException
+from e2b.exceptions import InvalidArgumentException, NotFoundException
 
 sbx = Sandbox.create(timeout=120, metadata={"suite": "py"}, envs={"A": "1"})
 other = Sandbox.create(metadata={"suite": "py", "n": "2"})
@@ -56,4 +58,32 @@ try:
 except NotFoundException:
     pass
 other.kill()
+
+# Idempotency-Key: the same key returns the same sandbox, another key another one.
+key = str(uuid.uuid4())
+first = Sandbox.create(idempotency_key=key, metadata={"suite": "idem"})
+again = Sandbox.create(idempotency_key=key, metadata={"suite": "idem"})
+assert again.sandbox_id == first.sandbox_id, (first.sandbox_id, again.sandbox_id)
+# A plain-HTTP retry of the same request (no `envVars: {}` as the SDK sends) is the same one.
+retry = urllib.request.Request(
+    os.environ["E2B_API_URL"] + "/v2/sandboxes",
+    data=json.dumps({"templateID": "base", "metadata": {"suite": "idem"}}).encode(),
+    method="POST",
+    headers={"X-API-KEY": os.environ["E2B_API_KEY"], "Idempotency-Key": key,
+             "Content-Type": "application/json"},
+)
+with urllib.request.urlopen(retry) as r:
+    assert r.status == 201, r.status
+    assert json.load(r)["sandboxID"] == first.sandbox_id
+fresh = Sandbox.create(idempotency_key=str(uuid.uuid4()), metadata={"suite": "idem"})
+assert fresh.sandbox_id != first.sandbox_id
+ids = sorted(s.sandbox_id for s in Sandbox.list(query=SandboxQuery(metadata={"suite": "idem"})).next_items())
+assert ids == sorted([first.sandbox_id, fresh.sandbox_id]), ids
+try:
+    Sandbox.create(idempotency_key="Not_Valid")
+    raise AssertionError("the SDK checks keys itself")
+except InvalidArgumentException:
+    pass
+first.kill()
+fresh.kill()
 print("python sdk: ok")

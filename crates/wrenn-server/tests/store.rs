@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use wrenn_core::{HostId, SandboxId, SandboxState, TeamId, UnixMillis};
 use wrenn_server::store::{
-    Cursor, HostRecord, SandboxFilter, SandboxRecord, SnapshotRecord, Store, TeamRecord,
-    TemplateRecord,
+    Cursor, HostRecord, IdempotencyClaim, SandboxFilter, SandboxRecord, SnapshotRecord, Store,
+    TeamRecord, TemplateRecord,
 };
 
 fn rand_suffix() -> String {
@@ -35,6 +35,7 @@ fn sandbox(id: &str, team: &TeamId, started: i64, meta: &[(&str, &str)]) -> Sand
         end_at: UnixMillis(started + 1000),
         auto_pause: false,
         allow_internet_access: None,
+        updated_at: UnixMillis(1_000),
     }
 }
 
@@ -149,7 +150,7 @@ async fn exercise(store: Store) {
         };
         let mut s = sandbox(id, &team, 10 * (i as i64 + 1), meta);
         s.host_id = Some(host.id.clone());
-        store.insert_sandbox(&s, now).await.unwrap();
+        store.insert_sandbox(&s).await.unwrap();
     }
     let got = store.get_sandbox(&ids[0]).await.unwrap().unwrap();
     assert_eq!(got, {
@@ -161,6 +162,31 @@ async fn exercise(store: Store) {
     assert_eq!(usage[host.id.as_str()].vcpus, 10);
     assert_eq!(usage[host.id.as_str()].memory_mb, 2560);
     assert_eq!(usage[host.id.as_str()].sandboxes, 5);
+
+    // A placed insert goes in only while the host has room (16 vCPUs, 10 used), counting
+    // records still `creating`.
+    let placed = |n: u32| {
+        let mut s = sandbox(&format!("p{n}{sfx}"), &team, 60, &[]);
+        s.host_id = Some(host.id.clone());
+        s.state = SandboxState::Creating;
+        s.vcpus = 3;
+        s
+    };
+    assert!(store.insert_placed(&placed(1)).await.unwrap());
+    assert!(store.insert_placed(&placed(2)).await.unwrap());
+    assert!(
+        !store.insert_placed(&placed(3)).await.unwrap(),
+        "16 vCPUs: 10 + 3 + 3 used"
+    );
+    assert_eq!(store.get_sandbox(&format!("p3{sfx}")).await.unwrap(), None);
+    assert_eq!(
+        store.host_usage().await.unwrap()[host.id.as_str()].vcpus,
+        16
+    );
+    for n in [1, 2] {
+        let id = SandboxId::parse(&format!("p{n}{sfx}")).unwrap();
+        assert!(store.delete_creating(&id).await.unwrap());
+    }
 
     // State changes are compare-and-set.
     let a = SandboxId::parse(&ids[0]).unwrap();
@@ -329,6 +355,94 @@ async fn exercise(store: Store) {
         .await
         .unwrap();
     assert_eq!(page.len(), 1);
+
+    idempotency_keys(&store, &team, &host, &sfx).await;
+}
+
+/// Keys are per team, taken once, expire, are given up by a failed create, and go with the
+/// record of a create that never happened.
+async fn idempotency_keys(store: &Store, team: &TeamId, host: &HostRecord, sfx: &str) {
+    let other = TeamId::parse(&format!("other-{sfx}")).unwrap();
+    store
+        .insert_team(
+            &TeamRecord {
+                id: other.clone(),
+                name: "o".into(),
+            },
+            UnixMillis(0),
+        )
+        .await
+        .unwrap();
+    let (a, b) = (
+        SandboxId::from_random(rand::random()),
+        SandboxId::from_random(rand::random()),
+    );
+    let claim = |team: &TeamId, id: &SandboxId, now: i64| {
+        let (team, id) = (team.clone(), id.clone());
+        async move {
+            store
+                .claim_idempotency_key(
+                    &team,
+                    "k",
+                    &id,
+                    "hash",
+                    UnixMillis(now),
+                    UnixMillis(now - 100),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(claim(team, &a, 1_000).await, IdempotencyClaim::Claimed);
+    let IdempotencyClaim::Taken(held) = claim(team, &b, 1_050).await else {
+        panic!("a second claim within the time to live is refused");
+    };
+    assert_eq!(
+        (held.sandbox_id, held.created_at),
+        (a.clone(), UnixMillis(1_000))
+    );
+    assert_eq!(
+        claim(&other, &b, 1_050).await,
+        IdempotencyClaim::Claimed,
+        "per team"
+    );
+    // Expired: the next claim replaces it.
+    assert_eq!(claim(team, &b, 1_200).await, IdempotencyClaim::Claimed);
+    assert_eq!(
+        store
+            .idempotency_key(team, "k")
+            .await
+            .unwrap()
+            .unwrap()
+            .sandbox_id,
+        b
+    );
+    // Released only by the sandbox it names.
+    store.release_idempotency_key(team, "k", &a).await.unwrap();
+    assert!(store.idempotency_key(team, "k").await.unwrap().is_some());
+    store.release_idempotency_key(team, "k", &b).await.unwrap();
+    assert_eq!(store.idempotency_key(team, "k").await.unwrap(), None);
+    // Removing a `creating` record removes its keys; other states are never removed.
+    let mut rec = sandbox(a.as_str(), team, 10, &[]);
+    rec.host_id = Some(host.id.clone());
+    rec.state = SandboxState::Creating;
+    store.insert_sandbox(&rec).await.unwrap();
+    assert_eq!(claim(team, &a, 2_000).await, IdempotencyClaim::Claimed);
+    assert!(store.delete_creating(&a).await.unwrap());
+    assert_eq!(store.get_sandbox(a.as_str()).await.unwrap(), None);
+    assert_eq!(store.idempotency_key(team, "k").await.unwrap(), None);
+    let running = sandbox(b.as_str(), team, 10, &[]);
+    store.insert_sandbox(&running).await.unwrap();
+    assert!(!store.delete_creating(&b).await.unwrap());
+    // Purge drops what expired, across teams.
+    assert!(
+        store
+            .purge_idempotency_keys(UnixMillis(1_100))
+            .await
+            .unwrap()
+            >= 1
+    );
+    assert_eq!(store.idempotency_key(&other, "k").await.unwrap(), None);
 }
 
 #[tokio::test]

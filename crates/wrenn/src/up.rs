@@ -20,9 +20,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use tokio_util::sync::CancellationToken;
+use wrenn_agent::Agent;
 use wrenn_agent::accel::Accel;
 use wrenn_agent::pool::{SlotPool, WarmPool};
-use wrenn_agent::rpc::Agent;
 use wrenn_agent::sandbox::Deadlines;
 use wrenn_agent::state::{self, OwnerLock, ScanScope};
 use wrenn_agent::template::{self, TemplateInputs};
@@ -76,6 +76,9 @@ pub struct UpArgs {
     /// vCPUs offered to sandboxes per host core (most sandboxes are idle most of the time).
     #[arg(long, default_value_t = 8)]
     pub cpu_overcommit: u32,
+    /// Seconds between reconciliations of the sandbox records with the agent.
+    #[arg(long, default_value_t = 30)]
+    pub reconcile_interval: u64,
     /// Most running sandboxes on this host (paused ones are only files).
     #[arg(long, default_value_t = 64)]
     pub max_sandboxes: u32,
@@ -125,7 +128,15 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&vms_root).with_context(|| format!("create {}", vms_root.display()))?;
     std::fs::create_dir_all(&templates)
         .with_context(|| format!("create {}", templates.display()))?;
-    let secret = read_or_create_secret(&state.join("secret"))?;
+    let database_url = args
+        .database_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", state.join("wrenn.db").display()));
+    let secret_file = state.join("secret");
+    if !secret_file.exists() {
+        refuse_new_secret_over_sandboxes(&state, &database_url).await?;
+    }
+    let secret = read_or_create_secret(&secret_file)?;
     let admin_token = read_or_create_token(&state.join("admin-token"))?;
 
     // 1. Own the VMs root, clean what an earlier run left, keep its paused sandboxes.
@@ -161,7 +172,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
                 tracing::warn!(dir = %vm.dir.display(), "running VM without a usable slot; stopping it");
                 drop(other);
                 if let Err(e) = vm.kill().await {
-                    tracing::warn!(error = %e, "stop an earlier VM");
+                    tracing::warn!(error = %wrenn_agent::error_chain(&e), "stop an earlier VM");
                 }
             }
         }
@@ -196,20 +207,21 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         .await
         .context("bind the agent's internal port")?;
     let internal_url = format!("http://{}", internal.local_addr()?);
+    tracing::info!(url = %internal_url, "agent RPC and sandbox proxy listening (loopback only)");
     let agent = Arc::new(
         Agent::new(
             LOCAL_HOST,
             slots.clone(),
             vms_root.clone(),
             args.max_sandboxes,
+            Deadlines {
+                health: Duration::from_secs(60),
+                init: Duration::from_secs(30),
+                prepare: Duration::from_secs(30),
+            },
         )
         .with_proxy_url(internal_url.clone())
-        .with_cpu_overcommit(args.cpu_overcommit)
-        .with_deadlines(Deadlines {
-            health: Duration::from_secs(60),
-            init: Duration::from_secs(30),
-            prepare: Duration::from_secs(30),
-        }),
+        .with_cpu_overcommit(args.cpu_overcommit),
     );
     remove_unused_templates(&templates, &snapshot.dir, &scan.paused);
     let loaded = agent.load_paused(&scan.paused);
@@ -246,12 +258,9 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let agent_server = tokio::spawn(wrenn_server::serve(internal, agent_app, agent_stop.clone()));
 
     // 4. The control plane.
-    let database_url = args
-        .database_url
-        .clone()
-        .unwrap_or_else(|| format!("sqlite://{}", state.join("wrenn.db").display()));
     let mut config = Config::new(database_url.clone(), secret);
     config.admin_token = Some(admin_token);
+    config.reconcile_interval = Duration::from_secs(args.reconcile_interval.max(1));
     config.domain = args.domain.clone();
     let cp = ControlPlane::open(config, Arc::new(ConnectConnector))
         .await
@@ -270,20 +279,24 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     })
     .await
     .map_err(|e| anyhow::anyhow!("register the default template: {e}"))?;
+    // Nothing is in flight before the port opens (this is the only control plane of its
+    // database), so records left mid-operation by a crash are settled now, without a grace.
     let rec = cp
-        .reconcile_host(LOCAL_HOST)
+        .reconcile_host_with_grace(LOCAL_HOST, Duration::ZERO)
         .await
         .map_err(|e| anyhow::anyhow!("reconcile sandbox records: {e}"))?;
     if rec != Default::default() {
         tracing::info!(
             changed = rec.changed.len(),
             lost = rec.lost.len(),
+            removed = rec.removed.len(),
             orphans = rec.orphans.len(),
             "sandbox records reconciled with the agent"
         );
     }
     let api_key = default_api_key(&cp, &state.join("api-key")).await?;
     let reaper = wrenn_server::reaper::spawn(cp.clone(), shutdown.child_token());
+    let reconciler = wrenn_server::reconcile::spawn(cp.clone(), shutdown.child_token());
 
     // 5. The public port.
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -294,6 +307,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         .public_url
         .clone()
         .unwrap_or_else(|| format!("http://{addr}"));
+    // Handlers first: a supervisor may send SIGTERM the moment it reads the lines below.
+    let stop = StopSignals::install().context("install signal handlers")?;
     let env = format!(
         "export E2B_API_URL={url}\nexport E2B_SANDBOX_URL={url}\nexport E2B_API_KEY={api_key}\n"
     );
@@ -317,16 +332,20 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
 
-    wait_for_signal().await;
+    stop.wait().await;
     tracing::info!("stopping: pausing running sandboxes");
     // New requests stop at once; running sandboxes are paused to disk, then the records follow.
     shutdown.cancel();
     let _ = server.await;
     let _ = reaper.await;
+    let _ = reconciler.await;
     let paused = agent.suspend().await;
-    if let Err(e) = cp.reconcile_host(LOCAL_HOST).await {
+    if let Err(e) = cp
+        .reconcile_host_with_grace(LOCAL_HOST, Duration::ZERO)
+        .await
+    {
         // The agent's RPC port may already be gone; the next start reconciles again.
-        tracing::warn!(error = %e, "reconcile at shutdown");
+        tracing::warn!(error = %wrenn_agent::error_chain(&e), "reconcile at shutdown");
     }
     agent_stop.cancel();
     let _ = agent_server.await;
@@ -340,7 +359,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
 fn agent_app(agent: Arc<Agent>) -> axum::Router {
     use axum::extract::Request;
     use tower::ServiceExt as _;
-    let rpc = agent.clone().router();
+    let rpc = wrenn_agent::rpc::router(agent.clone());
     let proxy = wrenn_agent::proxy::router(agent);
     axum::Router::new().fallback(move |req: Request| {
         let (rpc, proxy) = (rpc.clone(), proxy.clone());
@@ -542,6 +561,54 @@ fn random_hex(bytes: usize) -> String {
     hex::encode(buf)
 }
 
+/// Stops `wrenn up` before it makes a new server secret over sandboxes made with the old one
+/// (called when `<state>/secret` is missing). Their envd access tokens are HMACs of the secret,
+/// and a running or paused guest keeps the token it was given: a new secret would lock every
+/// client out of them for good. Sandboxes are the live records of the database and the
+/// directories in `sandboxes/`; the agent's lock file and warm-pool VMs (no identity yet) do
+/// not count, nor do killed records (nobody can reach those anyway).
+async fn refuse_new_secret_over_sandboxes(state: &Path, database_url: &str) -> anyhow::Result<()> {
+    let vms_root = state.join("sandboxes");
+    let mut found: Vec<String> = std::fs::read_dir(&vms_root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.') && !n.starts_with("warm-"))
+        .map(|n| format!("{}", vms_root.join(n).display()))
+        .collect();
+    found.sort();
+    let sqlite_file = database_url
+        .strip_prefix("sqlite://")
+        .map(|rest| Path::new(rest.split('?').next().unwrap_or(rest)));
+    // Opening a SQLite file that does not exist would create it: there are no records then.
+    if sqlite_file.is_none_or(Path::exists) {
+        let store = wrenn_server::store::Store::open(database_url)
+            .await
+            .with_context(|| format!("open the database {}", redact(database_url)))?;
+        let live = store.live_sandbox_count().await;
+        store.close().await;
+        match live.context("count the sandbox records")? {
+            0 => {}
+            n => found.push(format!("{n} sandbox records in {}", redact(database_url))),
+        }
+    }
+    if found.is_empty() {
+        return Ok(());
+    }
+    let secret = state.join("secret");
+    bail!(
+        "the server secret {secret} is missing, but sandboxes made with it exist:\n  {list}\n\
+         Their envd access tokens derive from that secret, so a new one would lock clients out \
+         of them. Restore {secret} from a backup and start again; or, to give those sandboxes \
+         up, remove them deliberately (the sandboxes directory {vms} and the database's \
+         sandbox records) and start again.",
+        secret = secret.display(),
+        list = found.join("\n  "),
+        vms = vms_root.display(),
+    )
+}
+
 fn read_or_create_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(read_or_create_token(path)?.into_bytes())
 }
@@ -557,11 +624,106 @@ fn read_or_create_token(path: &Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// SIGTERM and SIGINT, caught from the moment they are installed.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use wrenn_core::{HostId, SandboxId, SandboxState, TeamId, UnixMillis};
+    use wrenn_server::store::{SandboxRecord, Store, TeamRecord};
+
+    use super::*;
+
+    fn url(state: &Path) -> String {
+        format!("sqlite://{}", state.join("wrenn.db").display())
+    }
+
+    async fn add_sandbox(state: &Path, sandbox_state: SandboxState) {
+        let store = Store::open(&url(state)).await.unwrap();
+        let team = TeamId::parse("t").unwrap();
+        let _ = store
+            .insert_team(
+                &TeamRecord {
+                    id: team.clone(),
+                    name: "t".into(),
+                },
+                UnixMillis(0),
+            )
+            .await;
+        let rec = SandboxRecord {
+            id: SandboxId::from_random(rand::random()),
+            team_id: team,
+            template_id: "base".into(),
+            state: sandbox_state,
+            host_id: Some(HostId::parse(LOCAL_HOST).unwrap()),
+            vcpus: 2,
+            memory_mb: 512,
+            disk_size_mb: 1024,
+            envd_version: "0.6.4".into(),
+            metadata: Default::default(),
+            env_vars: Default::default(),
+            started_at: UnixMillis(0),
+            end_at: UnixMillis(1),
+            auto_pause: false,
+            allow_internet_access: None,
+            updated_at: UnixMillis(0),
+        };
+        store.insert_sandbox(&rec).await.unwrap();
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_new_secret_is_refused_only_over_sandboxes() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path();
+        // A fresh state directory: a secret may be made, and no database appears.
+        refuse_new_secret_over_sandboxes(state, &url(state))
+            .await
+            .unwrap();
+        assert!(!state.join("wrenn.db").exists());
+        // The agent's lock file and warm VMs are no sandboxes; killed records are history.
+        std::fs::create_dir_all(state.join("sandboxes/warm-12-0")).unwrap();
+        std::fs::write(state.join("sandboxes/.wrenn-agent.lock"), "").unwrap();
+        add_sandbox(state, SandboxState::Killed).await;
+        refuse_new_secret_over_sandboxes(state, &url(state))
+            .await
+            .unwrap();
+
+        // A live record.
+        add_sandbox(state, SandboxState::Paused).await;
+        let err = refuse_new_secret_over_sandboxes(state, &url(state))
+            .await
+            .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("1 sandbox records"), "{msg}");
+        assert!(msg.contains("Restore"), "{msg}");
+
+        // A sandbox directory alone (its records lost or in another database).
+        let other = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(other.path().join("sandboxes/abc123")).unwrap();
+        let err = refuse_new_secret_over_sandboxes(other.path(), &url(other.path()))
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("sandboxes/abc123"), "{err:#}");
     }
 }

@@ -296,14 +296,14 @@ pub fn pool_first_slot() -> u32 {
     32_600 + (std::process::id() % 40) * 4
 }
 
-/// An [`Agent`](wrenn_agent::rpc::Agent) serving `AgentService` on a loopback port, with the
+/// An [`Agent`](wrenn_agent::Agent) serving `AgentService` on a loopback port, with the
 /// small image's template registered as `template_id` (envd version `test-envd`).
 pub struct TestAgent {
     /// The work directory (template, images, `sandboxes/`); dropped last.
     pub work: tempfile::TempDir,
     /// The agent's sandboxes directory.
     pub sandboxes: PathBuf,
-    pub agent: std::sync::Arc<wrenn_agent::rpc::Agent>,
+    pub agent: std::sync::Arc<wrenn_agent::Agent>,
     /// A JSON Connect client for the agent's RPC.
     pub client: wrenn_connect::Client,
     pub server: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -319,8 +319,8 @@ pub async fn start_agent(
     pool: usize,
     max_sandboxes: u32,
 ) -> TestAgent {
+    use wrenn_agent::Agent;
     use wrenn_agent::pool::SlotPool;
-    use wrenn_agent::rpc::Agent;
     use wrenn_agent::sandbox::Deadlines;
 
     init_tracing("wrenn_agent=debug");
@@ -333,19 +333,22 @@ pub async fn start_agent(
     let slots = SlotPool::new(pool, first_slot, 4).await.expect("slot pool");
     let sandboxes = w.join("sandboxes");
     std::fs::create_dir_all(&sandboxes).unwrap();
-    let agent = std::sync::Arc::new(
-        Agent::new("test-host", slots, sandboxes.clone(), max_sandboxes).with_deadlines(
-            Deadlines {
-                health: Duration::from_secs(60),
-                init: Duration::from_secs(30),
-                prepare: Duration::from_secs(30),
-            },
-        ),
-    );
+    let agent = std::sync::Arc::new(Agent::new(
+        "test-host",
+        slots,
+        sandboxes.clone(),
+        max_sandboxes,
+        Deadlines {
+            health: Duration::from_secs(60),
+            init: Duration::from_secs(30),
+            prepare: Duration::from_secs(30),
+        },
+    ));
     agent.register_template(template_id, template, None, "test-envd");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(axum::serve(listener, agent.clone().router()).into_future());
+    let server =
+        tokio::spawn(axum::serve(listener, wrenn_agent::rpc::router(agent.clone())).into_future());
     let client = wrenn_connect::Client::new(&format!("http://{addr}"))
         .unwrap()
         .with_codec(wrenn_connect::Codec::Json)

@@ -5,8 +5,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,19 +19,96 @@ use wrenn_connect::ConnectError;
 use wrenn_server::agents::{AgentClient, AgentConnector};
 use wrenn_server::{Config, ControlPlane};
 
+/// The agent's real refusal when another operation holds the sandbox.
+pub fn busy_error(id: &str) -> ConnectError {
+    ConnectError::failed_precondition(format!(
+        "sandbox {id} is busy (another operation is in progress)"
+    ))
+}
+
 pub const ADMIN: &str = "admin-token-for-tests";
 pub const SECRET: &[u8] = b"test-secret";
 pub const DOMAIN: &str = "wrenn.test";
 
 /// In-memory stand-in for a host agent (test double).
-#[derive(Default)]
 pub struct FakeAgent {
     pub sandboxes: Mutex<HashMap<String, (SandboxState, SandboxSpec)>>,
     pub calls: Mutex<Vec<String>>,
     pub proxy_url: Mutex<String>,
+    /// What HostInfo reports: vCPUs, memory (MiB), most sandboxes (0: no limit).
+    pub capacity: Mutex<(u32, u64, u32)>,
+    /// When set, a Create (after it listed its sandbox, as the real agent lists a sandbox
+    /// being created) waits for a permit: a slow create.
+    pub create_gate: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
+    /// The next Create fails with this.
+    pub fail_next_create: Mutex<Option<ConnectError>>,
+    /// Sandboxes another operation holds: pause, resume, kill and set_timeout refuse them.
+    pub busy: Mutex<HashSet<String>>,
+}
+
+impl Default for FakeAgent {
+    fn default() -> Self {
+        FakeAgent {
+            sandboxes: Default::default(),
+            calls: Default::default(),
+            proxy_url: Default::default(),
+            capacity: Mutex::new((64, 65536, 0)),
+            create_gate: Default::default(),
+            fail_next_create: Default::default(),
+            busy: Default::default(),
+        }
+    }
 }
 
 impl FakeAgent {
+    fn refuse_busy(&self, id: &str) -> Result<(), ConnectError> {
+        if self.busy.lock().unwrap().contains(id) {
+            return Err(busy_error(id));
+        }
+        Ok(())
+    }
+    /// A fake agent reporting this capacity.
+    pub fn with_capacity(vcpus: u32, memory_mb: u64, max_sandboxes: u32) -> FakeAgent {
+        let a = FakeAgent::default();
+        *a.capacity.lock().unwrap() = (vcpus, memory_mb, max_sandboxes);
+        a
+    }
+    /// Makes creates wait for [`FakeAgent::release_creates`].
+    pub fn hold_creates(&self) {
+        *self.create_gate.lock().unwrap() = Some(Arc::new(tokio::sync::Semaphore::new(0)));
+    }
+    pub fn release_creates(&self, n: usize) {
+        if let Some(g) = &*self.create_gate.lock().unwrap() {
+            g.add_permits(n);
+        }
+    }
+    /// How many Create calls arrived.
+    pub fn creates(&self) -> usize {
+        self.calls()
+            .iter()
+            .filter(|c| c.starts_with("create "))
+            .count()
+    }
+    /// Puts a running VM on the agent that no record knows.
+    pub fn add_vm(&self, id: &str) {
+        let spec = SandboxSpec {
+            sandbox_id: id.into(),
+            template_id: "base".into(),
+            ..Default::default()
+        };
+        self.sandboxes
+            .lock()
+            .unwrap()
+            .insert(id.into(), (SandboxState::Running, spec));
+    }
+    /// Sets a VM's state behind the control plane's back.
+    pub fn set_state(&self, id: &str, st: SandboxState) {
+        self.sandboxes.lock().unwrap().get_mut(id).unwrap().0 = st;
+    }
+    /// Makes a VM vanish without the control plane knowing.
+    pub fn lose_vm(&self, id: &str) {
+        self.sandboxes.lock().unwrap().remove(id);
+    }
     fn log(&self, s: String) {
         self.calls.lock().unwrap().push(s);
     }
@@ -67,11 +143,26 @@ impl AgentClient for FakeAgent {
         if spec.template_id == "broken" {
             return Err(ConnectError::internal("the VM did not boot"));
         }
+        if let Some(e) = self.fail_next_create.lock().unwrap().take() {
+            // A deadline is an answer lost on the way: the VM was made all the same.
+            if e.code == wrenn_connect::Code::DeadlineExceeded {
+                let id = spec.sandbox_id.clone();
+                self.sandboxes
+                    .lock()
+                    .unwrap()
+                    .insert(id, (SandboxState::Running, spec));
+            }
+            return Err(e);
+        }
         let id = spec.sandbox_id.clone();
         self.sandboxes
             .lock()
             .unwrap()
             .insert(id.clone(), (SandboxState::Running, spec));
+        let gate = self.create_gate.lock().unwrap().clone();
+        if let Some(gate) = gate {
+            gate.acquire().await.unwrap().forget();
+        }
         Ok(CreateResponse {
             sandbox: Some(status(&id, SandboxState::Running)),
         })
@@ -84,6 +175,7 @@ impl AgentClient for FakeAgent {
     }
     async fn kill(&self, req: KillRequest) -> Result<KillResponse, ConnectError> {
         self.log(format!("kill {}", req.sandbox_id));
+        self.refuse_busy(&req.sandbox_id)?;
         match self.sandboxes.lock().unwrap().remove(&req.sandbox_id) {
             Some(_) => Ok(KillResponse {}),
             None => Err(ConnectError::not_found("no such sandbox")),
@@ -91,6 +183,7 @@ impl AgentClient for FakeAgent {
     }
     async fn pause(&self, req: PauseRequest) -> Result<PauseResponse, ConnectError> {
         self.log(format!("pause {}", req.sandbox_id));
+        self.refuse_busy(&req.sandbox_id)?;
         let mut s = self.sandboxes.lock().unwrap();
         match s.get_mut(&req.sandbox_id) {
             Some((st @ SandboxState::Running, _)) => {
@@ -103,6 +196,7 @@ impl AgentClient for FakeAgent {
     }
     async fn resume(&self, req: ResumeRequest) -> Result<ResumeResponse, ConnectError> {
         self.log(format!("resume {}", req.sandbox_id));
+        self.refuse_busy(&req.sandbox_id)?;
         let mut s = self.sandboxes.lock().unwrap();
         match s.get_mut(&req.sandbox_id) {
             Some((st @ SandboxState::Paused, spec)) => {
@@ -122,6 +216,7 @@ impl AgentClient for FakeAgent {
         req: SetTimeoutRequest,
     ) -> Result<SetTimeoutResponse, ConnectError> {
         self.log(format!("set_timeout {}", req.sandbox_id));
+        self.refuse_busy(&req.sandbox_id)?;
         let mut s = self.sandboxes.lock().unwrap();
         let (_, spec) = s
             .get_mut(&req.sandbox_id)
@@ -159,11 +254,13 @@ impl AgentClient for FakeAgent {
         })
     }
     async fn host_info(&self, _: HostInfoRequest) -> Result<HostInfoResponse, ConnectError> {
+        let (vcpus, memory_mb, max_sandboxes) = *self.capacity.lock().unwrap();
         Ok(HostInfoResponse {
             host_id: "h1".into(),
             version: "test".into(),
-            vcpus_total: 64,
-            memory_mb_total: 65536,
+            vcpus_total: vcpus,
+            memory_mb_total: memory_mb,
+            max_sandboxes,
             proxy_url: self.proxy_url.lock().unwrap().clone(),
             template_envd_versions: [("base".to_string(), "0.6.4".to_string())].into(),
             ..Default::default()
@@ -233,17 +330,31 @@ pub struct Server {
     pub url: String,
     pub cp: Arc<ControlPlane>,
     pub agent: Arc<FakeAgent>,
-    pub db: PathBuf,
+    /// Its database URL (or SQLite file path).
+    pub db: String,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Server {
-    pub async fn start(db: &Path, agent: Arc<FakeAgent>) -> Server {
-        let mut config = Config::new(db.to_str().unwrap(), SECRET.to_vec());
+    pub async fn start(db: &str, agent: Arc<FakeAgent>) -> Server {
+        Server::start_with(db, agent, |_| {}).await
+    }
+
+    /// With the test settings changed by `tweak`. The reaper and the periodic reconciler run
+    /// (every 200 ms) in every test, beside whatever the test does.
+    pub async fn start_with(
+        db: &str,
+        agent: Arc<FakeAgent>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Server {
+        let mut config = Config::new(db, SECRET.to_vec());
         config.admin_token = Some(ADMIN.into());
         config.domain = Some(DOMAIN.into());
         config.reaper_interval = Duration::from_millis(200);
+        config.reconcile_interval = Duration::from_millis(200);
+        config.settle_grace = Duration::from_secs(30);
+        tweak(&mut config);
         let cp = ControlPlane::open(config, Arc::new(FakeConnector(agent.clone())))
             .await
             .unwrap();
@@ -253,13 +364,14 @@ impl Server {
         let app = wrenn_server::app(cp.clone());
         let serve = tokio::spawn(wrenn_server::serve(listener, app, shutdown.clone()));
         let reaper = wrenn_server::reaper::spawn(cp.clone(), shutdown.clone());
+        let reconciler = wrenn_server::reconcile::spawn(cp.clone(), shutdown.clone());
         Server {
             url,
             cp,
             agent,
             db: db.to_owned(),
             shutdown,
-            tasks: vec![serve, reaper],
+            tasks: vec![serve, reaper, reconciler],
         }
     }
 
@@ -272,6 +384,63 @@ impl Server {
     }
 }
 
+/// Which database a stack runs on.
+pub enum Db {
+    Sqlite,
+    /// A fresh database made for the stack (dropped by [`Stack::stop`]).
+    Postgres {
+        admin_url: String,
+    },
+}
+
+impl Db {
+    /// PostgreSQL when `WRENN_TEST_POSTGRES_URL` is set.
+    pub fn postgres() -> Option<Db> {
+        std::env::var("WRENN_TEST_POSTGRES_URL")
+            .ok()
+            .map(|admin_url| Db::Postgres { admin_url })
+    }
+}
+
+/// `url` with its database name replaced.
+fn with_database(url: &str, name: &str) -> String {
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    let base = match url[scheme_end..].find('/') {
+        Some(i) => &url[..scheme_end + i],
+        None => url,
+    };
+    format!("{base}/{name}")
+}
+
+async fn admin_sql(admin_url: &str, sql: &str) {
+    use sqlx::Connection as _;
+    let mut c = sqlx::PgConnection::connect(admin_url).await.unwrap();
+    sqlx::query(sql).execute(&mut c).await.unwrap();
+    c.close().await.unwrap();
+}
+
+/// A stack's own PostgreSQL database, dropped when this is dropped (a failing test too).
+pub struct PgDb {
+    admin_url: String,
+    name: String,
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        let admin = self.admin_url.clone();
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        // Drop cannot await, and may run inside the test's runtime: a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(admin_sql(&admin, &sql));
+        })
+        .join();
+    }
+}
+
 /// A control plane with one registered fake host, one team and its API key.
 pub struct Stack {
     pub server: Server,
@@ -279,14 +448,36 @@ pub struct Stack {
     pub team: String,
     pub http: reqwest::Client,
     pub dir: tempfile::TempDir,
+    /// A PostgreSQL stack's own database.
+    pub pg: Option<PgDb>,
 }
 
 impl Stack {
     pub async fn start() -> Stack {
+        Stack::with(Db::Sqlite, FakeAgent::default(), |_| {}).await
+    }
+
+    pub async fn with(db: Db, agent: FakeAgent, tweak: impl FnOnce(&mut Config)) -> Stack {
         let dir = tempfile::tempdir().unwrap();
-        let agent = Arc::new(FakeAgent::default());
+        let (url, pg) = match db {
+            Db::Sqlite => (
+                dir.path().join("wrenn.db").to_str().unwrap().to_owned(),
+                None,
+            ),
+            Db::Postgres { admin_url } => {
+                let bytes: [u8; 20] = rand::random();
+                let name = format!(
+                    "wrenn_test_{}",
+                    &wrenn_core::SandboxId::from_random(bytes).as_str()[..12]
+                );
+                admin_sql(&admin_url, &format!("CREATE DATABASE {name}")).await;
+                let url = with_database(&admin_url, &name);
+                (url, Some(PgDb { admin_url, name }))
+            }
+        };
+        let agent = Arc::new(agent);
         *agent.proxy_url.lock().unwrap() = start_echo().await;
-        let server = Server::start(&dir.path().join("wrenn.db"), agent).await;
+        let server = Server::start_with(&url, agent, tweak).await;
         let http = reqwest::Client::new();
         let admin = |p: &str| {
             http.post(format!("{}{p}", server.url))
@@ -322,7 +513,41 @@ impl Stack {
             team,
             http,
             dir,
+            pg,
         }
+    }
+
+    /// Stops the server and drops a PostgreSQL stack's database.
+    pub async fn stop(self) {
+        self.server.stop().await;
+        drop(self.pg);
+    }
+
+    /// A second team of this stack, and its API key.
+    pub async fn other_team(&self) -> (String, String) {
+        let admin = |p: String| {
+            self.http
+                .post(format!("{}{p}", self.server.url))
+                .header("x-admin-token", ADMIN)
+        };
+        let team: serde_json::Value = admin("/admin/teams".into())
+            .json(&serde_json::json!({"name": "other"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let team = team["teamID"].as_str().unwrap().to_owned();
+        let key: serde_json::Value = admin(format!("/admin/teams/{team}/api-keys"))
+            .json(&serde_json::json!({"name": "k"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (team, key["key"].as_str().unwrap().to_owned())
     }
 
     pub fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {

@@ -1,0 +1,374 @@
+//! The QEMU runtime: the [`Runtime`] the controller drives on a real host. Sandboxes are
+//! [`Sandbox`]es restored from registered template snapshots into slots of a [`SlotPool`]
+//! (a pre-started QEMU from the template's [`WarmPool`] when one waits), paused to
+//! [`PausedSandbox`] directories under `root`.
+//!
+//! The agent's [`SandboxMeta`] (identity and timers) goes into each sandbox's record
+//! (`crate::record`) with its phase, through the sandbox's own record writer, so a restarted
+//! agent reads both back from one file.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::observe::Observer;
+use crate::pool::{SlotLease, SlotPool, WarmPool};
+use crate::record::Recorder;
+use crate::runtime::{
+    GuestInit, Held, PauseFailure, ResumeFailure, Runtime, RuntimeError, SandboxMeta, TemplateInfo,
+};
+use crate::sandbox::{
+    Deadlines, Failed, InitConfig, PauseError, PausedSandbox, Sandbox, SandboxError,
+};
+use crate::snapshot::Snapshot;
+
+/// Room a pause keeps free beyond the memory diff (device state, manifests, filesystem slack).
+const PAUSE_SPACE_MARGIN: u64 = 16 << 20;
+
+/// A running sandbox of this runtime.
+pub type Running = Box<Sandbox<SlotLease>>;
+/// A paused sandbox of this runtime.
+pub type Paused = Box<PausedSandbox>;
+
+/// A template this runtime can start sandboxes from.
+#[derive(Debug)]
+struct Template {
+    snapshot: Snapshot,
+    warm: Option<WarmPool>,
+    envd_version: String,
+}
+
+/// Sandboxes as QEMU microVMs in network slots.
+#[derive(Debug)]
+pub struct QemuRuntime {
+    slots: SlotPool,
+    root: PathBuf,
+    deadlines: Deadlines,
+    templates: Mutex<HashMap<String, Arc<Template>>>,
+    /// Where each sandbox's directory is (a warm sandbox's is its warm VM's).
+    dirs: Mutex<HashMap<String, PathBuf>>,
+    /// Samples and logs for `Metrics` and `Logs`.
+    pub(crate) observe: Observer,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn step(what: &'static str, e: SandboxError) -> RuntimeError {
+    match e {
+        SandboxError::Pool(p) => RuntimeError::Slots(Box::new(p)),
+        e => RuntimeError::Step {
+            step: what,
+            source: Box::new(e),
+        },
+    }
+}
+
+impl QemuRuntime {
+    /// A runtime keeping sandbox directories under `root`, with slots from `slots`.
+    pub fn new(slots: SlotPool, root: PathBuf, deadlines: Deadlines) -> Self {
+        Self {
+            slots,
+            root,
+            deadlines,
+            templates: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            observe: Observer::default(),
+        }
+    }
+
+    /// The slot pool.
+    pub fn slots(&self) -> &SlotPool {
+        &self.slots
+    }
+
+    /// Where sandbox directories are made.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Makes `snapshot` startable as `template_id` (replacing any earlier one).
+    pub fn register_template(
+        &self,
+        template_id: impl Into<String>,
+        snapshot: Snapshot,
+        warm: Option<WarmPool>,
+        envd_version: impl Into<String>,
+    ) {
+        let t = Template {
+            snapshot,
+            warm,
+            envd_version: envd_version.into(),
+        };
+        lock(&self.templates).insert(template_id.into(), Arc::new(t));
+    }
+
+    /// Drops every template (their warm pools' waiting QEMUs with them): no more creates.
+    pub fn drop_templates(&self) {
+        let templates = std::mem::take(&mut *lock(&self.templates));
+        drop(templates);
+    }
+
+    /// Notes where a sandbox found on the host lives.
+    pub(crate) fn track(&self, id: &str, dir: &Path) {
+        lock(&self.dirs).insert(id.to_owned(), dir.to_owned());
+    }
+
+    fn dir_of(&self, id: &str) -> PathBuf {
+        lock(&self.dirs)
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| self.root.join(id))
+    }
+
+    /// Saves `meta` into the record `rec` writes, off the async workers when there are some.
+    /// Failures are logged: the sandbox works without it, only a restarted agent would see
+    /// the earlier timers.
+    fn write_meta(&self, meta: &SandboxMeta, rec: &Recorder) {
+        let (rec, meta) = (rec.clone(), meta.clone());
+        let write = move || {
+            if let Err(e) = rec.save_meta(meta) {
+                tracing::warn!(error = %crate::error_chain(&e), dir = %rec.dir().display(), "could not save the sandbox's timers");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => drop(h.spawn_blocking(write)),
+            Err(_) => write(),
+        }
+    }
+
+    /// Free space for a pause of `sb`: its memory diff can be as large as the QEMU process's
+    /// anonymous memory (capped at the guest's RAM), and committing its run overlay as large
+    /// as the overlay. A shortfall is refused before the guest stops.
+    fn check_pause_space(&self, sb: &Running) -> Result<(), RuntimeError> {
+        let ram = u64::from(sb.memory_mib()) << 20;
+        let anon = anonymous_bytes(sb.vm().pid()).unwrap_or(ram).min(ram);
+        let overlay = sb
+            .pending_commit()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map_or(0, |m| m.len());
+        let need = anon + overlay + PAUSE_SPACE_MARGIN;
+        let free = free_bytes(sb.root()).unwrap_or(u64::MAX);
+        if free < need {
+            return Err(RuntimeError::NoSpace {
+                dir: sb.root().display().to_string(),
+                need_mib: need >> 20,
+                free_mib: free >> 20,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `Anonymous` of `/proc/<pid>/smaps_rollup`: the guest pages QEMU copied from the template
+/// (plus its own heap), an upper bound of the memory diff.
+fn anonymous_bytes(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let kb = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Anonymous:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kb << 10)
+}
+
+/// Bytes free for unprivileged writers on the filesystem holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let s = nix::sys::statvfs::statvfs(dir).ok()?;
+    Some(s.blocks_available() * s.fragment_size())
+}
+
+impl Runtime for QemuRuntime {
+    type Running = Running;
+    type Paused = Paused;
+
+    fn template(&self, id: &str) -> Option<TemplateInfo> {
+        lock(&self.templates).get(id).map(|t| info(t))
+    }
+
+    fn templates(&self) -> Vec<(String, TemplateInfo)> {
+        lock(&self.templates)
+            .iter()
+            .map(|(id, t)| (id.clone(), info(t)))
+            .collect()
+    }
+
+    async fn create(&self, meta: &SandboxMeta, init: GuestInit) -> Result<Running, RuntimeError> {
+        let id = meta.sandbox_id.as_str();
+        let template = lock(&self.templates)
+            .get(&meta.template_id)
+            .cloned()
+            .ok_or_else(|| RuntimeError::TemplateNotFound(meta.template_id.clone()))?;
+        let init = InitConfig {
+            env_vars: init.env_vars,
+            access_token: init.access_token,
+            ..Default::default()
+        };
+        let token = init.access_token.clone();
+        let (sb, t) = Sandbox::create_pooled(
+            &template.snapshot,
+            template.warm.as_ref(),
+            &self.slots,
+            &self.root.join(id),
+            init,
+            Some(meta.clone()),
+            &self.deadlines,
+        )
+        .await
+        .map_err(|e| step("restore the template", e))?;
+        tracing::info!(total = ?t.total, warm = t.warm, "guest started");
+        self.track(id, sb.root());
+        self.observe
+            .started(id, token, sb.vm().console_log(), "created");
+        Ok(Box::new(sb))
+    }
+
+    async fn pause(
+        &self,
+        meta: &SandboxMeta,
+        sb: Running,
+    ) -> Result<Paused, PauseFailure<Running>> {
+        let id = meta.sandbox_id.as_str();
+        if let Err(e) = self.check_pause_space(&sb) {
+            return Err(PauseFailure::Running(e, sb));
+        }
+        // The pause's records carry the meta as it is now.
+        sb.recorder().set_meta(Some(meta.clone()));
+        // The VM's console goes with it: read it first.
+        self.observe.catch_up(id);
+        match sb.pause(&self.deadlines).await {
+            Ok((paused, lease, t)) => {
+                tracing::info!(total = ?t.total, dirty = t.dirty_bytes, "snapshot written");
+                self.observe.paused(id);
+                self.slots.release(lease).await;
+                Ok(Box::new(paused))
+            }
+            Err(PauseError::StillRunning { error, sandbox }) => {
+                Err(PauseFailure::Running(step("pause", error), sandbox))
+            }
+            Err(PauseError::Lost { error, net }) => {
+                self.slots.release(net).await;
+                self.observe.forget(id);
+                Err(PauseFailure::Lost(step("pause", error)))
+            }
+        }
+    }
+
+    async fn resume(
+        &self,
+        meta: &SandboxMeta,
+        mut paused: Paused,
+        init: GuestInit,
+    ) -> Result<Running, ResumeFailure<Paused>> {
+        let id = meta.sandbox_id.as_str();
+        let lease = match self.slots.acquire().await {
+            Ok(l) => l,
+            Err(e) => {
+                return Err(ResumeFailure::Paused(
+                    RuntimeError::Slots(Box::new(e)),
+                    paused,
+                ));
+            }
+        };
+        paused.recorder().set_meta(Some(meta.clone()));
+        let saved = paused.init().clone();
+        if init.access_token.is_some() || !init.env_vars.is_empty() {
+            let mut next = saved.clone();
+            if init.access_token.is_some() {
+                next.access_token = init.access_token;
+            }
+            next.env_vars.extend(init.env_vars);
+            paused.set_init(next);
+        }
+        let root = paused.root().to_owned();
+        let token = paused.init().access_token.clone();
+        match (*paused).resume(lease, &self.deadlines).await {
+            Ok((sb, t)) => {
+                tracing::info!(total = ?t.total, "guest resumed");
+                self.track(id, sb.root());
+                self.observe
+                    .started(id, token, sb.vm().console_log(), "resumed");
+                Ok(Box::new(sb))
+            }
+            Err(Failed { error, net }) => {
+                self.slots.release(net).await;
+                let error = step("resume", error);
+                // The paused files are untouched by a failed resume; they still verify
+                // unless they were damaged before it.
+                match PausedSandbox::open(&root) {
+                    Ok(p) => Err(ResumeFailure::Paused(error, Box::new(p))),
+                    Err(_) => Err(ResumeFailure::Lost(error)),
+                }
+            }
+        }
+    }
+
+    async fn kill(&self, id: &str, sb: Running) {
+        self.observe.forget(id);
+        let lease = sb.kill().await;
+        self.slots.release(lease).await;
+        lock(&self.dirs).remove(id);
+    }
+
+    async fn remove(&self, id: &str, paused: Paused) {
+        self.observe.forget(id);
+        let root = paused.root().to_owned();
+        let removed = tokio::task::spawn_blocking(move || paused.remove()).await;
+        if !matches!(removed, Ok(Ok(()))) {
+            tracing::warn!(root = %root.display(), "remove paused sandbox; retrying");
+            let _ = std::fs::remove_dir_all(&root);
+        }
+        lock(&self.dirs).remove(id);
+    }
+
+    fn save_meta(&self, meta: &SandboxMeta, sandbox: Held<'_, Self>) {
+        let rec = match sandbox {
+            Held::Running(sb) => sb.recorder(),
+            Held::Paused(p) => p.recorder(),
+        };
+        self.write_meta(meta, rec);
+    }
+
+    fn recover(&self, meta: &SandboxMeta) -> Option<Paused> {
+        // The operation's QEMU went with its dropped future; a pause with a complete snapshot
+        // is finished, a resume undone.
+        let dir = self.dir_of(&meta.sandbox_id);
+        match crate::sandbox::settle_interrupted(&dir) {
+            Ok(p) => Some(Box::new(p)),
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "nothing paused left");
+                self.discard(meta);
+                None
+            }
+        }
+    }
+
+    fn discard(&self, meta: &SandboxMeta) {
+        self.observe.forget(&meta.sandbox_id);
+        let dir = lock(&self.dirs).remove(&meta.sandbox_id);
+        let dir = dir.unwrap_or_else(|| self.root.join(&meta.sandbox_id));
+        if let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(error = %e, dir = %dir.display(), "remove what is left of a sandbox");
+        }
+    }
+
+    fn endpoint(&self, sb: &Running, port: u16) -> SocketAddr {
+        sb.net().slot().guest_endpoint(port)
+    }
+}
+
+fn info(t: &Template) -> TemplateInfo {
+    let m = &t.snapshot.manifest.spec;
+    TemplateInfo {
+        vcpus: m.vcpus,
+        memory_mb: u64::from(m.memory_mib),
+        envd_version: t.envd_version.clone(),
+    }
+}

@@ -1,0 +1,182 @@
+//! What the [`crate::controller::Controller`] drives: a runtime that makes, pauses, resumes and
+//! kills sandboxes. [`crate::qemu::QemuRuntime`] is the real one; the controller's ring-2 tests
+//! use a fake that steps through the same await points.
+//!
+//! A runtime owns no table: it hands back opaque handles (`Running`, `Paused`) that the
+//! controller keeps, and every operation consumes its handle and either returns the next one or
+//! hands the old one back on failure, so a failed operation leaves the sandbox as it was.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// What the agent keeps about a sandbox besides its VM: identity, sizes and timers. The
+/// runtime persists it with the sandbox (a restarted agent reads it back).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxMeta {
+    /// The sandbox (a warm pool VM's directory may be named otherwise).
+    #[serde(default)]
+    pub sandbox_id: String,
+    /// The template it was made from.
+    pub template_id: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest memory.
+    pub memory_mb: u64,
+    /// When it was created (Unix ms).
+    pub start_unix_ms: i64,
+    /// When the agent ends it on its own if the control plane has not (0: never).
+    pub backstop_unix_ms: i64,
+    /// At the backstop, pause instead of kill.
+    pub auto_pause: bool,
+    /// The envd version of its template.
+    pub envd_version: String,
+}
+
+/// A template the runtime can start sandboxes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateInfo {
+    /// vCPUs of its machine.
+    pub vcpus: u32,
+    /// Memory of its machine.
+    pub memory_mb: u64,
+    /// The envd version inside.
+    pub envd_version: String,
+}
+
+/// What a create gives the new guest.
+#[derive(Debug, Clone, Default)]
+pub struct GuestInit {
+    /// Environment variables for every process.
+    pub env_vars: BTreeMap<String, String>,
+    /// envd's access token (`None`: unsecured).
+    pub access_token: Option<String>,
+}
+
+/// Why a runtime operation failed. The controller passes it on whole (with its sources).
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// No such template.
+    #[error("template {0} not found")]
+    TemplateNotFound(String),
+    /// Not enough free disk space for the operation; nothing was changed.
+    #[error("not enough free space in {dir}: {need_mib} MiB needed, {free_mib} MiB free")]
+    NoSpace {
+        /// Where.
+        dir: String,
+        /// What the operation could need.
+        need_mib: u64,
+        /// What is free.
+        free_mib: u64,
+    },
+    /// No network slot is free.
+    #[error("no network slot")]
+    Slots(#[source] Box<crate::pool::PoolError>),
+    /// A step of the operation failed.
+    #[error("{step}")]
+    Step {
+        /// Which step.
+        step: &'static str,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl RuntimeError {
+    /// A failed step, with its cause.
+    pub fn step(
+        step: &'static str,
+    ) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> Self {
+        move |source| Self::Step { step, source }
+    }
+}
+
+/// A pause that failed: the sandbox runs on (its handle back), or was lost.
+#[derive(Debug)]
+pub enum PauseFailure<R> {
+    /// The guest runs again, unchanged.
+    Running(RuntimeError, R),
+    /// The VM is gone and no complete snapshot was left.
+    Lost(RuntimeError),
+}
+
+/// A resume that failed: the sandbox stays paused (its handle back, files unchanged), or its
+/// paused state no longer verifies.
+#[derive(Debug)]
+pub enum ResumeFailure<P> {
+    /// Still paused and resumable.
+    Paused(RuntimeError, P),
+    /// The paused state cannot be resumed.
+    Lost(RuntimeError),
+}
+
+/// The controller's view of a sandbox's host side. Every method runs inside a task the
+/// controller detached from its caller, so a vanished caller never stops one halfway; a
+/// method's future may still be dropped at any await point when the process shuts down, and
+/// then [`Runtime::recover`] says what is left.
+pub trait Runtime: Send + Sync + 'static {
+    /// A running sandbox.
+    type Running: std::fmt::Debug + Send + Sync + 'static;
+    /// A paused sandbox.
+    type Paused: std::fmt::Debug + Send + Sync + 'static;
+
+    /// The template `id`, if this runtime can start it.
+    fn template(&self, id: &str) -> Option<TemplateInfo>;
+
+    /// Every template, for host info.
+    fn templates(&self) -> Vec<(String, TemplateInfo)>;
+
+    /// Makes a running sandbox; on failure nothing is left.
+    fn create(
+        &self,
+        meta: &SandboxMeta,
+        init: GuestInit,
+    ) -> impl Future<Output = Result<Self::Running, RuntimeError>> + Send;
+
+    /// Pauses: the guest's memory and disk go to files.
+    fn pause(
+        &self,
+        meta: &SandboxMeta,
+        sandbox: Self::Running,
+    ) -> impl Future<Output = Result<Self::Paused, PauseFailure<Self::Running>>> + Send;
+
+    /// Resumes, optionally with a new access token and more env vars.
+    fn resume(
+        &self,
+        meta: &SandboxMeta,
+        paused: Self::Paused,
+        init: GuestInit,
+    ) -> impl Future<Output = Result<Self::Running, ResumeFailure<Self::Paused>>> + Send;
+
+    /// Stops a running sandbox and removes everything it had.
+    fn kill(&self, id: &str, sandbox: Self::Running) -> impl Future<Output = ()> + Send;
+
+    /// Removes a paused sandbox's files.
+    fn remove(&self, id: &str, paused: Self::Paused) -> impl Future<Output = ()> + Send;
+
+    /// Saves `meta` with the sandbox (after a change of its timers).
+    fn save_meta(&self, meta: &SandboxMeta, sandbox: Held<'_, Self>);
+
+    /// After an operation on `id` was dropped halfway (process shutdown, panic): the paused
+    /// sandbox left on the host, if a complete one is there. Otherwise the runtime removes what
+    /// is left of it and answers `None`.
+    fn recover(&self, meta: &SandboxMeta) -> Option<Self::Paused>;
+
+    /// After a create or kill of `id` was dropped halfway: removes whatever is left of it.
+    fn discard(&self, meta: &SandboxMeta);
+
+    /// Where the host reaches `port` of a running sandbox.
+    fn endpoint(&self, sandbox: &Self::Running, port: u16) -> SocketAddr;
+}
+
+/// A sandbox handle lent to the runtime.
+#[derive(Debug)]
+pub enum Held<'a, R: Runtime + ?Sized> {
+    /// Running.
+    Running(&'a R::Running),
+    /// Paused.
+    Paused(&'a R::Paused),
+}
