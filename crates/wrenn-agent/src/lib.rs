@@ -12,6 +12,7 @@ pub mod agent;
 pub mod controller;
 pub mod envd;
 pub mod fault;
+pub mod host;
 pub mod memdiff;
 pub mod observe;
 pub mod pool;

@@ -22,9 +22,8 @@ use anyhow::{Context as _, bail};
 use tokio_util::sync::CancellationToken;
 use wrenn_agent::Agent;
 use wrenn_agent::accel::Accel;
-use wrenn_agent::pool::{SlotPool, WarmPool};
+use wrenn_agent::host::{Host, HostConfig};
 use wrenn_agent::sandbox::Deadlines;
-use wrenn_agent::state::{self, OwnerLock, ScanScope};
 use wrenn_agent::template::{self, TemplateInputs};
 use wrenn_agent::vm::VmSpec;
 use wrenn_hostnet::Slot;
@@ -139,117 +138,36 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let secret = read_or_create_secret(&secret_file)?;
     let admin_token = read_or_create_token(&state.join("admin-token"))?;
 
-    // 1. Own the VMs root, clean what an earlier run left, keep its paused sandboxes.
-    let _owner = OwnerLock::try_acquire(&vms_root)
-        .context("lock the sandboxes directory")?
-        .with_context(|| {
-            format!(
-                "another wrenn process owns {} (is `wrenn up` already running?)",
-                vms_root.display()
-            )
-        })?;
-    let range = args.first_slot..args.first_slot.saturating_add(args.slots);
-    if range.len() < 2 {
-        bail!("--slots must be at least 2");
-    }
-    let mut scan = state::scan(
-        &vms_root,
-        &ScanScope {
-            in_use: Vec::new(),
-            slots: range.clone(),
-        },
-    )
-    .await;
-    // Running VMs of an earlier run that ended without a clean stop are taken over with their
-    // slots (a clean stop pauses them instead).
-    let mut running = Vec::new();
-    for vm in std::mem::take(&mut scan.adoptable) {
-        match vm.adopt_slot() {
-            Ok(Some(slot)) if range.contains(&slot.index()) && slot.index() != range.start => {
-                running.push((vm, slot));
-            }
-            other => {
-                tracing::warn!(dir = %vm.dir.display(), "running VM without a usable slot; stopping it");
-                drop(other);
-                if let Err(e) = vm.kill().await {
-                    tracing::warn!(error = %wrenn_agent::error_chain(&e), "stop an earlier VM");
-                }
-            }
-        }
-    }
-    let cleaned = scan.clean().await;
-    if !cleaned.dirs.is_empty() || !cleaned.killed.is_empty() {
-        tracing::info!(
-            dirs = cleaned.dirs.len(),
-            qemu = cleaned.killed.len(),
-            netns = cleaned.netns.len(),
-            "cleaned up after an earlier run"
-        );
-    }
-
-    // 2. The default template.
-    let build_slot_index = range.start;
-    let snapshot = default_template(&args, &templates, build_slot_index).await?;
-    let envd_version = wrenn_server::DEFAULT_ENVD_VERSION.to_owned();
-
-    // 3. The agent, with the paused sandboxes it found.
-    let pool_first = range.start + 1;
-    let (vms, adopted_slots): (Vec<_>, Vec<_>) = running.into_iter().unzip();
-    let (slots, leases) = SlotPool::with_adopted(
-        args.warm_pool + 2,
-        pool_first,
-        range.end - pool_first,
-        adopted_slots,
-    )
-    .await
-    .context("create network slots")?;
+    // 1. The host: own the VMs root, take over or clean what an earlier run left, the slot
+    // pool and the agent.
     let internal = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .context("bind the agent's internal port")?;
     let internal_url = format!("http://{}", internal.local_addr()?);
     tracing::info!(url = %internal_url, "agent RPC and sandbox proxy listening (loopback only)");
-    let agent = Arc::new(
-        Agent::new(
-            LOCAL_HOST,
-            slots.clone(),
-            vms_root.clone(),
-            args.max_sandboxes,
-            Deadlines {
-                health: Duration::from_secs(60),
-                init: Duration::from_secs(30),
-                prepare: Duration::from_secs(30),
-            },
-        )
-        .with_proxy_url(internal_url.clone())
-        .with_cpu_overcommit(args.cpu_overcommit),
-    );
-    remove_unused_templates(&templates, &snapshot.dir, &scan.paused);
-    let loaded = agent.load_paused(&scan.paused);
-    let taken = agent
-        .adopt_running(vms.into_iter().zip(leases).collect())
-        .await;
-    if !taken.is_empty() {
-        tracing::info!(
-            count = taken.len(),
-            "running sandboxes taken over from the earlier run"
-        );
-    }
-    if !loaded.is_empty() {
-        tracing::info!(
-            count = loaded.len(),
-            "paused sandboxes kept from the earlier run"
-        );
-    }
-    let warm = (args.warm_pool > 0).then(|| {
-        WarmPool::start(
-            snapshot.clone(),
-            DEFAULT_TEMPLATE,
-            slots.clone(),
-            vms_root.clone(),
-            args.warm_pool,
-        )
-    });
-    agent.register_template(DEFAULT_TEMPLATE, snapshot.clone(), warm, &envd_version);
+    let host = Host::start(HostConfig {
+        host_id: LOCAL_HOST.to_owned(),
+        vms_root: vms_root.clone(),
+        slots: args.first_slot..args.first_slot.saturating_add(args.slots),
+        warm_pool: args.warm_pool,
+        max_sandboxes: args.max_sandboxes,
+        cpu_overcommit: args.cpu_overcommit,
+        deadlines: Deadlines {
+            health: Duration::from_secs(60),
+            init: Duration::from_secs(30),
+            prepare: Duration::from_secs(30),
+        },
+        proxy_url: internal_url.clone(),
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!(wrenn_agent::error_chain(&e)))?;
+    let agent = host.agent().clone();
+
+    // 2. The default template (built in the slot kept for builds), registered with its pool.
+    let snapshot = default_template(&args, &templates, host.build_slot()).await?;
+    let envd_version = wrenn_server::DEFAULT_ENVD_VERSION.to_owned();
+    remove_unused_templates(&templates, &snapshot.dir, host.paused_found());
+    host.add_template(DEFAULT_TEMPLATE, snapshot.clone(), &envd_version);
     let shutdown = CancellationToken::new();
     let agent_app = agent_app(agent.clone());
     // Its own token: at shutdown the agent must still answer the control plane's reconcile
@@ -257,48 +175,21 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let agent_stop = CancellationToken::new();
     let agent_server = tokio::spawn(wrenn_server::serve(internal, agent_app, agent_stop.clone()));
 
-    // 4. The control plane.
-    let mut config = Config::new(database_url.clone(), secret);
-    config.admin_token = Some(admin_token);
-    config.reconcile_interval = Duration::from_secs(args.reconcile_interval.max(1));
-    config.domain = args.domain.clone();
-    let cp = ControlPlane::open(config, Arc::new(ConnectConnector))
-        .await
-        .with_context(|| format!("open the database {}", redact(&database_url)))?;
-    cp.register_host(LOCAL_HOST, &format!("{internal_url}/"), &internal_url)
-        .await
-        .map_err(|e| anyhow::anyhow!("register the local agent: {e}"))?;
-    let m = &snapshot.manifest.spec;
-    cp.register_template(&TemplateRecord {
-        id: DEFAULT_TEMPLATE.to_owned(),
-        team_id: None,
-        envd_version: envd_version.clone(),
-        vcpus: m.vcpus,
-        memory_mb: u64::from(m.memory_mib),
-        disk_size_mb: disk_size_mb(&snapshot.manifest.base_image),
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("register the default template: {e}"))?;
-    // Nothing is in flight before the port opens (this is the only control plane of its
-    // database), so records left mid-operation by a crash are settled now, without a grace.
-    let rec = cp
-        .reconcile_host_with_grace(LOCAL_HOST, Duration::ZERO)
-        .await
-        .map_err(|e| anyhow::anyhow!("reconcile sandbox records: {e}"))?;
-    if rec != Default::default() {
-        tracing::info!(
-            changed = rec.changed.len(),
-            lost = rec.lost.len(),
-            removed = rec.removed.len(),
-            orphans = rec.orphans.len(),
-            "sandbox records reconciled with the agent"
-        );
-    }
+    // 3. The control plane, its records reconciled with the agent.
+    let cp = control_plane(
+        &args,
+        &database_url,
+        secret,
+        admin_token,
+        &snapshot,
+        &internal_url,
+    )
+    .await?;
     let api_key = default_api_key(&cp, &state.join("api-key")).await?;
     let reaper = wrenn_server::reaper::spawn(cp.clone(), shutdown.child_token());
     let reconciler = wrenn_server::reconcile::spawn(cp.clone(), shutdown.child_token());
 
-    // 5. The public port.
+    // 4. The public port.
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("bind {}", args.listen))?;
@@ -352,6 +243,56 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     tracing::info!(paused = paused.len(), "stopped");
     cp.store().close().await;
     Ok(())
+}
+
+/// Opens the store, registers the local agent and the default template, and settles records
+/// left mid-operation by an earlier run.
+async fn control_plane(
+    args: &UpArgs,
+    database_url: &str,
+    secret: Vec<u8>,
+    admin_token: String,
+    snapshot: &wrenn_agent::snapshot::Snapshot,
+    internal_url: &str,
+) -> anyhow::Result<Arc<ControlPlane>> {
+    let envd_version = wrenn_server::DEFAULT_ENVD_VERSION.to_owned();
+    let mut config = Config::new(database_url.to_owned(), secret);
+    config.admin_token = Some(admin_token);
+    config.reconcile_interval = Duration::from_secs(args.reconcile_interval.max(1));
+    config.domain = args.domain.clone();
+    let cp = ControlPlane::open(config, Arc::new(ConnectConnector))
+        .await
+        .with_context(|| format!("open the database {}", redact(database_url)))?;
+    cp.register_host(LOCAL_HOST, &format!("{internal_url}/"), internal_url)
+        .await
+        .map_err(|e| anyhow::anyhow!("register the local agent: {e}"))?;
+    let m = &snapshot.manifest.spec;
+    cp.register_template(&TemplateRecord {
+        id: DEFAULT_TEMPLATE.to_owned(),
+        team_id: None,
+        envd_version,
+        vcpus: m.vcpus,
+        memory_mb: u64::from(m.memory_mib),
+        disk_size_mb: disk_size_mb(&snapshot.manifest.base_image),
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("register the default template: {e}"))?;
+    // Nothing is in flight before the port opens (this is the only control plane of its
+    // database), so records left mid-operation by a crash are settled now, without a grace.
+    let rec = cp
+        .reconcile_host_with_grace(LOCAL_HOST, Duration::ZERO)
+        .await
+        .map_err(|e| anyhow::anyhow!("reconcile sandbox records: {e}"))?;
+    if rec != Default::default() {
+        tracing::info!(
+            changed = rec.changed.len(),
+            lost = rec.lost.len(),
+            removed = rec.removed.len(),
+            orphans = rec.orphans.len(),
+            "sandbox records reconciled with the agent"
+        );
+    }
+    Ok(cp)
 }
 
 /// The agent's internal port: sandbox traffic (requests naming a sandbox) to its proxy,

@@ -1,0 +1,188 @@
+//! Bringing a host up: owning its sandboxes directory, recovering what an earlier agent left
+//! there (running QEMUs taken over with their slots, paused sandboxes kept, an interrupted
+//! pause finished, garbage removed), and starting the slot pool and the [`Agent`] over it.
+//! `wrenn up` (and later `wrenn agent`) only wire this to a template and the RPC port.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::agent::Agent;
+use crate::pool::{PoolError, SlotPool, WarmPool};
+use crate::sandbox::Deadlines;
+use crate::snapshot::Snapshot;
+use crate::state::{OwnerLock, PausedVm, ScanScope, StateError};
+
+/// How a host is brought up.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// The host's ID, as the control plane knows it.
+    pub host_id: String,
+    /// The sandboxes directory (one owner at a time).
+    pub vms_root: PathBuf,
+    /// The slot indices this host may use; the first is kept for template builds.
+    pub slots: Range<u32>,
+    /// QEMU processes kept waiting per template.
+    pub warm_pool: usize,
+    /// The most sandboxes with a VM at once.
+    pub max_sandboxes: u32,
+    /// vCPUs offered per host core.
+    pub cpu_overcommit: u32,
+    /// Deadlines of the lifecycle steps.
+    pub deadlines: Deadlines,
+    /// Where this host's sandbox proxy is reached (reported to the control plane).
+    pub proxy_url: String,
+}
+
+/// Why a host could not be brought up.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The slot range leaves no slot for sandboxes.
+    #[error("the slot range {0:?} needs at least 2 indices")]
+    SlotRange(Range<u32>),
+    /// The sandboxes directory could not be locked.
+    #[error("lock the sandboxes directory")]
+    Lock(#[source] StateError),
+    /// Another process owns the sandboxes directory.
+    #[error("another wrenn process owns {0} (is `wrenn up` already running?)")]
+    Owned(PathBuf),
+    /// The slot pool could not be made.
+    #[error("create network slots")]
+    Slots(#[source] PoolError),
+}
+
+/// A host that is up: its agent, its slot pool and what recovery found.
+#[derive(Debug)]
+pub struct Host {
+    agent: Arc<Agent>,
+    slots: SlotPool,
+    config: HostConfig,
+    paused: Vec<PausedVm>,
+    _owner: OwnerLock,
+}
+
+impl Host {
+    /// Locks the sandboxes directory, scans it (taking over running QEMUs of a run that
+    /// ended without a clean stop, keeping paused sandboxes, removing what provably holds
+    /// nothing), and starts the slot pool and the agent with what it found.
+    pub async fn start(config: HostConfig) -> Result<Self, HostError> {
+        let range = config.slots.clone();
+        if range.len() < 2 {
+            return Err(HostError::SlotRange(range));
+        }
+        let owner = OwnerLock::try_acquire(&config.vms_root)
+            .map_err(HostError::Lock)?
+            .ok_or_else(|| HostError::Owned(config.vms_root.clone()))?;
+        let mut scan = crate::state::scan(
+            &config.vms_root,
+            &ScanScope {
+                in_use: Vec::new(),
+                slots: range.clone(),
+            },
+        )
+        .await;
+        let mut running = Vec::new();
+        for vm in std::mem::take(&mut scan.adoptable) {
+            match vm.adopt_slot() {
+                Ok(Some(slot)) if range.contains(&slot.index()) && slot.index() != range.start => {
+                    running.push((vm, slot));
+                }
+                other => {
+                    tracing::warn!(dir = %vm.dir.display(), "running VM without a usable slot; stopping it");
+                    drop(other);
+                    if let Err(e) = vm.kill().await {
+                        tracing::warn!(error = %crate::error_chain(&e), "stop an earlier VM");
+                    }
+                }
+            }
+        }
+        let cleaned = scan.clean().await;
+        if !cleaned.dirs.is_empty() || !cleaned.killed.is_empty() {
+            tracing::info!(
+                dirs = cleaned.dirs.len(),
+                qemu = cleaned.killed.len(),
+                netns = cleaned.netns.len(),
+                "cleaned up after an earlier run"
+            );
+        }
+        let pool_first = range.start + 1;
+        let (vms, adopted_slots): (Vec<_>, Vec<_>) = running.into_iter().unzip();
+        let (slots, leases) = SlotPool::with_adopted(
+            config.warm_pool + 2,
+            pool_first,
+            range.end - pool_first,
+            adopted_slots,
+        )
+        .await
+        .map_err(HostError::Slots)?;
+        let agent = Arc::new(
+            Agent::new(
+                config.host_id.clone(),
+                slots.clone(),
+                config.vms_root.clone(),
+                config.max_sandboxes,
+                config.deadlines,
+            )
+            .with_proxy_url(config.proxy_url.clone())
+            .with_cpu_overcommit(config.cpu_overcommit),
+        );
+        let loaded = agent.load_paused(&scan.paused);
+        let taken = agent
+            .adopt_running(vms.into_iter().zip(leases).collect())
+            .await;
+        if !taken.is_empty() {
+            tracing::info!(
+                count = taken.len(),
+                "running sandboxes taken over from the earlier run"
+            );
+        }
+        if !loaded.is_empty() {
+            tracing::info!(
+                count = loaded.len(),
+                "paused sandboxes kept from the earlier run"
+            );
+        }
+        Ok(Self {
+            agent,
+            slots,
+            config,
+            paused: scan.paused,
+            _owner: owner,
+        })
+    }
+
+    /// The agent.
+    pub fn agent(&self) -> &Arc<Agent> {
+        &self.agent
+    }
+
+    /// The slot index kept for template builds (outside the pool).
+    pub fn build_slot(&self) -> u32 {
+        self.config.slots.start
+    }
+
+    /// The paused sandboxes found at start (whose templates must be kept).
+    pub fn paused_found(&self) -> &[PausedVm] {
+        &self.paused
+    }
+
+    /// The sandboxes directory.
+    pub fn vms_root(&self) -> &Path {
+        &self.config.vms_root
+    }
+
+    /// Makes `snapshot` startable as `template_id`, with a warm pool of the configured size.
+    pub fn add_template(&self, template_id: &str, snapshot: Snapshot, envd_version: &str) {
+        let warm = (self.config.warm_pool > 0).then(|| {
+            WarmPool::start(
+                snapshot.clone(),
+                template_id,
+                self.slots.clone(),
+                self.config.vms_root.clone(),
+                self.config.warm_pool,
+            )
+        });
+        self.agent
+            .register_template(template_id, snapshot, warm, envd_version);
+    }
+}
