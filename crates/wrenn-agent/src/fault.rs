@@ -6,13 +6,13 @@
 use std::sync::LazyLock;
 
 /// The environment variable naming the point to die at.
-pub const FAULT_ENV: &str = "WRENN_FAULT";
+pub(crate) const FAULT_ENV: &str = "WRENN_FAULT";
 
 static FAULT: LazyLock<Option<String>> =
     LazyLock::new(|| std::env::var(FAULT_ENV).ok().filter(|v| !v.is_empty()));
 
 /// Dies here (SIGKILL, no cleanup at all) if `WRENN_FAULT` names this point.
-pub fn point(name: &str) {
+pub(crate) fn point(name: &str) {
     if FAULT.as_deref() == Some(name) {
         eprintln!("{FAULT_ENV}={name}: killing the agent process here");
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);

@@ -8,13 +8,13 @@
 //! served by [`rpc`].
 
 pub mod accel;
-pub mod agent;
+mod agent;
 pub mod controller;
 pub mod envd;
-pub mod fault;
+mod fault;
 pub mod host;
-pub mod memdiff;
-pub mod observe;
+mod memdiff;
+mod observe;
 pub mod pool;
 pub mod proxy;
 pub mod qemu;

@@ -28,7 +28,7 @@ use crate::controller::ControlError;
 use crate::sandbox::{Sandbox, SandboxNet};
 
 /// How often each running sandbox is sampled (and its console read).
-pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+pub(crate) const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 /// Samples kept per sandbox: one hour at [`SAMPLE_INTERVAL`].
 const MAX_SAMPLES: usize = 720;
 /// Log entries kept per sandbox (the RPC's maximum page is [`MAX_LOG_LIMIT`]).
@@ -48,7 +48,7 @@ const ACCESS_TOKEN_HEADER: &str = "X-Access-Token";
 
 /// Why a sample could not be taken.
 #[derive(Debug, thiserror::Error)]
-pub enum ObserveError {
+pub(crate) enum ObserveError {
     /// The request failed.
     #[error("GET /metrics")]
     Request(#[from] reqwest::Error),
@@ -59,14 +59,14 @@ pub enum ObserveError {
 
 /// Where a running sandbox's envd is (its console path is given to [`Observer::started`]).
 #[derive(Debug, Clone)]
-pub struct Target {
+pub(crate) struct Target {
     id: String,
     envd_url: String,
 }
 
 impl Target {
     /// The target of a running sandbox.
-    pub fn of<N: SandboxNet>(id: &str, sb: &Sandbox<N>) -> Self {
+    pub(crate) fn of<N: SandboxNet>(id: &str, sb: &Sandbox<N>) -> Self {
         Self {
             id: id.to_owned(),
             envd_url: sb.envd().base_url(),
@@ -76,7 +76,7 @@ impl Target {
 
 /// The per-sandbox samples and logs of an agent.
 #[derive(Debug)]
-pub struct Observer {
+pub(crate) struct Observer {
     http: reqwest::Client,
     next_generation: AtomicU64,
     sandboxes: Mutex<HashMap<String, Observed>>,
@@ -385,7 +385,7 @@ impl Observer {
     /// A sandbox (re)started in a VM whose console is `console`: remembers the access token
     /// envd now wants, reads the console (the guest's lines from the start come before the
     /// event) and logs `event` ("created", "resumed").
-    pub fn started(&self, id: &str, token: Option<String>, console: PathBuf, event: &str) {
+    pub(crate) fn started(&self, id: &str, token: Option<String>, console: PathBuf, event: &str) {
         let mut map = lock(&self.sandboxes);
         let o = map
             .entry(id.to_owned())
@@ -397,14 +397,14 @@ impl Observer {
     }
 
     /// Reads the console of a running sandbox (before its VM goes away, or to be current).
-    pub fn catch_up(&self, id: &str) {
+    pub(crate) fn catch_up(&self, id: &str) {
         if let Some(o) = lock(&self.sandboxes).get_mut(id) {
             o.catch_up(false);
         }
     }
 
     /// The sandbox was paused: its VM, and so its console, is gone.
-    pub fn paused(&self, id: &str) {
+    pub(crate) fn paused(&self, id: &str) {
         if let Some(o) = lock(&self.sandboxes).get_mut(id) {
             o.catch_up(true);
             o.console = None;
@@ -413,7 +413,7 @@ impl Observer {
     }
 
     /// The sandbox is gone: drops everything about it.
-    pub fn forget(&self, id: &str) {
+    pub(crate) fn forget(&self, id: &str) {
         lock(&self.sandboxes).remove(id);
     }
 
