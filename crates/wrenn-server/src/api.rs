@@ -315,13 +315,20 @@ fn list_filter(
             .flatten()
             .collect(),
     };
-    // `metadata` is itself a urlencoded `k=v&k2=v2` string.
+    // `metadata` is itself a urlencoded `k=v&k2=v2` string, whose keys and values the SDKs
+    // percent-encode once more first (Python `quote`, JS `encodeURIComponent`): a value with
+    // `:` or `/` only matches once both layers are undone.
     let metadata = q
         .metadata
         .as_deref()
         .map(|m| {
+            let decode = |s: &str| {
+                percent_encoding::percent_decode_str(s)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
             form_urlencoded::parse(m.as_bytes())
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .map(|(k, v)| (decode(&k), decode(&v)))
                 .collect()
         })
         .unwrap_or_default();

@@ -32,6 +32,14 @@ while pager.has_next:
 assert sorted(seen) == sorted([sbx.sandbox_id, other.sandbox_id]), seen
 only = Sandbox.list(query=SandboxQuery(metadata={"n": "2"})).next_items()
 assert [s.sandbox_id for s in only] == [other.sandbox_id], only
+# Keys and values with characters the SDK percent-encodes before form-encoding the filter.
+odd = {"step": "pause:saved", "path/key": "a/b c%41&d=e"}
+third = Sandbox.create(metadata=odd)
+found = Sandbox.list(query=SandboxQuery(metadata=odd)).next_items()
+assert [s.sandbox_id for s in found] == [third.sandbox_id], found
+assert found[0].metadata == odd, found[0].metadata
+assert Sandbox.list(query=SandboxQuery(metadata={"step": "pause%3Asaved"})).next_items() == []
+third.kill()
 
 metrics = sbx.get_metrics()
 assert metrics and metrics[0].cpu_count == 2, metrics
