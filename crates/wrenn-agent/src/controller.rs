@@ -300,7 +300,16 @@ impl<R: Runtime> Controller<R> {
         op: Op,
         want: fn(&Slot<R>) -> bool,
     ) -> Result<(SandboxMeta, Slot<R>), ControlError> {
-        let mut table = lock(&self.table);
+        Self::take_in(&mut lock(&self.table), id, op, want)
+    }
+
+    /// [`Controller::take`] with the table already locked.
+    fn take_in(
+        table: &mut HashMap<String, Entry<R>>,
+        id: &str,
+        op: Op,
+        want: fn(&Slot<R>) -> bool,
+    ) -> Result<(SandboxMeta, Slot<R>), ControlError> {
         let e = table
             .get_mut(id)
             .ok_or_else(|| ControlError::NotFound(id.to_owned()))?;
@@ -515,7 +524,8 @@ impl<R: Runtime> Controller<R> {
             return Err(ControlError::ShuttingDown);
         }
         let (mut meta, p) = {
-            let table = lock(&self.table);
+            // Room and state are checked under one lock: two resumes cannot both take the last.
+            let mut table = lock(&self.table);
             let live = table
                 .values()
                 .filter(|e| !matches!(e.slot, Slot::Paused(_)))
@@ -524,8 +534,7 @@ impl<R: Runtime> Controller<R> {
             if full && matches!(table.get(id).map(|e| &e.slot), Some(Slot::Paused(_))) {
                 return Err(ControlError::Full(self.max_sandboxes));
             }
-            drop(table);
-            self.take(id, Op::Resume, |s| matches!(s, Slot::Paused(_)))?
+            Self::take_in(&mut table, id, Op::Resume, |s| matches!(s, Slot::Paused(_)))?
         };
         let Slot::Paused(p) = p else {
             unreachable!("take checked the state");
