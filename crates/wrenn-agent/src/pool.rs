@@ -35,6 +35,8 @@ const REFILL_BACKOFF: Duration = Duration::from_secs(1);
 /// After a take, the refill waits this long before starting a QEMU: starting one costs about
 /// 100 ms of CPU, which on a small host would land on the restore that just took the VM.
 pub const DEFAULT_REFILL_DELAY: Duration = Duration::from_millis(500);
+/// `last_take_ms` of a pool nothing was taken from yet (its first fill does not wait).
+const NEVER_TAKEN: u64 = u64::MAX;
 
 /// Why a pool operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -462,9 +464,24 @@ struct WarmInner {
     closed: AtomicBool,
     counter: AtomicU64,
     refill_delay_ms: AtomicU64,
+    /// When the last take happened (ms since `epoch`): a refill waits the delay after it.
+    last_take_ms: AtomicU64,
+    epoch: std::time::Instant,
 }
 
 impl WarmInner {
+    /// How long a refill must still wait: the delay after the last take, read now (a take
+    /// during an earlier wait, or a delay changed meanwhile, counts).
+    fn refill_wait(&self) -> Duration {
+        let last = self.last_take_ms.load(Ordering::Relaxed);
+        if last == NEVER_TAKEN {
+            return Duration::ZERO;
+        }
+        let delay = self.refill_delay_ms.load(Ordering::Relaxed);
+        let since = (self.epoch.elapsed().as_millis() as u64).saturating_sub(last);
+        Duration::from_millis(delay.saturating_sub(since))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<WarmVm>> {
         self.ready.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -500,6 +517,8 @@ impl WarmPool {
             closed: AtomicBool::new(false),
             counter: AtomicU64::new(0),
             refill_delay_ms: AtomicU64::new(DEFAULT_REFILL_DELAY.as_millis() as u64),
+            last_take_ms: AtomicU64::new(NEVER_TAKEN),
+            epoch: std::time::Instant::now(),
         });
         let task = tokio::spawn(refill(inner.clone()));
         Self {
@@ -528,6 +547,8 @@ impl WarmPool {
     /// Takes a waiting QEMU if there is one (never waits), and triggers a refill.
     pub fn take(&self) -> Option<WarmVm> {
         let vm = self.inner.lock().pop_front();
+        let now = self.inner.epoch.elapsed().as_millis() as u64;
+        self.inner.last_take_ms.store(now, Ordering::Relaxed);
         self.inner.wake.notify_one();
         vm
     }
@@ -584,6 +605,19 @@ async fn refill(inner: Arc<WarmInner>) {
             return;
         }
         if inner.lock().len() < inner.target {
+            let wait = inner.refill_wait();
+            if !wait.is_zero() {
+                // Woken early (a stale wake-up), or a take came during the last wait.
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = async {
+                        while !inner.closed.load(Ordering::SeqCst) {
+                            inner.wake.notified().await;
+                        }
+                    } => {}
+                }
+                continue;
+            }
             match start_one(&inner).await {
                 Ok(w) => {
                     if inner.closed.load(Ordering::SeqCst) {
