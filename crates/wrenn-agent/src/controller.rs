@@ -78,7 +78,7 @@ pub enum ControlError {
     },
     /// The operation's task ended abnormally (a panic); the guard settled the entry.
     #[error("{0} ended abnormally")]
-    Aborted(&'static str),
+    Aborted(Op),
 }
 
 /// An operation that holds a sandbox.
@@ -341,12 +341,7 @@ impl<R: Runtime> Controller<R> {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(sandbox_id = %id, op = %op, error = %e, "operation task failed");
-                Err(ControlError::Aborted(match op {
-                    Op::Create => "create",
-                    Op::Pause => "pause",
-                    Op::Resume => "resume",
-                    Op::Kill => "kill",
-                }))
+                Err(ControlError::Aborted(op))
             }
         }
     }
