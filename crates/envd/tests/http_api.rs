@@ -700,11 +700,12 @@ async fn files_act_as_the_requested_user() {
     let parent = std::fs::metadata(dir.path().join("by-nobody")).unwrap();
     assert_eq!((parent.uid(), parent.mode() & 0o777), (NOBODY_UID, 0o755));
 
-    // nobody cannot write into a root-owned 0755 directory, nor read a root-only file.
+    // An upload is written by envd and given to the user, as upstream envd does: into a
+    // root-owned 0755 directory, and below directories that do not exist yet (`/0/x.txt`).
     let closed = dir.path().join("closed");
     std::fs::create_dir(&closed).unwrap();
     std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let target = closed.join("x.txt");
+    let target = closed.join("new/deeper/x.txt");
     let resp = put_raw(
         &envd,
         &format!("path={}&username=nobody", q(target.to_str().unwrap())),
@@ -712,8 +713,62 @@ async fn files_act_as_the_requested_user() {
         &[],
     )
     .await;
-    assert_eq!(resp.status().as_u16(), 403);
-    assert!(!target.exists());
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(std::fs::read(&target).unwrap(), b"n");
+    for made in [
+        target.as_path(),
+        target.parent().unwrap(),
+        &closed.join("new"),
+    ] {
+        assert_eq!(
+            std::fs::metadata(made).unwrap().uid(),
+            NOBODY_UID,
+            "{}",
+            made.display()
+        );
+    }
+    assert_eq!(
+        std::fs::metadata(&closed).unwrap().uid(),
+        0,
+        "an existing parent keeps its owner"
+    );
+    // An existing root-owned file is given to the uploader too, then truncated.
+    let existing = closed.join("root-owned.txt");
+    std::fs::write(&existing, b"old content, longer").unwrap();
+    let resp = put_raw(
+        &envd,
+        &format!("path={}&username=nobody", q(existing.to_str().unwrap())),
+        b"new".to_vec(),
+        &[],
+    )
+    .await;
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(std::fs::read(&existing).unwrap(), b"new");
+    assert_eq!(std::fs::metadata(&existing).unwrap().uid(), NOBODY_UID);
+    // A directory in the way is the caller's mistake; nothing is changed.
+    let resp = put_raw(
+        &envd,
+        &format!("path={}&username=nobody", q(closed.to_str().unwrap())),
+        b"n".to_vec(),
+        &[],
+    )
+    .await;
+    assert_eq!(resp.status().as_u16(), 400);
+    let resp = put_raw(
+        &envd,
+        &format!(
+            "path={}&username=nobody",
+            q(&format!("{}/under-a-file", existing.display()))
+        ),
+        b"n".to_vec(),
+        &[],
+    )
+    .await;
+    assert_eq!(resp.status().as_u16(), 400);
+    assert_eq!(std::fs::read(&existing).unwrap(), b"new");
+    assert_eq!(std::fs::metadata(&closed).unwrap().uid(), 0);
+
+    // Reads still run with the user's permissions: nobody cannot read a root-only file.
     let secret = dir.path().join("secret.txt");
     std::fs::write(&secret, b"root only").unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();

@@ -106,9 +106,13 @@ impl Agent {
     }
 
     /// Where the host reaches `port` of a running sandbox (the proxy's route into the guest).
-    pub fn guest_endpoint(&self, id: &str, port: u16) -> Option<std::net::SocketAddr> {
+    pub fn guest_endpoint(
+        &self,
+        id: &str,
+        port: u16,
+    ) -> Option<(std::net::SocketAddr, tokio_util::sync::CancellationToken)> {
         self.ctl
-            .with_running(id, |sb| self.runtime().endpoint(sb, port))
+            .with_running_traffic(id, |sb| self.runtime().endpoint(sb, port))
     }
 
     /// What the host has and uses.

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::runtime::{
@@ -164,6 +165,24 @@ impl<R: Runtime> Slot<R> {
 struct Entry<R: Runtime> {
     meta: SandboxMeta,
     slot: Slot<R>,
+    /// Fired when the sandbox stops running (a pause or kill takes it, or it is removed): the
+    /// proxy ends every connection into it then, which a guest that is gone never would.
+    traffic: CancellationToken,
+}
+
+impl<R: Runtime> Entry<R> {
+    fn new(meta: SandboxMeta, slot: Slot<R>) -> Self {
+        Self {
+            meta,
+            slot,
+            traffic: CancellationToken::new(),
+        }
+    }
+
+    /// Ends the traffic of the sandbox's current run; a later run gets a new token.
+    fn end_traffic(&mut self) {
+        std::mem::take(&mut self.traffic).cancel();
+    }
 }
 
 /// Owns the sandbox table and drives `R`.
@@ -288,7 +307,9 @@ impl<R: Runtime> Controller<R> {
                 }
             }
             None => {
-                table.remove(id);
+                if let Some(mut e) = table.remove(id) {
+                    e.end_traffic();
+                }
             }
         }
     }
@@ -326,6 +347,10 @@ impl<R: Runtime> Controller<R> {
             });
         }
         let slot = std::mem::replace(&mut e.slot, Slot::Busy(op));
+        if matches!(slot, Slot::Running(_)) {
+            // Pause and kill: the guest stops answering now.
+            e.end_traffic();
+        }
         Ok((e.meta.clone(), slot))
     }
 
@@ -384,13 +409,7 @@ impl<R: Runtime> Controller<R> {
             if u32::try_from(live).unwrap_or(u32::MAX) >= self.max_sandboxes {
                 return Err(ControlError::Full(self.max_sandboxes));
             }
-            table.insert(
-                id.clone(),
-                Entry {
-                    meta: meta.clone(),
-                    slot: Slot::Busy(Op::Create),
-                },
-            );
+            table.insert(id.clone(), Entry::new(meta.clone(), Slot::Busy(Op::Create)));
         }
         let guard = OpGuard::new(self, &id, Op::Create);
         let ctl = self.clone();
@@ -613,7 +632,7 @@ impl<R: Runtime> Controller<R> {
         if table.contains_key(&meta.sandbox_id) {
             return Err(slot);
         }
-        table.insert(meta.sandbox_id.clone(), Entry { meta, slot });
+        table.insert(meta.sandbox_id.clone(), Entry::new(meta, slot));
         Ok(())
     }
 
@@ -621,6 +640,21 @@ impl<R: Runtime> Controller<R> {
     pub fn with_running<T>(&self, id: &str, f: impl FnOnce(&R::Running) -> T) -> Option<T> {
         match &lock(&self.table).get(id)?.slot {
             Slot::Running(sb) => Some(f(sb)),
+            Slot::Paused(_) | Slot::Busy(_) => None,
+        }
+    }
+
+    /// [`Controller::with_running`], with the token that fires when this run of the sandbox
+    /// ends (paused, killed, removed).
+    pub fn with_running_traffic<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&R::Running) -> T,
+    ) -> Option<(T, CancellationToken)> {
+        let table = lock(&self.table);
+        let e = table.get(id)?;
+        match &e.slot {
+            Slot::Running(sb) => Some((f(sb), e.traffic.clone())),
             Slot::Paused(_) | Slot::Busy(_) => None,
         }
     }

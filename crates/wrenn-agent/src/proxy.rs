@@ -8,6 +8,11 @@
 //!
 //! Error bodies follow E2B's proxy, whose messages the SDKs read: "was not found" means the
 //! sandbox is not running, "port is not open" that nothing listens on the port.
+//!
+//! Every forwarded exchange lasts only as long as the sandbox's run: when it is killed or
+//! paused, its [`Route::ends`] token fires and every stream into it ends at once (a request
+//! still waiting answers "was not found"; a streaming body is cut, which the SDKs turn into
+//! "the sandbox was killed" after checking it is gone). The guest itself would never close them.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,6 +22,7 @@ use std::time::Duration;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use tokio_util::sync::CancellationToken;
 use wrenn_http::forward::{self, ForwardError, HttpClient};
 // envd's port is the default when a request names none.
 use wrenn_image::ENVD_PORT;
@@ -26,16 +32,25 @@ const SANDBOX_PORT_HEADER: &str = "e2b-sandbox-port";
 /// The guest is on this host: a port that does not accept within this time is as good as closed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Where a request goes, and until when.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Where the host reaches the guest's port.
+    pub addr: SocketAddr,
+    /// Fires when this run of the sandbox ends (paused, killed).
+    pub ends: CancellationToken,
+}
+
 /// Where the proxy finds sandboxes.
 pub trait Resolve: Send + Sync {
-    /// Where the host reaches `port` of running sandbox `sandbox_id` (`None`: no such running
-    /// sandbox).
-    fn resolve(&self, sandbox_id: &str, port: u16) -> Option<SocketAddr>;
+    /// The route to `port` of running sandbox `sandbox_id` (`None`: no such running sandbox).
+    fn resolve(&self, sandbox_id: &str, port: u16) -> Option<Route>;
 }
 
 impl Resolve for crate::agent::Agent {
-    fn resolve(&self, sandbox_id: &str, port: u16) -> Option<SocketAddr> {
+    fn resolve(&self, sandbox_id: &str, port: u16) -> Option<Route> {
         self.guest_endpoint(sandbox_id, port)
+            .map(|(addr, ends)| Route { addr, ends })
     }
 }
 
@@ -55,7 +70,11 @@ impl Clients {
             return c.clone();
         }
         // A new sandbox or a new slot: the moment to forget pools of ended sandboxes.
-        pools.retain(|(other, a), _| resolve.resolve(other, a.port()) == Some(*a));
+        pools.retain(|(other, a), _| {
+            resolve
+                .resolve(other, a.port())
+                .is_some_and(|r| r.addr == *a)
+        });
         let c = forward::client(CONNECT_TIMEOUT);
         pools.insert((id.to_owned(), addr), c.clone());
         c
@@ -82,15 +101,19 @@ async fn handle(State(proxy): State<Proxy>, mut req: Request) -> Response {
         Ok(r) => r,
         Err(message) => return bad_request(message),
     };
-    let Some(addr) = proxy.resolve.resolve(&id, port) else {
-        return bad_gateway(&id, None, format!("The sandbox {id} was not found"));
+    let Some(Route { addr, ends }) = proxy.resolve.resolve(&id, port) else {
+        return not_found(&id);
     };
     // The routing headers are for proxies; the guest's servers do not need them.
     req.headers_mut().remove(SANDBOX_ID_HEADER);
     req.headers_mut().remove(SANDBOX_PORT_HEADER);
     let client = proxy.clients.get(proxy.resolve.as_ref(), &id, addr);
-    match forward::forward(&client, &format!("http://{addr}"), req).await {
+    match forward::forward_until(&client, &format!("http://{addr}"), req, ends).await {
         Ok(resp) => resp,
+        Err(ForwardError::Stopped) => {
+            tracing::debug!(sandbox_id = %id, port, "request ended: the sandbox stopped running");
+            not_found(&id)
+        }
         Err(e) => {
             // A closed port is the client's business (SDKs poll ports); anything else is ours.
             if matches!(e, ForwardError::Refused(_) | ForwardError::Connect(_)) {
@@ -115,6 +138,7 @@ async fn handle(State(proxy): State<Proxy>, mut req: Request) -> Response {
                     "Upgrade is not possible on this connection".to_owned()
                 }
                 ForwardError::BadTarget(_) => format!("Bad guest address {addr}"),
+                ForwardError::Stopped => unreachable!("answered above"),
             };
             bad_gateway(&id, Some(port), message)
         }
@@ -142,6 +166,11 @@ fn route(headers: &HeaderMap) -> Result<(String, u16), &'static str> {
             .ok_or("Invalid sandbox port")?,
     };
     Ok((id.to_owned(), port))
+}
+
+/// The answer for a sandbox that is not running (the SDKs look for "was not found").
+fn not_found(id: &str) -> Response {
+    bad_gateway(id, None, format!("The sandbox {id} was not found"))
 }
 
 fn bad_request(message: &str) -> Response {

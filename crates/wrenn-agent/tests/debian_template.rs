@@ -100,7 +100,11 @@ async fn debian_template_builds_boots_and_runs_python() {
     assert_eq!(m.common.kind, "debian");
     assert_eq!(m.suite, "bookworm");
     assert!(m.debian_version.starts_with("12"), "{}", m.debian_version);
-    for want in ["bash", "coreutils", "python3", "ca-certificates", "libc6"] {
+    let tools = wrenn_image::TOOLS;
+    for want in ["bash", "coreutils", "python3", "ca-certificates", "libc6"]
+        .into_iter()
+        .chain(tools)
+    {
         assert!(
             m.packages
                 .iter()
@@ -189,6 +193,28 @@ async fn debian_template_builds_boots_and_runs_python() {
         "test -s /etc/ssl/certs/ca-certificates.crt && cat <(echo ok)",
     )
     .await;
+    // What E2B's base image gives user code: passwordless sudo and the usual tools.
+    assert_eq!(run_ok(&base, "user", "sudo -n whoami").await, "root");
+    let versions = run_ok(
+        &base,
+        "user",
+        "git --version && curl --version | head -1 && wget --version | head -1 && \
+         pip --version && python3 -m venv /tmp/venv && /tmp/venv/bin/python -c 'print(1)' && \
+         node -e 'console.log(6*7)' && npm --version && ps -p 1 -o comm= | xargs && unzip -v | head -1",
+    )
+    .await;
+    for want in [
+        "git version",
+        "curl ",
+        "GNU Wget",
+        "pip ",
+        "\n1\n",
+        "\n42\n",
+        "\ninit\n",
+        "UnZip",
+    ] {
+        assert!(versions.contains(want), "no {want:?} in {versions}");
+    }
     let mounts = run_ok(&base, "root", "cut -d' ' -f2,3 /proc/mounts").await;
     for want in [
         "/ ext4",

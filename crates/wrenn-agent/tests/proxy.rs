@@ -22,16 +22,22 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc};
-use wrenn_agent::proxy::{self, Resolve};
+use tokio_util::sync::CancellationToken;
+use wrenn_agent::proxy::{self, Resolve, Route};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// Routes `(sandbox, port)` to local servers.
-struct Map(HashMap<(String, u16), SocketAddr>);
+/// Routes `(sandbox, port)` to local servers; every sandbox's run ends when its token fires.
+struct Map {
+    routes: HashMap<(String, u16), SocketAddr>,
+    runs: HashMap<String, CancellationToken>,
+}
 
 impl Resolve for Map {
-    fn resolve(&self, sandbox_id: &str, port: u16) -> Option<SocketAddr> {
-        self.0.get(&(sandbox_id.to_owned(), port)).copied()
+    fn resolve(&self, sandbox_id: &str, port: u16) -> Option<Route> {
+        let addr = *self.routes.get(&(sandbox_id.to_owned(), port))?;
+        let ends = self.runs.get(sandbox_id)?.clone();
+        (!ends.is_cancelled()).then_some(Route { addr, ends })
     }
 }
 
@@ -139,6 +145,8 @@ async fn closed_port() -> SocketAddr {
 struct Setup {
     proxy: SocketAddr,
     release_a: Arc<Notify>,
+    /// Fired: sandbox `a` is killed.
+    kill_a: CancellationToken,
 }
 
 /// Backends: sandbox `a` on 49983 and 8080 (named `a` and `a8080`), `b` on 49983, and `c`
@@ -147,12 +155,20 @@ async fn setup() -> Setup {
     let (a, release_a) = backend("a").await;
     let (a8080, _) = backend("a8080").await;
     let (b, _) = backend("b").await;
-    let map = Map(HashMap::from([
-        (("a".to_owned(), 49983), a),
-        (("a".to_owned(), 8080), a8080),
-        (("b".to_owned(), 49983), b),
-        (("c".to_owned(), 49983), closed_port().await),
-    ]));
+    let kill_a = CancellationToken::new();
+    let map = Map {
+        routes: HashMap::from([
+            (("a".to_owned(), 49983), a),
+            (("a".to_owned(), 8080), a8080),
+            (("b".to_owned(), 49983), b),
+            (("c".to_owned(), 49983), closed_port().await),
+        ]),
+        runs: ["b", "c"]
+            .into_iter()
+            .map(|id| (id.to_owned(), CancellationToken::new()))
+            .chain([("a".to_owned(), kill_a.clone())])
+            .collect(),
+    };
     let app = proxy::router(Arc::new(map));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy = listener.local_addr().unwrap();
@@ -173,7 +189,11 @@ async fn setup() -> Setup {
             ));
         }
     });
-    Setup { proxy, release_a }
+    Setup {
+        proxy,
+        release_a,
+        kill_a,
+    }
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<BoxBody<Bytes, Infallible>>;
@@ -278,6 +298,63 @@ async fn response_streams_incrementally() {
 }
 
 #[tokio::test]
+async fn killing_a_sandbox_ends_its_streams_at_once() {
+    let s = setup().await;
+    let mut c = connect(s.proxy).await;
+    let mut ws = TcpStream::connect(s.proxy).await.unwrap();
+    let head = upgrade(&mut ws).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    let req = request("GET", "/stream", &[("E2b-Sandbox-Id", "a")], empty());
+    let resp = tokio::time::timeout(WAIT, c.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"first;");
+    // Another sandbox's stream on its own connection is not touched.
+    let mut other = connect(s.proxy).await;
+    let (status, _) = send(
+        &mut other,
+        request("GET", "/x", &[("E2b-Sandbox-Id", "b")], empty()),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    // The backend never sends its second chunk, and a dead guest would never close: only the
+    // kill can end the stream, and it must end it as a failure, not a clean end.
+    s.kill_a.cancel();
+    let ended = tokio::time::timeout(WAIT, body.frame())
+        .await
+        .expect("the stream outlived the sandbox");
+    assert!(
+        !matches!(ended, None | Some(Ok(_))),
+        "a killed sandbox's stream must fail: {ended:?}"
+    );
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(WAIT, ws.read(&mut buf))
+        .await
+        .expect("the upgraded connection outlived the sandbox");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+
+    // New requests answer what the SDKs read as "not running"; other sandboxes still work.
+    let mut c = connect(s.proxy).await;
+    let (status, body) = send(
+        &mut c,
+        request("GET", "/x", &[("E2b-Sandbox-Id", "a")], empty()),
+    )
+    .await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("was not found"), "{body}");
+    let (status, _) = send(
+        &mut other,
+        request("GET", "/x", &[("E2b-Sandbox-Id", "b")], empty()),
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
 async fn large_upload_streams_intact() {
     let s = setup().await;
     let mut c = connect(s.proxy).await;
@@ -352,10 +429,8 @@ async fn request_and_response_stream_at_once() {
     assert!(rest.is_empty());
 }
 
-#[tokio::test]
-async fn websocket_upgrade_is_spliced_through() {
-    let s = setup().await;
-    let mut tcp = TcpStream::connect(s.proxy).await.unwrap();
+/// Asks for a WebSocket upgrade to sandbox `a` and returns the answer's head, lower case.
+async fn upgrade(tcp: &mut TcpStream) -> String {
     tcp.write_all(
         b"GET /ws HTTP/1.1\r\nHost: proxy\r\nE2b-Sandbox-Id: a\r\n\
           Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
@@ -372,7 +447,15 @@ async fn websocket_upgrade_is_spliced_through() {
         assert!(n > 0, "proxy closed before answering");
         head.extend_from_slice(&buf[..n]);
     }
-    let head = String::from_utf8_lossy(&head).to_lowercase();
+    String::from_utf8_lossy(&head).to_lowercase()
+}
+
+#[tokio::test]
+async fn websocket_upgrade_is_spliced_through() {
+    let s = setup().await;
+    let mut tcp = TcpStream::connect(s.proxy).await.unwrap();
+    let head = upgrade(&mut tcp).await;
+    let mut buf = vec![0u8; 4096];
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
     for msg in [&b"ping over the upgraded stream"[..], b"and again"] {

@@ -17,7 +17,7 @@ pub use admin::{CreatedApiKey, Host, NewApiKey, NewHost, NewTeam, Team};
 pub use sandbox::{
     AutoResume, ConnectSandbox, Error, Lifecycle, ListedSandbox, NewSandbox, NewSnapshot,
     PauseSandbox, RefreshSandbox, ResumedSandbox, Sandbox, SandboxDetail, SandboxLog,
-    SandboxLogEntry, SandboxLogs, SandboxMetric, SandboxTimeout, SnapshotInfo,
+    SandboxLogEntry, SandboxLogs, SandboxMetric, SandboxTimeout, SnapshotInfo, TemplateAlias,
 };
 
 /// `clientID` in every sandbox response: a constant kept for backward compatibility, the same

@@ -246,6 +246,15 @@ pub struct NewSnapshot {
     pub memory: Option<bool>,
 }
 
+/// `GET /templates/aliases/{alias}`: the template a name refers to (`Template.exists`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateAlias {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// Whether every team may use it.
+    pub public: bool,
+}
+
 /// A snapshot; its ID works as a template ID in `Sandbox.create`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotInfo {

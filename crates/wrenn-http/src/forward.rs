@@ -4,14 +4,26 @@
 //!
 //! Shared by the control plane's edge proxy and the host agent's proxy into sandboxes. Routing,
 //! and the error bodies each of them answers, stay with the callers.
+//!
+//! [`forward_until`] ties the whole exchange to a cancellation token: when it fires, a request
+//! still waiting for its answer fails, a response body still streaming ends with an error (the
+//! client sees its connection or HTTP/2 stream reset, not a clean end) and a spliced upgrade is
+//! closed. The agent fires it when a sandbox is killed or paused: a guest that is gone sends no
+//! FIN or RST, so without it a proxied stream would hang until TCP gave up.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
+use http_body::Frame;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// The pooled HTTP/1.1 client that [`forward`] sends with.
 pub type HttpClient = Client<HttpConnector, Body>;
@@ -49,6 +61,9 @@ pub enum ForwardError {
     /// The target accepted an upgrade that the client's connection cannot make (not HTTP/1.1).
     #[error("the client's connection cannot be upgraded")]
     NotUpgradable,
+    /// The exchange was stopped (its token fired) before the target answered.
+    #[error("stopped before the target answered")]
+    Stopped,
 }
 
 /// Forwards `req` to `base` (`http://host:port`, optionally with a path prefix) plus the
@@ -61,6 +76,17 @@ pub async fn forward(
     client: &HttpClient,
     base: &str,
     req: Request<Body>,
+) -> Result<Response<Body>, ForwardError> {
+    forward_until(client, base, req, CancellationToken::new()).await
+}
+
+/// [`forward`], ended when `stop` fires: the answer is awaited, the response body streamed and
+/// an upgraded connection spliced only until then.
+pub async fn forward_until(
+    client: &HttpClient,
+    base: &str,
+    req: Request<Body>,
+    stop: CancellationToken,
 ) -> Result<Response<Body>, ForwardError> {
     let (mut parts, body) = req.into_parts();
     let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
@@ -83,19 +109,25 @@ pub async fn forward(
     *out.uri_mut() = uri;
     *out.headers_mut() = headers;
 
-    let mut resp = client.request(out).await.map_err(classify_error)?;
+    let mut resp = tokio::select! {
+        r = client.request(out) => r.map_err(classify_error)?,
+        () = stop.cancelled() => return Err(ForwardError::Stopped),
+    };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let client_side = on_upgrade.ok_or(ForwardError::NotUpgradable)?;
         let target_side = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
-            match tokio::try_join!(client_side, target_side) {
-                Ok((a, b)) => {
-                    let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
-                    if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
-                        tracing::debug!(%target, error = %e, "upgraded connection ended");
-                    }
-                }
-                Err(e) => tracing::debug!(%target, error = %e, "upgrade failed"),
+            let splice = async {
+                let (a, b) = tokio::try_join!(client_side, target_side)?;
+                let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
+                tokio::io::copy_bidirectional(&mut a, &mut b).await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            };
+            tokio::select! {
+                r = splice => if let Err(e) = r {
+                    tracing::debug!(%target, error = %e, "upgraded connection ended");
+                },
+                () = stop.cancelled() => tracing::debug!(%target, "upgraded connection stopped"),
             }
         });
         let (parts, _) = resp.into_parts();
@@ -103,8 +135,55 @@ pub async fn forward(
     }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Ok(Response::from_parts(parts, Body::new(body)))
+    Ok(Response::from_parts(
+        parts,
+        Body::new(Until {
+            inner: body,
+            stop: Some(Box::pin(stop.cancelled_owned())),
+        }),
+    ))
 }
+
+/// A response body that fails once its token fires, whatever the target still sends.
+struct Until<B> {
+    inner: B,
+    /// `None` once fired: the future is not polled again after it completed.
+    stop: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+}
+
+impl<B> http_body::Body for Until<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(stop) = self.stop.as_mut() {
+            if stop.as_mut().poll(cx).is_ready() {
+                self.stop = None;
+                return Poll::Ready(Some(Err("the forwarded exchange was stopped".into())));
+            }
+        } else {
+            return Poll::Ready(None);
+        }
+        Pin::new(&mut self.inner).poll_frame(cx).map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.stop.is_none() || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn classify_error(e: hyper_util::client::legacy::Error) -> ForwardError {
     if !e.is_connect() {

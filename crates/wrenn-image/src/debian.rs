@@ -1,10 +1,14 @@
 //! The default template: a Debian bookworm root filesystem made with `debootstrap`.
 //!
 //! `debootstrap --variant=minbase` gives bash, coreutils, python3 and CA certificates in about
-//! 65 s and 190 MiB (measured on an idle 2-core host). Into it go the static envd, our PID 1
-//! (`/sbin/init`, a bash script: mount the API filesystems, keep envd running, reap orphans), a
-//! `user` account (uid 1000) and the hostname files; then it becomes an ext4 image with 1 GiB of
-//! free space (a sparse file), with a `manifest.json` listing every Debian package and version.
+//! 65 s and 190 MiB (measured on an idle 2-core host). Then `apt-get` in the tree adds what
+//! E2B's base image offers a user ([`TOOLS`]: sudo, git, curl, wget, pip and venv, Node.js with
+//! npm, procps, unzip), about 110 s and 400 MiB more, most of it npm's Debian dependencies
+//! (debootstrap's own resolver cannot install those: it knows no virtual packages). Into it go
+//! the static envd, our PID 1 (`/sbin/init`, a bash script: mount the API filesystems, keep
+//! envd running, reap orphans), a `user` account (uid 1000) with passwordless sudo and the
+//! hostname files; then it becomes an ext4 image with 1 GiB of free space (a sparse file), with
+//! a `manifest.json` listing every Debian package and version.
 //!
 //! The image is cached by the hash of its inputs (envd, the package list, this builder's
 //! scripts), not by the mirror's state: a cached image stays until an input changes, and its
@@ -29,11 +33,27 @@ use crate::rootfs::{Component, Rootfs, RootfsManifest, make_ext4, tree_size};
 use crate::{ENVD_PORT, ImageError, deb_version, run};
 
 /// Bumped whenever what this module puts into the image changes (part of the cache key).
-const SCRIPT_VERSION: &str = "debian-rootfs-v1";
+const SCRIPT_VERSION: &str = "debian-rootfs-v2";
 /// The Debian release of the default template.
 const SUITE: &str = "bookworm";
 /// Packages added to debootstrap's minbase set.
 const PACKAGES: [&str; 4] = ["bash", "coreutils", "python3", "ca-certificates"];
+/// What user code expects of E2B's base image, installed with apt (without recommends) after
+/// debootstrap.
+pub const TOOLS: [&str; 10] = [
+    "sudo",
+    "git",
+    "curl",
+    "wget",
+    "python3-pip",
+    "python3-venv",
+    "nodejs",
+    "npm",
+    "procps",
+    "unzip",
+];
+/// `user` may do anything as root without a password, as in E2B's base image.
+const SUDOERS: &str = "user ALL=(ALL:ALL) NOPASSWD: ALL\n";
 /// Used when neither the caller nor the host's apt sources name a mirror.
 const FALLBACK_MIRROR: &str = "http://deb.debian.org/debian";
 /// Free space in the image beyond its content; the file is sparse, so this costs no disk
@@ -162,6 +182,8 @@ pub fn build_debian_rootfs(
     key.text("format", SCRIPT_VERSION)
         .text("suite", SUITE)
         .text("include", &PACKAGES.join(","))
+        .text("tools", &TOOLS.join(","))
+        .text("sudoers", SUDOERS)
         .text("init", &init_script())
         .text("hosts", HOSTS)
         .text("resolv", RESOLV_CONF)
@@ -216,6 +238,11 @@ fn build(
     report.phase("debootstrap", |log| {
         debootstrap(&root, &mirror, log)?;
         Ok(((), format!("{SUITE} from {mirror}")))
+    })?;
+
+    report.phase("apt-get install", |log| {
+        install_tools(&root, log)?;
+        Ok(((), TOOLS.join(" ")))
     })?;
 
     let (packages, debian_version) = report.phase("installing envd and init", |_| {
@@ -306,7 +333,11 @@ fn manifest(
         debian_version: tree.debian_version,
         debootstrap_version,
         mirror,
-        include: PACKAGES.iter().map(|p| p.to_string()).collect(),
+        include: PACKAGES
+            .iter()
+            .chain(&TOOLS)
+            .map(|p| p.to_string())
+            .collect(),
         packages: tree.packages,
         content_bytes: tree.content_bytes,
         build_seconds: started.elapsed().as_secs_f64(),
@@ -324,13 +355,62 @@ fn debootstrap(root: &Path, mirror: &str, log: &mut dyn FnMut(&str)) -> Result<(
     ])
     .arg(root)
     .arg(mirror);
+    // debootstrap keeps its detailed log inside the target; its end says what failed.
+    run_streaming(cmd, log, Some(&root.join("debootstrap/debootstrap.log")))
+}
+
+/// `apt-get install` of [`TOOLS`] inside the tree, with `/proc` mounted for the packages'
+/// scripts (unmounted after, and by the build's guard if this fails halfway). The tree's apt
+/// sources are the ones debootstrap wrote (its mirror); its `resolv.conf` is still the host's.
+fn install_tools(root: &Path, log: &mut dyn FnMut(&str)) -> Result<(), ImageError> {
+    let proc = root.join("proc");
+    nix::mount::mount(
+        Some("proc"),
+        &proc,
+        Some("proc"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| ImageError::Tool {
+        tool: format!("mount proc on {}", proc.display()),
+        stderr: e.to_string(),
+    })?;
+    let apt = |args: &[&str]| {
+        let mut cmd = Command::new("chroot");
+        cmd.arg(root)
+            .arg("apt-get")
+            .args(["-q", "-y", "-o", "Dpkg::Use-Pty=0"])
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .env("LC_ALL", "C.UTF-8");
+        cmd
+    };
+    let result = run_streaming(apt(&["update"]), log, None).and_then(|()| {
+        let mut install = vec!["install", "--no-install-recommends"];
+        install.extend(TOOLS);
+        run_streaming(apt(&install), log, None)
+    });
+    let unmounted = nix::mount::umount2(&proc, nix::mount::MntFlags::MNT_DETACH);
+    result?;
+    unmounted.map_err(|e| ImageError::Tool {
+        tool: format!("umount {}", proc.display()),
+        stderr: e.to_string(),
+    })
+}
+
+/// Runs `cmd`, streaming its output lines (stdout and stderr, in order) to `log`; a failure
+/// reports the last lines, and those of `detail_log` when the tool keeps one.
+fn run_streaming(
+    mut cmd: Command,
+    log: &mut dyn FnMut(&str),
+    detail_log: Option<&Path>,
+) -> Result<(), ImageError> {
     let tool = format!("{cmd:?}");
     let fail = |stderr: String| ImageError::Tool {
         tool: tool.clone(),
         stderr,
     };
-    // One pipe for both streams keeps the lines in order (debootstrap logs to stderr, the
-    // tools it runs also to stdout).
+    // One pipe for both streams keeps the lines in order.
     let (reader, writer) = std::io::pipe().map_err(|e| fail(format!("pipe: {e}")))?;
     let writer2 = writer.try_clone().map_err(|e| fail(format!("pipe: {e}")))?;
     cmd.stdin(Stdio::null()).stdout(writer).stderr(writer2);
@@ -351,7 +431,7 @@ fn debootstrap(root: &Path, mirror: &str, log: &mut dyn FnMut(&str)) -> Result<(
         if line.is_empty() {
             continue;
         }
-        tracing::debug!("debootstrap: {line}");
+        tracing::debug!("{line}");
         log(line);
         if tail.len() == ERROR_TAIL_LINES {
             tail.pop_front();
@@ -361,11 +441,10 @@ fn debootstrap(root: &Path, mirror: &str, log: &mut dyn FnMut(&str)) -> Result<(
     let status = child.wait().map_err(|e| fail(e.to_string()))?;
     if !status.success() {
         let mut log = Vec::from(tail).join("\n");
-        // debootstrap keeps its detailed log inside the target; its end says what failed.
-        if let Ok(text) = std::fs::read_to_string(root.join("debootstrap/debootstrap.log")) {
+        if let Some(text) = detail_log.and_then(|p| std::fs::read_to_string(p).ok()) {
             let lines: Vec<&str> = text.lines().collect();
             let from = lines.len().saturating_sub(ERROR_TAIL_LINES);
-            log.push_str("\n--- debootstrap.log ---\n");
+            log.push_str("\n--- detailed log ---\n");
             log.push_str(&lines[from..].join("\n"));
         }
         return Err(fail(format!("{status}:\n{log}")));
@@ -393,6 +472,7 @@ fn install(root: &Path, envd: &Path) -> Result<(), ImageError> {
         "/bin/bash",
         "user",
     ]))?;
+    put_file(root, "etc/sudoers.d/user", SUDOERS.as_bytes(), 0o440)?;
     // Apt's caches come back with `apt-get update`; the image should not carry them.
     for dir in [
         "var/cache/apt/archives",

@@ -21,7 +21,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub use cache::default_cache_dir;
-pub use debian::{DebianImageInputs, DebianManifest, DebianRootfs, Package, build_debian_rootfs};
+pub use debian::{
+    DebianImageInputs, DebianManifest, DebianRootfs, Package, TOOLS, build_debian_rootfs,
+};
 pub use initramfs::{Initramfs, InitramfsManifest, build_initramfs};
 pub use kernel::Kernel;
 pub use progress::Progress;

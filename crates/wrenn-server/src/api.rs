@@ -49,6 +49,7 @@ pub(crate) fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/sandboxes/{id}/logs", get(logs))
         .route("/sandboxes/{id}/snapshots", post(snapshot))
         .route("/snapshots", get(list_snapshots))
+        .route("/templates/aliases/{alias}", get(template_alias))
         .route("/admin/teams", post(admin_create_team))
         .route("/admin/teams/{team}/api-keys", post(admin_create_key))
         .route("/admin/templates", post(admin_register_template))
@@ -256,6 +257,16 @@ async fn refresh(
 ) -> Result<StatusCode, ApiError> {
     cp.refresh(&team, &id, body.duration).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// What `Template.exists` asks: 200 for a template the team may use, 403 for another team's
+/// (it exists), 404 for none. A template's name is its ID.
+async fn template_alias(
+    State(cp): Cp,
+    AuthTeam(team): AuthTeam,
+    Path(alias): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(cp.template_alias(&team, &alias).await?).into_response())
 }
 
 async fn get_sandbox(

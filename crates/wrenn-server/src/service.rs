@@ -574,6 +574,26 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// The template named `alias`, if the team may see it.
+    pub async fn template_alias(
+        &self,
+        team: &TeamRecord,
+        alias: &str,
+    ) -> Result<wrenn_api::TemplateAlias, ApiError> {
+        match self.store.find_template(alias).await? {
+            Some(t) if t.team_id.as_ref().is_none_or(|owner| *owner == team.id) => {
+                Ok(wrenn_api::TemplateAlias {
+                    public: t.team_id.is_none(),
+                    template_id: t.id,
+                })
+            }
+            Some(_) => Err(ApiError::Forbidden(format!(
+                "You don't have access to template '{alias}'"
+            ))),
+            None => Err(ApiError::NotFound(format!("Template '{alias}' not found"))),
+        }
+    }
+
     pub async fn detail(&self, team: &TeamRecord, id: &str) -> Result<SandboxDetail, ApiError> {
         let rec = self.team_sandbox(&team.id, id).await?;
         let state = rec

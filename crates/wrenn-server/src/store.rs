@@ -296,12 +296,19 @@ impl Store {
 
     /// A template the team may use: a public one or its own.
     pub async fn get_template(&self, id: &str, team: &TeamId) -> Result<Option<TemplateRecord>> {
+        Ok(self
+            .find_template(id)
+            .await?
+            .filter(|t| t.team_id.as_ref().is_none_or(|owner| owner == team)))
+    }
+
+    /// A template by ID, whoever owns it.
+    pub async fn find_template(&self, id: &str) -> Result<Option<TemplateRecord>> {
         let row = sqlx::query(
             "SELECT id, team_id, envd_version, vcpus, memory_mb, disk_size_mb FROM templates \
-             WHERE id = $1 AND (team_id IS NULL OR team_id = $2)",
+             WHERE id = $1",
         )
         .bind(id)
-        .bind(team.as_str())
         .fetch_optional(&self.pool)
         .await?;
         row.map(|r| {
@@ -606,7 +613,8 @@ impl Store {
             sql.push_str(&format!(" AND template_id = {}", next()));
         }
         if f.started_after.is_some() {
-            sql.push_str(&format!(" AND started_at > {}", next()));
+            // "Started at or after": the SDKs pass a sandbox's own `startedAt` to find it.
+            sql.push_str(&format!(" AND started_at >= {}", next()));
         }
         let (cmp, order) = if f.descending {
             ("<", "DESC")

@@ -355,6 +355,43 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
         .header("x-api-key", other_key);
     assert_eq!(json(r).await.1, json!([]));
 
+    // `Template.exists`: a public template is found by every team, a team's own only by it
+    // (another team is told it exists but is not theirs: 403), an unknown one by nobody.
+    s.server
+        .cp
+        .register_template(&wrenn_server::store::TemplateRecord {
+            id: "private-one".into(),
+            team_id: Some(wrenn_core::TeamId::parse(other["teamID"].as_str().unwrap()).unwrap()),
+            envd_version: "0.6.4".into(),
+            vcpus: 1,
+            memory_mb: 128,
+            disk_size_mb: 512,
+        })
+        .await
+        .unwrap();
+    let alias = |name: &str, key: Option<&str>| {
+        let r = s
+            .http
+            .get(format!("{}/templates/aliases/{name}", s.server.url));
+        match key {
+            Some(k) => r.header("x-api-key", k.to_owned()),
+            None => s.req(Method::GET, &format!("/templates/aliases/{name}")),
+        }
+    };
+    assert_eq!(
+        json(alias("base", None)).await,
+        (200, json!({"templateID": "base", "public": true}))
+    );
+    assert_eq!(json(alias("base", Some(other_key))).await.0, 200);
+    assert_eq!(
+        json(alias("private-one", Some(other_key))).await,
+        (200, json!({"templateID": "private-one", "public": false}))
+    );
+    let (st, body) = json(alias("private-one", None)).await;
+    assert_eq!((st, body["code"].clone()), (403, json!(403)), "{body}");
+    let (st, body) = json(alias("no-such-template", None)).await;
+    assert_eq!((st, body["code"].clone()), (404, json!(404)), "{body}");
+
     assert_eq!(
         s.server.agent.calls().len(),
         calls_before,

@@ -255,13 +255,20 @@ async fn exercise(store: Store) {
     assert_eq!((page[0].id.as_str(), more), (ids[4].as_str(), true));
     filter.limit = 100;
     filter.descending = false;
+    // Started at or after (the SDKs' contract): c started at 30 exactly.
     filter.started_after = Some(UnixMillis(30));
     let (page, more) = store.list_sandboxes(&filter).await.unwrap();
     assert_eq!(
         page.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
-        [ids[4].as_str()]
+        [ids[2].as_str(), ids[4].as_str()]
     );
     assert!(!more);
+    filter.started_after = Some(UnixMillis(31));
+    let (page, _) = store.list_sandboxes(&filter).await.unwrap();
+    assert_eq!(
+        page.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+        [ids[4].as_str()]
+    );
     filter.started_after = None;
     filter.metadata = vec![];
     filter.template_id = Some("other".into());

@@ -107,6 +107,20 @@ test('write many files at once', async () => {
   assert.equal(await sbx.files.read(`${D}/many/a.txt`), 'A')
   assert.deepEqual([...(await sbx.files.read(`${D}/many/sub/b.bin`, { format: 'bytes' }))], [0, 1, 2])
   assert.equal(await sbx.files.read(`${D}/many/c.txt`), 'C')
+
+  // As the default user, outside its home and below directories that do not exist yet:
+  // envd makes them and gives them, and the files, to the user (as upstream envd does).
+  const top = `/js-${randomBytes(4).toString('hex')}`
+  const outside = await sbx.files.write([
+    { path: `${top}/x/one.txt`, data: 'one' },
+    { path: `${D}/many/two.txt`, data: 'two' },
+  ])
+  assert.deepEqual(outside.map((i) => i.path), [`${top}/x/one.txt`, `${D}/many/two.txt`])
+  assert.equal(await sbx.files.read(`${top}/x/one.txt`), 'one')
+  assert.equal(
+    (await sbx.commands.run(`stat -c '%U' ${top} ${top}/x/one.txt && rm -r ${top}`)).stdout,
+    'user\nuser\n',
+  )
 })
 
 test('list, exists, getInfo, makeDir, rename, remove', async () => {

@@ -7,6 +7,7 @@ import {
   createSandbox,
   killAll,
   runTag,
+  sleep,
   waitFor,
   Sandbox,
   AuthenticationError,
@@ -219,7 +220,24 @@ test('kill: the sandbox is then not found', async () => {
   const sbx = await createSandbox()
   const id = sbx.sandboxId
   await sbx.files.write('/home/user/x', 'x')
+  // startedAfter is "at or after": the sandbox's own start finds it, a later instant does not.
+  const { startedAt } = await sbx.getInfo()
+  const after = async (t) =>
+    (await listAll({ query: { metadata: { run: runTag }, startedAfter: t } })).items.map((s) => s.sandboxId)
+  assert.ok((await after(startedAt)).includes(id))
+  assert.ok(!(await after(new Date(startedAt.getTime() + 1))).includes(id))
+  // A background command's wait ends as soon as the sandbox is killed, not at a timeout.
+  const bg = await sbx.commands.run('sleep 600', { background: true })
+  const waited = bg.wait().then(
+    () => 'resolved',
+    (e) => e,
+  )
+  await sleep(500)
+  const killedAt = Date.now()
   assert.equal(await sbx.kill(), true)
+  const outcome = await Promise.race([waited, sleep(20_000).then(() => 'still waiting')])
+  assert.ok(outcome instanceof Error, `wait() after kill: ${outcome}`)
+  assert.ok(Date.now() - killedAt < 20_000)
   assert.equal(await sbx.kill(), false)
   assert.equal(await Sandbox.kill(id), false)
 

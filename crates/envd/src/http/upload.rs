@@ -1,8 +1,15 @@
-//! `POST /files`: writes one or more uploaded files as the requesting user.
+//! `POST /files`: writes one or more uploaded files for the requesting user.
 //!
 //! Bodies are `multipart/form-data` (parts named `file`) or `application/octet-stream`,
 //! optionally gzip-compressed (`Content-Encoding: gzip`). Everything streams from the socket
 //! to disk; no upload is held in memory.
+//!
+//! As upstream envd does (and the SDKs' own suites expect), an upload is written by envd itself
+//! (root), not under the user's credentials like the other filesystem calls: missing parent
+//! directories are made (0755) and given to the user, and so is the file (an existing one
+//! before it is truncated, a new one right after it is created). So a user may write anywhere,
+//! e.g. `/0/x.txt`, and a watcher sees a new file as CREATE, CHMOD (the chown), WRITE. This
+//! grants nothing the access token's holder lacks: it can run any command as root.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io;
@@ -174,17 +181,94 @@ struct OpenError {
     err: io::Error,
 }
 
-impl From<io::Error> for OpenError {
-    fn from(err: io::Error) -> Self {
-        OpenError {
-            what: "act as the requested user for",
-            path: PathBuf::new(),
-            err,
+impl OpenError {
+    fn at(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Self {
+        let path = path.to_owned();
+        move |err| OpenError { what, path, err }
+    }
+
+    fn into_envd(self) -> EnvdError {
+        if self.err.raw_os_error() == Some(libc::EISDIR) {
+            return EnvdError::InvalidArgument(format!(
+                "path is a directory: {}",
+                self.path.display()
+            ));
         }
+        if self.err.raw_os_error() == Some(libc::ENOTDIR) {
+            return EnvdError::InvalidArgument(format!("path is a file: {}", self.path.display()));
+        }
+        EnvdError::io(self.what, &self.path, &self.err)
     }
 }
 
-/// Creates `path`'s parents and the file as `user`, then streams `data` into it and sets its
+/// Makes `path`'s missing parents and opens it truncated for writing, as upstream envd: made
+/// directories and the file belong to `owner` (`None`: envd is not root, nothing to give).
+fn open_for(path: &Path, owner: Option<(u32, u32)>) -> Result<std::fs::File, OpenError> {
+    if let Some(parent) = path.parent() {
+        ensure_dirs(parent, owner)?;
+    }
+    let chown = |p: &Path| match owner {
+        Some((uid, gid)) => std::os::unix::fs::chown(p, Some(uid), Some(gid)),
+        None => Ok(()),
+    };
+    let existed = match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => {
+            return Err(OpenError::at("write", path)(io::Error::from_raw_os_error(
+                libc::EISDIR,
+            )));
+        }
+        Ok(_) => {
+            chown(path).map_err(OpenError::at("change the owner of", path))?;
+            true
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => return Err(OpenError::at("stat", path)(e)),
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o666)
+        .open(path)
+        .map_err(OpenError::at("open file for writing", path))?;
+    if !existed && let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
+            .map_err(OpenError::at("change the owner of", path))?;
+    }
+    Ok(file)
+}
+
+/// `mkdir -p` where every directory made (0755) is given to `owner`; an existing component
+/// that is not a directory fails.
+fn ensure_dirs(dir: &Path, owner: Option<(u32, u32)>) -> Result<(), OpenError> {
+    let mut chain: Vec<&Path> = dir.ancestors().collect();
+    chain.reverse();
+    for d in chain {
+        match std::fs::metadata(d) {
+            Ok(m) if m.is_dir() => continue,
+            Ok(_) => {
+                return Err(OpenError::at("create directory", d)(
+                    io::Error::from_raw_os_error(libc::ENOTDIR),
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(OpenError::at("stat", d)(e)),
+        }
+        match std::fs::DirBuilder::new().mode(0o755).create(d) {
+            Ok(()) => {}
+            // Made meanwhile by someone else, who may not have given it away yet: do it too.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(OpenError::at("create directory", d)(e)),
+        }
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(d, Some(uid), Some(gid))
+                .map_err(OpenError::at("change the owner of", d))?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates `path`'s parents and the file for `user`, then streams `data` into it and sets its
 /// metadata. A failed upload leaves what was written so far, as upstream envd does.
 async fn write_file<S, E>(
     user: &User,
@@ -197,41 +281,13 @@ where
     E: std::fmt::Display,
 {
     let target = path.to_owned();
-    let file = crate::creds::run_as(user, move || {
-        if let Some(parent) = target.parent() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o755)
-                .create(parent)
-                .map_err(|err| OpenError {
-                    what: "create directory",
-                    path: parent.to_owned(),
-                    err,
-                })?;
-        }
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o666)
-            .open(&target)
-            .map_err(|err| OpenError {
-                what: "open file for writing",
-                path: target.clone(),
-                err,
-            })
-    })
-    .await
-    .map_err(OpenError::from)
-    .and_then(|r| r)
-    .map_err(|e| {
-        let p = if e.path.as_os_str().is_empty() {
-            path
-        } else {
-            &e.path
-        };
-        EnvdError::io(e.what, p, &e.err)
-    })?;
+    let owner = nix::unistd::geteuid()
+        .is_root()
+        .then_some((user.uid, user.gid));
+    let file = tokio::task::spawn_blocking(move || open_for(&target, owner))
+        .await
+        .map_err(|e| EnvdError::Internal(format!("filesystem worker failed: {e}")))?
+        .map_err(OpenError::into_envd)?;
 
     let mut out = tokio::io::BufWriter::with_capacity(CHUNK, tokio::fs::File::from_std(file));
     let mut data = std::pin::pin!(data);

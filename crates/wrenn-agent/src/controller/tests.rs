@@ -505,3 +505,39 @@ fn suspend_pauses_running_sandboxes_and_refuses_new_ones() {
         assert_consistent(&ctl);
     });
 }
+
+#[test]
+fn traffic_of_a_run_ends_when_it_is_paused_or_killed_and_not_before() {
+    let rt = runtime();
+    rt.block_on(async {
+        let ctl = prepared(Op::Pause).await;
+        let traffic = |ctl: &Controller<Fake>| ctl.with_running_traffic("sb", |_| ()).map(|t| t.1);
+        let first = traffic(&ctl).unwrap();
+        // A timer change or a failed pause is not the end of the run's connections...
+        ctl.set_timeout("sb", 777).unwrap();
+        assert!(!first.is_cancelled());
+        // ...a pause is, from its first step: a guest being snapshotted answers nothing.
+        *lock(&ctl.runtime.hold) = Some("pause:prepare");
+        let reached = ctl.runtime.reached.notified();
+        let pausing = tokio::spawn(run_op(ctl.clone(), Op::Pause));
+        reached.await;
+        assert!(
+            first.is_cancelled(),
+            "a pause must end the run's traffic when it starts"
+        );
+        assert!(
+            traffic(&ctl).is_none(),
+            "a busy sandbox gets no new traffic"
+        );
+        ctl.runtime.release.notify_one();
+        pausing.await.unwrap().unwrap();
+        // The resumed run has traffic of its own, ended by the kill.
+        *lock(&ctl.runtime.hold) = None;
+        ctl.resume("sb", GuestInit::default(), 0).await.unwrap();
+        let second = traffic(&ctl).unwrap();
+        assert!(!second.is_cancelled());
+        ctl.kill("sb").await.unwrap();
+        assert!(second.is_cancelled());
+        assert!(traffic(&ctl).is_none());
+    });
+}
