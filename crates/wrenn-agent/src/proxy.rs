@@ -54,29 +54,29 @@ impl Resolve for crate::agent::Agent {
     }
 }
 
-/// A connection pool per (sandbox, guest address). Slots are reused: one shared pool would
-/// hand a new sandbox the idle connections of a killed one at the same address, which the new
-/// guest resets (the first request fails). Keyed by sandbox too, such connections are never
-/// reused; pools of sandboxes that no longer resolve to their address are dropped.
+/// A connection pool per run of a sandbox (its ID, guest address and run token). Slots are
+/// reused: one shared pool would hand a new sandbox the idle connections of a killed one at the
+/// same address, which the new guest resets (the first request fails); and a resumed sandbox
+/// is a new run whose guest never saw the old run's connections. So a pool serves one run
+/// only, and pools of ended runs are dropped.
 #[derive(Default)]
 struct Clients {
-    pools: std::sync::Mutex<HashMap<(String, SocketAddr), HttpClient>>,
+    pools: std::sync::Mutex<HashMap<(String, SocketAddr), (HttpClient, CancellationToken)>>,
 }
 
 impl Clients {
-    fn get(&self, resolve: &dyn Resolve, id: &str, addr: SocketAddr) -> HttpClient {
+    fn get(&self, id: &str, route: &Route) -> HttpClient {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = pools.get(&(id.to_owned(), addr)) {
+        let key = (id.to_owned(), route.addr);
+        if let Some((c, run)) = pools.get(&key)
+            && !run.is_cancelled()
+        {
             return c.clone();
         }
-        // A new sandbox or a new slot: the moment to forget pools of ended sandboxes.
-        pools.retain(|(other, a), _| {
-            resolve
-                .resolve(other, a.port())
-                .is_some_and(|r| r.addr == *a)
-        });
+        // A new sandbox, slot or run: the moment to forget pools of ended runs.
+        pools.retain(|_, (_, run)| !run.is_cancelled());
         let c = forward::client(CONNECT_TIMEOUT);
-        pools.insert((id.to_owned(), addr), c.clone());
+        pools.insert(key, (c.clone(), route.ends.clone()));
         c
     }
 }
@@ -101,13 +101,14 @@ async fn handle(State(proxy): State<Proxy>, mut req: Request) -> Response {
         Ok(r) => r,
         Err(message) => return bad_request(message),
     };
-    let Some(Route { addr, ends }) = proxy.resolve.resolve(&id, port) else {
+    let Some(route) = proxy.resolve.resolve(&id, port) else {
         return not_found(&id);
     };
+    let client = proxy.clients.get(&id, &route);
+    let Route { addr, ends } = route;
     // The routing headers are for proxies; the guest's servers do not need them.
     req.headers_mut().remove(SANDBOX_ID_HEADER);
     req.headers_mut().remove(SANDBOX_PORT_HEADER);
-    let client = proxy.clients.get(proxy.resolve.as_ref(), &id, addr);
     match forward::forward_until(&client, &format!("http://{addr}"), req, ends).await {
         Ok(resp) => resp,
         Err(ForwardError::Stopped) => {

@@ -30,13 +30,15 @@ const WAIT: Duration = Duration::from_secs(10);
 /// Routes `(sandbox, port)` to local servers; every sandbox's run ends when its token fires.
 struct Map {
     routes: HashMap<(String, u16), SocketAddr>,
-    runs: HashMap<String, CancellationToken>,
+    runs: Runs,
 }
+
+type Runs = Arc<std::sync::Mutex<HashMap<String, CancellationToken>>>;
 
 impl Resolve for Map {
     fn resolve(&self, sandbox_id: &str, port: u16) -> Option<Route> {
         let addr = *self.routes.get(&(sandbox_id.to_owned(), port))?;
-        let ends = self.runs.get(sandbox_id)?.clone();
+        let ends = self.runs.lock().unwrap().get(sandbox_id)?.clone();
         (!ends.is_cancelled()).then_some(Route { addr, ends })
     }
 }
@@ -147,6 +149,8 @@ struct Setup {
     release_a: Arc<Notify>,
     /// Fired: sandbox `a` is killed.
     kill_a: CancellationToken,
+    /// The runs of every sandbox (a new token: `a` resumed).
+    runs: Runs,
 }
 
 /// Backends: sandbox `a` on 49983 and 8080 (named `a` and `a8080`), `b` on 49983, and `c`
@@ -163,12 +167,15 @@ async fn setup() -> Setup {
             (("b".to_owned(), 49983), b),
             (("c".to_owned(), 49983), closed_port().await),
         ]),
-        runs: ["b", "c"]
-            .into_iter()
-            .map(|id| (id.to_owned(), CancellationToken::new()))
-            .chain([("a".to_owned(), kill_a.clone())])
-            .collect(),
+        runs: Arc::new(std::sync::Mutex::new(
+            ["b", "c"]
+                .into_iter()
+                .map(|id| (id.to_owned(), CancellationToken::new()))
+                .chain([("a".to_owned(), kill_a.clone())])
+                .collect(),
+        )),
     };
+    let runs = map.runs.clone();
     let app = proxy::router(Arc::new(map));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy = listener.local_addr().unwrap();
@@ -193,6 +200,7 @@ async fn setup() -> Setup {
         proxy,
         release_a,
         kill_a,
+        runs,
     }
 }
 
@@ -352,6 +360,21 @@ async fn killing_a_sandbox_ends_its_streams_at_once() {
     )
     .await;
     assert_eq!(status, 200);
+
+    // Resumed: a new run at the same address takes new requests, on connections of its own.
+    s.runs
+        .lock()
+        .unwrap()
+        .insert("a".to_owned(), CancellationToken::new());
+    let (status, body) = send(
+        &mut c,
+        request("GET", "/x", &[("E2b-Sandbox-Id", "a")], empty()),
+    )
+    .await;
+    assert_eq!(
+        (status.as_u16(), body.as_str()),
+        (200, "a /x routing-headers=false")
+    );
 }
 
 #[tokio::test]
