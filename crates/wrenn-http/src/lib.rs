@@ -6,6 +6,11 @@
 //! Every HTTP server of Wrenn (envd, the control plane, the agent) serves connections through
 //! [`serve_connection`], so hung or idle peers cannot hold tasks forever. Its proxies forward
 //! requests with [`forward`].
+//!
+//! An HTTP/1.1 response given before its request's body was read to the end (a refusal of an
+//! upload, say) carries `Connection: close`: the server cannot reuse that connection, and
+//! without the header a pooling client (our proxies) would send its next request on a
+//! connection the server is closing, and lose it.
 
 #![forbid(unsafe_code)]
 
@@ -15,7 +20,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -62,10 +67,29 @@ pub async fn serve_connection(
             let guard = Guard::new(in_flight.clone(), activity.clone());
             let app = app.clone();
             async move {
-                let resp = app
-                    .oneshot(req.map(axum::body::Body::new))
+                let http1 = req.version() < http::Version::HTTP_2;
+                let (parts, incoming) = req.into_parts();
+                let read = Arc::new(AtomicBool::new(incoming.is_end_stream()));
+                let body = ReadToEnd {
+                    inner: incoming,
+                    read: read.clone(),
+                };
+                let mut resp = app
+                    .oneshot(hyper::Request::from_parts(
+                        parts,
+                        axum::body::Body::new(body),
+                    ))
                     .await
                     .unwrap_or_else(|e| match e {});
+                if http1
+                    && !read.load(Ordering::Acquire)
+                    && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
+                {
+                    resp.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
                 Ok::<_, std::convert::Infallible>(resp.map(|body| GuardedBody {
                     inner: body,
                     _guard: guard,
@@ -142,6 +166,36 @@ impl Drop for Guard {
     }
 }
 
+/// A request body that records when it has been read to its end.
+struct ReadToEnd {
+    inner: hyper::body::Incoming,
+    read: Arc<AtomicBool>,
+}
+
+impl Body for ReadToEnd {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.read.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 struct GuardedBody {
     inner: axum::body::Body,
     _guard: Guard,
@@ -177,7 +231,17 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let in_flight = InFlight::default();
         let close = Arc::new(Notify::new());
-        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let app = axum::Router::new()
+            .route("/", axum::routing::get(|| async { "ok" }))
+            // Refuses without reading the body, as an auth check does.
+            .route(
+                "/refuse",
+                axum::routing::post(|| async { http::StatusCode::UNAUTHORIZED }),
+            )
+            .route(
+                "/read",
+                axum::routing::post(|body: Bytes| async move { format!("{}", body.len()) }),
+            );
         let (f, c) = (in_flight.clone(), close.clone());
         tokio::spawn(async move {
             let (stream, peer) = listener.accept().await.unwrap();
@@ -210,6 +274,38 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await,
             Ok(Ok(0))
         )
+    }
+
+    async fn post(stream: &mut tokio::net::TcpStream, path: &str) -> String {
+        let body = vec![b'x'; 1000];
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        // Small enough to sit in the server's buffer: a close then resets nothing.
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(&body).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = stream.read(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf[..n]).to_lowercase()
+    }
+
+    #[tokio::test]
+    async fn a_response_that_leaves_the_body_unread_says_the_connection_closes() {
+        let opts = ConnOptions {
+            header_read_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(600),
+        };
+        let (addr, _, _close) = serve_one(opts).await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let read = post(&mut s, "/read").await;
+        assert!(read.starts_with("http/1.1 200"), "{read}");
+        assert!(!read.contains("connection: close"), "{read}");
+        // Still the same connection: a refusal that leaves the body unread says it closes.
+        let refused = post(&mut s, "/refuse").await;
+        assert!(refused.starts_with("http/1.1 401"), "{refused}");
+        assert!(refused.contains("connection: close"), "{refused}");
+        assert!(closed(&mut s).await, "the connection must then close");
     }
 
     #[tokio::test]
