@@ -165,28 +165,29 @@ def test_list_started_after_is_at_or_after(sbx):
 # --- kill and pause end the sandbox's streams --------------------------------------------------
 
 
-def _wait_in_thread(handle):
-    """Starts `handle.wait()` on a thread; returns the thread and where its outcome lands."""
+def _waiting_sleep(s: Sandbox):
+    """A background `sleep 600` in `s` whose `wait()` runs on a thread: the command, that
+    thread (checked to be waiting) and where the outcome of `wait()` lands."""
+    cmd = s.commands.run("sleep 600", background=True)
     outcome = {}
 
     def wait():
         try:
-            outcome["result"] = handle.wait()
+            outcome["result"] = cmd.wait()
         except BaseException as e:  # noqa: BLE001 - the outcome is what is asserted
             outcome["error"] = e
 
     t = threading.Thread(target=wait, daemon=True)
     t.start()
-    return t, outcome
+    time.sleep(0.5)
+    assert t.is_alive()
+    return cmd, t, outcome
 
 
 def test_kill_ends_a_background_commands_wait_at_once(wrenn):
     s = create("kill-stream")
     try:
-        cmd = s.commands.run("sleep 600", background=True)
-        t, outcome = _wait_in_thread(cmd)
-        time.sleep(0.5)
-        assert t.is_alive()
+        _cmd, t, outcome = _waiting_sleep(s)
         started = time.monotonic()
         s.kill()
         t.join(PROMPT)
@@ -208,9 +209,7 @@ def test_kill_ends_a_background_commands_wait_at_once(wrenn):
 def test_pause_ends_streams_and_a_resumed_sandbox_takes_new_ones(wrenn):
     s = create("pause-stream")
     try:
-        cmd = s.commands.run("sleep 600", background=True)
-        t, outcome = _wait_in_thread(cmd)
-        time.sleep(0.5)
+        cmd, t, outcome = _waiting_sleep(s)
         assert s.pause() is True
         t.join(PROMPT)
         assert not t.is_alive(), "wait() still hangs after the sandbox was paused"

@@ -111,14 +111,14 @@ async fn handle(State(proxy): State<Proxy>, mut req: Request) -> Response {
     req.headers_mut().remove(SANDBOX_PORT_HEADER);
     match forward::forward_until(&client, &format!("http://{addr}"), req, ends).await {
         Ok(resp) => resp,
-        Err(ForwardError::Stopped) => {
-            tracing::debug!(sandbox_id = %id, port, "request ended: the sandbox stopped running");
-            not_found(&id)
-        }
         Err(e) => {
-            // A closed port is the client's business (SDKs poll ports); anything else is ours.
-            if matches!(e, ForwardError::Refused(_) | ForwardError::Connect(_)) {
-                tracing::debug!(sandbox_id = %id, port, error = %e, "sandbox port not open");
+            // A closed port is the client's business (SDKs poll ports), and so is a sandbox
+            // paused or killed meanwhile; anything else is ours.
+            if matches!(
+                e,
+                ForwardError::Refused(_) | ForwardError::Connect(_) | ForwardError::Stopped
+            ) {
+                tracing::debug!(sandbox_id = %id, port, error = %e, "not forwarded into the sandbox");
             } else {
                 tracing::warn!(sandbox_id = %id, port, error = %crate::error_chain(&e), "forwarding into the sandbox failed");
             }
@@ -139,7 +139,8 @@ async fn handle(State(proxy): State<Proxy>, mut req: Request) -> Response {
                     "Upgrade is not possible on this connection".to_owned()
                 }
                 ForwardError::BadTarget(_) => format!("Bad guest address {addr}"),
-                ForwardError::Stopped => unreachable!("answered above"),
+                // Paused or killed while the request waited for its answer.
+                ForwardError::Stopped => return not_found(&id),
             };
             bad_gateway(&id, Some(port), message)
         }

@@ -581,12 +581,10 @@ impl ControlPlane {
         alias: &str,
     ) -> Result<wrenn_api::TemplateAlias, ApiError> {
         match self.store.find_template(alias).await? {
-            Some(t) if t.team_id.as_ref().is_none_or(|owner| *owner == team.id) => {
-                Ok(wrenn_api::TemplateAlias {
-                    public: t.team_id.is_none(),
-                    template_id: t.id,
-                })
-            }
+            Some(t) if t.visible_to(&team.id) => Ok(wrenn_api::TemplateAlias {
+                public: t.team_id.is_none(),
+                template_id: t.id,
+            }),
             Some(_) => Err(ApiError::Forbidden(format!(
                 "You don't have access to template '{alias}'"
             ))),

@@ -90,6 +90,13 @@ pub struct TemplateRecord {
     pub disk_size_mb: u64,
 }
 
+impl TemplateRecord {
+    /// Whether `team` may use it: it is public or the team's own.
+    pub fn visible_to(&self, team: &TeamId) -> bool {
+        self.team_id.as_ref().is_none_or(|owner| owner == team)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostRecord {
     pub id: HostId,
@@ -296,10 +303,7 @@ impl Store {
 
     /// A template the team may use: a public one or its own.
     pub async fn get_template(&self, id: &str, team: &TeamId) -> Result<Option<TemplateRecord>> {
-        Ok(self
-            .find_template(id)
-            .await?
-            .filter(|t| t.team_id.as_ref().is_none_or(|owner| owner == team)))
+        Ok(self.find_template(id).await?.filter(|t| t.visible_to(team)))
     }
 
     /// A template by ID, whoever owns it.

@@ -11,6 +11,21 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wrenn_agent_proto::v1::SandboxState as AgentState;
 
+/// A 1-vCPU template `id`, public or `team`'s.
+fn small_template(
+    id: &str,
+    team: Option<wrenn_core::TeamId>,
+) -> wrenn_server::store::TemplateRecord {
+    wrenn_server::store::TemplateRecord {
+        id: id.into(),
+        team_id: team,
+        envd_version: "0.6.4".into(),
+        vcpus: 1,
+        memory_mb: 128,
+        disk_size_mb: 512,
+    }
+}
+
 #[tokio::test]
 async fn lifecycle_through_every_sandbox_route() {
     let s = Stack::start().await;
@@ -359,14 +374,10 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
     // (another team is told it exists but is not theirs: 403), an unknown one by nobody.
     s.server
         .cp
-        .register_template(&wrenn_server::store::TemplateRecord {
-            id: "private-one".into(),
-            team_id: Some(wrenn_core::TeamId::parse(other["teamID"].as_str().unwrap()).unwrap()),
-            envd_version: "0.6.4".into(),
-            vcpus: 1,
-            memory_mb: 128,
-            disk_size_mb: 512,
-        })
+        .register_template(&small_template(
+            "private-one",
+            Some(wrenn_core::TeamId::parse(other["teamID"].as_str().unwrap()).unwrap()),
+        ))
         .await
         .unwrap();
     let alias = |name: &str, key: Option<&str>| {
@@ -407,14 +418,7 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
     // A failed create on the agent leaves no record.
     s.server
         .cp
-        .register_template(&wrenn_server::store::TemplateRecord {
-            id: "broken".into(),
-            team_id: None,
-            envd_version: "0.6.4".into(),
-            vcpus: 1,
-            memory_mb: 128,
-            disk_size_mb: 512,
-        })
+        .register_template(&small_template("broken", None))
         .await
         .unwrap();
     let (st, _) = json(
