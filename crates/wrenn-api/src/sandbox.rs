@@ -389,8 +389,13 @@ mod tests {
                 auto_resume: false,
                 on_timeout: "kill".into(),
             }),
+            network: Some(NetworkConfig {
+                allow_out: Some(vec!["a.test".into()]),
+                ..Default::default()
+            }),
         };
         let v = serde_json::to_value(&d).unwrap();
+        assert_eq!(v["network"], json!({"allowOut": ["a.test"]}));
         assert_eq!(v["startedAt"], "2023-11-14T22:13:20Z");
         assert_eq!(v["memoryMB"], 512);
         assert_eq!(v["diskSizeMB"], 1024);

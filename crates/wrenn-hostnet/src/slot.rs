@@ -135,6 +135,34 @@ pub struct Slot {
     layout: Layout,
 }
 
+/// Names a slot without owning it, for changing its egress from a task that does not hold the
+/// [`Slot`]. Once the slot is gone its calls fail (there is no namespace to enter).
+#[derive(Debug, Clone)]
+pub struct SlotHandle {
+    layout: Layout,
+}
+
+impl SlotHandle {
+    /// See [`Slot::set_egress`].
+    pub async fn set_egress(
+        &self,
+        policy: Option<&EgressPolicy>,
+        lifted: &[Ipv4Net],
+    ) -> Result<(), SlotError> {
+        apply_in(&self.layout, firewall::egress_rules(policy, lifted)).await
+    }
+
+    /// See [`Slot::learn`].
+    pub async fn learn(&self, learned: &[(Ipv4Addr, Duration)]) -> Result<(), SlotError> {
+        apply_in(&self.layout, firewall::learned_rules(learned)).await
+    }
+
+    /// The namespace's bind-mounted file.
+    pub fn netns_path(&self) -> PathBuf {
+        netns_path(&self.layout.netns)
+    }
+}
+
 impl Slot {
     /// Creates slot `index`. A stale namespace of the same name (a crashed agent's) is removed
     /// first. On an error, or when the caller stops waiting, nothing of the slot is left.
@@ -181,13 +209,20 @@ impl Slot {
         policy: Option<&EgressPolicy>,
         lifted: &[Ipv4Net],
     ) -> Result<(), SlotError> {
-        apply_in(&self.layout, firewall::egress_rules(policy, lifted)).await
+        self.handle().set_egress(policy, lifted).await
     }
 
     /// Lets the guest reach addresses the resolver gave it for allowed names, each for its
     /// time to live.
     pub async fn learn(&self, learned: &[(Ipv4Addr, Duration)]) -> Result<(), SlotError> {
-        apply_in(&self.layout, firewall::learned_rules(learned)).await
+        self.handle().learn(learned).await
+    }
+
+    /// A handle for changing the slot's egress from elsewhere.
+    pub fn handle(&self) -> SlotHandle {
+        SlotHandle {
+            layout: self.layout.clone(),
+        }
     }
 
     /// Reads the host's addresses and connected networks again and replaces the slot's copy
