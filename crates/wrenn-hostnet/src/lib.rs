@@ -1,6 +1,7 @@
 //! Host networking for sandboxes: network slots ([`Slot`]: a namespace with a tap for QEMU, a
-//! veth pair to the host and an nftables firewall) and the per-slot metadata endpoint
-//! ([`MetadataServer`]).
+//! veth pair to the host and an nftables firewall), the per-slot metadata endpoint
+//! ([`MetadataServer`]) and the per-slot egress services for domain rules ([`EgressServices`]:
+//! a DNS resolver and a filtering proxy).
 //!
 //! This is the host side's one fence around `unsafe` for networking: entering namespaces
 //! (`setns`, on threads of their own, never on an async runtime's workers), the tap ioctl and
@@ -9,6 +10,7 @@
 //! Setting up a slot takes netlink requests (`rtnetlink`) and one `nft` run, where it used to
 //! take about fifteen `ip`/`nft`/`sh` processes.
 
+mod egress;
 mod firewall;
 mod metadata;
 mod netlink;
@@ -17,6 +19,7 @@ mod slot;
 mod tap;
 mod uplink;
 
+pub use egress::{EGRESS_IP, EgressConfig, EgressServices, EgressServicesError, OnLearned};
 pub use firewall::PROXY_PORT;
 pub use metadata::{Metadata, MetadataError, MetadataServer, token_hash};
 pub use netns::enter_netns_on_exec;
