@@ -198,6 +198,17 @@ impl EgressServices {
         }
     }
 
+    /// Readies the services for the next sandbox in the slot: `policy` in force, every
+    /// proxied connection reset, and nothing learned kept (no `on_learned` call follows).
+    pub fn reset(&self, policy: Arc<EgressPolicy>) {
+        let s = &self.shared;
+        *s.policy.write().unwrap_or_else(|p| p.into_inner()) = policy;
+        lock(&s.learned).clear();
+        *lock(&s.lookups) = Lookups::default();
+        let closed = s.conns.close_all();
+        tracing::debug!(netns = %s.netns, closed, "egress services reset");
+    }
+
     /// The policy in force.
     pub fn policy(&self) -> Arc<EgressPolicy> {
         self.shared.policy()
@@ -241,10 +252,10 @@ impl Shared {
         if addrs.is_empty() {
             return;
         }
-        lock(&self.learned).record(name, &addrs, Instant::now());
-        if policy.allows_name(name) {
-            tracing::debug!(name, ?addrs, "egress resolver: learned");
-            (self.on_learned)(&addrs);
+        let changed = lock(&self.learned).record(name, &addrs, Instant::now());
+        if policy.allows_name(name) && !changed.is_empty() {
+            tracing::debug!(name, addrs = ?changed, "egress resolver: learned");
+            (self.on_learned)(&changed);
         }
     }
 }

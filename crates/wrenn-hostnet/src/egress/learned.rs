@@ -83,38 +83,69 @@ pub(crate) struct Learned {
 }
 
 impl Learned {
-    /// Records that `name` resolved to `addrs` (address, how long to keep it) at `now`.
-    pub(crate) fn record(&mut self, name: &str, addrs: &[(Ipv4Addr, Duration)], now: Instant) {
+    /// Records that `name` resolved to `addrs` (address, how long to keep it) at `now`, and
+    /// returns those that are new or kept longer now, with how long. An address is kept
+    /// longer only once less than half of the new time is left, so a guest asking again and
+    /// again changes (and reports) each address at most about twice per TTL, and what was
+    /// reported is what is kept.
+    pub(crate) fn record(
+        &mut self,
+        name: &str,
+        addrs: &[(Ipv4Addr, Duration)],
+        now: Instant,
+    ) -> Vec<(Ipv4Addr, Duration)> {
         if addrs.is_empty() {
-            return;
+            return Vec::new();
         }
         if !self.names.contains_key(name) && self.names.len() >= MAX_NAMES {
-            self.purge(now);
-            if self.names.len() >= MAX_NAMES {
-                // Full of live names: the one that expires first goes.
-                let first = self
-                    .names
-                    .iter()
-                    .min_by_key(|(_, a)| a.values().max().copied())
-                    .map(|(n, _)| n.clone());
-                if let Some(first) = first {
-                    self.names.remove(&first);
+            self.make_room(now);
+        }
+        let entry = self.names.entry(name.to_owned()).or_default();
+        entry.retain(|_, until| *until > now);
+        let mut changed = Vec::new();
+        for &(ip, keep) in addrs {
+            let until = now + keep;
+            match entry.get_mut(&ip) {
+                Some(at) if *at >= now + keep / 2 => {}
+                Some(at) => {
+                    *at = until;
+                    changed.push((ip, keep));
+                }
+                None => {
+                    entry.insert(ip, until);
+                    changed.push((ip, keep));
                 }
             }
         }
-        let entry = self.names.entry(name.to_owned()).or_default();
-        for &(ip, keep) in addrs {
-            let until = now + keep;
-            let at = entry.entry(ip).or_insert(until);
-            *at = (*at).max(until);
-        }
-        entry.retain(|_, until| *until > now);
         while entry.len() > MAX_ADDRS_PER_NAME {
             let Some(first) = entry.iter().min_by_key(|(_, u)| **u).map(|(ip, _)| *ip) else {
                 break;
             };
             entry.remove(&first);
+            changed.retain(|(ip, _)| *ip != first);
         }
+        changed
+    }
+
+    /// Drops what expired; if every name is still live, the one that expires first.
+    fn make_room(&mut self, now: Instant) {
+        self.purge(now);
+        if self.names.len() < MAX_NAMES {
+            return;
+        }
+        let first = self
+            .names
+            .iter()
+            .min_by_key(|(_, a)| a.values().max().copied())
+            .map(|(n, _)| n.clone());
+        if let Some(first) = first {
+            self.names.remove(&first);
+        }
+    }
+
+    /// Forgets everything.
+    pub(crate) fn clear(&mut self) {
+        self.names.clear();
     }
 
     /// Whether `name` resolved to `ip` and that has not expired.
@@ -263,6 +294,31 @@ mod tests {
     #[test]
     fn learned_addresses_expire_and_only_allowed_names_are_reported() {
         let t0 = Instant::now();
+        let mut l = Learned::default();
+        assert_eq!(
+            l.record("allowed.test", &[(X, Duration::from_secs(60))], t0),
+            [(X, Duration::from_secs(60))]
+        );
+        // Asked again soon: nothing new to report; once past half its time, kept longer.
+        let again = l.record(
+            "allowed.test",
+            &[(X, Duration::from_secs(60))],
+            t0 + Duration::from_secs(29),
+        );
+        assert!(again.is_empty());
+        let later = t0 + Duration::from_secs(31);
+        let again = l.record(
+            "allowed.test",
+            &[(X, Duration::from_secs(60)), (Y, Duration::from_secs(40))],
+            later,
+        );
+        assert_eq!(
+            again,
+            [(X, Duration::from_secs(60)), (Y, Duration::from_secs(40))]
+        );
+        assert!(l.contains("allowed.test", X, t0 + Duration::from_secs(90)));
+        assert!(l.contains("allowed.test", Y, t0 + Duration::from_secs(70)));
+        assert!(!l.contains("allowed.test", Y, t0 + Duration::from_secs(72)));
         let mut l = Learned::default();
         l.record("allowed.test", &[(X, Duration::from_secs(60))], t0);
         l.record("denied.test", &[(Y, Duration::from_secs(60))], t0);

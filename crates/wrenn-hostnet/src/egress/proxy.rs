@@ -326,6 +326,18 @@ impl Registry {
         closed
     }
 
+    /// Closes every live connection; returns how many.
+    pub(crate) fn close_all(&self) -> usize {
+        let mut conns = lock(&self.conns);
+        conns
+            .values_mut()
+            .filter_map(|t| t.kill.take())
+            .map(|kill| {
+                let _ = kill.send(());
+            })
+            .count()
+    }
+
     /// How many connections are live.
     pub(crate) fn len(&self) -> usize {
         lock(&self.conns).len()
