@@ -42,6 +42,8 @@ fi
 apt-get update -q
 apt-get install -y -q -t bookworm-backports qemu-system-x86 qemu-utils
 apt-get install -y -q busybox-static bash-static nftables iproute2 e2fsprogs cpio debootstrap
+# The end-to-end egress lab: its DNS server and test certificates (tests/e2e/netlab.py).
+apt-get install -y -q dnsmasq-base openssl curl
 
 # Guest kernel: extract, do not install. Re-extract only when the candidate version changed.
 kver=$(apt-cache policy linux-image-cloud-amd64 | awk '/Candidate:/ { print $2 }')

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+import netlab
+
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = float(os.environ.get("WRENN_E2E_START_TIMEOUT", "1200"))
 
@@ -65,6 +67,10 @@ class Wrenn:
             "--first-slot", "28672", "--slots", "1024",
             # Often, so the suite also runs with the reconciler racing every operation.
             "--reconcile-interval", "2",
+            # Guests leave only into the lab's fake internet (tests/e2e/netlab.py), never by
+            # the machine's own interfaces.
+            "--uplink", netlab.HOST_IF,
+            "--dns-upstream", netlab.DNS,
         ]
         if self.database_url:
             args += ["--database-url", self.database_url]
@@ -155,7 +161,19 @@ def _leftover_qemu(state_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def wrenn():
+def lab():
+    """The fake internet every `wrenn up` of the suite uses as its uplink."""
+    if os.environ.get("WRENN_E2E_URL"):
+        pytest.skip("the egress lab needs the suite's own wrenn up")
+    lab = netlab.NetLab()
+    try:
+        yield lab.setup()
+    finally:
+        lab.teardown()
+
+
+@pytest.fixture(scope="session")
+def wrenn(request):
     external = os.environ.get("WRENN_E2E_URL")
     if external:
         w = Wrenn(Path(tempfile.gettempdir()) / "wrenn-e2e-external", None)
@@ -168,6 +186,7 @@ def wrenn():
         _apply_env(w)
         yield w
         return
+    request.getfixturevalue("lab")
     work = Path(tempfile.mkdtemp(prefix="wrenn-e2e-", dir="/var/tmp"))
     database_url = None
     pg_db = None

@@ -657,6 +657,7 @@ log "starting wrenn up on 127.0.0.1:$PORT (state $STATE, log $RESULTS/wrenn-up.l
   --state-dir "$STATE" \
   --listen "127.0.0.1:$PORT" \
   --first-slot 24576 --slots 1024 \
+  --uplink none \
   --progress plain \
   --envd "$BIN/envd" \
   >"$WORK/wrenn-up.out" 2>"$RESULTS/wrenn-up.log" 9>&- &

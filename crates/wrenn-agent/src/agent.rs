@@ -213,6 +213,10 @@ impl Agent {
             slots.release(lease).await;
             return Err(format!("envd: {}", crate::error_chain(&e)));
         }
+        // The slot kept its rules, but its resolver and proxy were the earlier agent's.
+        if let Err(e) = sb.net().egress().apply(Some(&meta.egress.policy())).await {
+            tracing::warn!(sandbox_id = %id, error = %crate::error_chain(&e), "egress policy not applied again");
+        }
         let token = sb.access_token().map(str::to_owned);
         let console = sb.vm().console_log();
         let dir = sb.root().to_owned();

@@ -23,7 +23,8 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use wrenn_core::{EgressPolicy, Ipv4Net};
 use wrenn_hostnet::{
-    MAX_SLOTS, Metadata, MetadataError, MetadataServer, Slot, SlotError, SlotHandle, TAP_NAME,
+    EgressConfig, EgressServices, MAX_SLOTS, Metadata, MetadataError, MetadataServer, OnLearned,
+    Slot, SlotError, SlotHandle, TAP_NAME,
 };
 use wrenn_qmp::QmpError;
 
@@ -120,7 +121,14 @@ pub struct EgressSettings {
 #[derive(Debug, Default)]
 struct SlotEgress {
     generation: AtomicU64,
-    lock: tokio::sync::Mutex<()>,
+    /// The slot's resolver and filtering proxy, started with the first policy that needs them
+    /// and kept (reset) for the slot's next sandbox.
+    services: tokio::sync::Mutex<Option<EgressServices>>,
+}
+
+/// The policy of a slot nobody holds: nothing out, no names resolved.
+fn closed_policy() -> EgressPolicy {
+    EgressPolicy::parse(false, &[], &[]).expect("an empty policy parses")
 }
 
 /// Changes the egress of the slot a sandbox held when it was made; a no-op once the slot was
@@ -136,12 +144,47 @@ pub struct EgressApplier {
 impl EgressApplier {
     /// Gives the slot `policy` (`None` closes egress).
     pub async fn apply(&self, policy: Option<&EgressPolicy>) -> Result<(), SlotError> {
-        let _held = self.state.lock.lock().await;
+        let mut services = self.state.services.lock().await;
         if self.state.generation.load(Ordering::Acquire) != self.generation {
             return Ok(());
         }
         let policy = policy.filter(|_| self.settings.enabled);
-        self.slot.set_egress(policy, &self.settings.lifted).await
+        // The firewall first: it forgets the learned addresses, which the services then report
+        // again for the names the new policy allows.
+        self.slot.set_egress(policy, &self.settings.lifted).await?;
+        let policy = Arc::new(policy.cloned().unwrap_or_else(closed_policy));
+        match (&*services, self.settings.dns_upstream) {
+            (Some(svc), _) => svc.set_policy(policy),
+            (None, Some(upstream)) if self.settings.enabled => {
+                let handle = self.slot.clone();
+                let on_learned: OnLearned = Arc::new(
+                    move |learned: &[(std::net::Ipv4Addr, Duration)]| {
+                        let (handle, learned) = (handle.clone(), learned.to_vec());
+                        tokio::spawn(async move {
+                            if let Err(e) = handle.learn(&learned).await {
+                                tracing::warn!(error = %crate::error_chain(&e), "could not let a guest reach a name's addresses");
+                            }
+                        });
+                    },
+                );
+                let started = EgressServices::start(
+                    &self.slot.netns_path(),
+                    EgressConfig::new(upstream),
+                    policy,
+                    on_learned,
+                )
+                .await;
+                match started {
+                    Ok(svc) => *services = Some(svc),
+                    // The guest has no DNS and no name-based egress; addresses still work.
+                    Err(e) => {
+                        tracing::warn!(error = %crate::error_chain(&e), "slot resolver did not start")
+                    }
+                }
+            }
+            (None, _) => {}
+        }
+        Ok(())
     }
 }
 
@@ -299,8 +342,11 @@ impl SlotPool {
         entry.metadata.set(None);
         {
             // Appliers of this lease are void from here on; `reset` closes egress.
-            let _held = entry.egress.lock.lock().await;
+            let services = entry.egress.services.lock().await;
             entry.egress.generation.fetch_add(1, Ordering::AcqRel);
+            if let Some(svc) = &*services {
+                svc.reset(Arc::new(closed_policy()));
+            }
         }
         let keep = self.lock_free().len() < self.inner.keep;
         if !keep {
