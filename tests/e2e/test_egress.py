@@ -197,15 +197,28 @@ def test_the_hosts_own_addresses_and_other_slots_are_unreachable(wrenn, open_sbx
         with socket.create_connection((netlab.HOST_IP, port), timeout=3) as c:
             assert c.recv(100) == b"host service\n"
         assert tcp(open_sbx, netlab.HOST_IP, port) is None
+        # An address the host gets later is denied too, once the agent noticed (every 5 s).
+        import subprocess
+        import time
+
+        added = "198.51.100.5"
+        subprocess.run(["ip", "addr", "add", f"{added}/32", "dev", netlab.HOST_IF], check=True)
+        try:
+            with socket.create_connection((added, port), timeout=3) as c:
+                assert c.recv(100) == b"host service\n"
+            time.sleep(8)
+            assert tcp(open_sbx, added, port) is None
+        finally:
+            subprocess.run(["ip", "addr", "del", f"{added}/32", "dev", netlab.HOST_IF], check=False)
         # Other slots' addresses, where the host reaches their guests' envd: the host does, a
         # guest does not.
         other = Sandbox.create(timeout=120)
         try:
             reached = []
             for ip in slot_addresses():
-                if netlab.NetLab.fetch_from_host(f"http://{ip}:49999/health") is not None:
+                if netlab.NetLab.fetch_from_host(f"http://{ip}:49983/health") is not None:
                     reached.append(ip)
-                    assert fetch(open_sbx, f"http://{ip}:49999/health") is None, ip
+                    assert fetch(open_sbx, f"http://{ip}:49983/health") is None, ip
             assert len(reached) >= 2, "control: the host reaches both sandboxes' slots"
         finally:
             other.kill()

@@ -15,6 +15,9 @@ use crate::sandbox::Deadlines;
 use crate::snapshot::Snapshot;
 use crate::state::{OwnerLock, PausedVm, ScanScope, StateError};
 
+/// How often the host's addresses are compared with what the slots deny.
+const HOST_ADDRESS_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How a host is brought up.
 #[derive(Debug, Clone)]
 pub struct HostConfig {
@@ -133,6 +136,8 @@ impl Host {
         )
         .await
         .map_err(HostError::Slots)?;
+        // Dropped with the pool: the task ends once the pool is gone.
+        drop(slots.watch_host_addresses(HOST_ADDRESS_CHECK));
         slots.configure_egress(EgressSettings {
             enabled: config.uplink.is_some(),
             ..config.egress.clone()

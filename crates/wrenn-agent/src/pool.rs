@@ -382,6 +382,56 @@ impl SlotPool {
         *self.inner.egress.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(settings);
     }
 
+    /// Keeps every slot's copy of the host's addresses and connected networks current: looks
+    /// every `every` and rewrites the slots' sets when they changed (a new address, a new
+    /// interface). Ends when the pool is gone.
+    pub fn watch_host_addresses(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let pool = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut last = wrenn_hostnet::host_addresses().await.ok();
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(inner) = pool.upgrade() else { return };
+                let now = match wrenn_hostnet::host_addresses().await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not read the host's addresses");
+                        continue;
+                    }
+                };
+                if last.as_ref() == Some(&now) {
+                    continue;
+                }
+                tracing::info!("host addresses changed; updating every slot's guard");
+                let indices: Vec<u32> = inner
+                    .used
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .copied()
+                    .collect();
+                drop(inner);
+                let mut all_done = true;
+                for index in indices {
+                    let done = match SlotHandle::new(index) {
+                        Ok(h) => h.refresh_host().await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = done {
+                        // A slot deleted meanwhile has nothing to update.
+                        tracing::debug!(index, error = %crate::error_chain(&e), "slot guard not updated");
+                        all_done &= !std::path::Path::new("/run/netns")
+                            .join(format!("{}{index}", wrenn_hostnet::NETNS_PREFIX))
+                            .exists();
+                    }
+                }
+                if all_done {
+                    last = Some(now);
+                }
+            }
+        })
+    }
+
     /// Deletes every free slot. Leased slots go when they are released or dropped.
     pub async fn shutdown(&self) {
         let free: Vec<PoolSlot> = std::mem::take(&mut *self.lock_free());

@@ -25,6 +25,6 @@ pub use metadata::{Metadata, MetadataError, MetadataServer, token_hash};
 pub use netns::enter_netns_on_exec;
 pub use slot::{
     EGRESS_CHAIN, HOST_VETH_PREFIX, MAX_SLOTS, NETNS_PREFIX, NFT_TABLE, Slot, SlotError,
-    SlotHandle, TAP_NAME, delete_link, delete_netns,
+    SlotHandle, TAP_NAME, delete_link, delete_netns, host_addresses,
 };
 pub use uplink::{Uplink, default_uplink};

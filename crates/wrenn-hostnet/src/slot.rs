@@ -143,6 +143,27 @@ pub struct SlotHandle {
 }
 
 impl SlotHandle {
+    /// A handle for slot `index`, whether or not it exists now.
+    pub fn new(index: u32) -> Result<Self, SlotError> {
+        Ok(Self {
+            layout: Layout::new(index)?,
+        })
+    }
+
+    /// See [`Slot::refresh_host`].
+    pub async fn refresh_host(&self) -> Result<(), SlotError> {
+        let layout = self.layout.clone();
+        let err = self.layout.err("run the slot thread");
+        on_own_thread_async(move || async move {
+            let host = Netlink::open().map_err(layout.err("open netlink"))?;
+            let view = host_view(&layout, &host).await?;
+            enter(&layout)?;
+            firewall::apply(&firewall::host_rules(&view))
+        })
+        .await
+        .map_err(err)?
+    }
+
     /// See [`Slot::set_egress`].
     pub async fn set_egress(
         &self,
@@ -228,16 +249,7 @@ impl Slot {
     /// Reads the host's addresses and connected networks again and replaces the slot's copy
     /// (they changed: a new address, a new interface).
     pub async fn refresh_host(&self) -> Result<(), SlotError> {
-        let layout = self.layout.clone();
-        let err = self.layout.err("run the slot thread");
-        on_own_thread_async(move || async move {
-            let host = Netlink::open().map_err(layout.err("open netlink"))?;
-            let view = host_view(&layout, &host).await?;
-            enter(&layout)?;
-            firewall::apply(&firewall::host_rules(&view))
-        })
-        .await
-        .map_err(err)?
+        self.handle().refresh_host().await
     }
 
     /// The slot's index.
@@ -409,6 +421,15 @@ async fn remove(l: &Layout, host: &Netlink) {
     if let Err(error) = netns::delete_netns_now(&l.netns) {
         tracing::warn!(%error, netns = %l.netns, "could not delete slot namespace");
     }
+}
+
+/// The host's IPv4 addresses with their prefixes, sorted: what the slots' `host_addrs` and
+/// `connected` sets are made of, for noticing that they changed.
+pub async fn host_addresses() -> std::io::Result<Vec<(Ipv4Addr, u8)>> {
+    let mut all = Netlink::open()?.ipv4_addresses().await?;
+    all.sort_unstable();
+    all.dedup();
+    Ok(all)
 }
 
 /// Deletes the network namespace `name` (its bind mount under `/run/netns`), as the agent

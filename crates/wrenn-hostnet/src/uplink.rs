@@ -8,7 +8,10 @@
 //! (another host interface, another slot) is refused; toward a slot only replies pass. The
 //! per-slot firewall has already judged the packet by then (see `crate::firewall`); this is
 //! the second fence, and the one that makes "the uplink" true: with no uplink, nothing from
-//! the agent's slots is forwarded at all.
+//! the agent's slots is forwarded at all. Its input chain refuses every connection a slot
+//! opens to the host itself (the host only answers what it opened, envd's traffic), whatever
+//! address of the host it was sent to: this fence does not depend on knowing the host's
+//! addresses, which the slots' own guard has to keep current.
 //!
 //! Forwarding has to be on for routing to happen (`net.ipv4.ip_forward`). It is a host-wide
 //! switch: turned on when an agent with an uplink starts, never turned off (other agents, or
@@ -136,6 +139,9 @@ fn ruleset(table: &str, interface: Option<&str>, lo: Ipv4Addr, hi: Ipv4Addr) -> 
     };
     format!(
         "table inet {table}\ndelete table inet {table}\ntable inet {table} {{\n\
+         \tchain input {{\n\t\ttype filter hook input priority filter; policy accept;\n\
+         \t\tip saddr {slots} ct state established,related accept\n\
+         \t\tip saddr {slots} counter reject with icmpx admin-prohibited\n\t}}\n\
          \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n\
          {out}\
          \t\tip daddr {slots} ct state established,related accept\n\
@@ -157,8 +163,9 @@ mod tests {
         assert!(r.contains("ip saddr 10.12.0.200-10.12.0.219 oifname \"up0\" accept"));
         assert!(r.contains("ip saddr 10.12.0.200-10.12.0.219 oifname \"up0\" masquerade"));
         let none = ruleset("wrenn-host-100", None, lo, hi);
-        assert!(!none.contains("accept\n\t\tip saddr") && !none.contains("masquerade"));
+        assert!(!none.contains("oifname") && !none.contains("masquerade"));
         assert!(none.contains("ip saddr 10.12.0.200-10.12.0.219 counter reject"));
+        assert!(r.contains("chain input") && none.contains("chain input"));
     }
 
     #[test]
