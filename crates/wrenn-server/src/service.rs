@@ -84,10 +84,11 @@ impl ControlPlane {
         connector: Arc<dyn AgentConnector>,
     ) -> Result<Arc<Self>, StoreError> {
         let store = Store::open(&config.database_url).await?;
+        let agents = Agents::new(connector, config.secret.clone());
         Ok(Arc::new(ControlPlane {
             config,
             store,
-            agents: Agents::new(connector),
+            agents,
             locks: Mutex::new(HashMap::new()),
         }))
     }
@@ -203,7 +204,7 @@ impl ControlPlane {
         let id = HostId::parse(id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let client = self
             .agents
-            .connect(rpc_url)
+            .connect(id.as_str(), rpc_url)
             .map_err(|e| ApiError::BadRequest(e.message))?;
         let info = client
             .host_info(agent::HostInfoRequest {})
@@ -239,6 +240,12 @@ impl ControlPlane {
             }
         }
         Ok(host)
+    }
+
+    /// The secret host `host_id`'s agent requires when it is reached over the network (see
+    /// [`crate::tokens::agent_secret`]); the operator configures the agent with it.
+    pub fn agent_secret(&self, host_id: &HostId) -> String {
+        self.agents.secret_of(host_id.as_str())
     }
 
     pub(crate) fn client_for(&self, host: &HostRecord) -> Result<Arc<dyn AgentClient>, ApiError> {

@@ -668,6 +668,49 @@ async fn edge_proxy_routes_per_request() {
         assert_eq!(v["body"], "payload");
         assert_eq!(v["token"], "tok");
     }
+    // The agent gets the host's secret in Proxy-Authorization, in place of any the client
+    // sent; the agent RPC client was made with the same secret.
+    let agent_secret = wrenn_server::tokens::agent_secret(SECRET, "h1");
+    let v: serde_json::Value = client
+        .get(format!("{}/health", s.server.url))
+        .header("e2b-sandbox-id", a.as_str())
+        .header("proxy-authorization", "Bearer forged")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["agentAuth"], format!("Bearer {agent_secret}"));
+    assert!(
+        s.server
+            .agent
+            .secrets
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|x| *x == agent_secret),
+        "agent clients made with another secret"
+    );
+    let r = s
+        .http
+        .get(format!("{}/admin/hosts/h1/secret", s.server.url))
+        .header("x-admin-token", ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap(),
+        json!({"hostID": "h1", "secret": agent_secret})
+    );
+    let r = s
+        .http
+        .get(format!("{}/admin/hosts/h1/secret", s.server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
     // /health with the header goes to the sandbox, without it to the API.
     let v: serde_json::Value = client
         .get(format!("{}/health", s.server.url))
@@ -703,6 +746,17 @@ async fn edge_proxy_routes_per_request() {
         (v["sandboxId"].as_str(), v["port"].as_str()),
         (Some(b.as_str()), Some("8080"))
     );
+    // A host name with a port, as `<port>-<id>.localhost:<api port>` has.
+    let v: serde_json::Value = client
+        .get(format!("{}/hello", s.server.url))
+        .header("host", format!("8080-{b}.{DOMAIN}:3000"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["sandboxId"], b.as_str());
 
     // Signed URLs find their sandbox by the signature.
     let token_b = wrenn_server::tokens::envd_access_token(SECRET, &b);
@@ -720,6 +774,27 @@ async fn edge_proxy_routes_per_request() {
         .await
         .unwrap();
     assert_eq!(v["sandboxId"], b.as_str());
+    // A signed URL that names a sandbox goes to that one, whoever's token signed it (that
+    // envd then refuses a foreign signature): B's signature named for A reaches A.
+    for (name, value) in [
+        ("e2b-sandbox-id", a.clone()),
+        ("host", format!("49983-{a}.{DOMAIN}")),
+    ] {
+        let v: serde_json::Value = client
+            .get(format!(
+                "{}/files?path=%2Fhome%2Fuser%2Ff.txt&signature={}",
+                s.server.url,
+                urlencode(&sig)
+            ))
+            .header(name, value)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["sandboxId"], a.as_str(), "named by {name}");
+    }
     let sig_w =
         wrenn_server::tokens::file_signature("/a", "write", "root", &token_b, Some(4_000_000_000));
     let r = client
