@@ -21,6 +21,7 @@ pub mod paths {
     pub const PAUSE: &str = "/wrenn.agent.v1.AgentService/Pause";
     pub const RESUME: &str = "/wrenn.agent.v1.AgentService/Resume";
     pub const SET_TIMEOUT: &str = "/wrenn.agent.v1.AgentService/SetTimeout";
+    pub const UPDATE_NETWORK: &str = "/wrenn.agent.v1.AgentService/UpdateNetwork";
     pub const METRICS: &str = "/wrenn.agent.v1.AgentService/Metrics";
     pub const LOGS: &str = "/wrenn.agent.v1.AgentService/Logs";
     pub const SNAPSHOT: &str = "/wrenn.agent.v1.AgentService/Snapshot";

@@ -288,6 +288,11 @@ fn paused_meta(p: &crate::state::PausedVm, paused: &PausedSandbox) -> Option<San
                 backstop_unix_ms: 0,
                 auto_pause: false,
                 envd_version: String::new(),
+                // A paused sandbox without its meta: it resumes closed.
+                egress: crate::runtime::Egress {
+                    allow_internet_access: false,
+                    ..Default::default()
+                },
             }
         }
     })

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::runtime::{
-    GuestInit, Held, PauseFailure, ResumeFailure, Runtime, RuntimeError, SandboxMeta,
+    Egress, GuestInit, Held, PauseFailure, ResumeFailure, Runtime, RuntimeError, SandboxMeta,
 };
 
 /// How often the backstop reaper looks for sandboxes past their deadline.
@@ -141,6 +141,8 @@ pub struct CreateArgs {
     pub auto_pause: bool,
     /// What the guest gets at `/init`.
     pub init: GuestInit,
+    /// Its egress policy.
+    pub egress: Egress,
 }
 
 /// What the table holds for one sandbox.
@@ -395,6 +397,7 @@ impl<R: Runtime> Controller<R> {
             backstop_unix_ms: args.backstop_unix_ms,
             auto_pause: args.auto_pause,
             envd_version: template.envd_version,
+            egress: args.egress,
         };
         {
             let mut table = lock(&self.table);
@@ -608,6 +611,54 @@ impl<R: Runtime> Controller<R> {
         if let Some(held) = held {
             self.runtime.save_meta(&e.meta, held);
         }
+        Ok(())
+    }
+
+    /// Replaces a sandbox's egress policy: saved with it, and applied to its slot when it is
+    /// running (a paused one gets it when it resumes). Refused while another operation holds
+    /// the sandbox, like every operation.
+    pub async fn update_network(&self, id: &str, egress: Egress) -> Result<(), ControlError> {
+        let apply = {
+            let mut table = lock(&self.table);
+            let e = table
+                .get_mut(id)
+                .ok_or_else(|| ControlError::NotFound(id.to_owned()))?;
+            let previous = std::mem::replace(&mut e.meta.egress, egress.clone());
+            match &e.slot {
+                Slot::Busy(op) => {
+                    e.meta.egress = previous;
+                    return Err(ControlError::Busy {
+                        id: id.to_owned(),
+                        op: *op,
+                    });
+                }
+                Slot::Running(sb) => {
+                    self.runtime.save_meta(&e.meta, Held::Running(sb));
+                    Some((self.runtime.set_egress(sb, &egress), previous))
+                }
+                Slot::Paused(p) => {
+                    self.runtime.save_meta(&e.meta, Held::Paused(p));
+                    None
+                }
+            }
+        };
+        if let Some((apply, previous)) = apply
+            && let Err(source) = apply.await
+        {
+            // The slot kept its rules (one transaction that failed): so does the record.
+            let mut table = lock(&self.table);
+            if let Some(e) = table.get_mut(id).filter(|e| e.meta.egress == egress) {
+                e.meta.egress = previous;
+                if let Slot::Running(sb) = &e.slot {
+                    self.runtime.save_meta(&e.meta, Held::Running(sb));
+                }
+            }
+            return Err(ControlError::Runtime {
+                what: "update network",
+                source,
+            });
+        }
+        tracing::info!(sandbox_id = %id, "egress policy replaced");
         Ok(())
     }
 

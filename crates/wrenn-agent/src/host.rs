@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::agent::Agent;
-use crate::pool::{PoolError, SlotPool, WarmPool};
+use wrenn_hostnet::{SlotError, Uplink};
+
+use crate::pool::{EgressSettings, PoolError, SlotPool, WarmPool};
 use crate::sandbox::Deadlines;
 use crate::snapshot::Snapshot;
 use crate::state::{OwnerLock, PausedVm, ScanScope, StateError};
@@ -32,6 +34,11 @@ pub struct HostConfig {
     pub deadlines: Deadlines,
     /// Where this host's sandbox proxy is reached (reported to the control plane).
     pub proxy_url: String,
+    /// The interface guests' traffic leaves the host by (`None`: guests reach nothing
+    /// outside the host).
+    pub uplink: Option<String>,
+    /// What the host allows every guest beyond its own policy (`enabled` follows `uplink`).
+    pub egress: EgressSettings,
 }
 
 /// Why a host could not be brought up.
@@ -49,6 +56,9 @@ pub enum HostError {
     /// The slot pool could not be made.
     #[error("create network slots")]
     Slots(#[source] PoolError),
+    /// The uplink rules could not be installed.
+    #[error("set up the uplink")]
+    Uplink(#[source] SlotError),
 }
 
 /// A host that is up: its agent, its slot pool and what recovery found.
@@ -58,6 +68,7 @@ pub struct Host {
     slots: SlotPool,
     config: HostConfig,
     paused: Vec<PausedVm>,
+    _uplink: Uplink,
     _owner: OwnerLock,
 }
 
@@ -105,6 +116,13 @@ impl Host {
                 "cleaned up after an earlier run"
             );
         }
+        let uplink = Uplink::install(
+            config.uplink.as_deref(),
+            range.start,
+            range.end - range.start,
+        )
+        .await
+        .map_err(HostError::Uplink)?;
         let pool_first = range.start + 1;
         let (vms, adopted_slots): (Vec<_>, Vec<_>) = running.into_iter().unzip();
         let (slots, leases) = SlotPool::with_adopted(
@@ -115,6 +133,10 @@ impl Host {
         )
         .await
         .map_err(HostError::Slots)?;
+        slots.configure_egress(EgressSettings {
+            enabled: config.uplink.is_some(),
+            ..config.egress.clone()
+        });
         let agent = Arc::new(
             Agent::new(
                 config.host_id.clone(),
@@ -147,6 +169,7 @@ impl Host {
             slots,
             config,
             paused: scan.paused,
+            _uplink: uplink,
             _owner: owner,
         })
     }

@@ -21,8 +21,9 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use wrenn_core::{EgressPolicy, Ipv4Net};
 use wrenn_hostnet::{
-    MAX_SLOTS, Metadata, MetadataError, MetadataServer, Slot, SlotError, TAP_NAME,
+    MAX_SLOTS, Metadata, MetadataError, MetadataServer, Slot, SlotError, SlotHandle, TAP_NAME,
 };
 use wrenn_qmp::QmpError;
 
@@ -85,7 +86,63 @@ pub enum PoolError {
 struct PoolSlot {
     // Field order: the endpoint stops before the namespace goes.
     metadata: MetadataServer,
+    egress: Arc<SlotEgress>,
     slot: Slot,
+}
+
+impl PoolSlot {
+    fn new(metadata: MetadataServer, slot: Slot) -> Self {
+        Self {
+            metadata,
+            egress: Arc::default(),
+            slot,
+        }
+    }
+}
+
+/// What the host allows guests beyond their own policies (the operator's settings).
+#[derive(Debug, Clone, Default)]
+pub struct EgressSettings {
+    /// Whether guests have a way out at all (the host has an uplink). Without one (the
+    /// default, as for a pool made without a host) every slot stays closed whatever the
+    /// sandbox's policy says, so no guest packet is ever forwarded by a host that was not set
+    /// up to route it.
+    pub enabled: bool,
+    /// Private, CGNAT or benchmark ranges guests may reach all the same.
+    pub lifted: Vec<Ipv4Net>,
+    /// Where the guests' resolver forwards queries (`None`: it answers SERVFAIL).
+    pub dns_upstream: Option<std::net::SocketAddr>,
+}
+
+/// Serializes egress changes of one slot with its release: each lease of the slot is a new
+/// generation, and a change for an earlier one is dropped, so a policy update that loses the
+/// race with a pause never opens the slot for whoever gets it next.
+#[derive(Debug, Default)]
+struct SlotEgress {
+    generation: AtomicU64,
+    lock: tokio::sync::Mutex<()>,
+}
+
+/// Changes the egress of the slot a sandbox held when it was made; a no-op once the slot was
+/// released (the sandbox paused or gone).
+#[derive(Debug, Clone)]
+pub struct EgressApplier {
+    slot: SlotHandle,
+    state: Arc<SlotEgress>,
+    generation: u64,
+    settings: Arc<EgressSettings>,
+}
+
+impl EgressApplier {
+    /// Gives the slot `policy` (`None` closes egress).
+    pub async fn apply(&self, policy: Option<&EgressPolicy>) -> Result<(), SlotError> {
+        let _held = self.state.lock.lock().await;
+        if self.state.generation.load(Ordering::Acquire) != self.generation {
+            return Ok(());
+        }
+        let policy = policy.filter(|_| self.settings.enabled);
+        self.slot.set_egress(policy, &self.settings.lifted).await
+    }
 }
 
 #[derive(Debug)]
@@ -96,6 +153,7 @@ struct SlotsInner {
     first_index: u32,
     end_index: u32,
     keep: usize,
+    egress: std::sync::RwLock<Arc<EgressSettings>>,
 }
 
 impl SlotsInner {
@@ -120,7 +178,7 @@ impl SlotsInner {
         let made = async {
             let slot = Slot::create(index).await?;
             let metadata = MetadataServer::start(&slot.netns_path()).await?;
-            Ok(PoolSlot { metadata, slot })
+            Ok(PoolSlot::new(metadata, slot))
         }
         .await;
         if made.is_err() {
@@ -177,6 +235,7 @@ impl SlotPool {
                 first_index,
                 end_index,
                 keep: size,
+                egress: Default::default(),
             }),
         };
         {
@@ -187,7 +246,7 @@ impl SlotPool {
         for slot in adopted {
             let metadata = MetadataServer::start(&slot.netns_path()).await?;
             leases.push(SlotLease {
-                entry: Some(PoolSlot { metadata, slot }),
+                entry: Some(PoolSlot::new(metadata, slot)),
                 pool: Arc::downgrade(&pool.inner),
             });
         }
@@ -238,6 +297,11 @@ impl SlotPool {
             return;
         };
         entry.metadata.set(None);
+        {
+            // Appliers of this lease are void from here on; `reset` closes egress.
+            let _held = entry.egress.lock.lock().await;
+            entry.egress.generation.fetch_add(1, Ordering::AcqRel);
+        }
         let keep = self.lock_free().len() < self.inner.keep;
         if !keep {
             self.inner.destroy(entry).await;
@@ -266,6 +330,12 @@ impl SlotPool {
         }
     }
 
+    /// Sets what the host allows every guest beyond its own policy; applies to policies set
+    /// from now on.
+    pub fn configure_egress(&self, settings: EgressSettings) {
+        *self.inner.egress.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(settings);
+    }
+
     /// Deletes every free slot. Leased slots go when they are released or dropped.
     pub async fn shutdown(&self) {
         let free: Vec<PoolSlot> = std::mem::take(&mut *self.lock_free());
@@ -280,6 +350,22 @@ impl SlotLease {
     pub fn slot(&self) -> &Slot {
         // Only `release` takes the entry, and it consumes the lease.
         &self.entry.as_ref().expect("lease holds its slot").slot
+    }
+
+    /// Changes this lease's slot's egress, for as long as the lease lasts.
+    pub fn egress(&self) -> EgressApplier {
+        let e = self.entry.as_ref().expect("lease holds its slot");
+        let settings = self
+            .pool
+            .upgrade()
+            .map(|p| p.egress.read().unwrap_or_else(|p| p.into_inner()).clone())
+            .unwrap_or_default();
+        EgressApplier {
+            slot: e.slot.handle(),
+            state: e.egress.clone(),
+            generation: e.egress.generation.load(Ordering::Acquire),
+            settings,
+        }
     }
 
     /// Publishes the sandbox now in this slot on its metadata endpoint (`None`: nobody).

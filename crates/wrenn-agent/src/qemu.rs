@@ -16,7 +16,8 @@ use crate::observe::Observer;
 use crate::pool::{SlotLease, SlotPool, WarmPool};
 use crate::record::Recorder;
 use crate::runtime::{
-    GuestInit, Held, PauseFailure, ResumeFailure, Runtime, RuntimeError, SandboxMeta, TemplateInfo,
+    Egress, GuestInit, Held, PauseFailure, ResumeFailure, Runtime, RuntimeError, SandboxMeta,
+    TemplateInfo,
 };
 use crate::sandbox::{
     Deadlines, Failed, InitConfig, PauseError, PausedSandbox, Sandbox, SandboxError,
@@ -221,6 +222,11 @@ impl Runtime for QemuRuntime {
         )
         .await
         .map_err(|e| step("restore the template", e))?;
+        if let Err(e) = open_egress(&sb, meta).await {
+            let lease = sb.kill().await;
+            self.slots.release(lease).await;
+            return Err(e);
+        }
         tracing::info!(total = ?t.total, warm = t.warm, "guest started");
         self.track(id, sb.root());
         self.observe
@@ -289,6 +295,11 @@ impl Runtime for QemuRuntime {
         let token = paused.init().access_token.clone();
         match (*paused).resume(lease, &self.deadlines).await {
             Ok((sb, t)) => {
+                if let Err(error) = open_egress(&sb, meta).await {
+                    // Its slot stays closed: the guest runs without egress rather than with
+                    // more than its policy allows.
+                    tracing::error!(error = %crate::error_chain(&error), "resumed without egress");
+                }
                 tracing::info!(total = ?t.total, "guest resumed");
                 self.track(id, sb.root());
                 self.observe
@@ -362,6 +373,31 @@ impl Runtime for QemuRuntime {
     fn endpoint(&self, sb: &Running, port: u16) -> SocketAddr {
         sb.net().slot().guest_endpoint(port)
     }
+
+    fn set_egress(
+        &self,
+        sb: &Running,
+        egress: &Egress,
+    ) -> futures::future::BoxFuture<'static, Result<(), RuntimeError>> {
+        let applier = sb.net().egress();
+        let policy = egress.policy();
+        Box::pin(async move {
+            applier
+                .apply(Some(&policy))
+                .await
+                .map_err(|e| RuntimeError::step("apply the egress policy")(Box::new(e)))
+        })
+    }
+}
+
+/// Gives a sandbox that just got its slot (created or resumed) its egress policy; the slot was
+/// closed until now.
+async fn open_egress(sb: &Sandbox<SlotLease>, meta: &SandboxMeta) -> Result<(), RuntimeError> {
+    sb.net()
+        .egress()
+        .apply(Some(&meta.egress.policy()))
+        .await
+        .map_err(|e| RuntimeError::step("apply the egress policy")(Box::new(e)))
 }
 
 fn info(t: &Template) -> TemplateInfo {

@@ -414,6 +414,7 @@ pub(crate) mod tests {
             backstop_unix_ms: 0,
             auto_pause: false,
             envd_version: "0.1.0".into(),
+            egress: Default::default(),
         }
     }
 

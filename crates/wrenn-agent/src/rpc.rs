@@ -10,13 +10,14 @@ use wrenn_agent_proto::v1::{
     CreateRequest, CreateResponse, HostInfoRequest, HostInfoResponse, KillRequest, KillResponse,
     ListRequest, ListResponse, LogEntry, LogsRequest, MetricsRequest, PauseRequest, PauseResponse,
     ResumeRequest, ResumeResponse, SandboxState, SandboxStatus, SetTimeoutRequest,
-    SetTimeoutResponse, SnapshotRequest, SnapshotResponse,
+    SetTimeoutResponse, SnapshotRequest, SnapshotResponse, UpdateNetworkRequest,
+    UpdateNetworkResponse,
 };
 use wrenn_connect::{BoxStream, Code, ConnectError, RpcRouter};
 
 use crate::agent::Agent;
 use crate::controller::{ControlError, CreateArgs, Phase, Status};
-use crate::runtime::{GuestInit, RuntimeError};
+use crate::runtime::{Egress, GuestInit, RuntimeError};
 
 /// The one place agent errors become Connect codes. A busy sandbox is `aborted` (HTTP 409 in
 /// Connect's mapping): retry later; a sandbox in the wrong state is `failed_precondition`.
@@ -91,6 +92,7 @@ async fn create(agent: Arc<Agent>, req: CreateRequest) -> Result<CreateResponse,
         start_unix_ms: spec.start_unix_ms,
         backstop_unix_ms: spec.backstop_unix_ms,
         auto_pause: spec.auto_pause,
+        egress: spec.egress.map(egress_of).unwrap_or_default(),
         init: GuestInit {
             env_vars: spec.env_vars.into_iter().collect(),
             access_token: Some(spec.envd_access_token).filter(|t| !t.is_empty()),
@@ -100,6 +102,14 @@ async fn create(agent: Arc<Agent>, req: CreateRequest) -> Result<CreateResponse,
     Ok(CreateResponse {
         sandbox: Some(status(s)),
     })
+}
+
+fn egress_of(e: wrenn_agent_proto::v1::Egress) -> Egress {
+    Egress {
+        allow_internet_access: e.allow_internet_access,
+        allow_out: e.allow_out,
+        deny_out: e.deny_out,
+    }
 }
 
 async fn resume(agent: Arc<Agent>, req: ResumeRequest) -> Result<ResumeResponse, ControlError> {
@@ -179,6 +189,21 @@ pub fn router(agent: Arc<Agent>) -> axum::Router {
                     .map(|()| SetTimeoutResponse {})
                     .map_err(into_connect);
                 async move { r }
+            }
+        })
+        .unary(paths::UPDATE_NETWORK, {
+            let a = a.clone();
+            move |_ctx, req: UpdateNetworkRequest| {
+                let a = a.clone();
+                async move {
+                    // No policy in the request is none at all: internet on, no lists.
+                    let egress = req.egress.map(egress_of).unwrap_or_default();
+                    a.controller()
+                        .update_network(&req.sandbox_id, egress)
+                        .await
+                        .map(|()| UpdateNetworkResponse {})
+                        .map_err(into_connect)
+                }
             }
         })
         .unary(paths::HOST_INFO, {

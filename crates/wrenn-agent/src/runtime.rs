@@ -33,6 +33,42 @@ pub struct SandboxMeta {
     pub auto_pause: bool,
     /// The envd version of its template.
     pub envd_version: String,
+    /// Its egress policy (records of agents before egress existed: internet on).
+    #[serde(default)]
+    pub egress: Egress,
+}
+
+/// A sandbox's egress policy as the control plane sent it (validated there).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Egress {
+    /// `false`: nothing outbound.
+    pub allow_internet_access: bool,
+    /// IPv4 addresses, CIDR blocks and domain names; an allow wins over a deny.
+    #[serde(default)]
+    pub allow_out: Vec<String>,
+    #[serde(default)]
+    pub deny_out: Vec<String>,
+}
+
+impl Default for Egress {
+    fn default() -> Self {
+        Self {
+            allow_internet_access: true,
+            allow_out: Vec::new(),
+            deny_out: Vec::new(),
+        }
+    }
+}
+
+impl Egress {
+    /// The policy; one that does not parse (a record edited by hand) denies everything.
+    pub fn policy(&self) -> wrenn_core::EgressPolicy {
+        wrenn_core::EgressPolicy::parse(self.allow_internet_access, &self.allow_out, &self.deny_out)
+            .unwrap_or_else(|error| {
+                tracing::warn!(%error, "unusable egress policy; denying all egress");
+                wrenn_core::EgressPolicy::parse(false, &[], &[]).expect("an empty policy parses")
+            })
+    }
 }
 
 /// A template the runtime can start sandboxes from.
@@ -170,6 +206,15 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// Where the host reaches `port` of a running sandbox.
     fn endpoint(&self, sandbox: &Self::Running, port: u16) -> SocketAddr;
+
+    /// Gives a running sandbox the egress policy `egress`. Called with the controller's table
+    /// locked, so it only captures what it needs; the returned future does the work (and is a
+    /// no-op if the sandbox left its slot meanwhile).
+    fn set_egress(
+        &self,
+        sandbox: &Self::Running,
+        egress: &Egress,
+    ) -> futures::future::BoxFuture<'static, Result<(), RuntimeError>>;
 }
 
 /// A sandbox handle lent to the runtime.

@@ -192,6 +192,7 @@ fn meta() -> SandboxMeta {
         backstop_unix_ms: 0,
         auto_pause: false,
         envd_version: "test".into(),
+        egress: Default::default(),
     }
 }
 

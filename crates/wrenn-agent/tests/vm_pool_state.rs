@@ -605,6 +605,7 @@ fn meta(id: &str) -> SandboxMeta {
         backstop_unix_ms: 0,
         auto_pause: false,
         envd_version: "test".into(),
+        egress: Default::default(),
     }
 }
 

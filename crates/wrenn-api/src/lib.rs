@@ -15,9 +15,10 @@ mod sandbox;
 
 pub use admin::{AgentSecret, CreatedApiKey, Host, NewApiKey, NewHost, NewTeam, Team};
 pub use sandbox::{
-    AutoResume, ConnectSandbox, Error, Lifecycle, ListedSandbox, NewSandbox, NewSnapshot,
-    PauseSandbox, RefreshSandbox, ResumedSandbox, Sandbox, SandboxDetail, SandboxLog,
-    SandboxLogEntry, SandboxLogs, SandboxMetric, SandboxTimeout, SnapshotInfo, TemplateAlias,
+    AutoResume, ConnectSandbox, Error, Lifecycle, ListedSandbox, NetworkConfig, NetworkUpdate,
+    NewSandbox, NewSnapshot, PauseSandbox, RefreshSandbox, ResumedSandbox, Sandbox, SandboxDetail,
+    SandboxLog, SandboxLogEntry, SandboxLogs, SandboxMetric, SandboxTimeout, SnapshotInfo,
+    TemplateAlias,
 };
 
 /// `clientID` in every sandbox response: a constant kept for backward compatibility, the same

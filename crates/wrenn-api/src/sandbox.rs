@@ -42,9 +42,61 @@ pub struct NewSandbox {
     pub metadata: Option<HashMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env_vars: Option<HashMap<String, String>>,
-    /// Egress rules; stored and passed on, not interpreted by the control plane.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub network: Option<serde_json::Value>,
+    pub network: Option<NetworkConfig>,
+}
+
+/// `network` of a create request, and of `GET /sandboxes/{id}` (the SDK's
+/// `SandboxNetworkConfig`). `allowOut`/`denyOut` hold IPv4 addresses, CIDR blocks and domain
+/// names; an allow wins over a deny.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkConfig {
+    /// `false`: the sandbox's ports answer only requests with its traffic access token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_public_traffic: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_out: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny_out: Option<Vec<String>>,
+    /// Accepted and reported back; every guest DNS query goes to the host's resolver anyway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_servers: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_request_host: Option<String>,
+    /// Not supported: a request that sets it is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub https_ports: Option<Vec<u16>>,
+    /// Per-host header transforms. Not supported: a request with rules is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<serde_json::Value>,
+    /// Tunneling through a proxy. Not supported: a request that sets it is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_proxy: Option<serde_json::Value>,
+}
+
+/// `PUT /sandboxes/{id}/network`: replaces the egress rules as a whole (omitted lists are
+/// cleared).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_out: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny_out: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_servers: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_proxy: Option<serde_json::Value>,
+    /// Snake case on the wire, as in create.
+    #[serde(
+        default,
+        rename = "allow_internet_access",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub allow_internet_access: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +172,8 @@ pub struct SandboxDetail {
     pub state: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lifecycle: Option<Lifecycle>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkConfig>,
 }
 
 /// One element of `GET /v2/sandboxes` and `GET /sandboxes`.
@@ -335,8 +389,13 @@ mod tests {
                 auto_resume: false,
                 on_timeout: "kill".into(),
             }),
+            network: Some(NetworkConfig {
+                allow_out: Some(vec!["a.test".into()]),
+                ..Default::default()
+            }),
         };
         let v = serde_json::to_value(&d).unwrap();
+        assert_eq!(v["network"], json!({"allowOut": ["a.test"]}));
         assert_eq!(v["startedAt"], "2023-11-14T22:13:20Z");
         assert_eq!(v["memoryMB"], 512);
         assert_eq!(v["diskSizeMB"], 1024);

@@ -15,10 +15,13 @@ mod netlink;
 mod netns;
 mod slot;
 mod tap;
+mod uplink;
 
+pub use firewall::PROXY_PORT;
 pub use metadata::{Metadata, MetadataError, MetadataServer, token_hash};
 pub use netns::enter_netns_on_exec;
 pub use slot::{
-    EGRESS_CHAIN, HOST_VETH_PREFIX, MAX_SLOTS, NETNS_PREFIX, NFT_TABLE, Slot, SlotError, TAP_NAME,
-    delete_link, delete_netns,
+    EGRESS_CHAIN, HOST_VETH_PREFIX, MAX_SLOTS, NETNS_PREFIX, NFT_TABLE, Slot, SlotError,
+    SlotHandle, TAP_NAME, delete_link, delete_netns,
 };
+pub use uplink::{Uplink, default_uplink};

@@ -11,7 +11,8 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
-use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::route::{RouteAttribute, RouteHeader, RouteMessage};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 /// A route-netlink connection in the namespace it was opened in.
@@ -127,7 +128,8 @@ impl Netlink {
     }
 
     /// Every IPv4 address of this namespace.
-    pub(crate) async fn ipv4_addresses(&self) -> io::Result<Vec<Ipv4Addr>> {
+    /// The namespace's IPv4 addresses with their prefix lengths.
+    pub(crate) async fn ipv4_addresses(&self) -> io::Result<Vec<(Ipv4Addr, u8)>> {
         let messages: Vec<AddressMessage> = self
             .handle
             .address()
@@ -138,12 +140,56 @@ impl Netlink {
             .map_err(to_io)?;
         Ok(messages
             .iter()
-            .flat_map(|m| &m.attributes)
-            .filter_map(|a| match a {
-                AddressAttribute::Local(std::net::IpAddr::V4(ip)) => Some(*ip),
-                _ => None,
+            .flat_map(|m| {
+                m.attributes.iter().filter_map(|a| match a {
+                    AddressAttribute::Local(std::net::IpAddr::V4(ip)) => {
+                        Some((*ip, m.header.prefix_len))
+                    }
+                    _ => None,
+                })
             })
             .collect())
+    }
+
+    /// The name of the interface the main table's IPv4 default route goes out of, if any.
+    pub(crate) async fn default_route_interface(&self) -> io::Result<Option<String>> {
+        let routes: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(to_io)?;
+        let oif = routes
+            .iter()
+            .filter(|r| r.header.destination_prefix_length == 0)
+            .filter(|r| r.header.table == RouteHeader::RT_TABLE_MAIN)
+            .find_map(|r| {
+                r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Oif(i) => Some(*i),
+                    _ => None,
+                })
+            });
+        let Some(index) = oif else {
+            return Ok(None);
+        };
+        let links: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .match_index(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(to_io)?;
+        Ok(links
+            .iter()
+            .flat_map(|l| &l.attributes)
+            .find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n.clone()),
+                _ => None,
+            }))
     }
 }
 

@@ -27,7 +27,11 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsFd as _;
 use std::path::PathBuf;
 
-use crate::firewall;
+use std::time::Duration;
+
+use wrenn_core::{EgressPolicy, Ipv4Net};
+
+use crate::firewall::{self, HostView};
 use crate::netlink::Netlink;
 use crate::netns::{self, netns_path, on_own_thread, on_own_thread_async};
 use crate::tap::create_tap;
@@ -92,18 +96,25 @@ struct Layout {
     ns_ip: Ipv4Addr,
 }
 
+/// The host end's and the namespace end's veth addresses of slot `index` (below
+/// [`MAX_SLOTS`]).
+pub(crate) fn slot_addresses(index: u32) -> (Ipv4Addr, Ipv4Addr) {
+    let base = u32::from(Ipv4Addr::new(10, 12, 0, 0)) + 2 * index;
+    (Ipv4Addr::from(base), Ipv4Addr::from(base + 1))
+}
+
 impl Layout {
     fn new(index: u32) -> Result<Self, SlotError> {
         if index >= MAX_SLOTS {
             return Err(SlotError::BadIndex(index));
         }
-        let base = u32::from(Ipv4Addr::new(10, 12, 0, 0)) + 2 * index;
+        let (host_ip, ns_ip) = slot_addresses(index);
         Ok(Self {
             index,
             netns: format!("{NETNS_PREFIX}{index}"),
             host_veth: format!("{HOST_VETH_PREFIX}{index}"),
-            host_ip: Ipv4Addr::from(base),
-            ns_ip: Ipv4Addr::from(base + 1),
+            host_ip,
+            ns_ip,
         })
     }
 
@@ -122,6 +133,34 @@ impl Layout {
 #[derive(Debug)]
 pub struct Slot {
     layout: Layout,
+}
+
+/// Names a slot without owning it, for changing its egress from a task that does not hold the
+/// [`Slot`]. Once the slot is gone its calls fail (there is no namespace to enter).
+#[derive(Debug, Clone)]
+pub struct SlotHandle {
+    layout: Layout,
+}
+
+impl SlotHandle {
+    /// See [`Slot::set_egress`].
+    pub async fn set_egress(
+        &self,
+        policy: Option<&EgressPolicy>,
+        lifted: &[Ipv4Net],
+    ) -> Result<(), SlotError> {
+        apply_in(&self.layout, firewall::egress_rules(policy, lifted)).await
+    }
+
+    /// See [`Slot::learn`].
+    pub async fn learn(&self, learned: &[(Ipv4Addr, Duration)]) -> Result<(), SlotError> {
+        apply_in(&self.layout, firewall::learned_rules(learned)).await
+    }
+
+    /// The namespace's bind-mounted file.
+    pub fn netns_path(&self) -> PathBuf {
+        netns_path(&self.layout.netns)
+    }
 }
 
 impl Slot {
@@ -160,6 +199,45 @@ impl Slot {
         on_own_thread_async(move || async move { reset(&layout).await })
             .await
             .map_err(err)?
+    }
+
+    /// Gives the slot a sandbox's egress policy, or closes egress again (`None`), in one
+    /// transaction. `lifted` are the private ranges the operator allows guests to reach.
+    /// Packets of open connections are judged by the new policy from their next one on.
+    pub async fn set_egress(
+        &self,
+        policy: Option<&EgressPolicy>,
+        lifted: &[Ipv4Net],
+    ) -> Result<(), SlotError> {
+        self.handle().set_egress(policy, lifted).await
+    }
+
+    /// Lets the guest reach addresses the resolver gave it for allowed names, each for its
+    /// time to live.
+    pub async fn learn(&self, learned: &[(Ipv4Addr, Duration)]) -> Result<(), SlotError> {
+        self.handle().learn(learned).await
+    }
+
+    /// A handle for changing the slot's egress from elsewhere.
+    pub fn handle(&self) -> SlotHandle {
+        SlotHandle {
+            layout: self.layout.clone(),
+        }
+    }
+
+    /// Reads the host's addresses and connected networks again and replaces the slot's copy
+    /// (they changed: a new address, a new interface).
+    pub async fn refresh_host(&self) -> Result<(), SlotError> {
+        let layout = self.layout.clone();
+        let err = self.layout.err("run the slot thread");
+        on_own_thread_async(move || async move {
+            let host = Netlink::open().map_err(layout.err("open netlink"))?;
+            let view = host_view(&layout, &host).await?;
+            enter(&layout)?;
+            firewall::apply(&firewall::host_rules(&view))
+        })
+        .await
+        .map_err(err)?
     }
 
     /// The slot's index.
@@ -224,10 +302,7 @@ async fn set_up(l: &Layout) -> Result<(), SlotError> {
 }
 
 async fn configure(l: &Layout, host: &Netlink) -> Result<(), SlotError> {
-    let host_addrs = host
-        .ipv4_addresses()
-        .await
-        .map_err(l.err("list host addresses"))?;
+    let view = host_view(l, host).await?;
     let ns = netns::create_and_enter(&l.netns).map_err(l.err("create the namespace"))?;
     // From here on this thread is inside the slot's namespace.
     // Before any link exists, so the `default` IPv6 setting covers tap0 and eth0: guests get
@@ -273,26 +348,47 @@ async fn configure(l: &Layout, host: &Netlink) -> Result<(), SlotError> {
         .add_default_route(l.host_ip)
         .await
         .map_err(l.err("add the default route"))?;
-    firewall::apply(&firewall::ruleset(
-        l.ns_ip,
-        &firewall::host_addresses(host_addrs),
-    ))
+    firewall::apply(&firewall::ruleset(l.ns_ip, &view))
+}
+
+/// What of the host the guest may not reach, read from the host's namespace (`host` must
+/// have been opened there).
+async fn host_view(l: &Layout, host: &Netlink) -> Result<HostView, SlotError> {
+    let addrs = host
+        .ipv4_addresses()
+        .await
+        .map_err(l.err("list host addresses"))?;
+    Ok(HostView::new(&addrs))
 }
 
 /// Replaces the firewall and flushes conntrack, on a thread of its own.
 async fn reset(l: &Layout) -> Result<(), SlotError> {
     let host = Netlink::open().map_err(l.err("open netlink"))?;
-    let host_addrs = host
-        .ipv4_addresses()
-        .await
-        .map_err(l.err("list host addresses"))?;
-    let ns = File::open(netns_path(&l.netns)).map_err(l.err("open the namespace"))?;
-    netns::enter(&ns).map_err(l.err("enter the namespace"))?;
-    firewall::apply(&firewall::ruleset(
-        l.ns_ip,
-        &firewall::host_addresses(host_addrs),
-    ))?;
+    let view = host_view(l, &host).await?;
+    enter(l)?;
+    firewall::apply(&firewall::ruleset(l.ns_ip, &view))?;
     firewall::flush_conntrack().map_err(l.err("flush conntrack"))
+}
+
+/// Moves the calling thread (one of its own) into the slot's namespace.
+fn enter(l: &Layout) -> Result<(), SlotError> {
+    let ns = File::open(netns_path(&l.netns)).map_err(l.err("open the namespace"))?;
+    netns::enter(&ns).map_err(l.err("enter the namespace"))
+}
+
+/// Applies an nft transaction inside the slot's namespace, on a thread of its own.
+async fn apply_in(l: &Layout, rules: String) -> Result<(), SlotError> {
+    if rules.is_empty() {
+        return Ok(());
+    }
+    let layout = l.clone();
+    let err = l.err("run the slot thread");
+    on_own_thread_async(move || async move {
+        enter(&layout)?;
+        firewall::apply(&rules)
+    })
+    .await
+    .map_err(err)?
 }
 
 /// Deletes the slot, on a thread of its own.

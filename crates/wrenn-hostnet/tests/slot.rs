@@ -274,3 +274,92 @@ async fn a_create_nobody_waits_for_leaves_nothing() {
     }
     assert!(leftovers(index).is_empty(), "left: {:?}", leftovers(index));
 }
+
+/// The egress transactions apply (nft accepts them as written) and do what they say: a
+/// policy fills the sets and chains, closing egress empties them again, learned addresses
+/// carry their timeout. Packets through these rules are the end-to-end lab's business
+/// (tests/e2e/test_egress.py), with real guests.
+#[tokio::test]
+async fn egress_policies_apply_in_one_transaction_each() {
+    use wrenn_core::EgressPolicy;
+    if !enabled() {
+        return;
+    }
+    let index = first_index() + 27;
+    let _cleanup = Cleanup(index..index + 1);
+    let slot = Slot::create(index).await.expect("slot");
+    let ns = slot.netns().to_owned();
+    let list = || in_ns(&ns, &["nft", "list", "table", "inet", NFT_TABLE]);
+    let closed = list();
+    assert!(
+        closed.contains("chain egress {\n\t\tcounter packets 0 bytes 0 goto refuse"),
+        "{closed}"
+    );
+
+    let s = |l: &[&str]| l.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let policy = EgressPolicy::parse(
+        true,
+        &s(&["203.0.113.10", "allowed.test"]),
+        &s(&["0.0.0.0/0", "198.51.100.0/24"]),
+    )
+    .unwrap();
+    let lifted = ["10.99.0.0/16".parse().unwrap()];
+    slot.set_egress(Some(&policy), &lifted)
+        .await
+        .expect("set egress");
+    slot.learn(&[("203.0.113.11".parse().unwrap(), Duration::from_secs(120))])
+        .await
+        .expect("learn");
+    let table = list();
+    for needle in [
+        "elements = { 203.0.113.10 }",
+        "elements = { 0.0.0.0/0 }",
+        "elements = { 10.99.0.0/16 }",
+        "203.0.113.11 timeout 2m",
+        "ip daddr @allow accept",
+        "ip daddr @learned accept",
+        "redirect to :15001",
+    ] {
+        assert!(table.contains(needle), "missing {needle} in\n{table}");
+    }
+    slot.refresh_host().await.expect("refresh host");
+    slot.set_egress(None, &[]).await.expect("close egress");
+    let table = list();
+    assert!(
+        !table.contains("203.0.113.10") && !table.contains("redirect to :15001"),
+        "{table}"
+    );
+    assert!(table.contains("goto refuse"), "{table}");
+    slot.reset().await.expect("reset");
+    drop(slot);
+    assert!(leftovers(index).is_empty(), "left: {:?}", leftovers(index));
+}
+
+/// An agent's uplink table covers its slot range and goes when dropped.
+#[tokio::test]
+async fn the_uplink_table_is_the_agents_own() {
+    if !enabled() {
+        return;
+    }
+    let first = first_index() + 28;
+    let up = wrenn_hostnet::Uplink::install(Some("lo"), first, 2)
+        .await
+        .expect("uplink");
+    let table = run(&[
+        "nft",
+        "list",
+        "table",
+        "inet",
+        &format!("wrenn-host-{first}"),
+    ]);
+    assert!(table.contains("oifname \"lo\" masquerade"), "{table}");
+    drop(up);
+    let tables = run(&["nft", "list", "tables"]);
+    assert!(!tables.contains(&format!("wrenn-host-{first}")), "{tables}");
+    assert!(
+        wrenn_hostnet::Uplink::install(Some("no-such-if0"), first, 2)
+            .await
+            .is_err(),
+        "an unknown uplink is refused"
+    );
+}

@@ -101,10 +101,10 @@ done
 }
 const HOSTS: &str =
     "127.0.0.1\tlocalhost\n127.0.1.1\twrenn\n::1\tlocalhost ip6-localhost ip6-loopback\n";
-/// A placeholder: the sandbox's network setup may rewrite it; until then, a public resolver
-/// reachable through the slot's masquerade.
-const RESOLV_CONF: &str =
-    "# Wrenn placeholder; rewritten when the sandbox's network is set up.\nnameserver 8.8.8.8\n";
+/// The guest's resolver is its gateway, the slot's tap address, where the host runs one
+/// resolver per slot that applies the sandbox's egress policy to names (the slot redirects
+/// queries to any other server there too).
+const RESOLV_CONF: &str = "# Wrenn: the host's resolver for this sandbox, at its gateway.\nnameserver 169.254.0.22\noptions timeout:2 attempts:2\n";
 
 /// Inputs of the Debian template image.
 #[derive(Debug, Clone)]

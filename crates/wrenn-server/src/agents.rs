@@ -20,7 +20,8 @@ use wrenn_agent_proto::v1::{
     CreateRequest, CreateResponse, HostInfoRequest, HostInfoResponse, KillRequest, KillResponse,
     ListRequest, ListResponse, LogEntry, LogsRequest, MetricsRequest, MetricsResponse,
     PauseRequest, PauseResponse, ResumeRequest, ResumeResponse, SetTimeoutRequest,
-    SetTimeoutResponse, SnapshotRequest, SnapshotResponse,
+    SetTimeoutResponse, SnapshotRequest, SnapshotResponse, UpdateNetworkRequest,
+    UpdateNetworkResponse,
 };
 use wrenn_connect::{Client, ConnectError};
 
@@ -37,6 +38,10 @@ pub trait AgentClient: Send + Sync {
     async fn resume(&self, req: ResumeRequest) -> Result<ResumeResponse, ConnectError>;
     async fn set_timeout(&self, req: SetTimeoutRequest)
     -> Result<SetTimeoutResponse, ConnectError>;
+    async fn update_network(
+        &self,
+        req: UpdateNetworkRequest,
+    ) -> Result<UpdateNetworkResponse, ConnectError>;
     async fn metrics(&self, req: MetricsRequest) -> Result<MetricsResponse, ConnectError>;
     /// The log lines up to now (`follow` is ignored here: the REST API returns a page).
     async fn logs(&self, req: LogsRequest) -> Result<Vec<LogEntry>, ConnectError>;
@@ -98,6 +103,12 @@ impl AgentClient for ConnectAgentClient {
         req: SetTimeoutRequest,
     ) -> Result<SetTimeoutResponse, ConnectError> {
         self.quick.unary(paths::SET_TIMEOUT, &req).await
+    }
+    async fn update_network(
+        &self,
+        req: UpdateNetworkRequest,
+    ) -> Result<UpdateNetworkResponse, ConnectError> {
+        self.quick.unary(paths::UPDATE_NETWORK, &req).await
     }
     async fn metrics(&self, req: MetricsRequest) -> Result<MetricsResponse, ConnectError> {
         self.quick.unary(paths::METRICS, &req).await

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use bytes::Bytes;
 use http::request::Parts;
@@ -17,8 +17,8 @@ use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use wrenn_api::{
-    ConnectSandbox, NewApiKey, NewHost, NewSandbox, NewSnapshot, NewTeam, PauseSandbox,
-    RefreshSandbox, ResumedSandbox, SandboxTimeout,
+    ConnectSandbox, NetworkUpdate, NewApiKey, NewHost, NewSandbox, NewSnapshot, NewTeam,
+    PauseSandbox, RefreshSandbox, ResumedSandbox, SandboxTimeout,
 };
 use wrenn_core::{HostId, PublicState, SandboxState, UnixMillis};
 
@@ -44,6 +44,7 @@ pub(crate) fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/sandboxes/{id}/resume", post(resume))
         .route("/sandboxes/{id}/pause", post(pause))
         .route("/sandboxes/{id}/timeout", post(set_timeout))
+        .route("/sandboxes/{id}/network", put(update_network))
         .route("/sandboxes/{id}/refreshes", post(refresh))
         .route("/sandboxes/{id}/metrics", get(metrics))
         .route("/sandboxes/{id}/logs", get(logs))
@@ -247,6 +248,17 @@ async fn set_timeout(
     RequiredBody(body): RequiredBody<SandboxTimeout>,
 ) -> Result<StatusCode, ApiError> {
     cp.set_timeout(&team, &id, body.timeout).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `PUT /sandboxes/{id}/network` (the SDK's `update_network`): 204.
+async fn update_network(
+    State(cp): Cp,
+    AuthTeam(team): AuthTeam,
+    Path(id): Path<String>,
+    RequiredBody(body): RequiredBody<NetworkUpdate>,
+) -> Result<StatusCode, ApiError> {
+    detached(async move { cp.update_network(&team, &id, body).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -26,6 +26,7 @@ use wrenn_core::{
 };
 
 use crate::error::{ApiError, Chain};
+use crate::network;
 use crate::service::{ControlPlane, now};
 use crate::store::{
     HostRecord, IdempotencyClaim, IdempotencyRecord, SandboxRecord, TeamRecord, TemplateRecord,
@@ -291,6 +292,7 @@ impl ControlPlane {
             .deadline
             .end_at(now, body.timeout)
             .map_err(bad_request)?;
+        let network = network::validate(body.allow_internet_access, body.network.as_ref())?;
         let mut rec = SandboxRecord {
             id,
             team_id: team.id.clone(),
@@ -322,6 +324,7 @@ impl ControlPlane {
             auto_pause: body.auto_pause.unwrap_or(false),
             allow_internet_access: body.allow_internet_access,
             updated_at: now,
+            network,
         };
         let host = self.place_and_insert(&mut rec).await?;
         if let Err(e) = self.start_vm(&rec, &host).await {
@@ -392,7 +395,10 @@ impl ControlPlane {
             end_unix_ms: rec.end_at.0,
             backstop_unix_ms: backstop(rec.end_at, self.config.backstop_grace_secs).0,
             auto_pause: rec.auto_pause,
-            allow_internet_access: rec.allow_internet_access.unwrap_or(true),
+            egress: Some(network::agent_egress(
+                rec.allow_internet_access,
+                rec.network.as_ref(),
+            )),
             team_id: rec.team_id.to_string(),
         };
         match client

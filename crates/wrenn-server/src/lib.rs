@@ -9,6 +9,7 @@ mod config;
 mod create;
 mod error;
 mod http;
+mod network;
 mod proxy;
 pub mod reaper;
 pub mod reconcile;

@@ -280,7 +280,11 @@ impl ControlPlane {
     /// synchronous, so nobody has been told its ID yet (the create answers once it runs), and
     /// the SDKs treat 404 as "no such sandbox", which is the truth for a create that may still
     /// fail. Answering "running" would send a client to an envd that does not exist yet.
-    async fn team_sandbox(&self, team: &TeamId, id: &str) -> Result<SandboxRecord, ApiError> {
+    pub(crate) async fn team_sandbox(
+        &self,
+        team: &TeamId,
+        id: &str,
+    ) -> Result<SandboxRecord, ApiError> {
         let sid = SandboxId::parse(id).map_err(|_| ApiError::sandbox_not_found(id))?;
         match self.store.get_sandbox(sid.as_str()).await? {
             Some(s)
@@ -625,6 +629,7 @@ impl ControlPlane {
                 auto_resume: false,
                 on_timeout: if rec.auto_pause { "pause" } else { "kill" }.to_owned(),
             }),
+            network: rec.network.clone(),
         })
     }
 

@@ -33,6 +33,7 @@ use std::collections::BTreeMap;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
+use wrenn_api::NetworkConfig;
 use wrenn_core::{HostId, SandboxId, SandboxState, TeamId, UnixMillis};
 
 mod idempotency;
@@ -129,6 +130,8 @@ pub struct SandboxRecord {
     /// When the record last changed (state or end); for a record in a transition, since when
     /// it has been in it.
     pub updated_at: UnixMillis,
+    /// The `network` the client gave (egress lists already validated), as it reads back.
+    pub network: Option<NetworkConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,7 +175,7 @@ pub struct SandboxFilter {
 
 const SANDBOX_COLUMNS: &str = "id, team_id, template_id, state, host_id, vcpus, memory_mb, \
     disk_size_mb, envd_version, metadata, env_vars, started_at, end_at, auto_pause, \
-    allow_internet_access, updated_at";
+    allow_internet_access, updated_at, network";
 
 /// The states whose sandboxes hold (or are getting) a VM on their host, as SQL; the same set as
 /// `SandboxState::occupies_host`.
@@ -410,7 +413,7 @@ impl Store {
         bind_sandbox(
             sqlx::query(&format!(
                 "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
             )),
             s,
         )
@@ -431,7 +434,7 @@ impl Store {
     pub async fn insert_placed(&self, s: &SandboxRecord) -> Result<bool> {
         let sql = format!(
             "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) \
-             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16 \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17 \
              FROM hosts h WHERE h.id = $5 AND h.schedulable <> 0 \
              AND (h.max_sandboxes = 0 OR h.max_sandboxes > \
                   (SELECT COUNT(*) FROM sandboxes o WHERE o.host_id = h.id AND o.state IN {OCCUPYING})) \
@@ -560,6 +563,26 @@ impl Store {
         .bind(now.0)
         .bind(id.as_str())
         .bind(state.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Replaces the network settings of a sandbox that is running or paused. Not `updated_at`:
+    /// that dates state changes, which the reconciler reads.
+    pub async fn set_network(
+        &self,
+        id: &SandboxId,
+        allow_internet_access: Option<bool>,
+        network: &NetworkConfig,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE sandboxes SET allow_internet_access = $1, network = $2 \
+             WHERE id = $3 AND state IN ('running', 'paused')",
+        )
+        .bind(allow_internet_access.map(i64::from))
+        .bind(serde_json::to_string(network).expect("a network config always serializes"))
+        .bind(id.as_str())
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -734,7 +757,7 @@ fn to_i64(v: u64) -> i64 {
 
 type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
 
-/// Binds `s` as `$1..$16` in the order of [`SANDBOX_COLUMNS`].
+/// Binds `s` as `$1..$17` in the order of [`SANDBOX_COLUMNS`].
 fn bind_sandbox<'q>(q: AnyQuery<'q>, s: &'q SandboxRecord) -> AnyQuery<'q> {
     q.bind(s.id.as_str())
         .bind(s.team_id.as_str())
@@ -752,6 +775,11 @@ fn bind_sandbox<'q>(q: AnyQuery<'q>, s: &'q SandboxRecord) -> AnyQuery<'q> {
         .bind(i64::from(s.auto_pause))
         .bind(s.allow_internet_access.map(i64::from))
         .bind(s.updated_at.0)
+        .bind(
+            s.network
+                .as_ref()
+                .map(|n| serde_json::to_string(n).expect("a network config always serializes")),
+        )
 }
 
 fn to_json(m: &BTreeMap<String, String>) -> String {
@@ -839,6 +867,10 @@ fn sandbox_from_row(r: &AnyRow) -> Result<SandboxRecord> {
             .try_get::<Option<i64>, _>("allow_internet_access")?
             .map(|v| v != 0),
         updated_at: UnixMillis(r.try_get("updated_at")?),
+        network: r
+            .try_get::<Option<String>, _>("network")?
+            .map(|t| serde_json::from_str(&t).map_err(|e| corrupt(format!("network: {e}"))))
+            .transpose()?,
         id: parse_id("sandboxes", &id, &id, SandboxId::parse)?,
     })
 }

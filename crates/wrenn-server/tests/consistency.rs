@@ -116,6 +116,7 @@ fn raw_record(team: &str, state: SandboxState, updated_at: i64) -> SandboxRecord
         auto_pause: false,
         allow_internet_access: None,
         updated_at: UnixMillis(updated_at),
+        network: None,
     }
 }
 

@@ -36,6 +36,7 @@ fn sandbox(id: &str, team: &TeamId, started: i64, meta: &[(&str, &str)]) -> Sand
         auto_pause: false,
         allow_internet_access: None,
         updated_at: UnixMillis(1_000),
+        network: None,
     }
 }
 

@@ -34,6 +34,8 @@ use wrenn_server::{Config, ControlPlane};
 
 use crate::progress::{ProgressMode, Renderer};
 
+mod egress;
+
 /// The template every E2B SDK asks for by default.
 pub const DEFAULT_TEMPLATE: &str = "base";
 /// The host ID of the agent inside `wrenn up`.
@@ -100,6 +102,18 @@ pub struct UpArgs {
     /// Progress display of the template build: auto, spinner, plain or quiet.
     #[arg(long, default_value = "auto")]
     pub progress: String,
+    /// The interface guests reach the internet by, NAT'd to its address (default: the one
+    /// of the host's default route; `none`: guests reach nothing outside this host).
+    #[arg(long, env = "WRENN_UPLINK")]
+    pub uplink: Option<String>,
+    /// Where the guests' resolver forwards DNS queries, `ADDR[:PORT]` (default: the first
+    /// IPv4 nameserver of /etc/resolv.conf).
+    #[arg(long, env = "WRENN_DNS_UPSTREAM")]
+    pub dns_upstream: Option<String>,
+    /// A private, CGNAT or benchmark range guests may reach all the same (repeatable), e.g.
+    /// a LAN service. The host's own addresses and networks stay out of reach.
+    #[arg(long = "egress-allow-range", value_name = "CIDR")]
+    pub egress_allow_ranges: Vec<String>,
 }
 
 /// Runs until interrupted.
@@ -148,7 +162,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let admin_token = read_or_create_token(&state.join("admin-token"))?;
 
     // 1. The host: own the VMs root, take over or clean what an earlier run left, the slot
-    // pool and the agent.
+    // pool and the agent; guests' way out.
+    let (uplink, egress_settings) = egress::host_settings(&args).await?;
     let socket = state.join("run").join("agent.sock");
     let internal = wrenn_agent::surface::bind_unix(&socket)
         .with_context(|| format!("bind the agent's socket {}", socket.display()))?;
@@ -167,6 +182,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             prepare: Duration::from_secs(30),
         },
         proxy_url: internal_url.clone(),
+        uplink: uplink.clone(),
+        egress: egress_settings,
     })
     .await
     .map_err(|e| anyhow::anyhow!(wrenn_agent::error_chain(&e)))?;
@@ -671,6 +688,7 @@ mod tests {
             auto_pause: false,
             allow_internet_access: None,
             updated_at: UnixMillis(0),
+            network: None,
         };
         store.insert_sandbox(&rec).await.unwrap();
         store.close().await;

@@ -31,6 +31,8 @@ struct Host {
     live: HashSet<String>,
     disk: HashSet<String>,
     saved_meta: HashMap<String, SandboxMeta>,
+    /// The egress each running VM's slot has now.
+    egress: HashMap<String, Egress>,
 }
 
 #[derive(Debug, Default)]
@@ -196,6 +198,76 @@ impl Runtime for Fake {
     fn endpoint(&self, _sb: &FakeVm, port: u16) -> std::net::SocketAddr {
         std::net::SocketAddr::from(([127, 0, 0, 1], port))
     }
+
+    fn set_egress(
+        &self,
+        sb: &FakeVm,
+        egress: &Egress,
+    ) -> futures::future::BoxFuture<'static, Result<(), RuntimeError>> {
+        let (host, id, egress) = (sb.host.clone(), sb.id.clone(), egress.clone());
+        let fail = *lock(&self.fail) == Some("egress");
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            if fail {
+                return Err(err("egress"));
+            }
+            lock(&host).egress.insert(id, egress);
+            Ok(())
+        })
+    }
+}
+
+#[test]
+fn a_network_update_reaches_the_slot_and_the_record_or_neither() {
+    runtime().block_on(async {
+        let ctl = Controller::new(Fake::default(), 4);
+        ctl.create(create_args("sb")).await.unwrap();
+        let locked = Egress {
+            allow_internet_access: true,
+            allow_out: vec!["allowed.test".into()],
+            deny_out: vec!["0.0.0.0/0".into()],
+        };
+        ctl.update_network("sb", locked.clone()).await.unwrap();
+        assert_eq!(lock(&ctl.runtime.host).egress.get("sb"), Some(&locked));
+        assert_eq!(lock(&ctl.runtime.host).saved_meta["sb"].egress, locked);
+
+        // The slot refuses: the record keeps the policy the slot has.
+        *lock(&ctl.runtime.fail) = Some("egress");
+        let open = Egress::default();
+        assert!(matches!(
+            ctl.update_network("sb", open.clone()).await,
+            Err(ControlError::Runtime { .. })
+        ));
+        assert_eq!(lock(&ctl.table)["sb"].meta.egress, locked);
+        assert_eq!(lock(&ctl.runtime.host).saved_meta["sb"].egress, locked);
+        *lock(&ctl.runtime.fail) = None;
+
+        // Paused: saved for the resume, no slot to change.
+        ctl.pause("sb").await.unwrap();
+        lock(&ctl.runtime.host).egress.clear();
+        ctl.update_network("sb", open.clone()).await.unwrap();
+        assert!(lock(&ctl.runtime.host).egress.is_empty());
+        assert_eq!(lock(&ctl.table)["sb"].meta.egress, open);
+
+        // Busy: refused at once, nothing changed.
+        *lock(&ctl.runtime.hold) = Some("resume:restore");
+        let reached = ctl.runtime.reached.notified();
+        let c = ctl.clone();
+        let resuming = tokio::spawn(async move { c.resume("sb", GuestInit::default(), 0).await });
+        reached.await;
+        assert!(matches!(
+            ctl.update_network("sb", locked.clone()).await,
+            Err(ControlError::Busy { .. })
+        ));
+        ctl.runtime.release.notify_one();
+        resuming.await.unwrap().unwrap();
+        assert_eq!(lock(&ctl.table)["sb"].meta.egress, open);
+        assert!(matches!(
+            ctl.update_network("nope", open).await,
+            Err(ControlError::NotFound(_))
+        ));
+        assert_consistent(&ctl);
+    });
 }
 
 fn create_args(id: &str) -> CreateArgs {

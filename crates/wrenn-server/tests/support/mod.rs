@@ -214,6 +214,20 @@ impl AgentClient for FakeAgent {
             None => Err(ConnectError::not_found("no such sandbox")),
         }
     }
+    async fn update_network(
+        &self,
+        req: UpdateNetworkRequest,
+    ) -> Result<UpdateNetworkResponse, ConnectError> {
+        self.log(format!("update_network {}", req.sandbox_id));
+        self.refuse_busy(&req.sandbox_id)?;
+        let mut s = self.sandboxes.lock().unwrap();
+        let (_, spec) = s
+            .get_mut(&req.sandbox_id)
+            .ok_or_else(|| ConnectError::not_found("no such sandbox"))?;
+        spec.egress = req.egress;
+        Ok(UpdateNetworkResponse {})
+    }
+
     async fn set_timeout(
         &self,
         req: SetTimeoutRequest,
