@@ -187,7 +187,8 @@ mod tests {
         assert_eq!(decide(Kvm, true, opens()).unwrap(), Accel::Kvm);
         assert_eq!(decide(Tcg, true, opens()).unwrap(), Accel::Tcg);
         // It cannot: auto falls back, kvm says why, tcg does not care.
-        let cases: [(bool, fn() -> std::io::Result<()>, &str); 3] = [
+        type Probe = fn() -> std::io::Result<()>;
+        let cases: [(bool, Probe, &str); 3] = [
             (false, opens, "no vmx/svm"),
             (
                 true,

@@ -18,7 +18,10 @@ fn a_bad_accelerator_is_refused() {
     let out = up(&["--accel", "hvf"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("hvf") && err.contains("auto, kvm, tcg"), "{err}");
+    assert!(
+        err.contains("hvf") && err.contains("auto, kvm, tcg"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -45,5 +48,8 @@ fn kvm_where_it_cannot_run_guests_fails_before_anything_is_made() {
         err.contains("--accel kvm") && err.contains("cannot run guests on this host"),
         "{err}"
     );
-    assert!(!state.exists(), "wrenn up made its state directory before failing");
+    assert!(
+        !state.exists(),
+        "wrenn up made its state directory before failing"
+    );
 }
