@@ -4,6 +4,8 @@
   `*.localhost` to loopback);
 - a signed `/files` URL works as the SDK makes it, also when it names its sandbox by host name,
   and one signed for sandbox A is refused on sandbox B;
+- with `network.allow_public_traffic=False` the sandbox's ports answer only requests carrying
+  its traffic access token (403 without), while the SDK's own envd traffic works as before;
 - the agent's RPC and proxy answer root on their Unix socket and nobody else;
 - on TCG, the banner says that QEMU does not treat TCG as a security boundary.
 """
@@ -15,7 +17,7 @@ import uuid
 
 import httpx
 import pytest
-from e2b import Sandbox
+from e2b import Sandbox, SandboxNetworkOpts
 
 RUN = uuid.uuid4().hex[:10]
 
@@ -107,6 +109,59 @@ def test_a_signed_url_names_its_sandbox(wrenn, pair):
     r = httpx.post(up, files={"file": ("x", b"yes")})
     assert r.status_code == 200, r.text
     assert a.files.read("/tmp/up.txt") == "yes"
+
+
+def serve_port(sbx: Sandbox, port: int, text: str) -> None:
+    sbx.files.write("/tmp/www/index.html", text)
+    sbx.commands.run(f"python3 -m http.server {port} --bind 0.0.0.0 --directory /tmp/www", background=True)
+
+
+def test_private_ports_need_the_traffic_token(wrenn):
+    local_only(wrenn)
+    sbx = Sandbox.create(
+        timeout=300,
+        metadata={"suite": "surfaces", "run": RUN, "role": "private"},
+        network=SandboxNetworkOpts(allow_public_traffic=False),
+    )
+    try:
+        token = sbx.traffic_access_token
+        assert token and token != sbx._envd_access_token
+        assert Sandbox.connect(sbx.sandbox_id).traffic_access_token == token
+        assert Sandbox.get_info(sbx.sandbox_id).network["allow_public_traffic"] is False
+        # envd (commands, files) needs no traffic token: the SDK sends none there.
+        serve_port(sbx, 8080, "private page")
+        url = f"http://{sbx.get_host(8080)}/"
+        deadline = time.monotonic() + 60
+        while True:
+            ok = curl("-H", f"e2b-traffic-access-token: {token}", url)
+            if ok.stdout.endswith("\n200") or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert ok.stdout == "private page\n200", (ok.stdout, ok.stderr)
+        for headers in ([], ["-H", "e2b-traffic-access-token: wrong"],
+                        ["-H", f"e2b-traffic-access-token: {sbx._envd_access_token}"]):
+            r = curl(*headers, url)
+            assert r.stdout.endswith("\n403") and "traffic access token" in r.stdout, r.stdout
+        # By header routing too (the SDK's sandbox URL).
+        r = httpx.get(f"http://127.0.0.1:{wrenn.port}/", headers={"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "8080"})
+        assert r.status_code == 403, r.text
+    finally:
+        sbx.kill()
+
+
+def test_public_ports_need_nothing(wrenn, pair):
+    local_only(wrenn)
+    _, b = pair
+    assert b.traffic_access_token is None
+    serve_port(b, 8080, "public page")
+    url = f"http://{b.get_host(8080)}/"
+    deadline = time.monotonic() + 60
+    while True:
+        r = curl(url)
+        if r.stdout.endswith("\n200") or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert r.stdout == "public page\n200", (r.stdout, r.stderr)
 
 
 def test_only_root_reaches_the_agent(wrenn, pair):

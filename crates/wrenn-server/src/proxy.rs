@@ -11,6 +11,11 @@
 //! matched against the running sandboxes' tokens. Bodies stream both ways; WebSocket (and any
 //! HTTP/1.1) upgrades are spliced through. The agent proxy gets the same routing headers, so
 //! it needs no state from us; its own secret rides in `Proxy-Authorization`.
+//!
+//! A sandbox created with `network.allowPublicTraffic: false` answers on its ports only
+//! requests carrying its traffic access token in `E2b-Traffic-Access-Token` (403 otherwise).
+//! envd's port is exempt: envd checks its own access token on every request, and the SDKs do
+//! not send the traffic token to envd. The header is removed before the request goes on.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,11 +27,14 @@ use wrenn_http::forward::{self, ForwardError, HttpClient};
 
 use crate::error::Chain;
 use crate::service::ControlPlane;
+use crate::tokens;
 
 /// envd's port, used when a request names a sandbox but no port.
 pub(crate) const ENVD_PORT: u16 = 49983;
 const SANDBOX_ID_HEADER: &str = "e2b-sandbox-id";
 const SANDBOX_PORT_HEADER: &str = "e2b-sandbox-port";
+/// What the SDKs (and their users) send a sandbox's traffic access token in.
+const TRAFFIC_TOKEN_HEADER: &str = "e2b-traffic-access-token";
 /// Agents are on a local network: one that does not accept within this time is down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -133,6 +141,15 @@ impl Proxy {
                 );
             }
         };
+        let mut req = req;
+        // For us, not for the sandbox's servers.
+        let given = req.headers_mut().remove(TRAFFIC_TOKEN_HEADER);
+        if port != ENVD_PORT
+            && let Some(want) = cp.traffic_token(&rec)
+            && !given.is_some_and(|g| tokens::constant_time_eq(g.as_bytes(), want.as_bytes()))
+        {
+            return forbidden(&id, port);
+        }
         let secret = cp.agent_secret(&host.id);
         self.forward(rec.id.as_str(), port, &host.proxy_url, &secret, req)
             .await
@@ -216,6 +233,19 @@ async fn signed_sandbox(
             ))
         }
     }
+}
+
+/// A request without the traffic access token to a port of a sandbox whose ports are not
+/// public.
+fn forbidden(id: &str, port: u16) -> Response {
+    let body = serde_json::json!({
+        "code": 403,
+        "message": format!(
+            "Port {port} of sandbox {id} is not public: send its traffic access token in the E2b-Traffic-Access-Token header"
+        ),
+        "sandboxId": id,
+    });
+    (StatusCode::FORBIDDEN, axum::Json(body)).into_response()
 }
 
 fn invalid_signature() -> Response {

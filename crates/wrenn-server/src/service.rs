@@ -128,6 +128,17 @@ impl ControlPlane {
         tokens::envd_access_token(&self.config.secret, id)
     }
 
+    /// The traffic access token of a sandbox whose ports are not public
+    /// (`network.allowPublicTraffic: false`); `None` for one whose ports are.
+    pub(crate) fn traffic_token(&self, rec: &SandboxRecord) -> Option<String> {
+        let private = rec
+            .network
+            .as_ref()
+            .and_then(|n| n.allow_public_traffic)
+            .is_some_and(|public| !public);
+        private.then(|| tokens::traffic_access_token(&self.config.secret, rec.id.as_str()))
+    }
+
     // Teams, keys, templates and hosts.
 
     pub async fn create_team(&self, name: &str) -> Result<Team, ApiError> {
@@ -305,7 +316,7 @@ impl ControlPlane {
             envd_version: rec.envd_version.clone(),
             alias: None,
             envd_access_token: Some(self.access_token(rec.id.as_str())),
-            traffic_access_token: None,
+            traffic_access_token: self.traffic_token(rec),
             domain: self.config.domain.clone(),
         }
     }

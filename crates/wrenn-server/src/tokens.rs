@@ -23,6 +23,14 @@ pub fn agent_secret(secret: &[u8], host_id: &str) -> String {
     labelled_hmac(secret, "agent-secret", host_id)
 }
 
+/// The traffic access token of a sandbox created with `network.allowPublicTraffic: false`:
+/// its ports other than envd's answer only requests carrying it (`E2b-Traffic-Access-Token`).
+/// Lowercase hex HMAC-SHA256(server secret, `traffic-access-token:<sandbox ID>`): derived,
+/// never stored, and unlike the envd token (a page a user may share must not open envd).
+pub fn traffic_access_token(secret: &[u8], sandbox_id: &str) -> String {
+    labelled_hmac(secret, "traffic-access-token", sandbox_id)
+}
+
 fn labelled_hmac(secret: &[u8], label: &str, id: &str) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
     mac.update(label.as_bytes());
@@ -105,6 +113,11 @@ mod tests {
         assert_ne!(a, agent_secret(b"other", "host-a"));
         assert_ne!(a, envd_access_token(b"secret", "host-a"));
         assert_eq!(a, envd_access_token(b"secret", "agent-secret:host-a"));
+        let t = traffic_access_token(b"secret", "abc");
+        assert_eq!(t.len(), 64);
+        assert_ne!(t, envd_access_token(b"secret", "abc"));
+        assert_ne!(t, traffic_access_token(b"secret", "abd"));
+        assert_eq!(t, envd_access_token(b"secret", "traffic-access-token:abc"));
     }
 
     #[test]

@@ -889,3 +889,77 @@ async fn edge_proxy_routes_per_request() {
     assert_eq!(&got, b"ping over the upgraded stream");
     s.server.stop().await;
 }
+
+#[tokio::test]
+async fn private_ports_answer_only_with_the_traffic_token() {
+    let s = Stack::start().await;
+    let made = s
+        .create(json!({"templateID": "base", "network": {"allowPublicTraffic": false}}))
+        .await;
+    let id = made["sandboxID"].as_str().unwrap().to_owned();
+    let token = wrenn_server::tokens::traffic_access_token(SECRET, &id);
+    assert_eq!(made["trafficAccessToken"], token.as_str());
+    assert_ne!(made["trafficAccessToken"], made["envdAccessToken"]);
+    let r = s
+        .req(Method::POST, &format!("/v2/sandboxes/{id}/connect"))
+        .json(&json!({"timeout": 60}))
+        .send()
+        .await
+        .unwrap();
+    let connected: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(connected["trafficAccessToken"], token.as_str());
+    let public = s
+        .create(json!({"templateID": "base", "network": {"allowPublicTraffic": true}}))
+        .await;
+    let public_id = public["sandboxID"].as_str().unwrap().to_owned();
+    assert!(public.get("trafficAccessToken").is_none(), "{public}");
+    let plain = s.create(json!({"templateID": "base"})).await;
+    assert!(plain.get("trafficAccessToken").is_none(), "{plain}");
+
+    let client = reqwest::Client::new();
+    let get = |sandbox: &str, port: &str, tok: Option<&str>, by_host: bool| {
+        let mut r = client.get(format!("{}/page", s.server.url));
+        r = if by_host {
+            r.header("host", format!("{port}-{sandbox}.{DOMAIN}"))
+        } else {
+            r.header("e2b-sandbox-id", sandbox)
+                .header("e2b-sandbox-port", port)
+        };
+        if let Some(t) = tok {
+            r = r.header("e2b-traffic-access-token", t);
+        }
+        r.send()
+    };
+    for by_host in [false, true] {
+        for tok in [None, Some("wrong"), Some(public_id.as_str())] {
+            let r = get(&id, "8080", tok, by_host).await.unwrap();
+            assert_eq!(r.status(), 403, "token {tok:?}");
+            let v: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(v["code"], 403);
+            assert!(
+                v["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("traffic access token"),
+                "{v}"
+            );
+        }
+        let r = get(&id, "8080", Some(&token), by_host).await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(
+            (v["sandboxId"].as_str(), v["port"].as_str()),
+            (Some(id.as_str()), Some("8080"))
+        );
+        // The token is the edge's business; the sandbox's server never sees it.
+        assert_eq!(v["trafficToken"], "");
+    }
+    // envd's port is guarded by envd's own token, which the SDKs send there; public ports
+    // need nothing.
+    assert_eq!(get(&id, "49983", None, false).await.unwrap().status(), 200);
+    assert_eq!(
+        get(&public_id, "8080", None, false).await.unwrap().status(),
+        200
+    );
+    s.server.stop().await;
+}

@@ -326,12 +326,13 @@ async fn echo(mut req: Request) -> Response {
         h("x-access-token"),
         h("proxy-authorization"),
     );
+    let traffic_token = h("e2b-traffic-access-token");
     let method = req.method().to_string();
     let uri = req.uri().to_string();
     let body = req.into_body().collect().await.unwrap().to_bytes();
     axum::Json(serde_json::json!({
         "sandboxId": sid, "port": port, "token": token, "method": method, "uri": uri,
-        "agentAuth": agent_auth,
+        "agentAuth": agent_auth, "trafficToken": traffic_token,
         "body": String::from_utf8_lossy(&body),
     }))
     .into_response()
