@@ -3,7 +3,8 @@ that the official E2B SDKs talk to, on SQLite or, with WRENN_E2E_DATABASE=postgr
 PostgreSQL database.
 
 `WRENN_E2E_URL` + `E2B_API_KEY` point the suite at an already running instance instead (for
-development); tests that restart the process are skipped then.
+development); tests that restart the process are skipped then. `WRENN_E2E_FIRST_SLOT` moves the
+suite's slot range (1024 slots from 28672 by default), so two suites can run side by side.
 """
 
 import os
@@ -23,6 +24,7 @@ import netlab
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = float(os.environ.get("WRENN_E2E_START_TIMEOUT", "1200"))
+FIRST_SLOT = int(os.environ.get("WRENN_E2E_FIRST_SLOT", "28672"))
 
 
 def wrenn_binary() -> Path:
@@ -55,6 +57,8 @@ class Wrenn:
         self.env: dict[str, str] = {}
         self.log = state_dir.parent / "wrenn-up.log"
         self.external = False
+        # What the current process printed on stdout up to its environment (the banner).
+        self.banner = ""
 
     def start(self, env: dict[str, str] | None = None) -> None:
         """Starts `wrenn up`; `env` adds to its environment (e.g. a `WRENN_FAULT` point)."""
@@ -64,7 +68,7 @@ class Wrenn:
             "--listen", f"127.0.0.1:{self.port}",
             "--progress", "plain",
             # Its own slot range: never the one a developer's `wrenn up` uses.
-            "--first-slot", "28672", "--slots", "1024",
+            "--first-slot", str(FIRST_SLOT), "--slots", "1024",
             # Often, so the suite also runs with the reconciler racing every operation.
             "--reconcile-interval", "2",
             # Guests leave only into the lab's fake internet (tests/e2e/netlab.py), never by
@@ -104,6 +108,7 @@ class Wrenn:
             tail = self.log.read_text(errors="replace")[-4000:]
             raise RuntimeError(f"wrenn up exited ({code}) before it was ready:\n{''.join(lines)}\n{tail}")
         self.env = env
+        self.banner = "".join(lines)
 
     def stop(self) -> int | None:
         if self.proc is None:
@@ -138,7 +143,8 @@ class Wrenn:
         self.start()
 
     def agent_url(self) -> str:
-        """The agent's loopback RPC URL, from the log of the current process's start."""
+        """The agent's RPC URL (`unix:/path` of its root-only socket), from the log of the
+        current process's start."""
         url = None
         for line in self.log.read_text(errors="replace").splitlines():
             if "agent RPC and sandbox proxy listening" in line and "url=" in line:

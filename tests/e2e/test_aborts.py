@@ -1,19 +1,20 @@
 """Creates whose caller goes away leave nothing behind:
 - 50 `Sandbox.create()` calls whose client gives up at a random moment between 0 and 2 s;
-- 50 agent `Create` calls with `Connect-Timeout-Ms: 1` (straight to the agent's loopback RPC,
-  as a control plane whose deadline ran out would make them).
+- 50 agent `Create` calls with `Connect-Timeout-Ms: 1` (straight to the agent's RPC on its
+  Unix socket, as a control plane whose deadline ran out would make them).
 Afterwards the host's sandbox list and capacity are back to the baseline (every sandbox the
 API shows can be killed; the agent's orphans are reconciled away), and no QEMU process,
 sandbox directory or network namespace is left over.
 """
 
 import concurrent.futures
+import http.client
 import json
 import random
 import secrets
+import socket
 import subprocess
 import time
-import urllib.request
 
 import pytest
 from e2b import Sandbox, SandboxQuery
@@ -23,20 +24,33 @@ from test_faults import netns_count, qemu_count, sandbox_dirs
 N = 50
 
 
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over the agent's Unix socket (`unix:/path`)."""
+
+    def __init__(self, path: str, timeout: float):
+        super().__init__("agent", timeout=timeout)
+        self.path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
 def agent_call(url: str, method: str, body: dict, timeout_ms: int | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(
-        f"{url}/wrenn.agent.v1.AgentService/{method}",
-        data=json.dumps(body).encode(),
-        headers={"content-type": "application/json"},
-        method="POST",
-    )
+    assert url.startswith("unix:"), url
+    headers = {"content-type": "application/json"}
     if timeout_ms is not None:
-        req.add_header("connect-timeout-ms", str(timeout_ms))
+        headers["connect-timeout-ms"] = str(timeout_ms)
+    conn = UnixHTTPConnection(url.removeprefix("unix:"), timeout=60)
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read() or b"{}")
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
+        conn.request(
+            "POST", f"/wrenn.agent.v1.AgentService/{method}", json.dumps(body).encode(), headers
+        )
+        r = conn.getresponse()
+        return r.status, json.loads(r.read() or b"{}")
+    finally:
+        conn.close()
 
 
 def agent_ids(url: str) -> set[str]:

@@ -5,7 +5,8 @@
 //! ([`record`]) and the crash-recovery scan over them ([`state`]); the traffic proxy into
 //! sandboxes ([`proxy`]). The [`controller`] owns the sandbox table and drives a
 //! [`runtime::Runtime`] ([`qemu`] is the real one); [`agent`] is the host facade over it,
-//! served by [`rpc`].
+//! served by [`rpc`]; [`surface`] is the one listener for the RPC and the proxy, with who may
+//! use it (a root-only Unix socket, or TCP with the host's secret).
 
 pub mod accel;
 mod agent;
@@ -24,6 +25,7 @@ pub mod runtime;
 pub mod sandbox;
 pub mod snapshot;
 pub mod state;
+pub mod surface;
 pub mod template;
 pub mod vm;
 

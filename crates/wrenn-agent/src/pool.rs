@@ -497,6 +497,10 @@ impl crate::sandbox::SandboxNet for SlotLease {
     fn slot_index(&self) -> Option<u32> {
         Some(self.slot().index())
     }
+
+    fn publish(&self, doc: Option<Metadata>) {
+        self.set_metadata(doc);
+    }
 }
 
 impl Drop for SlotLease {

@@ -35,7 +35,7 @@ use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use wrenn_hostnet::{Slot, TAP_NAME};
+use wrenn_hostnet::{Metadata, Slot, TAP_NAME};
 use wrenn_image::ENVD_PORT;
 
 use crate::envd::{EnvdClient, EnvdError};
@@ -74,6 +74,10 @@ pub trait SandboxNet: Send + Sync {
     fn slot_index(&self) -> Option<u32> {
         None
     }
+    /// Publishes who is in the slot on its metadata endpoint (`None`: nobody), where envd
+    /// reads the hash of the only token its `/init` accepts. A net without an endpoint (a bare
+    /// [`Slot`]) publishes nothing.
+    fn publish(&self, _doc: Option<Metadata>) {}
 }
 
 impl SandboxNet for Slot {
@@ -360,6 +364,9 @@ impl<N: SandboxNet> Sandbox<N> {
                 net,
             });
         }
+        // Before the guest runs a single instruction: from its first `/init` on, envd only
+        // accepts the token whose hash the slot publishes.
+        net.publish(Some(identity(meta.as_ref(), root, &template.dir, &init)));
         let rec = Recorder::new(root, meta);
         let made = async {
             let (r, dir) = (rec.clone(), root.to_owned());
@@ -381,6 +388,7 @@ impl<N: SandboxNet> Sandbox<N> {
             Ok(vm) => vm,
             Err(error) => {
                 let _ = std::fs::remove_dir_all(root);
+                net.publish(None);
                 return Err(Failed { error, net });
             }
         };
@@ -487,6 +495,7 @@ impl<N: SandboxNet> Sandbox<N> {
         if let Err(e) = vm.kill().await {
             tracing::warn!(error = %crate::error_chain(&e), "kill");
         }
+        net.publish(None);
         blocking(move || {
             let _ = std::fs::remove_file(root.join(disk));
             if let Err(e) = back_to_paused(&rec) {
@@ -529,6 +538,13 @@ impl<N: SandboxNet> Sandbox<N> {
         // A crash between a resume's running record and its removal of the paused files
         // leaves them: the guest has run since, so they are stale.
         remove_paused_files(&root);
+        // A new agent's endpoints start empty; the guest keeps checking `/init` against it.
+        net.publish(Some(identity(
+            rec.meta().as_ref(),
+            &root,
+            &m.template.dir,
+            &m.init,
+        )));
         Sandbox {
             root,
             vm,
@@ -595,6 +611,7 @@ impl<N: SandboxNet> Sandbox<N> {
         if let Err(e) = vm.kill().await {
             tracing::warn!(error = %crate::error_chain(&e), "kill");
         }
+        net.publish(None);
         crate::fault::point("kill:stopped");
         blocking(move || {
             if let Err(e) = std::fs::remove_dir_all(&root)
@@ -684,6 +701,7 @@ impl<N: SandboxNet> Sandbox<N> {
             tracing::warn!(error = %e, "QEMU did not quit after the snapshot; killed");
         }
         let _ = vm.kill().await;
+        net.publish(None);
         crate::fault::point("pause:quit");
         let rec2 = rec.clone();
         let committed =
@@ -805,6 +823,13 @@ impl Sandbox<SlotLease> {
             s.dir == template.dir && s.manifest.created_unix == template.manifest.created_unix
         };
         if let Some(vm) = warm.filter(same).and_then(WarmPool::take) {
+            // The warm QEMU waits in `-incoming defer`: its guest has not run yet.
+            vm.slot.publish(Some(identity(
+                meta.as_ref(),
+                &vm.root,
+                &template.dir,
+                &init,
+            )));
             match restore_warm(template, vm).await {
                 Ok(RestoredWarm { vm, slot, root }) => {
                     let restored = start.elapsed();
@@ -873,6 +898,28 @@ fn sync_file(path: &Path) -> Result<(), VmError> {
     std::fs::File::open(path)
         .and_then(|f| f.sync_all())
         .map_err(VmError::io("sync", path))
+}
+
+/// What the slot's metadata endpoint says about the sandbox in it: its ID (the directory's
+/// name without a meta), its template (the template directory's name without one) and the
+/// SHA-512 of its envd access token (of `""` without a token: envd then accepts only an
+/// `/init` that sets none).
+pub(crate) fn identity(
+    meta: Option<&SandboxMeta>,
+    root: &Path,
+    template: &Path,
+    init: &InitConfig,
+) -> Metadata {
+    let name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let (sandbox_id, template_id) = match meta {
+        Some(m) if !m.sandbox_id.is_empty() => (m.sandbox_id.clone(), m.template_id.clone()),
+        _ => (name(root), name(template)),
+    };
+    Metadata::new(&sandbox_id, &template_id, init.access_token.as_deref())
 }
 
 /// The `/init` body: host clock, fresh host entropy, and the sandbox's config.

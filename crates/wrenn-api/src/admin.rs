@@ -37,14 +37,25 @@ pub struct CreatedApiKey {
     pub mask: String,
 }
 
+/// `GET /admin/hosts/{id}/secret`: the secret that host's agent requires of the control plane
+/// over the network (`Authorization` / `Proxy-Authorization: Bearer <secret>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSecret {
+    #[serde(rename = "hostID")]
+    pub host_id: String,
+    pub secret: String,
+}
+
 /// `POST /admin/hosts`: register (or update) a host agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NewHost {
     pub id: String,
-    /// Base URL of the agent's RPC server, e.g. `http://10.0.0.5:5008`.
+    /// Base URL of the agent's RPC server, e.g. `http://10.0.0.5:5008`, or its Unix socket
+    /// `unix:/path` on the control plane's own machine.
     pub rpc_url: String,
-    /// Base URL of the agent's sandbox traffic proxy.
+    /// Base URL of the agent's sandbox traffic proxy (same forms).
     pub proxy_url: String,
 }
 

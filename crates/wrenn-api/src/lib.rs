@@ -13,7 +13,7 @@
 mod admin;
 mod sandbox;
 
-pub use admin::{CreatedApiKey, Host, NewApiKey, NewHost, NewTeam, Team};
+pub use admin::{AgentSecret, CreatedApiKey, Host, NewApiKey, NewHost, NewTeam, Team};
 pub use sandbox::{
     AutoResume, ConnectSandbox, Error, Lifecycle, ListedSandbox, NetworkConfig, NetworkUpdate,
     NewSandbox, NewSnapshot, PauseSandbox, RefreshSandbox, ResumedSandbox, Sandbox, SandboxDetail,

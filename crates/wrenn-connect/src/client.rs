@@ -1,5 +1,6 @@
 //! A small Connect client: unary and server-streaming calls, JSON or binary codec, over
-//! hyper-util's pooled HTTP/1.1 client on plain HTTP.
+//! hyper-util's pooled HTTP/1.1 client on plain HTTP, over TCP or a Unix socket
+//! (`unix:/path`, see `wrenn_http::connect`).
 //!
 //! It is what the control plane uses to reach host agents. Errors come back as
 //! [`ConnectError`]: the server's own Connect error when it sent one, `unavailable` when the
@@ -11,8 +12,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HyperClient;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use wrenn_http::connect::{Connector, request_base};
 
 use crate::envelope::{Decoder, FLAG_COMPRESSED, FLAG_END_STREAM, encode};
 use crate::error::{Code, ConnectError, WireError};
@@ -23,15 +24,17 @@ use crate::server::{BoxStream, Codec, DEFAULT_MAX_MESSAGE_BYTES, Message};
 pub enum ClientError {
     #[error("invalid base URL {0:?}")]
     BadUrl(String),
-    #[error("only http:// base URLs are supported, got {0:?}")]
+    #[error("only http:// and unix:/socket base URLs are supported, got {0:?}")]
     NotHttp(String),
 }
 
 /// A Connect client for one server. Cheap to clone; clones share the connection pool.
 #[derive(Clone)]
 pub struct Client {
-    http: HyperClient<HttpConnector, Full<Bytes>>,
-    /// The base URL without a trailing slash; procedure paths are appended.
+    http: HyperClient<Connector, Full<Bytes>>,
+    /// The base URL as given (for messages).
+    url: String,
+    /// The base of request URIs, without a trailing slash; procedure paths are appended.
     base: String,
     codec: Codec,
     timeout: Option<Duration>,
@@ -42,7 +45,7 @@ pub struct Client {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("base", &self.base)
+            .field("url", &self.url)
             .field("codec", &self.codec)
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
@@ -50,27 +53,25 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// A client for the server at `base_url` (`http://host:port[/prefix]`), JSON codec, no
-    /// timeout.
+    /// A client for the server at `base_url` (`http://host:port[/prefix]`, or a Unix socket
+    /// `unix:/path`), JSON codec, no timeout.
     pub fn new(base_url: &str) -> Result<Self, ClientError> {
-        let uri: Uri = base_url
-            .parse()
-            .map_err(|_| ClientError::BadUrl(base_url.to_owned()))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(ClientError::NotHttp(base_url.to_owned()));
+        if !wrenn_http::connect::is_unix(base_url) {
+            let uri: Uri = base_url
+                .parse()
+                .map_err(|_| ClientError::BadUrl(base_url.to_owned()))?;
+            if uri.scheme_str() != Some("http") {
+                return Err(ClientError::NotHttp(base_url.to_owned()));
+            }
         }
-        if uri.authority().is_none() {
-            return Err(ClientError::BadUrl(base_url.to_owned()));
-        }
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let base = request_base(base_url).map_err(|_| ClientError::BadUrl(base_url.to_owned()))?;
         let http = HyperClient::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
+            .build(Connector::new(Duration::from_secs(5)));
         Ok(Client {
             http,
-            base: base_url.trim_end_matches('/').to_owned(),
+            url: base_url.to_owned(),
+            base,
             codec: Codec::Json,
             timeout: None,
             headers: HeaderMap::new(),
@@ -137,7 +138,7 @@ impl Client {
                 .map_err(|_| deadline_err())?,
             None => fut.await,
         };
-        res.map_err(|e| ConnectError::new(Code::Unavailable, format!("{}: {e}", self.base)))
+        res.map_err(|e| ConnectError::new(Code::Unavailable, format!("{}: {e}", self.url)))
     }
 
     /// A unary call.

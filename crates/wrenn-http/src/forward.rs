@@ -21,12 +21,13 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body::Frame;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-/// The pooled HTTP/1.1 client that [`forward`] sends with.
-pub type HttpClient = Client<HttpConnector, Body>;
+use crate::connect::{Connector, request_base};
+
+/// The pooled HTTP/1.1 client that [`forward`] sends with (over TCP or a Unix socket).
+pub type HttpClient = Client<Connector, Body>;
 
 /// Idle pooled connections are closed after this long (below the idle timeouts of our own
 /// servers, so the pool rarely picks a connection the other side is closing).
@@ -35,12 +36,9 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// A pooled client for [`forward`]: TCP_NODELAY (proxied streams carry small messages), the
 /// given connect timeout, and no response timeout (streams may last for hours).
 pub fn client(connect_timeout: Duration) -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(connect_timeout));
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .build(connector)
+        .build(Connector::new(connect_timeout))
 }
 
 /// Why a request could not be forwarded.
@@ -66,8 +64,9 @@ pub enum ForwardError {
     Stopped,
 }
 
-/// Forwards `req` to `base` (`http://host:port`, optionally with a path prefix) plus the
-/// request's path and query, and returns the target's response with its body streaming.
+/// Forwards `req` to `base` (`http://host:port`, optionally with a path prefix, or a Unix
+/// socket `unix:/path`) plus the request's path and query, and returns the target's response
+/// with its body streaming.
 ///
 /// The caller sets any headers the target needs on `req` beforehand; `Host` is replaced by the
 /// target's. When the target answers 101, the two upgraded connections are spliced together on
@@ -92,7 +91,11 @@ pub async fn forward_until(
     let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
     let upgrade = upgrade_protocol(&parts.headers);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let target = format!("{}{}", base.trim_end_matches('/'), path);
+    let target = format!(
+        "{}{}",
+        request_base(base).map_err(|_| ForwardError::BadTarget(base.to_owned()))?,
+        path
+    );
     let uri: Uri = target
         .parse()
         .map_err(|_| ForwardError::BadTarget(base.to_owned()))?;

@@ -14,10 +14,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod connect;
 pub mod forward;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -49,17 +49,19 @@ impl InFlight {
     }
 }
 
-/// Serves `app` on `stream` until the peer closes, the connection stays idle for
-/// `opts.idle_timeout`, or `close` completes; the last two close gracefully (requests in flight
-/// finish first).
-pub async fn serve_connection(
+/// Serves `app` on `stream` (TCP, or a Unix socket) until the peer closes, the connection
+/// stays idle for `opts.idle_timeout`, or `close` completes; the last two close gracefully
+/// (requests in flight finish first). `peer` only names the peer in logs.
+pub async fn serve_connection<S>(
     app: axum::Router,
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
+    stream: S,
+    peer: impl std::fmt::Display,
     opts: ConnOptions,
     in_flight: InFlight,
     close: impl Future<Output = ()>,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let activity = Arc::new(Notify::new());
     let service = {
         let (in_flight, activity) = (in_flight.clone(), activity.clone());
@@ -224,6 +226,7 @@ impl Body for GuardedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn serve_one(opts: ConnOptions) -> (SocketAddr, InFlight, Arc<Notify>) {

@@ -1,6 +1,11 @@
 //! How the control plane reaches host agents: the [`AgentClient`] trait, its implementation
 //! over our Connect client, and the registry of clients per host.
 //!
+//! An agent is reached at its RPC URL: `http://host:port` over the network, or `unix:/path`
+//! for the root-only socket of the agent inside `wrenn up`. Every call carries the host's
+//! secret (`Authorization: Bearer`, see [`crate::tokens::agent_secret`]), which an agent
+//! reached over the network requires; on its Unix socket the socket's mode decides instead.
+//!
 //! Everything the control plane does to a VM goes through this trait, so the control plane can
 //! run on another machine than its agents, and ring-2 tests can stand in a test double.
 
@@ -21,6 +26,7 @@ use wrenn_agent_proto::v1::{
 use wrenn_connect::{Client, ConnectError};
 
 use crate::store::HostRecord;
+use crate::tokens;
 
 /// The agent RPC, one method per procedure of `wrenn.agent.v1.AgentService`.
 #[async_trait]
@@ -45,7 +51,8 @@ pub trait AgentClient: Send + Sync {
 
 /// Makes the client for a host (over the network in production; a test double in tests).
 pub trait AgentConnector: Send + Sync {
-    fn connect(&self, rpc_url: &str) -> Result<Arc<dyn AgentClient>, ConnectError>;
+    /// A client for the agent at `rpc_url` that presents `secret` (the host's agent secret).
+    fn connect(&self, rpc_url: &str, secret: &str) -> Result<Arc<dyn AgentClient>, ConnectError>;
 }
 
 /// [`AgentClient`] over Connect (JSON codec, so agent traffic is readable in captures).
@@ -58,9 +65,15 @@ pub struct ConnectAgentClient {
 }
 
 impl ConnectAgentClient {
-    pub fn new(rpc_url: &str) -> Result<Self, ConnectError> {
-        let base =
-            Client::new(rpc_url).map_err(|e| ConnectError::invalid_argument(e.to_string()))?;
+    /// A client for the agent at `rpc_url` (`http://…` or `unix:/path`) that sends `secret`
+    /// as `Authorization: Bearer` on every call.
+    pub fn new(rpc_url: &str, secret: &str) -> Result<Self, ConnectError> {
+        let bearer = http::HeaderValue::from_str(&format!("Bearer {secret}")).map_err(|_| {
+            ConnectError::invalid_argument("the agent secret is not a header value")
+        })?;
+        let base = Client::new(rpc_url)
+            .map_err(|e| ConnectError::invalid_argument(e.to_string()))?
+            .with_header(http::header::AUTHORIZATION, bearer);
         Ok(ConnectAgentClient {
             quick: base.clone().with_timeout(Duration::from_secs(15)),
             slow: base.with_timeout(Duration::from_secs(120)),
@@ -121,8 +134,8 @@ impl AgentClient for ConnectAgentClient {
 pub struct ConnectConnector;
 
 impl AgentConnector for ConnectConnector {
-    fn connect(&self, rpc_url: &str) -> Result<Arc<dyn AgentClient>, ConnectError> {
-        Ok(Arc::new(ConnectAgentClient::new(rpc_url)?))
+    fn connect(&self, rpc_url: &str, secret: &str) -> Result<Arc<dyn AgentClient>, ConnectError> {
+        Ok(Arc::new(ConnectAgentClient::new(rpc_url, secret)?))
     }
 }
 
@@ -131,14 +144,17 @@ type CachedClient = (String, Arc<dyn AgentClient>);
 /// One client per host, made on first use and kept (its connection pool with it).
 pub struct Agents {
     connector: Arc<dyn AgentConnector>,
+    /// The server secret, which the agents' secrets derive from.
+    secret: Vec<u8>,
     /// Host ID -> (RPC URL the client was made for, client).
     clients: Mutex<HashMap<String, CachedClient>>,
 }
 
 impl Agents {
-    pub fn new(connector: Arc<dyn AgentConnector>) -> Self {
+    pub fn new(connector: Arc<dyn AgentConnector>, secret: Vec<u8>) -> Self {
         Agents {
             connector,
+            secret,
             clients: Mutex::new(HashMap::new()),
         }
     }
@@ -151,7 +167,9 @@ impl Agents {
         {
             return Ok(c.clone());
         }
-        let c = self.connector.connect(&host.rpc_url)?;
+        let c = self
+            .connector
+            .connect(&host.rpc_url, &self.secret_of(host.id.as_str()))?;
         clients.insert(
             host.id.as_str().to_owned(),
             (host.rpc_url.clone(), c.clone()),
@@ -159,8 +177,17 @@ impl Agents {
         Ok(c)
     }
 
-    /// A client for a host that is not registered yet (registration asks it for its info).
-    pub fn connect(&self, rpc_url: &str) -> Result<Arc<dyn AgentClient>, ConnectError> {
-        self.connector.connect(rpc_url)
+    /// A client for host `host_id`, not registered yet (registration asks it for its info).
+    pub fn connect(
+        &self,
+        host_id: &str,
+        rpc_url: &str,
+    ) -> Result<Arc<dyn AgentClient>, ConnectError> {
+        self.connector.connect(rpc_url, &self.secret_of(host_id))
+    }
+
+    /// The secret host `host_id`'s agent requires.
+    pub fn secret_of(&self, host_id: &str) -> String {
+        tokens::agent_secret(&self.secret, host_id)
     }
 }

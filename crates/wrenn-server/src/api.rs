@@ -20,7 +20,7 @@ use wrenn_api::{
     ConnectSandbox, NetworkUpdate, NewApiKey, NewHost, NewSandbox, NewSnapshot, NewTeam,
     PauseSandbox, RefreshSandbox, ResumedSandbox, SandboxTimeout,
 };
-use wrenn_core::{PublicState, SandboxState, UnixMillis};
+use wrenn_core::{HostId, PublicState, SandboxState, UnixMillis};
 
 use crate::create::IdempotencyKey;
 use crate::error::ApiError;
@@ -56,6 +56,7 @@ pub(crate) fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/admin/templates", post(admin_register_template))
         .route("/admin/hosts", post(admin_register_host))
         .route("/admin/hosts/{id}", delete(not_implemented))
+        .route("/admin/hosts/{id}/secret", get(admin_host_secret))
         .fallback(not_found)
         .with_state(cp)
 }
@@ -606,6 +607,20 @@ async fn admin_register_template(
     })
     .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The secret the agent of host `id` must be started with when the control plane reaches it
+/// over the network (before it is registered: registration already calls it).
+async fn admin_host_secret(
+    State(cp): Cp,
+    _: Admin,
+    Path(id): Path<String>,
+) -> Result<Json<wrenn_api::AgentSecret>, ApiError> {
+    let host_id = HostId::parse(&id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    Ok(Json(wrenn_api::AgentSecret {
+        secret: cp.agent_secret(&host_id),
+        host_id: id,
+    }))
 }
 
 async fn admin_register_host(

@@ -1,12 +1,21 @@
 //! The edge proxy: routes SDK traffic for sandboxes to the proxy of the host agent that runs
 //! them, per request (the SDKs share one connection between sandboxes).
 //!
-//! A request is for a sandbox when it has an `E2b-Sandbox-Id` header (port from
-//! `E2b-Sandbox-Port`, default envd's 49983), a host name `<port>-<sandboxID>.<domain>`, or a
-//! `signature=` query on `/files` (a signed URL: the sandbox is the one whose access token
-//! produced the signature). Bodies stream both ways; WebSocket (and any HTTP/1.1) upgrades are
-//! spliced through. The agent proxy gets the same routing headers, so it needs no state from
-//! us.
+//! A request is for a sandbox when it names one: an `E2b-Sandbox-Id` header (port from
+//! `E2b-Sandbox-Port`, default envd's 49983) or a host name `<port>-<sandboxID>.<domain>`
+//! (`<domain>` may carry a port, as `localhost:3000` does; ports are not compared). A signed
+//! `/files` URL that names its sandbox so goes there and envd checks the signature: a URL
+//! signed for sandbox A is refused by B. The SDKs name the sandbox in the host of the signed
+//! URLs they make (`49983-<id>.<domain>`) unless one `E2B_SANDBOX_URL` serves every sandbox;
+//! only such a nameless signed URL (a `signature=` query on `/files` and nothing else) is
+//! matched against the running sandboxes' tokens. Bodies stream both ways; WebSocket (and any
+//! HTTP/1.1) upgrades are spliced through. The agent proxy gets the same routing headers, so
+//! it needs no state from us; its own secret rides in `Proxy-Authorization`.
+//!
+//! A sandbox created with `network.allowPublicTraffic: false` answers on its ports only
+//! requests carrying its traffic access token in `E2b-Traffic-Access-Token` (403 otherwise).
+//! envd's port is exempt: envd checks its own access token on every request, and the SDKs do
+//! not send the traffic token to envd. The header is removed before the request goes on.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,11 +27,14 @@ use wrenn_http::forward::{self, ForwardError, HttpClient};
 
 use crate::error::Chain;
 use crate::service::ControlPlane;
+use crate::tokens;
 
 /// envd's port, used when a request names a sandbox but no port.
 pub(crate) const ENVD_PORT: u16 = 49983;
 const SANDBOX_ID_HEADER: &str = "e2b-sandbox-id";
 const SANDBOX_PORT_HEADER: &str = "e2b-sandbox-port";
+/// What the SDKs (and their users) send a sandbox's traffic access token in.
+const TRAFFIC_TOKEN_HEADER: &str = "e2b-traffic-access-token";
 /// Agents are on a local network: one that does not accept within this time is down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -51,20 +63,10 @@ pub(crate) fn classify(req: &Request, domain: Option<&str>) -> Option<Route> {
         let host = headers
             .get(header::HOST)
             .and_then(|v| v.to_str().ok())
-            .or_else(|| req.uri().host())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()))
             .unwrap_or("");
-        let host = host
-            .rsplit_once(':')
-            .filter(|(_, p)| p.parse::<u16>().is_ok())
-            .map_or(host, |(h, _)| h);
-        if let Some(label) = host.strip_suffix(domain).and_then(|h| h.strip_suffix('.'))
-            && let Some((port, id)) = label.split_once('-')
-            && let Ok(port) = port.parse()
-        {
-            return Some(Route::Sandbox {
-                id: id.to_owned(),
-                port,
-            });
+        if let Some(route) = host_route(host, domain) {
+            return Some(route);
         }
     }
     let query = req.uri().query().unwrap_or("");
@@ -74,6 +76,27 @@ pub(crate) fn classify(req: &Request, domain: Option<&str>) -> Option<Route> {
         return Some(Route::Signed);
     }
     None
+}
+
+/// The sandbox a host name `<port>-<id>.<domain>[:<port>]` names. Host names are compared
+/// without case and without their ports (a `domain` such as `localhost:3000` keeps its port
+/// for the SDKs' `get_host`; the request came to this server whatever port it names).
+fn host_route(host: &str, domain: &str) -> Option<Route> {
+    let without_port = |h: &str| -> String {
+        h.rsplit_once(':')
+            .filter(|(_, p)| p.parse::<u16>().is_ok())
+            .map_or(h, |(h, _)| h)
+            .trim_end_matches('.')
+            .to_ascii_lowercase()
+    };
+    let (host, domain) = (without_port(host), without_port(domain));
+    let label = host.strip_suffix(&domain)?.strip_suffix('.')?;
+    let (port, id) = label.split_once('-')?;
+    let port = port.parse().ok().filter(|&p: &u16| p != 0)?;
+    (!id.is_empty() && !id.contains('.')).then(|| Route::Sandbox {
+        id: id.to_owned(),
+        port,
+    })
 }
 
 /// Forwards requests to agent proxies.
@@ -118,16 +141,38 @@ impl Proxy {
                 );
             }
         };
-        self.forward(rec.id.as_str(), port, &host.proxy_url, req)
+        let mut req = req;
+        // For us, not for the sandbox's servers.
+        let given = req.headers_mut().remove(TRAFFIC_TOKEN_HEADER);
+        if port != ENVD_PORT
+            && let Some(want) = cp.traffic_token(&rec)
+            && !given.is_some_and(|g| tokens::constant_time_eq(g.as_bytes(), want.as_bytes()))
+        {
+            return forbidden(&id, port);
+        }
+        let secret = cp.agent_secret(&host.id);
+        self.forward(rec.id.as_str(), port, &host.proxy_url, &secret, req)
             .await
     }
 
-    async fn forward(&self, id: &str, port: u16, base: &str, mut req: Request) -> Response {
+    async fn forward(
+        &self,
+        id: &str,
+        port: u16,
+        base: &str,
+        secret: &str,
+        mut req: Request,
+    ) -> Response {
         // The agent proxy routes by the same headers, so it needs no state from us.
         let Ok(id_value) = HeaderValue::from_str(id) else {
             return not_found(id);
         };
+        let Ok(bearer) = HeaderValue::from_str(&format!("Bearer {secret}")) else {
+            return bad_gateway(id, format!("Bad agent secret for sandbox {id}"));
+        };
         let headers = req.headers_mut();
+        // Ours for the agent (a client's own is for nobody behind us).
+        headers.insert(header::PROXY_AUTHORIZATION, bearer);
         headers.insert(HeaderName::from_static(SANDBOX_ID_HEADER), id_value);
         headers.insert(
             HeaderName::from_static(SANDBOX_PORT_HEADER),
@@ -188,6 +233,19 @@ async fn signed_sandbox(
             ))
         }
     }
+}
+
+/// A request without the traffic access token to a port of a sandbox whose ports are not
+/// public.
+fn forbidden(id: &str, port: u16) -> Response {
+    let body = serde_json::json!({
+        "code": 403,
+        "message": format!(
+            "Port {port} of sandbox {id} is not public: send its traffic access token in the E2b-Traffic-Access-Token header"
+        ),
+        "sandboxId": id,
+    });
+    (StatusCode::FORBIDDEN, axum::Json(body)).into_response()
 }
 
 fn invalid_signature() -> Response {
@@ -257,6 +315,62 @@ mod tests {
         assert_eq!(
             classify(&req("/", &[("host", "8080-abc.other.test")]), d),
             None
+        );
+        // A domain with a port (`wrenn up` on loopback: `localhost:<api port>`).
+        let local = Some("localhost:3000");
+        for host in [
+            "8080-abc.localhost:3000",
+            "8080-abc.LocalHost",
+            "8080-abc.localhost:9",
+        ] {
+            assert_eq!(
+                classify(&req("/", &[("host", host)]), local),
+                sbx("abc", 8080),
+                "{host}"
+            );
+        }
+        for host in [
+            "localhost:3000",
+            "abc.localhost:3000",
+            "0-abc.localhost:3000",
+            "8080-.localhost:3000",
+            "8080-a.b.localhost:3000",
+            "x8080-abc.localhost",
+        ] {
+            assert_eq!(
+                classify(&req("/", &[("host", host)]), local),
+                None,
+                "{host}"
+            );
+        }
+        // A signed URL that names its sandbox goes there (envd checks the signature); only a
+        // nameless one is matched by signature.
+        assert_eq!(
+            classify(
+                &req(
+                    "/files?path=/a&signature=v1_x",
+                    &[("host", "49983-b.localhost:3000")]
+                ),
+                local
+            ),
+            sbx("b", ENVD_PORT)
+        );
+        assert_eq!(
+            classify(
+                &req("/files?path=/a&signature=v1_x", &[("e2b-sandbox-id", "b")]),
+                local
+            ),
+            sbx("b", ENVD_PORT)
+        );
+        assert_eq!(
+            classify(
+                &req(
+                    "/files?path=/a&signature=v1_x",
+                    &[("host", "localhost:3000")]
+                ),
+                local
+            ),
+            Some(Route::Signed)
         );
         assert_eq!(classify(&req("/", &[("host", "api.wrenn.test")]), d), None);
         assert_eq!(

@@ -84,10 +84,11 @@ impl ControlPlane {
         connector: Arc<dyn AgentConnector>,
     ) -> Result<Arc<Self>, StoreError> {
         let store = Store::open(&config.database_url).await?;
+        let agents = Agents::new(connector, config.secret.clone());
         Ok(Arc::new(ControlPlane {
             config,
             store,
-            agents: Agents::new(connector),
+            agents,
             locks: Mutex::new(HashMap::new()),
         }))
     }
@@ -125,6 +126,17 @@ impl ControlPlane {
 
     pub(crate) fn access_token(&self, id: &str) -> String {
         tokens::envd_access_token(&self.config.secret, id)
+    }
+
+    /// The traffic access token of a sandbox whose ports are not public
+    /// (`network.allowPublicTraffic: false`); `None` for one whose ports are.
+    pub(crate) fn traffic_token(&self, rec: &SandboxRecord) -> Option<String> {
+        let private = rec
+            .network
+            .as_ref()
+            .and_then(|n| n.allow_public_traffic)
+            .is_some_and(|public| !public);
+        private.then(|| tokens::traffic_access_token(&self.config.secret, rec.id.as_str()))
     }
 
     // Teams, keys, templates and hosts.
@@ -203,7 +215,7 @@ impl ControlPlane {
         let id = HostId::parse(id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let client = self
             .agents
-            .connect(rpc_url)
+            .connect(id.as_str(), rpc_url)
             .map_err(|e| ApiError::BadRequest(e.message))?;
         let info = client
             .host_info(agent::HostInfoRequest {})
@@ -239,6 +251,12 @@ impl ControlPlane {
             }
         }
         Ok(host)
+    }
+
+    /// The secret host `host_id`'s agent requires when it is reached over the network (see
+    /// [`crate::tokens::agent_secret`]); the operator configures the agent with it.
+    pub fn agent_secret(&self, host_id: &HostId) -> String {
+        self.agents.secret_of(host_id.as_str())
     }
 
     pub(crate) fn client_for(&self, host: &HostRecord) -> Result<Arc<dyn AgentClient>, ApiError> {
@@ -298,7 +316,7 @@ impl ControlPlane {
             envd_version: rec.envd_version.clone(),
             alias: None,
             envd_access_token: Some(self.access_token(rec.id.as_str())),
-            traffic_access_token: None,
+            traffic_access_token: self.traffic_token(rec),
             domain: self.config.domain.clone(),
         }
     }

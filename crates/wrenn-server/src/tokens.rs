@@ -1,5 +1,5 @@
-//! Secrets derived or checked by the control plane: envd access tokens, API keys and signed
-//! `/files` URLs.
+//! Secrets derived or checked by the control plane: envd access tokens, agent secrets, API
+//! keys and signed `/files` URLs.
 
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
@@ -11,6 +11,31 @@ use sha2::{Digest, Sha256};
 pub fn envd_access_token(secret: &[u8], sandbox_id: &str) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
     mac.update(sandbox_id.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// The secret a host agent reached over the network requires of the control plane
+/// (`Authorization` / `Proxy-Authorization: Bearer`): lowercase hex
+/// HMAC-SHA256(server secret, `agent-secret:<host ID>`). One per host, so a host that leaks its
+/// own cannot drive another; derived, never stored. (Host and sandbox IDs have no `:`, so no
+/// labelled message equals a bare sandbox ID, the message of envd tokens.)
+pub fn agent_secret(secret: &[u8], host_id: &str) -> String {
+    labelled_hmac(secret, "agent-secret", host_id)
+}
+
+/// The traffic access token of a sandbox created with `network.allowPublicTraffic: false`:
+/// its ports other than envd's answer only requests carrying it (`E2b-Traffic-Access-Token`).
+/// Lowercase hex HMAC-SHA256(server secret, `traffic-access-token:<sandbox ID>`): derived,
+/// never stored, and unlike the envd token (a page a user may share must not open envd).
+pub fn traffic_access_token(secret: &[u8], sandbox_id: &str) -> String {
+    labelled_hmac(secret, "traffic-access-token", sandbox_id)
+}
+
+fn labelled_hmac(secret: &[u8], label: &str, id: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
+    mac.update(label.as_bytes());
+    mac.update(b":");
+    mac.update(id.as_bytes());
     hex::encode(mac.finalize().into_bytes())
 }
 
@@ -77,6 +102,22 @@ mod tests {
             envd_access_token(b"Jefe", "what do ya want for nothing?"),
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
+    }
+
+    #[test]
+    fn agent_secrets_are_per_host_and_unlike_access_tokens() {
+        let a = agent_secret(b"secret", "host-a");
+        assert_eq!(a.len(), 64);
+        assert_eq!(a, agent_secret(b"secret", "host-a"));
+        assert_ne!(a, agent_secret(b"secret", "host-b"));
+        assert_ne!(a, agent_secret(b"other", "host-a"));
+        assert_ne!(a, envd_access_token(b"secret", "host-a"));
+        assert_eq!(a, envd_access_token(b"secret", "agent-secret:host-a"));
+        let t = traffic_access_token(b"secret", "abc");
+        assert_eq!(t.len(), 64);
+        assert_ne!(t, envd_access_token(b"secret", "abc"));
+        assert_ne!(t, traffic_access_token(b"secret", "abd"));
+        assert_eq!(t, envd_access_token(b"secret", "traffic-access-token:abc"));
     }
 
     #[test]

@@ -668,6 +668,49 @@ async fn edge_proxy_routes_per_request() {
         assert_eq!(v["body"], "payload");
         assert_eq!(v["token"], "tok");
     }
+    // The agent gets the host's secret in Proxy-Authorization, in place of any the client
+    // sent; the agent RPC client was made with the same secret.
+    let agent_secret = wrenn_server::tokens::agent_secret(SECRET, "h1");
+    let v: serde_json::Value = client
+        .get(format!("{}/health", s.server.url))
+        .header("e2b-sandbox-id", a.as_str())
+        .header("proxy-authorization", "Bearer forged")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["agentAuth"], format!("Bearer {agent_secret}"));
+    assert!(
+        s.server
+            .agent
+            .secrets
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|x| *x == agent_secret),
+        "agent clients made with another secret"
+    );
+    let r = s
+        .http
+        .get(format!("{}/admin/hosts/h1/secret", s.server.url))
+        .header("x-admin-token", ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap(),
+        json!({"hostID": "h1", "secret": agent_secret})
+    );
+    let r = s
+        .http
+        .get(format!("{}/admin/hosts/h1/secret", s.server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
     // /health with the header goes to the sandbox, without it to the API.
     let v: serde_json::Value = client
         .get(format!("{}/health", s.server.url))
@@ -703,6 +746,17 @@ async fn edge_proxy_routes_per_request() {
         (v["sandboxId"].as_str(), v["port"].as_str()),
         (Some(b.as_str()), Some("8080"))
     );
+    // A host name with a port, as `<port>-<id>.localhost:<api port>` has.
+    let v: serde_json::Value = client
+        .get(format!("{}/hello", s.server.url))
+        .header("host", format!("8080-{b}.{DOMAIN}:3000"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["sandboxId"], b.as_str());
 
     // Signed URLs find their sandbox by the signature.
     let token_b = wrenn_server::tokens::envd_access_token(SECRET, &b);
@@ -720,6 +774,27 @@ async fn edge_proxy_routes_per_request() {
         .await
         .unwrap();
     assert_eq!(v["sandboxId"], b.as_str());
+    // A signed URL that names a sandbox goes to that one, whoever's token signed it (that
+    // envd then refuses a foreign signature): B's signature named for A reaches A.
+    for (name, value) in [
+        ("e2b-sandbox-id", a.clone()),
+        ("host", format!("49983-{a}.{DOMAIN}")),
+    ] {
+        let v: serde_json::Value = client
+            .get(format!(
+                "{}/files?path=%2Fhome%2Fuser%2Ff.txt&signature={}",
+                s.server.url,
+                urlencode(&sig)
+            ))
+            .header(name, value)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["sandboxId"], a.as_str(), "named by {name}");
+    }
     let sig_w =
         wrenn_server::tokens::file_signature("/a", "write", "root", &token_b, Some(4_000_000_000));
     let r = client
@@ -812,5 +887,79 @@ async fn edge_proxy_routes_per_request() {
         got.extend_from_slice(&buf[..n]);
     }
     assert_eq!(&got, b"ping over the upgraded stream");
+    s.server.stop().await;
+}
+
+#[tokio::test]
+async fn private_ports_answer_only_with_the_traffic_token() {
+    let s = Stack::start().await;
+    let made = s
+        .create(json!({"templateID": "base", "network": {"allowPublicTraffic": false}}))
+        .await;
+    let id = made["sandboxID"].as_str().unwrap().to_owned();
+    let token = wrenn_server::tokens::traffic_access_token(SECRET, &id);
+    assert_eq!(made["trafficAccessToken"], token.as_str());
+    assert_ne!(made["trafficAccessToken"], made["envdAccessToken"]);
+    let r = s
+        .req(Method::POST, &format!("/v2/sandboxes/{id}/connect"))
+        .json(&json!({"timeout": 60}))
+        .send()
+        .await
+        .unwrap();
+    let connected: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(connected["trafficAccessToken"], token.as_str());
+    let public = s
+        .create(json!({"templateID": "base", "network": {"allowPublicTraffic": true}}))
+        .await;
+    let public_id = public["sandboxID"].as_str().unwrap().to_owned();
+    assert!(public.get("trafficAccessToken").is_none(), "{public}");
+    let plain = s.create(json!({"templateID": "base"})).await;
+    assert!(plain.get("trafficAccessToken").is_none(), "{plain}");
+
+    let client = reqwest::Client::new();
+    let get = |sandbox: &str, port: &str, tok: Option<&str>, by_host: bool| {
+        let mut r = client.get(format!("{}/page", s.server.url));
+        r = if by_host {
+            r.header("host", format!("{port}-{sandbox}.{DOMAIN}"))
+        } else {
+            r.header("e2b-sandbox-id", sandbox)
+                .header("e2b-sandbox-port", port)
+        };
+        if let Some(t) = tok {
+            r = r.header("e2b-traffic-access-token", t);
+        }
+        r.send()
+    };
+    for by_host in [false, true] {
+        for tok in [None, Some("wrong"), Some(public_id.as_str())] {
+            let r = get(&id, "8080", tok, by_host).await.unwrap();
+            assert_eq!(r.status(), 403, "token {tok:?}");
+            let v: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(v["code"], 403);
+            assert!(
+                v["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("traffic access token"),
+                "{v}"
+            );
+        }
+        let r = get(&id, "8080", Some(&token), by_host).await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(
+            (v["sandboxId"].as_str(), v["port"].as_str()),
+            (Some(id.as_str()), Some("8080"))
+        );
+        // The token is the edge's business; the sandbox's server never sees it.
+        assert_eq!(v["trafficToken"], "");
+    }
+    // envd's port is guarded by envd's own token, which the SDKs send there; public ports
+    // need nothing.
+    assert_eq!(get(&id, "49983", None, false).await.unwrap().status(), 200);
+    assert_eq!(
+        get(&public_id, "8080", None, false).await.unwrap().status(),
+        200
+    );
     s.server.stop().await;
 }

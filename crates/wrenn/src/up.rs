@@ -9,8 +9,9 @@
 //! what the agent holds. On Ctrl-C or SIGTERM the agent pauses every running sandbox to disk,
 //! so a restart loses nothing and `connect` resumes them.
 //!
-//! The agent's RPC and traffic proxy listen on an internal loopback port; the public port
-//! serves the E2B REST API and the sandbox traffic (the edge proxy) together.
+//! The agent's RPC and traffic proxy listen on a Unix socket only root can open
+//! (`<state>/run/agent.sock`, see `wrenn_agent::surface`); the public port serves the E2B REST
+//! API and the sandbox traffic (the edge proxy) together.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -20,8 +21,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use tokio_util::sync::CancellationToken;
-use wrenn_agent::Agent;
-use wrenn_agent::accel::Accel;
+use wrenn_agent::accel::{Accel, AccelChoice};
 use wrenn_agent::host::{Host, HostConfig};
 use wrenn_agent::sandbox::Deadlines;
 use wrenn_agent::template::{self, TemplateInputs};
@@ -89,9 +89,16 @@ pub struct UpArgs {
     /// How many slot indices this agent owns.
     #[arg(long, default_value_t = 2048)]
     pub slots: u32,
-    /// Serve sandbox ports on `<port>-<sandboxID>.<domain>` host names too.
+    /// The domain of sandbox host names `<port>-<sandboxID>.<domain>`: the edge proxy routes
+    /// them, and the SDKs' `get_host(port)` answers them. Default when listening on loopback
+    /// or all addresses: `localhost:<port>` (curl and browsers resolve `*.localhost` to
+    /// loopback).
     #[arg(long, env = "WRENN_DOMAIN")]
     pub domain: Option<String>,
+    /// How guests run: `auto` (KVM where it can run guests, else TCG), `kvm` (fail without
+    /// it) or `tcg`. QEMU does not treat TCG as a security boundary.
+    #[arg(long, env = "WRENN_ACCEL", default_value = "auto")]
+    pub accel: AccelChoice,
     /// Progress display of the template build: auto, spinner, plain or quiet.
     #[arg(long, default_value = "auto")]
     pub progress: String,
@@ -134,6 +141,8 @@ fn init_tracing() {
 }
 
 async fn up(args: UpArgs) -> anyhow::Result<()> {
+    // The accelerator first: `--accel kvm` on a host without KVM fails before anything is made.
+    let accel = Accel::choose(args.accel)?;
     let state = args.state_dir.clone();
     create_private_dir(&state)?;
     let vms_root = state.join("sandboxes");
@@ -155,11 +164,11 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     // 1. The host: own the VMs root, take over or clean what an earlier run left, the slot
     // pool and the agent; guests' way out.
     let (uplink, egress_settings) = egress::host_settings(&args).await?;
-    let internal = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("bind the agent's internal port")?;
-    let internal_url = format!("http://{}", internal.local_addr()?);
-    tracing::info!(url = %internal_url, "agent RPC and sandbox proxy listening (loopback only)");
+    let socket = state.join("run").join("agent.sock");
+    let internal = wrenn_agent::surface::bind_unix(&socket)
+        .with_context(|| format!("bind the agent's socket {}", socket.display()))?;
+    let internal_url = format!("unix:{}", socket.display());
+    tracing::info!(url = %internal_url, "agent RPC and sandbox proxy listening (root-only Unix socket)");
     let host = Host::start(HostConfig {
         host_id: LOCAL_HOST.to_owned(),
         vms_root: vms_root.clone(),
@@ -181,20 +190,30 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let agent = host.agent().clone();
 
     // 2. The default template (built in the slot kept for builds), registered with its pool.
-    let snapshot = default_template(&args, &templates, host.build_slot()).await?;
+    let snapshot = default_template(&args, accel, &templates, host.build_slot()).await?;
     let envd_version = wrenn_server::DEFAULT_ENVD_VERSION.to_owned();
     remove_unused_templates(&templates, &snapshot.dir, host.paused_found());
     host.add_template(DEFAULT_TEMPLATE, snapshot.clone(), &envd_version);
     let shutdown = CancellationToken::new();
-    let agent_app = agent_app(agent.clone());
     // Its own token: at shutdown the agent must still answer the control plane's reconcile
     // after the public port has closed.
     let agent_stop = CancellationToken::new();
-    let agent_server = tokio::spawn(wrenn_server::serve(internal, agent_app, agent_stop.clone()));
+    let agent_server = tokio::spawn(wrenn_agent::surface::serve_unix(
+        internal,
+        agent.clone(),
+        agent_stop.clone(),
+    ));
 
-    // 3. The control plane, its records reconciled with the agent.
+    // 3. The control plane, its records reconciled with the agent. The public port is bound
+    // first: the sandbox domain the control plane hands out names its port.
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("bind {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let domain = sandbox_domain(args.domain.as_deref(), addr);
     let cp = control_plane(
         &args,
+        domain.clone(),
         &database_url,
         secret,
         admin_token,
@@ -206,11 +225,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let reaper = wrenn_server::reaper::spawn(cp.clone(), shutdown.child_token());
     let reconciler = wrenn_server::reconcile::spawn(cp.clone(), shutdown.child_token());
 
-    // 4. The public port.
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("bind {}", args.listen))?;
-    let addr = listener.local_addr()?;
+    // 4. The public port (bound in step 3).
     let url = args
         .public_url
         .clone()
@@ -232,10 +247,15 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         format!("SQLite {}", state.join("wrenn.db").display())
     };
     println!(
-        "Wrenn is up on {url} ({accel}, template `{DEFAULT_TEMPLATE}`, {db}).\n\
-         Use the E2B SDKs or `wrenn sandbox` with (also in {env_file}):\n\n{env}",
-        accel = snapshot.manifest.spec.accel,
-        env_file = state.join("env").display(),
+        "{}",
+        banner(
+            &url,
+            snapshot.manifest.spec.accel,
+            &db,
+            domain.as_deref(),
+            &state,
+            &env
+        )
     );
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
@@ -266,6 +286,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
 /// left mid-operation by an earlier run.
 async fn control_plane(
     args: &UpArgs,
+    domain: Option<String>,
     database_url: &str,
     secret: Vec<u8>,
     admin_token: String,
@@ -276,11 +297,11 @@ async fn control_plane(
     let mut config = Config::new(database_url.to_owned(), secret);
     config.admin_token = Some(admin_token);
     config.reconcile_interval = Duration::from_secs(args.reconcile_interval.max(1));
-    config.domain = args.domain.clone();
+    config.domain = domain;
     let cp = ControlPlane::open(config, Arc::new(ConnectConnector))
         .await
         .with_context(|| format!("open the database {}", redact(database_url)))?;
-    cp.register_host(LOCAL_HOST, &format!("{internal_url}/"), internal_url)
+    cp.register_host(LOCAL_HOST, internal_url, internal_url)
         .await
         .map_err(|e| anyhow::anyhow!("register the local agent: {e}"))?;
     let m = &snapshot.manifest.spec;
@@ -312,29 +333,51 @@ async fn control_plane(
     Ok(cp)
 }
 
-/// The agent's internal port: sandbox traffic (requests naming a sandbox) to its proxy,
-/// everything else to its RPC service.
-fn agent_app(agent: Arc<Agent>) -> axum::Router {
-    use axum::extract::Request;
-    use tower::ServiceExt as _;
-    let rpc = wrenn_agent::rpc::router(agent.clone());
-    let proxy = wrenn_agent::proxy::router(agent);
-    axum::Router::new().fallback(move |req: Request| {
-        let (rpc, proxy) = (rpc.clone(), proxy.clone());
-        async move {
-            let to_proxy = req.headers().contains_key("e2b-sandbox-id");
-            let svc = if to_proxy { proxy } else { rpc };
-            svc.oneshot(req).await.unwrap_or_else(|e| match e {})
-        }
-    })
+/// What `wrenn up` prints once it serves; the SDK environment comes last (scripts read up to
+/// `E2B_API_KEY`).
+fn banner(
+    url: &str,
+    accel: Accel,
+    db: &str,
+    domain: Option<&str>,
+    state: &Path,
+    env: &str,
+) -> String {
+    let mut out = format!("Wrenn is up on {url} ({accel}, template `{DEFAULT_TEMPLATE}`, {db}).\n");
+    if accel == Accel::Tcg {
+        tracing::warn!("{}", wrenn_agent::accel::TCG_WARNING);
+        out.push_str(&format!("Warning: {}\n", wrenn_agent::accel::TCG_WARNING));
+    }
+    match domain {
+        Some(d) => out.push_str(&format!(
+            "Sandbox ports are served at http://<port>-<sandboxID>.{d} (the SDKs' get_host).\n"
+        )),
+        None => out.push_str("Sandbox ports have no host names: pass --domain for get_host.\n"),
+    }
+    out.push_str(&format!(
+        "Use the E2B SDKs or `wrenn sandbox` with (also in {}):\n\n{env}",
+        state.join("env").display()
+    ));
+    out
+}
+
+/// The domain of sandbox host names: `--domain`, else `localhost:<port>` when the public port
+/// is reachable on loopback (curl and browsers resolve `*.localhost` there), else none (the
+/// SDKs then fall back to their own `E2B_DOMAIN`).
+fn sandbox_domain(configured: Option<&str>, listen: SocketAddr) -> Option<String> {
+    if let Some(d) = configured.map(str::trim).filter(|d| !d.is_empty()) {
+        return Some(d.trim_end_matches('.').to_owned());
+    }
+    let ip = listen.ip();
+    (ip.is_loopback() || ip.is_unspecified()).then(|| format!("localhost:{}", listen.port()))
 }
 
 async fn default_template(
     args: &UpArgs,
+    accel: Accel,
     templates: &Path,
     build_slot: u32,
 ) -> anyhow::Result<wrenn_agent::snapshot::Snapshot> {
-    let accel = Accel::detect().context("choose an accelerator")?;
     let kernel = Kernel::find(args.kernel_dir.as_deref())
         .context("find the guest kernel (scripts/setup.sh installs it)")?;
     let envd = match &args.envd {
@@ -649,6 +692,57 @@ mod tests {
         };
         store.insert_sandbox(&rec).await.unwrap();
         store.close().await;
+    }
+
+    #[test]
+    fn sandbox_domain_is_configured_or_loopback() {
+        let at = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(
+            sandbox_domain(None, at("127.0.0.1:3000")).as_deref(),
+            Some("localhost:3000")
+        );
+        assert_eq!(
+            sandbox_domain(None, at("0.0.0.0:41")).as_deref(),
+            Some("localhost:41")
+        );
+        assert_eq!(
+            sandbox_domain(None, at("[::1]:5")).as_deref(),
+            Some("localhost:5")
+        );
+        assert_eq!(sandbox_domain(None, at("192.0.2.7:3000")), None);
+        assert_eq!(
+            sandbox_domain(Some("sbx.example.test."), at("192.0.2.7:3000")).as_deref(),
+            Some("sbx.example.test")
+        );
+        assert_eq!(
+            sandbox_domain(Some(" "), at("127.0.0.1:9")).as_deref(),
+            Some("localhost:9")
+        );
+    }
+
+    #[test]
+    fn the_banner_says_when_tcg_is_no_boundary() {
+        let env = "export E2B_API_KEY=k\n";
+        let tcg = banner(
+            "u",
+            Accel::Tcg,
+            "db",
+            Some("localhost:3"),
+            Path::new("/s"),
+            env,
+        );
+        assert!(
+            tcg.contains("does not treat TCG as a security boundary"),
+            "{tcg}"
+        );
+        assert!(
+            tcg.contains("http://<port>-<sandboxID>.localhost:3"),
+            "{tcg}"
+        );
+        assert!(tcg.ends_with(env), "the environment must come last: {tcg}");
+        let kvm = banner("u", Accel::Kvm, "db", None, Path::new("/s"), env);
+        assert!(!kvm.contains("TCG"), "{kvm}");
+        assert!(kvm.contains("--domain"), "{kvm}");
     }
 
     #[tokio::test]

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::{
     DIFF_FILE, Deadlines, Failed, InitConfig, OnFail, PausedManifest, RUN_DISK_PREFIX, STATE_FILE,
-    Sandbox, SandboxError, SandboxNet, Timings, VM_DIR, blocking, sync_file, unix_now_ms,
+    Sandbox, SandboxError, SandboxNet, Timings, VM_DIR, blocking, identity, sync_file, unix_now_ms,
     warm_in_background,
 };
 use crate::envd::EnvdClient;
@@ -164,9 +164,20 @@ impl PausedSandbox {
             Err(error) => return Err(Failed { error, net }),
         };
         let run_disk = format!("{RUN_DISK_PREFIX}{}.qcow2", unix_now_ms());
+        // Before the guest runs: the resumed envd checks `/init` against this hash (it also
+        // knows its current token, but a slot serves whoever is in it now).
+        net.publish(Some(identity(
+            self.rec.meta().as_ref(),
+            &self.root,
+            &template.dir,
+            self.init(),
+        )));
         let vm = match self.restore(&template, &run_disk, &net).await {
             Ok(vm) => vm,
-            Err(error) => return Err(Failed { error, net }),
+            Err(error) => {
+                net.publish(None);
+                return Err(Failed { error, net });
+            }
         };
         let restored = start.elapsed();
         let m = &self.manifest;

@@ -44,6 +44,8 @@ pub struct FakeAgent {
     pub fail_next_create: Mutex<Option<ConnectError>>,
     /// Sandboxes another operation holds: pause, resume, kill and set_timeout refuse them.
     pub busy: Mutex<HashSet<String>>,
+    /// The agent secrets clients were made with.
+    pub secrets: Mutex<Vec<String>>,
 }
 
 impl Default for FakeAgent {
@@ -56,6 +58,7 @@ impl Default for FakeAgent {
             create_gate: Default::default(),
             fail_next_create: Default::default(),
             busy: Default::default(),
+            secrets: Default::default(),
         }
     }
 }
@@ -285,7 +288,8 @@ impl AgentClient for FakeAgent {
 pub struct FakeConnector(pub Arc<FakeAgent>);
 
 impl AgentConnector for FakeConnector {
-    fn connect(&self, _rpc_url: &str) -> Result<Arc<dyn AgentClient>, ConnectError> {
+    fn connect(&self, _rpc_url: &str, secret: &str) -> Result<Arc<dyn AgentClient>, ConnectError> {
+        self.0.secrets.lock().unwrap().push(secret.to_owned());
         Ok(self.0.clone())
     }
 }
@@ -316,16 +320,19 @@ async fn echo(mut req: Request) -> Response {
             .unwrap_or("")
             .to_owned()
     };
-    let (sid, port, token) = (
+    let (sid, port, token, agent_auth) = (
         h("e2b-sandbox-id"),
         h("e2b-sandbox-port"),
         h("x-access-token"),
+        h("proxy-authorization"),
     );
+    let traffic_token = h("e2b-traffic-access-token");
     let method = req.method().to_string();
     let uri = req.uri().to_string();
     let body = req.into_body().collect().await.unwrap().to_bytes();
     axum::Json(serde_json::json!({
         "sandboxId": sid, "port": port, "token": token, "method": method, "uri": uri,
+        "agentAuth": agent_auth, "trafficToken": traffic_token,
         "body": String::from_utf8_lossy(&body),
     }))
     .into_response()
