@@ -17,7 +17,7 @@ mod slot;
 mod tap;
 
 pub use metadata::{Metadata, MetadataError, MetadataServer, token_hash};
-pub use netns::enter_netns_on_exec;
+pub use netns::{enter_netns_on_exec, enter_netns_with_tap_on_exec};
 pub use slot::{
     EGRESS_CHAIN, HOST_VETH_PREFIX, MAX_SLOTS, NETNS_PREFIX, NFT_TABLE, Slot, SlotError, TAP_NAME,
     delete_link, delete_netns,
