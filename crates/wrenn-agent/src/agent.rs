@@ -218,7 +218,7 @@ impl Agent {
             tracing::warn!(sandbox_id = %id, error = %crate::error_chain(&e), "egress policy not applied again");
         }
         let token = sb.access_token().map(str::to_owned);
-        let console = sb.vm().console_log();
+        let console = sb.vm().console();
         let dir = sb.root().to_owned();
         if let Err(sb) = self.ctl.insert_running(meta, Box::new(sb)) {
             let lease = sb.kill().await;
@@ -228,7 +228,8 @@ impl Agent {
         self.runtime().track(&id, &dir);
         self.runtime()
             .observe
-            .started(&id, token, console, "adopted after an agent restart");
+            .started(&id, token, console, "adopted after an agent restart")
+            .await;
         tracing::info!(sandbox_id = %id, "running sandbox taken over");
         Ok(id)
     }

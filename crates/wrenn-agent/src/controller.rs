@@ -139,6 +139,10 @@ pub struct CreateArgs {
     pub backstop_unix_ms: i64,
     /// At the backstop, pause instead of kill.
     pub auto_pause: bool,
+    /// The disk size asked for, MiB (0: the template's). A sandbox's disk is its template's
+    /// (the guest's file system is made to that size), so a larger one is refused rather than
+    /// promised and not given.
+    pub disk_size_mb: u64,
     /// What the guest gets at `/init`.
     pub init: GuestInit,
     /// Its egress policy.
@@ -383,6 +387,12 @@ impl<R: Runtime> Controller<R> {
             .runtime
             .template(&args.template_id)
             .ok_or_else(|| ControlError::TemplateNotFound(args.template_id.clone()))?;
+        if template.disk_mb > 0 && args.disk_size_mb > template.disk_mb {
+            return Err(ControlError::Invalid(format!(
+                "disk_size_mb {} is larger than template {}'s disk ({} MiB): a sandbox's disk is its template's",
+                args.disk_size_mb, args.template_id, template.disk_mb
+            )));
+        }
         let id = args.sandbox_id.clone();
         let meta = SandboxMeta {
             sandbox_id: id.clone(),

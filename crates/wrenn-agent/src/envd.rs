@@ -1,4 +1,9 @@
 //! The host's client for the envd lifecycle endpoints: `/health`, `/snapshot/prepare`, `/init`.
+//!
+//! A guest controls every byte envd answers, so no answer is read whole: bodies are read up to
+//! [`MAX_BODY`] bytes ([`read_capped`]) and a longer one is an error, however long (or
+//! endless) it is. `/health` and a successful `/snapshot/prepare` or `/init` are judged by
+//! their status alone; their bodies are not read.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -7,6 +12,43 @@ use std::time::{Duration, Instant};
 const HEALTH_ATTEMPT: Duration = Duration::from_millis(250);
 /// Pause between attempts.
 const HEALTH_RETRY: Duration = Duration::from_millis(5);
+/// The most the host reads of any answer from a guest (envd's own are a few hundred bytes).
+pub const MAX_BODY: usize = 64 * 1024;
+/// How much of an error answer goes into the error message.
+const MAX_ERROR_TEXT: usize = 1024;
+
+/// Why an answer's body could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The body is longer than the host reads.
+    #[error("answer body longer than {limit} bytes (a guest controls it; not read further)")]
+    TooLong {
+        /// The limit.
+        limit: usize,
+    },
+    /// Reading it failed.
+    #[error("read the answer body")]
+    Read(#[source] reqwest::Error),
+    /// It is not the JSON expected.
+    #[error("answer body is not the expected JSON")]
+    Json(#[source] serde_json::Error),
+}
+
+/// Reads `resp`'s body up to `limit` bytes; a longer body (by `Content-Length` or as it
+/// streams) is [`BodyError::TooLong`], and the connection is dropped without reading on.
+pub async fn read_capped(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, BodyError> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(BodyError::TooLong { limit });
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(BodyError::Read)? {
+        if body.len() + chunk.len() > limit {
+            return Err(BodyError::TooLong { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
 
 /// Why talking to envd failed.
 #[derive(Debug, thiserror::Error)]
@@ -133,7 +175,13 @@ impl EnvdClient {
             .map_err(|source| EnvdError::Request { path, source })?;
         let status = resp.status();
         if !status.is_success() {
-            let body = resp.text().await.unwrap_or_default();
+            let body = match read_capped(resp, MAX_BODY).await {
+                Ok(b) => {
+                    let text = String::from_utf8_lossy(&b);
+                    text.chars().take(MAX_ERROR_TEXT).collect()
+                }
+                Err(e) => format!("({})", crate::error_chain(&e)),
+            };
             return Err(EnvdError::Status {
                 path,
                 status: status.as_u16(),
@@ -141,5 +189,110 @@ impl EnvdClient {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// A fake envd on loopback answering every request with `status` and a body that never
+    /// ends (chunked, 64 KiB chunks); counts the bytes it managed to send.
+    pub(crate) async fn endless_server(status: u16) -> (SocketAddr, Arc<AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sent = Arc::new(AtomicU64::new(0));
+        let counter = sent.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let mut req = [0u8; 4096];
+                    let _ = conn.read(&mut req).await;
+                    let head = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+                    );
+                    if conn.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
+                    while conn.write_all(chunk.as_bytes()).await.is_ok() {
+                        counter.fetch_add(0x10000, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        (addr, sent)
+    }
+
+    /// RSS of this process, bytes.
+    pub(crate) fn rss() -> u64 {
+        let s = std::fs::read_to_string("/proc/self/status").unwrap();
+        let kb: u64 = s
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        kb << 10
+    }
+
+    #[tokio::test]
+    async fn an_endless_error_body_is_cut_at_the_limit() {
+        let (addr, sent) = endless_server(500).await;
+        let before = rss();
+        let client = EnvdClient::new(addr);
+        let t = Instant::now();
+        let e = client
+            .init(&serde_json::json!({}), Duration::from_secs(20))
+            .await
+            .unwrap_err();
+        let EnvdError::Status { status, body, .. } = &e else {
+            panic!("{e:?}");
+        };
+        assert_eq!(*status, 500);
+        assert!(body.contains("longer than 65536 bytes"), "{body}");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        // The server could fill the socket buffers, no more: the client stopped reading.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let n = sent.load(Ordering::Relaxed);
+        assert!(n < 32 << 20, "{n} bytes went out before the client hung up");
+        assert!(
+            rss() < before + (32 << 20),
+            "RSS grew by {}",
+            rss() - before
+        );
+    }
+
+    #[tokio::test]
+    async fn read_capped_refuses_long_bodies_whole_or_streamed() {
+        let (addr, _) = endless_server(200).await;
+        let resp = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap();
+        let e = read_capped(resp, MAX_BODY).await.unwrap_err();
+        assert!(matches!(e, BodyError::TooLong { limit: MAX_BODY }), "{e:?}");
+        // A declared length over the limit is refused before any of it is read.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut req = [0u8; 4096];
+            let _ = conn.read(&mut req).await;
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000000\r\n\r\nxx")
+                .await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let resp = reqwest::get(format!("http://{addr}/")).await.unwrap();
+        let t = Instant::now();
+        let e = read_capped(resp, MAX_BODY).await.unwrap_err();
+        assert!(matches!(e, BodyError::TooLong { .. }), "{e:?}");
+        assert!(t.elapsed() < Duration::from_secs(1));
     }
 }

@@ -1,6 +1,7 @@
 //! Bringing a host up: owning its sandboxes directory, recovering what an earlier agent left
 //! there (running QEMUs taken over with their slots, paused sandboxes kept, an interrupted
-//! pause finished, garbage removed), and starting the slot pool and the [`Agent`] over it.
+//! pause finished, garbage removed, and the empty cgroups of its VMs), and starting the slot
+//! pool and the [`Agent`] over it.
 //! `wrenn up` (and later `wrenn agent`) only wire this to a template and the RPC port.
 
 use std::ops::Range;
@@ -62,6 +63,9 @@ pub enum HostError {
     /// The uplink rules could not be installed.
     #[error("set up the uplink")]
     Uplink(#[source] SlotError),
+    /// The host cannot give each QEMU its own cgroup (see `crate::jail::cgroup`).
+    #[error("jail QEMU")]
+    Cgroups(#[source] crate::jail::CgroupError),
 }
 
 /// A host that is up: its agent, its slot pool and what recovery found.
@@ -111,6 +115,12 @@ impl Host {
             }
         }
         let cleaned = scan.clean().await;
+        // The cgroups of a crashed agent's VMs (a taken-over QEMU's leaf is not empty and
+        // stays). This is also where a host without usable cgroups fails, before any VM.
+        let leaves = crate::jail::sweep_leaves(range.clone()).map_err(HostError::Cgroups)?;
+        if leaves > 0 {
+            tracing::info!(leaves, "removed the cgroups of VMs of an earlier run");
+        }
         if !cleaned.dirs.is_empty() || !cleaned.killed.is_empty() {
             tracing::info!(
                 dirs = cleaned.dirs.len(),

@@ -1,5 +1,6 @@
 //! The host agent's microVM runtime, as a library: accelerator choice ([`accel`]), QEMU VMs
 //! ([`vm`]) booting the guest images of `wrenn-image` in the network slots of `wrenn-hostnet`,
+//! each QEMU jailed ([`jail`]: own uid, seccomp, cgroup, mount namespace, descriptors),
 //! template snapshots and restores ([`snapshot`]) and the envd lifecycle client ([`envd`]);
 //! slot and pre-started QEMU pools ([`pool`]), the one on-disk record per sandbox directory
 //! ([`record`]) and the crash-recovery scan over them ([`state`]); the traffic proxy into
@@ -14,6 +15,7 @@ pub mod controller;
 pub mod envd;
 mod fault;
 pub mod host;
+pub mod jail;
 mod memdiff;
 mod observe;
 pub mod pool;

@@ -89,30 +89,43 @@ struct RamMapping {
     len: u64,
 }
 
-/// Finds the mapping of `mem_file` at offset 0 with length `len` in `/proc/<pid>/maps`.
+/// Finds the mapping of `mem_file` at offset 0 with length `len` in `/proc/<pid>/maps`, by
+/// device and inode (QEMU runs in a mount namespace of its own, where the path it shows is
+/// its own view of the file), or failing that by path (overlayfs shows the inode of the layer
+/// below; the jail binds the file at its host path).
 fn find_ram_mapping(pid: u32, mem_file: &Path, len: u64) -> Result<RamMapping, MemDiffError> {
+    use std::os::unix::fs::MetadataExt as _;
     let not_found = || MemDiffError::NoMapping {
         pid,
         path: mem_file.to_owned(),
         bytes: len,
     };
-    let want = std::fs::canonicalize(mem_file).map_err(io("resolve", mem_file))?;
+    let meta = std::fs::metadata(mem_file).map_err(io("stat", mem_file))?;
+    let want = (libc::major(meta.dev()), libc::minor(meta.dev()), meta.ino());
+    let want_path = std::fs::canonicalize(mem_file).map_err(io("resolve", mem_file))?;
     let maps_path = PathBuf::from(format!("/proc/{pid}/maps"));
     let maps = std::fs::read_to_string(&maps_path).map_err(io("read", &maps_path))?;
     for line in maps.lines() {
-        // start-end perms offset dev inode path (the path may contain spaces).
+        // start-end perms offset major:minor inode path (the path may contain spaces).
         let mut fields = line.splitn(6, ' ');
-        let (Some(range), Some(_perms), Some(offset), Some(_dev), Some(_inode), Some(path)) = (
+        let (Some(range), Some(_perms), Some(offset), Some(dev), Some(inode), path) = (
             fields.next(),
             fields.next(),
             fields.next(),
             fields.next(),
             fields.next(),
-            fields.next(),
+            fields.next().map(str::trim_start),
         ) else {
             continue;
         };
-        if Path::new(path.trim_start()) != want || u64::from_str_radix(offset, 16) != Ok(0) {
+        let Some((maj, min)) = dev.split_once(':') else {
+            continue;
+        };
+        let same = (u32::from_str_radix(maj, 16) == Ok(want.0)
+            && u32::from_str_radix(min, 16) == Ok(want.1)
+            && inode.parse::<u64>() == Ok(want.2))
+            || path.is_some_and(|p| Path::new(p) == want_path);
+        if !same || u64::from_str_radix(offset, 16) != Ok(0) {
             continue;
         }
         let Some((s, e)) = range.split_once('-') else {

@@ -1,9 +1,13 @@
 //! What the agent remembers about each sandbox for the `Metrics` and `Logs` RPCs: resource
 //! samples taken from envd's `GET /metrics` every [`SAMPLE_INTERVAL`] (a bounded ring, the last
-//! hour), and a bounded log of the guest's serial console lines and the agent's lifecycle events
-//! (created, paused, resumed).
+//! hour; each answer read up to [`crate::envd::MAX_BODY`] bytes), and a bounded log of the
+//! guest's serial console lines and the agent's lifecycle events (created, paused, resumed).
 //!
-//! One sampler task per agent ([`sampler`]) samples every running sandbox and tails its console.
+//! The console is a ring inside QEMU ([`crate::vm::CONSOLE_RING`] bytes) that the agent drains
+//! over QMP: a guest that floods it only overwrites its own older output, and what the agent
+//! keeps is bounded by the log ring ([`MAX_LOG_ENTRIES`] lines of at most [`MAX_LINE`] bytes).
+//!
+//! One sampler task per agent ([`sampler`]) samples every running sandbox and drains its console.
 //! Everything is in memory: an agent restart forgets it, as it forgets nothing else that matters
 //! (samples are advisory). The [`Observer`] lock is never held across an await, and is only ever
 //! taken after (never while holding) the agent's sandboxes lock.
@@ -13,11 +17,8 @@
 //! sample interval late, or at a `Logs` call, which reads the console first).
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
@@ -26,6 +27,7 @@ use wrenn_agent_proto::v1::{LogEntry, LogsRequest, MetricSample, MetricsRequest,
 use crate::agent::Agent;
 use crate::controller::ControlError;
 use crate::sandbox::{Sandbox, SandboxNet};
+use crate::vm::Console;
 
 /// How often each running sandbox is sampled (and its console read).
 pub(crate) const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
@@ -39,8 +41,8 @@ const DEFAULT_LOG_LIMIT: u32 = 100;
 const MAX_LOG_LIMIT: u32 = 1000;
 /// One `/metrics` request; a TCG guest under load answers in well under a second.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
-/// The most console bytes read at once; a guest flooding its console loses the older part.
-const MAX_CONSOLE_READ: u64 = 256 * 1024;
+/// One read of the console ring over QMP.
+const CONSOLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longer console lines are cut (a line without a newline is flushed at this length too).
 const MAX_LINE: usize = 4096;
 /// `envd` wants the sandbox's token on everything but `/health` and `/init`.
@@ -55,6 +57,9 @@ pub(crate) enum ObserveError {
     /// envd answered with an error status.
     #[error("GET /metrics answered {0}")]
     Status(u16),
+    /// The answer was too long or not envd's JSON.
+    #[error("GET /metrics")]
+    Body(#[from] crate::envd::BodyError),
 }
 
 /// Where a running sandbox's envd is (its console path is given to [`Observer::started`]).
@@ -137,8 +142,11 @@ struct Observed {
     token: Option<String>,
     samples: Ring<MetricSample>,
     logs: Ring<LogEntry>,
-    /// The running VM's console; `None` while paused.
-    console: Option<Console>,
+    /// The running VM's console (reads of one sandbox's console are serialized, so lines
+    /// stay in order); `None` while paused.
+    console: Option<Arc<tokio::sync::Mutex<Console>>>,
+    /// The console's last line, not yet ended.
+    partial: Vec<u8>,
     /// The last log timestamp, so that entries stay ordered when the clock steps back.
     last_ms: i64,
 }
@@ -151,6 +159,7 @@ impl Observed {
             samples: Ring::new(MAX_SAMPLES),
             logs: Ring::new(MAX_LOG_ENTRIES),
             console: None,
+            partial: Vec::new(),
             last_ms: 0,
         }
     }
@@ -174,77 +183,17 @@ impl Observed {
         self.log(format!("sandbox {event}"), "info", "agent", Some(event));
     }
 
-    /// Reads what the console got since the last call; `flush` also takes a last line
+    /// Logs the console lines in `data` (read from the ring); `flush` also takes a last line
     /// without a newline (the VM is going away).
-    fn catch_up(&mut self, flush: bool) {
-        let Some(console) = self.console.as_mut() else {
-            return;
-        };
-        let mut lines = match console.read_new() {
-            Ok(lines) => lines,
-            Err(e) => {
-                tracing::debug!(path = %console.path.display(), error = %e, "read console");
-                Vec::new()
-            }
-        };
-        if flush && !console.partial.is_empty() {
-            lines.push(clean_line(&std::mem::take(&mut console.partial)));
+    fn console_lines(&mut self, data: &[u8], flush: bool) {
+        let mut lines = split_lines(&mut self.partial, data);
+        if flush && !self.partial.is_empty() {
+            lines.push(clean_line(&std::mem::take(&mut self.partial)));
         }
         for line in lines.into_iter().filter(|l| !l.trim().is_empty()) {
             let level = level_of(&line);
             self.log(line, level, "console", None);
         }
-    }
-}
-
-/// A read position in a VM's serial console file.
-#[derive(Debug)]
-struct Console {
-    path: PathBuf,
-    /// (device, inode) of the file read so far: a new VM writes a new file.
-    file: Option<(u64, u64)>,
-    offset: u64,
-    partial: Vec<u8>,
-}
-
-impl Console {
-    fn new(path: PathBuf) -> Self {
-        Self {
-            path,
-            file: None,
-            offset: 0,
-            partial: Vec::new(),
-        }
-    }
-
-    /// The complete lines written since the last call, cleaned of control sequences.
-    fn read_new(&mut self) -> std::io::Result<Vec<String>> {
-        let mut f = match std::fs::File::open(&self.path) {
-            Ok(f) => f,
-            // QEMU creates it at start; nothing written yet.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e),
-        };
-        let meta = f.metadata()?;
-        let file = (meta.dev(), meta.ino());
-        if self.file != Some(file) || meta.len() < self.offset {
-            self.file = Some(file);
-            self.offset = 0;
-            self.partial.clear();
-        }
-        let mut lines = Vec::new();
-        if meta.len() - self.offset > MAX_CONSOLE_READ {
-            let skipped = meta.len() - MAX_CONSOLE_READ - self.offset;
-            lines.push(format!("[{skipped} bytes of console output skipped]"));
-            self.offset = meta.len() - MAX_CONSOLE_READ;
-            self.partial.clear();
-        }
-        f.seek(SeekFrom::Start(self.offset))?;
-        let mut buf = Vec::new();
-        f.take(meta.len() - self.offset).read_to_end(&mut buf)?;
-        self.offset += buf.len() as u64;
-        lines.extend(split_lines(&mut self.partial, &buf));
-        Ok(lines)
     }
 }
 
@@ -336,7 +285,8 @@ async fn fetch(
     if !resp.status().is_success() {
         return Err(ObserveError::Status(resp.status().as_u16()));
     }
-    let m: EnvdMetrics = resp.json().await?;
+    let body = crate::envd::read_capped(resp, crate::envd::MAX_BODY).await?;
+    let m: EnvdMetrics = serde_json::from_slice(&body).map_err(crate::envd::BodyError::Json)?;
     Ok(MetricSample {
         timestamp_unix_ms: now_ms(),
         cpu_count: m.cpu_count,
@@ -385,28 +335,61 @@ impl Observer {
     /// A sandbox (re)started in a VM whose console is `console`: remembers the access token
     /// envd now wants, reads the console (the guest's lines from the start come before the
     /// event) and logs `event` ("created", "resumed").
-    pub(crate) fn started(&self, id: &str, token: Option<String>, console: PathBuf, event: &str) {
-        let mut map = lock(&self.sandboxes);
-        let o = map
-            .entry(id.to_owned())
-            .or_insert_with(|| Observed::new(self.next_generation.fetch_add(1, Ordering::Relaxed)));
-        o.token = token;
-        o.console = Some(Console::new(console));
-        o.catch_up(false);
-        o.event(event);
-    }
-
-    /// Reads the console of a running sandbox (before its VM goes away, or to be current).
-    pub(crate) fn catch_up(&self, id: &str) {
+    pub(crate) async fn started(
+        &self,
+        id: &str,
+        token: Option<String>,
+        console: Console,
+        event: &str,
+    ) {
+        {
+            let mut map = lock(&self.sandboxes);
+            let o = map.entry(id.to_owned()).or_insert_with(|| {
+                Observed::new(self.next_generation.fetch_add(1, Ordering::Relaxed))
+            });
+            o.token = token;
+            o.console = Some(Arc::new(tokio::sync::Mutex::new(console)));
+            o.partial.clear();
+        }
+        self.catch_up(id).await;
         if let Some(o) = lock(&self.sandboxes).get_mut(id) {
-            o.catch_up(false);
+            o.event(event);
         }
     }
 
-    /// The sandbox was paused: its VM, and so its console, is gone.
+    /// Drains the console ring of a running sandbox into its log (before its VM goes away, or
+    /// to be current).
+    pub(crate) async fn catch_up(&self, id: &str) {
+        let Some((generation, console)) = lock(&self.sandboxes)
+            .get(id)
+            .and_then(|o| Some((o.generation, o.console.clone()?)))
+        else {
+            return;
+        };
+        let console = console.lock().await;
+        let data = match tokio::time::timeout(CONSOLE_TIMEOUT, console.read()).await {
+            Ok(Ok(data)) => data,
+            Ok(Err(e)) => {
+                tracing::debug!(sandbox_id = %id, error = %e, "read console");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(sandbox_id = %id, "console read timed out");
+                return;
+            }
+        };
+        if let Some(o) = lock(&self.sandboxes).get_mut(id)
+            && o.generation == generation
+        {
+            o.console_lines(&data, false);
+        }
+    }
+
+    /// The sandbox was paused: its VM, and so its console, is gone (read it before, with
+    /// [`Observer::catch_up`]).
     pub(crate) fn paused(&self, id: &str) {
         if let Some(o) = lock(&self.sandboxes).get_mut(id) {
-            o.catch_up(true);
+            o.console_lines(&[], true);
             o.console = None;
             o.event("paused");
         }
@@ -507,10 +490,10 @@ impl Agent {
     /// `Logs`: up to `limit` entries (default 100, at most 1000) from `start_unix_ms` on,
     /// oldest first: the guest console's lines and the agent's lifecycle events. `follow` is
     /// not supported: the answer is what is there now (the control plane never follows).
-    pub(crate) fn logs(&self, req: &LogsRequest) -> Result<Vec<LogEntry>, ControlError> {
+    pub(crate) async fn logs(&self, req: &LogsRequest) -> Result<Vec<LogEntry>, ControlError> {
         let observe = &self.runtime().observe;
         if self.observe_target(&req.sandbox_id)?.is_some() {
-            observe.catch_up(&req.sandbox_id);
+            observe.catch_up(&req.sandbox_id).await;
         }
         Ok(observe.logs(&req.sandbox_id, req.start_unix_ms, req.limit))
     }
@@ -532,8 +515,11 @@ pub(crate) async fn sampler(agent: Weak<Agent>) {
             let (ids, targets) = a.controller().map_running(|id, sb| Target::of(id, sb));
             let observe = &a.runtime().observe;
             observe.retain(&ids.into_iter().collect());
+            for t in &targets {
+                // A few milliseconds each (a QMP command), bounded by its own timeout.
+                observe.catch_up(&t.id).await;
+            }
             for t in targets {
-                observe.catch_up(&t.id);
                 let Some((generation, token)) = observe.token_of(&t.id) else {
                     continue;
                 };
@@ -543,7 +529,7 @@ pub(crate) async fn sampler(agent: Weak<Agent>) {
                     (t.id, generation, r)
                 });
             }
-            // The agent is not kept alive while the requests run.
+            // The agent is not kept alive while the metrics requests run.
         }
         while let Some(done) = fetches.join_next().await {
             let Ok((id, generation, result)) = done else {
@@ -659,48 +645,83 @@ mod tests {
         assert_eq!(partial.len(), 10);
     }
 
-    #[test]
-    fn tails_a_console_file_across_vms() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("console.log");
-        let mut c = Console::new(path.clone());
-        assert!(c.read_new().unwrap().is_empty(), "no file yet");
-        std::fs::write(&path, "boot 1\nboot 2\npart").unwrap();
-        assert_eq!(c.read_new().unwrap(), ["boot 1", "boot 2"]);
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .unwrap();
-        std::io::Write::write_all(&mut f, b"ial\nmore\n").unwrap();
-        assert_eq!(c.read_new().unwrap(), ["partial", "more"]);
-        assert!(c.read_new().unwrap().is_empty());
-        // A new VM writes a new file at the same path: read from its start.
-        std::fs::remove_file(&path).unwrap();
-        std::fs::write(&path, "second vm\n").unwrap();
-        assert_eq!(c.read_new().unwrap(), ["second vm"]);
-        // A flood: only the last part is read, and the skip is said.
-        let flood = "y".repeat(100) + "\n";
-        std::fs::write(dir.path().join("big"), flood.repeat(5000)).unwrap();
-        let mut big = Console::new(dir.path().join("big"));
-        let lines = big.read_new().unwrap();
+    #[tokio::test]
+    async fn an_endless_metrics_body_is_an_error_with_memory_bounded() {
+        let (addr, sent) = crate::envd::tests::endless_server(200).await;
+        let before = crate::envd::tests::rss();
+        let http = Observer::default().http;
+        let t = std::time::Instant::now();
+        let e = fetch(&http, &format!("http://{addr}"), None)
+            .await
+            .unwrap_err();
+        let chain = crate::error_chain(&e);
+        assert!(chain.contains("longer than 65536 bytes"), "{chain}");
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let n = sent.load(Ordering::Relaxed);
         assert!(
-            lines[0].contains("bytes of console output skipped"),
-            "{}",
-            lines[0]
+            n < 32 << 20,
+            "{n} bytes went out before the sampler hung up"
         );
-        assert!(lines.len() < 2700, "{}", lines.len());
+        let grew = crate::envd::tests::rss().saturating_sub(before);
+        assert!(grew < 32 << 20, "RSS grew by {grew}");
     }
 
     #[test]
-    fn observer_logs_events_in_order_and_forgets() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("console.log");
-        std::fs::write(&path, "guest says hi\n\n").unwrap();
+    fn console_chunks_become_lines() {
+        let mut o = Observed::new(1);
+        o.console_lines(b"boot 1\nboot 2\npart", false);
+        o.console_lines(b"ial\n\nmore\nno end", false);
+        let msgs: Vec<String> = o.logs.iter().map(|e| e.message.clone()).collect();
+        assert_eq!(msgs, ["boot 1", "boot 2", "partial", "more"]);
+        o.console_lines(&[], true);
+        assert_eq!(o.logs.iter().last().unwrap().message, "no end");
+        assert!(o.partial.is_empty());
+        // A flood keeps only the newest MAX_LOG_ENTRIES lines of at most MAX_LINE bytes.
+        let flood = ("y".repeat(MAX_LINE * 2) + "\n").repeat(MAX_LOG_ENTRIES);
+        o.console_lines(flood.as_bytes(), false);
+        assert_eq!(o.logs.items.len(), MAX_LOG_ENTRIES);
+        assert!(o.logs.iter().all(|e| e.message.len() <= MAX_LINE));
+    }
+
+    /// A QMP peer answering `ringbuf-read` with `chunks`, one per read, then nothing.
+    async fn fake_console(chunks: Vec<&'static [u8]>) -> Console {
+        use base64::Engine as _;
+        use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+        let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
+        tokio::spawn(async move {
+            let (r, mut w) = theirs.into_split();
+            let mut lines = tokio::io::BufReader::new(r).lines();
+            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                .await
+                .unwrap();
+            let mut chunks = chunks.into_iter();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let cmd: serde_json::Value = serde_json::from_str(&line).unwrap();
+                let ret = match cmd["execute"].as_str() {
+                    Some("ringbuf-read") => serde_json::Value::String(
+                        base64::engine::general_purpose::STANDARD
+                            .encode(chunks.next().unwrap_or_default()),
+                    ),
+                    _ => serde_json::json!({}),
+                };
+                let reply = serde_json::json!({ "return": ret, "id": cmd["id"] });
+                w.write_all(format!("{reply}\n").as_bytes()).await.unwrap();
+            }
+        });
+        let qmp = wrenn_qmp::Qmp::handshake(ours).await.unwrap();
+        Console::over(std::sync::Arc::new(qmp))
+    }
+
+    #[tokio::test]
+    async fn observer_logs_events_in_order_and_forgets() {
         let o = Observer::default();
-        o.started("sb", Some("tok".into()), path.clone(), "created");
+        let console = fake_console(vec![b"guest says hi\n\n", b"bye without newline"]).await;
+        o.started("sb", Some("tok".into()), console, "created")
+            .await;
         let (generation, token) = o.token_of("sb").unwrap();
         assert_eq!(token.as_deref(), Some("tok"));
-        std::fs::write(&path, "guest says hi\n\nbye without newline").unwrap();
+        o.catch_up("sb").await;
         o.paused("sb");
         let logs = o.logs("sb", 0, 0);
         let msgs: Vec<&str> = logs.iter().map(|e| e.message.as_str()).collect();
@@ -725,6 +746,9 @@ mod tests {
             logs.windows(2)
                 .all(|w| w[0].timestamp_unix_ms <= w[1].timestamp_unix_ms)
         );
+        // Paused: no console to read any more.
+        o.catch_up("sb").await;
+        assert_eq!(o.logs("sb", 0, 0).len(), 4);
         // A sample stored for this generation stays; one for an older generation does not.
         o.record("sb", generation, sample(now_ms()));
         o.record("sb", generation + 100, sample(now_ms()));
@@ -734,7 +758,8 @@ mod tests {
         assert!(o.logs("sb", 0, 0).is_empty());
         assert!(o.samples("sb", 0, 0).is_empty());
         // A new sandbox with the same ID ignores the old generation's late sample.
-        o.started("sb", None, path, "created");
+        o.started("sb", None, fake_console(vec![]).await, "created")
+            .await;
         o.record("sb", generation, sample(now_ms()));
         assert!(!o.has_samples("sb"));
         o.retain(&HashSet::new());

@@ -481,6 +481,7 @@ impl SlotLease {
         NetAttach {
             netns: self.slot().netns_path(),
             tap: TAP_NAME.into(),
+            slot: self.slot().index(),
         }
     }
 }
@@ -576,7 +577,7 @@ pub async fn launch_warm(
             disk,
             memory: Memory::Private(snapshot.memory_path()),
             net: Some(slot.net_attach()),
-            incoming: true,
+            incoming: Some(snapshot.state_path()),
         })
         .await?;
         let warm = Phase::Warm {
@@ -619,7 +620,7 @@ pub async fn restore_warm(snapshot: &Snapshot, warm: WarmVm) -> Result<RestoredW
     }
     let WarmVm { vm, slot, root, .. } = warm;
     // Template snapshots are saved with `x-ignore-shared` (RAM is the memory file).
-    let loaded = crate::snapshot::load_into(&vm, &snapshot.state_path(), true).await;
+    let loaded = crate::snapshot::load_into(&vm, true).await;
     if let Err(source) = loaded {
         let mut vm = vm;
         let _ = vm.wait_exit(Duration::from_secs(1)).await;

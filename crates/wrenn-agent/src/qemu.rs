@@ -36,6 +36,8 @@ pub type Paused = Box<PausedSandbox>;
 #[derive(Debug)]
 struct Template {
     snapshot: Snapshot,
+    /// Its disk's virtual size, MiB.
+    disk_mb: u64,
     warm: Option<WarmPool>,
     envd_version: String,
 }
@@ -98,7 +100,10 @@ impl QemuRuntime {
         warm: Option<WarmPool>,
         envd_version: impl Into<String>,
     ) {
+        let disk_mb = crate::jail::disk::virtual_size(&snapshot.disk_path())
+            .map_or(0, |b| b.div_ceil(1 << 20));
         let t = Template {
+            disk_mb,
             snapshot,
             warm,
             envd_version: envd_version.into(),
@@ -230,7 +235,8 @@ impl Runtime for QemuRuntime {
         tracing::info!(total = ?t.total, warm = t.warm, "guest started");
         self.track(id, sb.root());
         self.observe
-            .started(id, token, sb.vm().console_log(), "created");
+            .started(id, token, sb.vm().console(), "created")
+            .await;
         Ok(Box::new(sb))
     }
 
@@ -246,7 +252,7 @@ impl Runtime for QemuRuntime {
         // The pause's records carry the meta as it is now.
         sb.recorder().set_meta(Some(meta.clone()));
         // The VM's console goes with it: read it first.
-        self.observe.catch_up(id);
+        self.observe.catch_up(id).await;
         match sb.pause(&self.deadlines).await {
             Ok((paused, lease, t)) => {
                 tracing::info!(total = ?t.total, dirty = t.dirty_bytes, "snapshot written");
@@ -303,7 +309,8 @@ impl Runtime for QemuRuntime {
                 tracing::info!(total = ?t.total, "guest resumed");
                 self.track(id, sb.root());
                 self.observe
-                    .started(id, token, sb.vm().console_log(), "resumed");
+                    .started(id, token, sb.vm().console(), "resumed")
+                    .await;
                 Ok(Box::new(sb))
             }
             Err(Failed { error, net }) => {
@@ -405,6 +412,7 @@ fn info(t: &Template) -> TemplateInfo {
     TemplateInfo {
         vcpus: m.vcpus,
         memory_mb: u64::from(m.memory_mib),
+        disk_mb: t.disk_mb,
         envd_version: t.envd_version.clone(),
     }
 }

@@ -93,6 +93,7 @@ async fn create(agent: Arc<Agent>, req: CreateRequest) -> Result<CreateResponse,
         backstop_unix_ms: spec.backstop_unix_ms,
         auto_pause: spec.auto_pause,
         egress: spec.egress.map(egress_of).unwrap_or_default(),
+        disk_size_mb: spec.disk_size_mb,
         init: GuestInit {
             env_vars: spec.env_vars.into_iter().collect(),
             access_token: Some(spec.envd_access_token).filter(|t| !t.is_empty()),
@@ -223,8 +224,9 @@ pub fn router(agent: Arc<Agent>) -> axum::Router {
         .server_stream(paths::LOGS, {
             let a = a.clone();
             move |_ctx, req: LogsRequest| {
-                let entries = a.logs(&req);
+                let a = a.clone();
                 async move {
+                    let entries = a.logs(&req).await;
                     let stream =
                         futures::stream::iter(entries.map_err(into_connect)?.into_iter().map(Ok));
                     Ok::<_, ConnectError>(Box::pin(stream) as BoxStream<LogEntry>)

@@ -78,6 +78,8 @@ pub struct TemplateInfo {
     pub vcpus: u32,
     /// Memory of its machine.
     pub memory_mb: u64,
+    /// Its disk's virtual size, MiB (rounded up; 0: unknown), the most a sandbox's disk holds.
+    pub disk_mb: u64,
     /// The envd version inside.
     pub envd_version: String,
 }

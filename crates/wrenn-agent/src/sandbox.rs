@@ -85,6 +85,7 @@ impl SandboxNet for Slot {
         NetAttach {
             netns: self.netns_path(),
             tap: TAP_NAME.into(),
+            slot: self.index(),
         }
     }
 
@@ -471,7 +472,8 @@ impl<N: SandboxNet> Sandbox<N> {
                 },
             )),
             Err(error) => {
-                tracing::warn!(root = %self.root.display(), console = %console_tail(&self.vm), "guest did not start");
+                let console = self.vm.console_text().await;
+                tracing::warn!(root = %self.root.display(), %console, "guest did not start");
                 let net = match on_fail {
                     OnFail::RemoveAll => self.kill().await,
                     OnFail::KeepPaused => self.stop_keeping_paused().await,
@@ -665,9 +667,10 @@ impl<N: SandboxNet> Sandbox<N> {
             Err(error) => {
                 let root = self.root.clone();
                 blocking(move || {
-                    for f in ["state.tmp", "memory.diff.tmp", STATE_FILE, DIFF_FILE] {
+                    for f in ["memory.diff.tmp", STATE_FILE, DIFF_FILE] {
                         let _ = std::fs::remove_file(root.join(f));
                     }
+                    let _ = std::fs::remove_file(root.join(VM_DIR).join("state.tmp"));
                 })
                 .await;
                 if let Err(e) = self.vm.qmp().cont().await {
@@ -761,8 +764,11 @@ impl<N: SandboxNet> Sandbox<N> {
     /// Stops the vCPUs (QEMU drains and flushes the disk) and writes the device state and
     /// the memory diff, synced, under their final names.
     async fn save(&self) -> Result<DiffInfo, SandboxError> {
-        let state_tmp = self.root.join("state.tmp");
         let diff_tmp = self.root.join("memory.diff.tmp");
+        // QEMU (jailed) writes the device state into its runtime directory, in a file lent to
+        // its uid until the save returned.
+        let out = self.vm.output_file("state.tmp", 0o600)?;
+        let state_tmp = out.path().to_owned();
         let qmp = self.vm.qmp();
         qmp.stop().await.map_err(SandboxError::qmp("stop"))?;
         // Devices only: RAM is the template's file plus the diff written below.
@@ -772,6 +778,7 @@ impl<N: SandboxNet> Sandbox<N> {
         )
         .await
         .map_err(SandboxError::qmp("xen-save-devices-state"))?;
+        drop(out);
         let pid = self.vm.pid();
         let memory = self.memory.clone();
         let ram = u64::from(self.spec.memory_mib) << 20;
@@ -779,9 +786,9 @@ impl<N: SandboxNet> Sandbox<N> {
         blocking(move || {
             let diff = crate::memdiff::save(pid, &memory, ram, &diff_tmp)?;
             sync_file(&state_tmp)?;
-            for (from, to) in [(&state_tmp, STATE_FILE), (&diff_tmp, DIFF_FILE)] {
-                std::fs::rename(from, root.join(to)).map_err(VmError::io("rename", from))?;
-            }
+            crate::snapshot::move_file(&state_tmp, &root.join(STATE_FILE))?;
+            std::fs::rename(&diff_tmp, root.join(DIFF_FILE))
+                .map_err(VmError::io("rename", &diff_tmp))?;
             Ok::<_, SandboxError>(diff)
         })
         .await
@@ -1005,11 +1012,6 @@ fn warm_in_background(path: PathBuf) {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&path);
     });
-}
-
-fn console_tail(vm: &Vm) -> String {
-    let bytes = std::fs::read(vm.console_log()).unwrap_or_default();
-    String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(1500)..]).into_owned()
 }
 
 fn unix_now_ms() -> u128 {

@@ -108,12 +108,14 @@ pub async fn snapshot_template(
     template_dir: &Path,
 ) -> Result<Snapshot, SnapshotError> {
     let state = template_dir.join(STATE_FILE);
+    // QEMU (jailed) writes into its runtime directory; the file is root's again once written.
+    let out = vm.output_file(STATE_FILE, 0o644)?;
     let qmp = vm.qmp();
     qmp.stop().await.map_err(VmError::from)?;
     qmp.migrate_set_capabilities(&[(MigrationCapability::XIgnoreShared, true)])
         .await
         .map_err(VmError::from)?;
-    qmp.migrate(&format!("file:{}", state.display()))
+    qmp.migrate(&format!("file:{}", out.path().display()))
         .await
         .map_err(VmError::from)?;
     qmp.wait_migration(Duration::from_millis(2), MIGRATION_TIMEOUT)
@@ -121,9 +123,17 @@ pub async fn snapshot_template(
         .map_err(VmError::from)?;
     qmp.quit().await.map_err(VmError::from)?;
     vm.wait_exit(Duration::from_secs(10)).await?;
-    // QEMU has exited and flushed the overlay: it becomes the template's disk.
+    move_file(out.path(), &state)?;
+    drop(out);
+    // QEMU has exited and flushed the overlay: it becomes the template's disk, readable (not
+    // writable) by every VM that restores from it.
     let kept = template_dir.join(DISK_FILE);
     std::fs::rename(disk, &kept).map_err(VmError::io("keep disk", disk))?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o644))
+            .map_err(VmError::io("chmod", &kept))?;
+    }
     vm.kill().await?;
     let state_bytes = std::fs::metadata(&state)
         .map_err(VmError::io("stat", &state))?
@@ -276,7 +286,7 @@ pub(crate) async fn restore_vm(from: RestoreFrom<'_>) -> Result<Vm, SnapshotErro
         disk: from.disk.to_owned(),
         memory: Memory::Private(from.memory.to_owned()),
         net: from.net,
-        incoming: true,
+        incoming: Some(from.state.to_owned()),
     })
     .await?;
     let launched = start.elapsed();
@@ -297,7 +307,7 @@ pub(crate) async fn restore_vm(from: RestoreFrom<'_>) -> Result<Vm, SnapshotErro
         }
     }
     let hooked = start.elapsed();
-    if let Err(source) = load_into(&vm, from.state, from.ignore_shared).await {
+    if let Err(source) = load_into(&vm, from.ignore_shared).await {
         // QEMU usually exits on a bad stream; its log says why.
         let mut vm = vm;
         let _ = vm.wait_exit(Duration::from_secs(1)).await;
@@ -313,16 +323,19 @@ pub(crate) async fn restore_vm(from: RestoreFrom<'_>) -> Result<Vm, SnapshotErro
     Ok(vm)
 }
 
-/// Loads the device state into a VM waiting in `-incoming defer`, then continues it. The one
-/// place that does so: cold restores, resumes and warm-pool restores (`crate::pool`) all use it.
-pub(crate) async fn load_into(vm: &Vm, state: &Path, ignore_shared: bool) -> Result<(), QmpError> {
+/// Loads the device state a VM was launched with (`Launch::incoming`, passed as a
+/// descriptor) into it while it waits in `-incoming defer`, then continues it. The one place
+/// that does so: cold restores, resumes and warm-pool restores (`crate::pool`) all use it.
+pub(crate) async fn load_into(vm: &Vm, ignore_shared: bool) -> Result<(), QmpError> {
     let qmp = vm.qmp();
+    let uri = vm
+        .incoming_uri()
+        .ok_or_else(|| QmpError::Protocol("the VM was not started to load a state".into()))?;
     if ignore_shared {
         qmp.migrate_set_capabilities(&[(MigrationCapability::XIgnoreShared, true)])
             .await?;
     }
-    qmp.migrate_incoming(&format!("file:{}", state.display()))
-        .await?;
+    qmp.migrate_incoming(&uri).await?;
     qmp.wait_migration(Duration::from_millis(1), MIGRATION_TIMEOUT)
         .await?;
     qmp.cont().await
@@ -363,6 +376,18 @@ pub(crate) fn check_file(path: &Path, bytes: u64, sha256: &str) -> Result<(), St
         ));
     }
     Ok(())
+}
+
+/// Moves a file, copying when `to` is on another file system.
+pub(crate) fn move_file(from: &Path, to: &Path) -> Result<(), VmError> {
+    match std::fs::rename(from, to) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            std::fs::copy(from, to).map_err(VmError::io("copy", from))?;
+            std::fs::remove_file(from).map_err(VmError::io("remove", from))
+        }
+        Err(e) => Err(VmError::io("rename", from)(e)),
+    }
 }
 
 /// The sha256 of a file, hex.

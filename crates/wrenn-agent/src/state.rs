@@ -479,11 +479,26 @@ impl Scan {
     }
 }
 
-/// Kills the recorded QEMU if it is still that process; true if it was killed.
+/// Kills the recorded QEMU if it is still that process, and removes its cgroup; true if it
+/// was killed.
 async fn kill_qemu(vm: &VmProcess) -> bool {
     if !vm.alive() {
         return false;
     }
+    let leaf = crate::jail::Cgroups::get()
+        .ok()
+        .and_then(|c| c.leaf_of(vm.pid));
+    let killed = kill_and_wait(vm).await;
+    if let Some(leaf) = leaf
+        && killed
+        && !vm.alive()
+    {
+        let _ = tokio::task::spawn_blocking(move || leaf.remove()).await;
+    }
+    killed
+}
+
+async fn kill_and_wait(vm: &VmProcess) -> bool {
     let pid = nix::unistd::Pid::from_raw(vm.pid as i32);
     if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_err() {
         return false;

@@ -148,13 +148,14 @@ async fn build(
         net: Some(NetAttach {
             netns: slot.netns_path(),
             tap: TAP_NAME.into(),
+            slot: slot.index(),
         }),
-        incoming: false,
+        incoming: None,
     })
     .await?;
     let envd = EnvdClient::new(slot.guest_endpoint(ENVD_PORT));
     if let Err(e) = envd.wait_healthy(boot_timeout).await {
-        let console = tail(&vm.console_log());
+        let console = vm.console_text().await;
         let _ = vm.kill().await;
         let _ = std::fs::remove_dir_all(&staging);
         return Err(TemplateError::Boot {
@@ -209,9 +210,4 @@ async fn build(
         "template built"
     );
     Ok(snap)
-}
-
-fn tail(path: &Path) -> String {
-    let bytes = std::fs::read(path).unwrap_or_default();
-    String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(3000)..]).into_owned()
 }

@@ -1,10 +1,19 @@
 //! One QEMU `microvm` process and its per-VM directory.
 //!
-//! Everything a VM owns lives in its directory: the QMP socket, the serial console log,
-//! QEMU's own log, and the qcow2 overlay of its root filesystem. Killing the VM (or dropping
-//! it) kills QEMU and removes the directory. Guest RAM is a `memory-backend-file`: shared
-//! (`share=on`) for a template boot, so the memory file *is* the snapshot's RAM, and private
-//! (`share=off`, MAP_PRIVATE) for restores, so many VMs share one template file copy-on-write.
+//! A VM's runtime directory holds the QMP socket (made by the agent, root-only; QEMU gets the
+//! listening descriptor) and QEMU's own log, and is where QEMU writes device state
+//! ([`Vm::output_file`]). Killing the VM (or dropping it) kills QEMU and removes the directory.
+//! Guest RAM is a `memory-backend-file`: shared (`share=on`, read-write) for a template boot,
+//! so the memory file *is* the snapshot's RAM, and for restores a private mapping of the file
+//! opened read-only (`readonly=on,rom=off,share=off`: QEMU opens it `O_RDONLY` and maps it
+//! MAP_PRIVATE writable), so many VMs share one template file copy-on-write and none can
+//! change it. The serial console is a ring in QEMU (`-chardev ringbuf`, [`CONSOLE_RING`]
+//! bytes) that the agent drains over QMP ([`Vm::read_console`]): a guest flooding its console
+//! overwrites its own older output and grows nothing on the host.
+//!
+//! Every QEMU runs jailed (see [`crate::jail`]): its own uid, QEMU's seccomp sandbox, its own
+//! cgroup, a mount namespace with only its own files, and its disk, tap, QMP socket and
+//! restore state passed as descriptors.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -21,8 +30,16 @@ const MEM_ID: &str = "wrenn-mem";
 pub const GUEST_MAC: &str = "02:fc:00:00:00:05";
 /// QEMU's QMP socket, in the per-VM directory.
 const QMP_SOCKET: &str = "qmp.sock";
-/// How long QEMU may take to open its QMP socket.
+/// How long QEMU may take to answer on its QMP socket.
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The serial console ring in QEMU, bytes (a power of two). What the agent has not read when
+/// it fills is overwritten.
+pub const CONSOLE_RING: u32 = 256 * 1024;
+/// The chardev id of the console ring.
+const CONSOLE_ID: &str = "console";
+/// QEMU's seccomp filter: no obsolete syscalls, no set*id, no fork/exec, no affinity or
+/// priority changes.
+const SECCOMP: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// Why a VM operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +64,9 @@ pub enum VmError {
     /// Talking to QEMU failed.
     #[error("QMP")]
     Qmp(#[from] QmpError),
+    /// The jail could not be set up.
+    #[error("jail QEMU")]
+    Jail(#[from] crate::jail::JailError),
 }
 
 impl VmError {
@@ -134,6 +154,8 @@ pub struct NetAttach {
     pub netns: PathBuf,
     /// The tap inside it.
     pub tap: String,
+    /// The slot's index: the VM's uid and cgroup follow from it.
+    pub slot: u32,
 }
 
 /// Everything needed to start a QEMU process.
@@ -143,14 +165,15 @@ pub struct Launch {
     pub spec: VmSpec,
     /// The per-VM directory; created, and removed when the VM ends.
     pub dir: PathBuf,
-    /// The root disk (a qcow2 overlay, usually inside `dir`).
+    /// The root disk (a qcow2 overlay; QEMU writes it, and reads its backing chain).
     pub disk: PathBuf,
     /// Guest RAM.
     pub memory: Memory,
     /// Network, if any.
     pub net: Option<NetAttach>,
-    /// Start paused in `-incoming defer`, waiting for `migrate-incoming`.
-    pub incoming: bool,
+    /// Start paused in `-incoming defer`, to load this device state
+    /// ([`crate::snapshot::load_into`]).
+    pub incoming: Option<PathBuf>,
 }
 
 /// A running QEMU. Dropping it kills QEMU and removes its directory.
@@ -158,41 +181,47 @@ pub struct Launch {
 pub struct Vm {
     dir: PathBuf,
     child: Option<tokio::process::Child>,
-    qmp: Qmp,
+    qmp: std::sync::Arc<Qmp>,
     pid: u32,
     /// For a QEMU this process did not start (taken over after an agent restart): its start
     /// time (`/proc/<pid>/stat` field 22), so a kill never hits a recycled pid.
     adopted_start: Option<u64>,
+    /// Its uid, cgroup and lent files.
+    jail: crate::jail::Running,
 }
 
 impl Vm {
-    /// Starts QEMU and connects to its QMP socket.
+    /// Starts QEMU, jailed, and connects to its QMP socket.
     pub async fn launch(launch: Launch) -> Result<Self, VmError> {
         let dir = &launch.dir;
         std::fs::create_dir_all(dir).map_err(VmError::io("create", dir))?;
-        let mut cmd = tokio::process::Command::new("qemu-system-x86_64");
-        // Its own process group: a Ctrl-C in the agent's terminal goes to the agent, which
-        // then pauses or stops its VMs in order, instead of killing every QEMU at once.
-        cmd.args(qemu_args(&launch))
-            .stdin(Stdio::null())
-            .process_group(0)
-            .kill_on_drop(true);
+        let (mut cmd, jail) = match command(&launch) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(dir);
+                return Err(e);
+            }
+        };
         let log_path = dir.join("qemu.log");
-        let log = std::fs::File::create(&log_path).map_err(VmError::io("create", &log_path))?;
-        let log2 = log.try_clone().map_err(VmError::io("dup", &log_path))?;
-        cmd.stdout(log).stderr(log2);
-        if let Some(net) = &launch.net {
-            wrenn_hostnet::enter_netns_on_exec(&mut cmd, &net.netns)
-                .map_err(VmError::io("open", &net.netns))?;
-        }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| VmError::Qemu(format!("spawn: {e}")))?;
+        let spawned = cmd.spawn();
+        // The parent's copies of the descriptors QEMU got (the QMP listener above all: with
+        // it gone, a QEMU that died at start refuses connections).
+        drop(cmd);
+        let mut jail = jail;
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                jail.release();
+                let _ = std::fs::remove_dir_all(dir);
+                return Err(VmError::Qemu(format!("spawn: {e}")));
+            }
+        };
         let pid = child.id().unwrap_or_default();
         let qmp = tokio::select! {
             qmp = Qmp::connect_retry(dir.join(QMP_SOCKET), QMP_CONNECT_TIMEOUT) => qmp,
             status = child.wait() => {
                 let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                jail.release();
                 let _ = std::fs::remove_dir_all(dir);
                 return Err(VmError::Qemu(format!("exited at start ({status:?}): {}", log.trim())));
             }
@@ -202,6 +231,7 @@ impl Vm {
             Err(e) => {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
+                jail.release();
                 let _ = std::fs::remove_dir_all(dir);
                 return Err(e.into());
             }
@@ -209,11 +239,12 @@ impl Vm {
         let vm = Vm {
             dir: dir.clone(),
             child: Some(child),
-            qmp,
+            qmp: std::sync::Arc::new(qmp),
             pid,
             adopted_start: None,
+            jail,
         };
-        tracing::debug!(pid, dir = %vm.dir.display(), "QEMU started");
+        tracing::debug!(pid, uid = vm.jail.uid, dir = %vm.dir.display(), "QEMU started");
         Ok(vm)
     }
 
@@ -224,9 +255,10 @@ impl Vm {
         Vm {
             dir,
             child: None,
-            qmp,
+            qmp: std::sync::Arc::new(qmp),
             pid,
             adopted_start: Some(start_time),
+            jail: crate::jail::Running::of_adopted(pid),
         }
     }
 
@@ -278,9 +310,50 @@ impl Vm {
         self.dir.join(QMP_SOCKET)
     }
 
-    /// The guest's serial console log.
-    pub fn console_log(&self) -> PathBuf {
-        self.dir.join("console.log")
+    /// The uid QEMU runs as.
+    pub fn uid(&self) -> u32 {
+        self.jail.uid
+    }
+
+    /// Its cgroup leaf, while it runs.
+    pub fn cgroup(&self) -> Option<&crate::jail::Leaf> {
+        self.jail.leaf.as_ref()
+    }
+
+    /// The QMP URI of the device state this VM was started to load.
+    pub(crate) fn incoming_uri(&self) -> Option<String> {
+        self.jail.incoming.as_ref().map(|set| format!("file:{set}"))
+    }
+
+    /// A new empty file `name` in the runtime directory (which QEMU sees) that QEMU may write
+    /// by path (device state); back with root, mode `mode`, when the returned value is
+    /// dropped.
+    pub fn output_file(&self, name: &str, mode: u32) -> Result<crate::jail::Owned, VmError> {
+        Ok(crate::jail::Owned::give(
+            &self.dir.join(name),
+            self.jail.uid,
+            mode,
+        )?)
+    }
+
+    /// A reader of the guest's serial console that outlives this borrow (the observer keeps
+    /// one per running sandbox).
+    pub fn console(&self) -> Console {
+        Console(self.qmp.clone())
+    }
+
+    /// Takes what the guest wrote to its serial console since the last read (at most the
+    /// newest [`CONSOLE_RING`] bytes: the ring overwrites older ones).
+    pub async fn read_console(&self) -> Result<Vec<u8>, QmpError> {
+        self.console().read().await
+    }
+
+    /// The end of the console as text, for error messages (it takes what it reads).
+    pub async fn console_text(&self) -> String {
+        match self.read_console().await {
+            Ok(b) => String::from_utf8_lossy(&b[b.len().saturating_sub(3000)..]).into_owned(),
+            Err(e) => format!("(console unreadable: {e})"),
+        }
     }
 
     /// The last part of QEMU's own log (its errors), trimmed.
@@ -293,11 +366,14 @@ impl Vm {
     /// Waits up to `timeout` for QEMU to exit by itself (after `quit`). The directory stays.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Result<(), VmError> {
         let Some(child) = self.child.as_mut() else {
-            return self.wait_adopted(timeout).await;
+            self.wait_adopted(timeout).await?;
+            self.jail.release();
+            return Ok(());
         };
         match tokio::time::timeout(timeout, child.wait()).await {
             Ok(Ok(_)) => {
                 self.child = None;
+                self.jail.release();
                 Ok(())
             }
             Ok(Err(e)) => Err(VmError::Qemu(format!("wait: {e}"))),
@@ -316,11 +392,30 @@ impl Vm {
                 .await
                 .map_err(|e| VmError::Qemu(format!("wait: {e}")))?;
         }
+        // QEMU is gone (an adopted one that survived SIGKILL keeps its cgroup: the removal
+        // fails while it is in it).
+        self.jail.release();
         match std::fs::remove_dir_all(&self.dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(VmError::io("remove", &self.dir)(e)),
         }
+    }
+}
+
+/// The serial console ring of a VM, read over its QMP connection.
+#[derive(Debug, Clone)]
+pub struct Console(std::sync::Arc<Qmp>);
+
+impl Console {
+    /// The console of the VM that `qmp` talks to.
+    pub fn over(qmp: std::sync::Arc<Qmp>) -> Self {
+        Self(qmp)
+    }
+
+    /// Takes what the guest wrote since the last read (see [`Vm::read_console`]).
+    pub async fn read(&self) -> Result<Vec<u8>, QmpError> {
+        self.0.ringbuf_read(CONSOLE_ID, CONSOLE_RING).await
     }
 }
 
@@ -338,18 +433,82 @@ impl Drop for Vm {
                 let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
             }
         }
+        self.jail.release();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
+/// The QEMU command for `l`, jailed: the jail's descriptors and steps are registered on it.
+fn command(l: &Launch) -> Result<(tokio::process::Command, crate::jail::Running), VmError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = &l.dir;
+    let socket = dir.join(QMP_SOCKET);
+    let _ = std::fs::remove_file(&socket);
+    let listener =
+        std::os::unix::net::UnixListener::bind(&socket).map_err(VmError::io("bind", &socket))?;
+    // Only root (the agent) connects; QEMU has the listening descriptor.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(VmError::io("chmod", &socket))?;
+    let (mem_path, shared) = match &l.memory {
+        Memory::Shared(p) => (p.as_path(), true),
+        Memory::Private(p) => (p.as_path(), false),
+    };
+    let prepared = crate::jail::Prepared::new(crate::jail::JailSpec {
+        spec: &l.spec,
+        slot: l.net.as_ref().map(|n| n.slot),
+        vm_dir: dir,
+        disk: &l.disk,
+        memory: (mem_path, shared),
+        incoming: l.incoming.as_deref(),
+        qmp: listener.into(),
+    })?;
+    let mut cmd = tokio::process::Command::new(qemu_binary());
+    // The same argv[0] wherever the binary is: the crash scan looks for `qemu-system*`.
+    cmd.arg0("qemu-system-x86_64");
+    let mut args = qemu_args(l);
+    args.extend(prepared.args.iter().cloned());
+    // Its own process group: a Ctrl-C in the agent's terminal goes to the agent, which
+    // then pauses or stops its VMs in order, instead of killing every QEMU at once.
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .process_group(0)
+        .kill_on_drop(true);
+    let log_path = dir.join("qemu.log");
+    let log = std::fs::File::create(&log_path).map_err(VmError::io("create", &log_path))?;
+    let log2 = log.try_clone().map_err(VmError::io("dup", &log_path))?;
+    cmd.stdout(log).stderr(log2);
+    let net = l.net.as_ref().map(|n| (n.netns.as_path(), n.tap.as_str()));
+    let jail = prepared.install(&mut cmd, net)?;
+    Ok((cmd, jail))
+}
+
+/// The QEMU binary, found on `PATH` now (inside the jail only `/usr` is left to search).
+fn qemu_binary() -> PathBuf {
+    let name = "qemu-system-x86_64";
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// The arguments that do not name passed descriptors (those come from the jail).
 fn qemu_args(l: &Launch) -> Vec<String> {
     let s = &l.spec;
-    let dir = &l.dir;
-    let (mem_path, share) = match &l.memory {
-        Memory::Shared(p) => (p, "on"),
-        Memory::Private(p) => (p, "off"),
+    let mem = match &l.memory {
+        Memory::Shared(p) => format!("mem-path={},share=on", p.display()),
+        // QEMU >= 8.2: open O_RDONLY, map MAP_PRIVATE read-write (rom=off): guest writes are
+        // copy-on-write pages of the process, never the file's.
+        Memory::Private(p) => format!("mem-path={},share=off,readonly=on,rom=off", p.display()),
     };
-    let mut args: Vec<String> = vec!["-name".into(), "wrenn".into()];
+    // The runtime directory on the command line (as the guest name): the crash scan finds a
+    // QEMU by a path under the sandboxes directory, and no other argument is one now.
+    let name = format!(
+        "guest=wrenn:{}",
+        l.dir.display().to_string().replace(',', ",,")
+    );
+    let mut args: Vec<String> = vec!["-name".into(), name];
     // Option ROMs stay on (the default): the Debian bzImage boots through them.
     // `suppress-vmdesc=on` goes with `send-configuration=off` below: without it QEMU 10
     // aborts in its JSON writer at the end of a save (as Xen, which sets both).
@@ -357,7 +516,6 @@ fn qemu_args(l: &Launch) -> Vec<String> {
         "-M".into(),
         format!("microvm,memory-backend={MEM_ID},suppress-vmdesc=on"),
     ]);
-    args.extend(s.accel.qemu_args());
     args.extend([
         "-m".into(),
         format!("{}M", s.memory_mib),
@@ -365,9 +523,8 @@ fn qemu_args(l: &Launch) -> Vec<String> {
         s.vcpus.to_string(),
         "-object".into(),
         format!(
-            "memory-backend-file,id={MEM_ID},size={}M,mem-path={},share={share}",
-            s.memory_mib,
-            mem_path.display()
+            "memory-backend-file,id={MEM_ID},size={}M,{mem}",
+            s.memory_mib
         ),
         "-nodefaults".into(),
         "-no-user-config".into(),
@@ -380,40 +537,28 @@ fn qemu_args(l: &Launch) -> Vec<String> {
         s.initramfs.display().to_string(),
         "-append".into(),
         s.cmdline.clone(),
-        "-drive".into(),
-        format!(
-            "id=rootfs,file={},format=qcow2,if=none,discard=unmap",
-            l.disk.display()
-        ),
         "-device".into(),
         "virtio-blk-device,drive=rootfs,id=blk0".into(),
         "-chardev".into(),
-        format!("file,id=console,path={}", dir.join("console.log").display()),
+        format!("ringbuf,id={CONSOLE_ID},size={CONSOLE_RING}"),
         "-serial".into(),
-        "chardev:console".into(),
-        "-chardev".into(),
-        format!(
-            "socket,id=qmp,path={},server=on,wait=off",
-            dir.join(QMP_SOCKET).display()
-        ),
-        "-mon".into(),
-        "chardev=qmp,mode=control".into(),
+        format!("chardev:{CONSOLE_ID}"),
         // Device-state-only saves (`xen-save-devices-state`, used by pause) carry no
         // configuration section, so no stream we write or read has one.
         "-global".into(),
         "migration.send-configuration=off".into(),
         "-sandbox".into(),
-        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
+        SECCOMP.into(),
     ]);
-    if let Some(net) = &l.net {
+    if l.net.is_some() {
         args.extend([
             "-netdev".into(),
-            format!("tap,id=net0,ifname={},script=no,downscript=no", net.tap),
+            format!("tap,id=net0,fd={}", crate::jail::TAP_FD),
             "-device".into(),
             format!("virtio-net-device,netdev=net0,id=nic0,mac={GUEST_MAC}"),
         ]);
     }
-    if l.incoming {
+    if l.incoming.is_some() {
         args.extend(["-S".into(), "-incoming".into(), "defer".into()]);
     }
     args

@@ -158,16 +158,13 @@ async fn debian_template_builds_boots_and_runs_python() {
         disk,
         memory: Memory::Shared(work_path.join("memory")),
         net: Some(slot.attach()),
-        incoming: false,
+        incoming: None,
     })
     .await
     .expect("launch");
     let pid = vm.pid();
     if let Err(e) = client.wait_healthy(support::COLD_BOOT_DEADLINE).await {
-        panic!(
-            "cold boot: {e}\nconsole:\n{}",
-            support::tail(&vm.console_log())
-        );
+        panic!("cold boot: {e}\nconsole:\n{}", vm.console_text().await);
     }
     let cold_boot = t.elapsed();
     eprintln!("cold boot to envd /health: {cold_boot:?} ({accel})");

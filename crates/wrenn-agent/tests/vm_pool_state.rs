@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{RunOpts, now_rfc3339, pid_alive, qemu_pids_under, run_with, tail};
+use support::{RunOpts, now_rfc3339, pid_alive, qemu_pids_under, run_with};
 use wrenn_agent::accel::Accel;
 use wrenn_agent::envd::{EnvdClient, EnvdError};
 use wrenn_agent::pool::{SlotPool, WarmPool, restore_warm};
@@ -125,13 +125,13 @@ async fn template(work: &Path, slots: &SlotPool) -> Fixture {
         disk: disk.clone(),
         memory: Memory::Shared(snapshot::template_memory_path(&template_dir)),
         net: Some(lease.net_attach()),
-        incoming: false,
+        incoming: None,
     })
     .await
     .unwrap();
     let client = EnvdClient::new(lease.slot().guest_endpoint(ENVD_PORT));
     if let Err(e) = client.wait_healthy(COLD_BOOT_DEADLINE).await {
-        panic!("cold boot: {e}\n{}", tail(&vm.console_log()));
+        panic!("cold boot: {e}\n{}", vm.console_text().await);
     }
     eprintln!("template cold boot: {:?}", t.elapsed());
     client
@@ -186,7 +186,7 @@ async fn metadata_firewall_warm_pool_and_adoption() {
     guard.pids.push(vm_a.pid());
     let client_a = EnvdClient::new(a.slot().guest_endpoint(ENVD_PORT));
     if let Err(e) = client_a.wait_healthy(RESTORE_DEADLINE).await {
-        panic!("a: {e}\n{}", tail(&vm_a.console_log()));
+        panic!("a: {e}\n{}", vm_a.console_text().await);
     }
     let cold_create = t.elapsed();
     let wrong = client_a
@@ -381,7 +381,7 @@ async fn metadata_firewall_warm_pool_and_adoption() {
             .wait_healthy(RESTORE_DEADLINE)
             .await
         {
-            panic!("warm restore: {e}\n{}", tail(&vm.console_log()));
+            panic!("warm restore: {e}\n{}", vm.console_text().await);
         }
         warm.push((running, t.elapsed()));
         vm.kill().await.unwrap();

@@ -10,7 +10,7 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use support::{RunOpts, enabled, envd_binary, files_under, pid_alive, run_with, tail};
+use support::{RunOpts, enabled, envd_binary, files_under, pid_alive, run_with};
 use wrenn_agent::accel::Accel;
 use wrenn_agent::envd::EnvdClient;
 use wrenn_agent::sandbox::SandboxNet as _;
@@ -98,13 +98,13 @@ async fn template_boot_snapshot_restore_and_cleanup() {
         disk: boot_disk.clone(),
         memory: Memory::Shared(snapshot::template_memory_path(&template_dir)),
         net: Some(net.clone()),
-        incoming: false,
+        incoming: None,
     })
     .await
     .expect("launch template VM");
     let template_pid = vm.pid();
     if let Err(e) = client.wait_healthy(COLD_BOOT_DEADLINE).await {
-        panic!("cold boot: {e}\nconsole:\n{}", tail(&vm.console_log()));
+        panic!("cold boot: {e}\nconsole:\n{}", vm.console_text().await);
     }
     let cold_boot = t.elapsed();
     eprintln!("cold boot to envd /health: {cold_boot:?} ({accel})");
@@ -135,7 +135,7 @@ async fn template_boot_snapshot_restore_and_cleanup() {
         .expect("restore");
     let restored_at = t.elapsed();
     if let Err(e) = client.wait_healthy(RESTORE_DEADLINE).await {
-        panic!("after restore: {e}\nconsole:\n{}", tail(&vm.console_log()));
+        panic!("after restore: {e}\nconsole:\n{}", vm.console_text().await);
     }
     let restore = t.elapsed();
     eprintln!("restore: QEMU running after {restored_at:?}, envd /health after {restore:?}");

@@ -22,7 +22,7 @@ mod uplink;
 pub use egress::{EGRESS_IP, EgressConfig, EgressServices, EgressServicesError, OnLearned};
 pub use firewall::PROXY_PORT;
 pub use metadata::{Metadata, MetadataError, MetadataServer, token_hash};
-pub use netns::enter_netns_on_exec;
+pub use netns::{enter_netns_on_exec, enter_netns_with_tap_on_exec};
 pub use slot::{
     EGRESS_CHAIN, HOST_VETH_PREFIX, MAX_SLOTS, NETNS_PREFIX, NFT_TABLE, Slot, SlotError,
     SlotHandle, TAP_NAME, delete_link, delete_netns, host_addresses,

@@ -190,3 +190,27 @@ pub fn enter_netns_on_exec(cmd: &mut tokio::process::Command, netns: &Path) -> i
     }
     Ok(())
 }
+
+/// Like [`enter_netns_on_exec`], and then attaches to the tap `tap` inside the namespace and
+/// leaves it open on descriptor `fd` for the program (QEMU's `-netdev tap,fd=<fd>`), so the
+/// program needs no privilege to reach its network. The child opens `/dev/net/tun` itself,
+/// after entering the namespace: a tap is looked up by name in the caller's namespace.
+pub fn enter_netns_with_tap_on_exec(
+    cmd: &mut tokio::process::Command,
+    netns: &Path,
+    tap: &str,
+    fd: std::os::fd::RawFd,
+) -> io::Result<()> {
+    let ns = File::open(netns)?;
+    let req = crate::tap::attach_request(tap)?;
+    // SAFETY: the closure runs between fork and exec; it makes only syscalls (setns, open,
+    // ioctl, dup2, close) on descriptors and a request prepared before the fork, and neither
+    // allocates nor takes locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+            crate::tap::attach_to_fd(&req, fd)
+        });
+    }
+    Ok(())
+}

@@ -233,6 +233,22 @@ impl Qmp {
         }
     }
 
+    /// Takes up to `size` bytes from ring-buffer chardev `device` (`ringbuf-read`, base64):
+    /// what was written since the last read, oldest first (the ring keeps only the newest
+    /// bytes of its size).
+    pub async fn ringbuf_read(&self, device: &str, size: u32) -> Result<Vec<u8>, QmpError> {
+        use base64::Engine as _;
+        let data: String = self
+            .execute(
+                "ringbuf-read",
+                Some(json!({ "device": device, "size": size, "format": "base64" })),
+            )
+            .await?;
+        base64::engine::general_purpose::STANDARD
+            .decode(data.as_bytes())
+            .map_err(|e| QmpError::Protocol(format!("ringbuf-read: not base64: {e}")))
+    }
+
     /// Asks QEMU to exit. QEMU may close the socket before replying; that counts as success.
     pub async fn quit(&self) -> Result<(), QmpError> {
         match self.execute_raw("quit", None).await {

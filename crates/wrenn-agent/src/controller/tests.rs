@@ -99,6 +99,7 @@ impl Runtime for Fake {
         (id == "base").then(|| TemplateInfo {
             vcpus: 2,
             memory_mb: 512,
+            disk_mb: 1024,
             envd_version: "0.0.1".into(),
         })
     }
@@ -541,11 +542,23 @@ fn bad_requests_change_nothing() {
         args.template_id = "nope".into();
         let r = ctl.create(args).await;
         assert!(matches!(r, Err(ControlError::TemplateNotFound(_))));
+        // A disk larger than the template's is refused (the template's size or less is the
+        // template's disk).
+        let mut args = create_args("big");
+        args.disk_size_mb = 1025;
+        let r = ctl.create(args).await;
+        assert!(
+            matches!(&r, Err(ControlError::Invalid(m)) if m.contains("1024 MiB")),
+            "{r:?}"
+        );
+        assert!(ctl.get("big").is_none());
         assert!(matches!(
             ctl.pause("x").await,
             Err(ControlError::NotFound(_))
         ));
-        ctl.create(create_args("x")).await.unwrap();
+        let mut args = create_args("x");
+        args.disk_size_mb = 1024;
+        ctl.create(args).await.unwrap();
         assert!(matches!(
             ctl.resume("x", GuestInit::default(), 0).await,
             Err(ControlError::WrongState { .. })

@@ -100,13 +100,13 @@ pub async fn build_template(cache: &Path, template_dir: &Path, work: &Path) -> S
         disk: disk.clone(),
         memory: Memory::Shared(snapshot::template_memory_path(template_dir)),
         net: Some(slot.attach()),
-        incoming: false,
+        incoming: None,
     })
     .await
     .expect("launch template VM");
     let client = EnvdClient::new(slot.guest_endpoint(ENVD_PORT));
     if let Err(e) = client.wait_healthy(COLD_BOOT_DEADLINE).await {
-        panic!("cold boot: {e}\nconsole:\n{}", tail(&vm.console_log()));
+        panic!("cold boot: {e}\nconsole:\n{}", vm.console_text().await);
     }
     client
         .snapshot_prepare(Duration::from_secs(30))
