@@ -75,6 +75,8 @@ class Wrenn:
             # the machine's own interfaces.
             "--uplink", netlab.HOST_IF,
             "--dns-upstream", netlab.DNS,
+            # One LAN service lifted out of the always-denied private ranges.
+            "--egress-allow-range", netlab.LIFTED_RANGE,
         ]
         if self.database_url:
             args += ["--database-url", self.database_url]

@@ -10,6 +10,8 @@ Namespace `wrenn-e2e-inet` is joined to the host by a veth pair (host end `wre2e
   address, two names: only the name a connection carries tells them apart) and other.test with
   198.51.100.71;
 - 10.99.0.10: a "LAN" host (private address);
+- 10.99.0.20: a LAN service the operator lifts out of the always-denied ranges (every e2e
+  `wrenn up` runs with `--egress-allow-range 10.99.0.16/28`);
 - 169.254.169.254: a "cloud metadata" host (on port 80 and 8080);
 - 100.100.100.200: a CGNAT "metadata service".
 
@@ -39,9 +41,11 @@ INTERNET = "198.51.100.70"
 INTERNET2 = "198.51.100.71"
 DNS = "198.51.100.100"
 LAN = "10.99.0.10"
+LAN_SERVICE = "10.99.0.20"
+LIFTED_RANGE = "10.99.0.16/28"
 METADATA = "169.254.169.254"
 CGNAT = "100.100.100.200"
-ADDRESSES = [INTERNET, INTERNET2, DNS, LAN, METADATA, CGNAT]
+ADDRESSES = [INTERNET, INTERNET2, DNS, LAN, LAN_SERVICE, METADATA, CGNAT]
 ROUTES = ["198.51.100.64/26", "10.99.0.0/24", f"{METADATA}/32", f"{CGNAT}/32"]
 NAMES = {"allowed.test": INTERNET, "denied.test": INTERNET, "other.test": INTERNET2}
 
@@ -161,7 +165,7 @@ class NetLab:
         server.write_text(SERVER)
         web = subprocess.Popen(
             ["ip", "netns", "exec", NETNS, sys.executable, str(server), str(cert), str(key),
-             INTERNET, INTERNET2, LAN, METADATA, CGNAT],
+             INTERNET, INTERNET2, LAN, LAN_SERVICE, METADATA, CGNAT],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )
         self.procs.append(web)

@@ -52,6 +52,36 @@ def slot_addresses() -> list[str]:
     return out
 
 
+def slot_guard_sets() -> dict[str, str]:
+    """The `host_addrs` set of every slot of the e2e instance, as nft lists it."""
+    import subprocess
+
+    out = {}
+    for ip_ns in slot_namespaces():
+        r = subprocess.run(
+            ["ip", "netns", "exec", ip_ns, "nft", "list", "set", "inet", "wrenn", "host_addrs"],
+            capture_output=True, text=True,
+        )
+        if r.returncode == 0:
+            out[ip_ns] = r.stdout
+    return out
+
+
+def sets_without(address: str) -> bool:
+    sets = slot_guard_sets()
+    return bool(sets) and not any(address in s for s in sets.values())
+
+
+def slot_namespaces() -> list[str]:
+    from pathlib import Path
+
+    return [
+        ns.name
+        for ns in sorted(Path("/run/netns").glob("wrenn-slot-*"))
+        if 28672 <= int(ns.name.rsplit("-", 1)[1]) < 29696
+    ]
+
+
 def control(url: str, resolve: str | None = None) -> str:
     got = netlab.NetLab.fetch_from_host(url, resolve)
     assert got, f"positive control failed: {url} does not answer from the host"
@@ -175,13 +205,12 @@ def test_always_denied_whatever_the_policy(wrenn, open_sbx, target):
         wide.kill()
 
 
-def test_the_hosts_own_addresses_and_other_slots_are_unreachable(wrenn, open_sbx):
+def greeter(addr: str, port: int):
+    """A TCP service on the host that greets whoever connects."""
     import socket
     import threading
 
-    # A service on every host address: reachable from the host by its uplink address.
-    srv = socket.create_server(("0.0.0.0", 0))
-    port = srv.getsockname()[1]
+    srv = socket.create_server((addr, port))
 
     def serve():
         while True:
@@ -193,21 +222,43 @@ def test_the_hosts_own_addresses_and_other_slots_are_unreachable(wrenn, open_sbx
             c.close()
 
     threading.Thread(target=serve, daemon=True).start()
+    return srv
+
+
+def test_the_hosts_own_addresses_and_other_slots_are_unreachable(wrenn, open_sbx):
+    import socket
+
+    # A service on every host address, and on the uplink address at the control plane's and
+    # PostgreSQL's port numbers (they listen on loopback: what is refused is the address, on
+    # every port). Each is reachable from the host (the control) and from no guest.
+    srv = greeter("0.0.0.0", 0)
+    port = srv.getsockname()[1]
+    extra = [greeter(netlab.HOST_IP, p) for p in (wrenn.port, 5432)]
+    slot_host_sides = [a.rsplit(".", 1)[0] + "." + str(int(a.rsplit(".", 1)[1]) - 1)
+                       for a in slot_addresses()]
+    assert slot_host_sides, "no slot of the e2e instance"
     try:
-        with socket.create_connection((netlab.HOST_IP, port), timeout=3) as c:
-            assert c.recv(100) == b"host service\n"
-        assert tcp(open_sbx, netlab.HOST_IP, port) is None
+        for addr, p in [(netlab.HOST_IP, port), (netlab.HOST_IP, wrenn.port),
+                        (netlab.HOST_IP, 5432), *[(a, port) for a in slot_host_sides]]:
+            with socket.create_connection((addr, p), timeout=3) as c:
+                assert c.recv(100) == b"host service\n", (addr, p)
+            assert tcp(open_sbx, addr, p) is None, (addr, p)
         # An address the host gets later is denied too, once the agent noticed (every 5 s).
         import subprocess
         import time
 
         added = "198.51.100.5"
+        assert sets_without(added), "control: no slot denies it yet"
         subprocess.run(["ip", "addr", "add", f"{added}/32", "dev", netlab.HOST_IF], check=True)
         try:
             with socket.create_connection((added, port), timeout=3) as c:
                 assert c.recv(100) == b"host service\n"
             time.sleep(8)
             assert tcp(open_sbx, added, port) is None
+            # The uplink table's input chain refuses it anyway; that every slot's own guard
+            # learned the new address shows the agent noticed.
+            sets = slot_guard_sets()
+            assert sets and all(added in s for s in sets.values()), sets
         finally:
             subprocess.run(["ip", "addr", "del", f"{added}/32", "dev", netlab.HOST_IF], check=False)
         # Other slots' addresses, where the host reaches their guests' envd: the host does, a
@@ -224,6 +275,8 @@ def test_the_hosts_own_addresses_and_other_slots_are_unreachable(wrenn, open_sbx
             other.kill()
     finally:
         srv.close()
+        for e in extra:
+            e.close()
 
 
 def test_domain_rules_decide_by_the_name_a_connection_carries(wrenn):
@@ -251,3 +304,42 @@ def test_domain_rules_decide_by_the_name_a_connection_carries(wrenn):
         assert tcp(sbx, netlab.INTERNET2, 8000) is None
     finally:
         sbx.kill()
+
+
+def test_a_lifted_lan_range_is_reachable_and_still_follows_the_policy(wrenn, open_sbx):
+    """`--egress-allow-range` lifts one LAN range out of the always-denied ones, nothing more."""
+    url = f"http://{netlab.LAN_SERVICE}/"
+    assert fetch(open_sbx, url) == control(url)
+    assert control(f"http://{netlab.LAN}/")
+    assert fetch(open_sbx, f"http://{netlab.LAN}/") is None
+    denied = Sandbox.create(timeout=120, network={"deny_out": [netlab.LIFTED_RANGE]})
+    offline = Sandbox.create(timeout=120, allow_internet_access=False)
+    try:
+        assert fetch(denied, url) is None
+        assert fetch(offline, url) is None
+        assert fetch(denied, f"http://{netlab.INTERNET}/"), "control: the rest is open"
+    finally:
+        denied.kill()
+        offline.kill()
+
+
+def test_a_resumed_sandbox_keeps_its_latest_policy(wrenn):
+    inet, inet2 = f"http://{netlab.INTERNET}/", f"http://{netlab.INTERNET2}/"
+    sbx = Sandbox.create(timeout=300, network={"deny_out": [f"{netlab.INTERNET2}/32"]})
+    offline = Sandbox.create(timeout=300, allow_internet_access=False)
+    try:
+        assert fetch(sbx, inet2) is None
+        sbx.update_network({"deny_out": [f"{netlab.INTERNET}/32"]})
+        assert fetch(sbx, inet) is None and fetch(sbx, inet2)
+        sbx.pause()
+        offline.pause()
+        sbx = Sandbox.connect(sbx.sandbox_id, timeout=300)
+        offline = Sandbox.connect(offline.sandbox_id, timeout=300)
+        # The policy after resume is the updated one, not the one it was created with.
+        assert fetch(sbx, inet) is None
+        assert fetch(sbx, inet2) == control(inet2)
+        assert fetch(offline, inet) is None
+        assert sbx.get_info().network.get("deny_out") == [f"{netlab.INTERNET}/32"]
+    finally:
+        sbx.kill()
+        offline.kill()
