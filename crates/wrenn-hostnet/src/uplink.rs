@@ -11,7 +11,8 @@
 //! the agent's slots is forwarded at all. Its input chain refuses every connection a slot
 //! opens to the host itself (the host only answers what it opened, envd's traffic), whatever
 //! address of the host it was sent to: this fence does not depend on knowing the host's
-//! addresses, which the slots' own guard has to keep current.
+//! addresses, which the slots' own guard has to keep current. (The range holds the host's
+//! own veth addresses too; the host's traffic to them arrives on loopback and is let be.)
 //!
 //! Forwarding has to be on for routing to happen (`net.ipv4.ip_forward`). It is a host-wide
 //! switch: turned on when an agent with an uplink starts, never turned off (other agents, or
@@ -140,6 +141,7 @@ fn ruleset(table: &str, interface: Option<&str>, lo: Ipv4Addr, hi: Ipv4Addr) -> 
     format!(
         "table inet {table}\ndelete table inet {table}\ntable inet {table} {{\n\
          \tchain input {{\n\t\ttype filter hook input priority filter; policy accept;\n\
+         \t\tiifname \"lo\" accept\n\
          \t\tip saddr {slots} ct state established,related accept\n\
          \t\tip saddr {slots} counter reject with icmpx admin-prohibited\n\t}}\n\
          \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n\
@@ -166,6 +168,11 @@ mod tests {
         assert!(!none.contains("oifname") && !none.contains("masquerade"));
         assert!(none.contains("ip saddr 10.12.0.200-10.12.0.219 counter reject"));
         assert!(r.contains("chain input") && none.contains("chain input"));
+        // The host's own traffic to its slot-side addresses comes in on loopback, from an
+        // address in the range.
+        assert!(
+            r.contains("\t\tiifname \"lo\" accept\n\t\tip saddr 10.12.0.200-10.12.0.219 ct state")
+        );
     }
 
     #[test]
