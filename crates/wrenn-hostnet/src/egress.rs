@@ -279,17 +279,47 @@ fn bind_all() -> std::io::Result<(
     Ok((udp, dns, proxy))
 }
 
-/// Accepts a connection, meanwhile reaping `tasks` that finished (so a long-lived listener's
-/// set does not grow with every connection it ever had).
-pub(crate) async fn accept(
-    listener: &TcpListener,
-    tasks: &mut JoinSet<()>,
-) -> std::io::Result<(TcpStream, SocketAddr)> {
+/// Serves `listener` until the task is aborted (which drops every connection): each accepted
+/// connection gets its own task running `handle`, at most `max` at once (an accept waits for
+/// one to end). Finished tasks are reaped while waiting, so a long-lived listener's set does
+/// not grow with every connection it ever had. `what` names the service in logs.
+pub(crate) async fn serve_bounded<F, Fut>(
+    listener: TcpListener,
+    max: usize,
+    what: &'static str,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let limit = Arc::new(Semaphore::new(max));
+    let mut tasks = JoinSet::new();
     loop {
-        tokio::select! {
-            accepted = listener.accept() => return accepted,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-        }
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            return;
+        };
+        let accepted = loop {
+            tokio::select! {
+                accepted = listener.accept() => break accepted,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(error) => {
+                tracing::warn!(%error, "{what}: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let conn = handle(stream, peer);
+        tasks.spawn(
+            async move {
+                let _permit = permit;
+                conn.await;
+            }
+            .in_current_span(),
+        );
     }
 }
 

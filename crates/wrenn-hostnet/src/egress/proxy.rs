@@ -25,14 +25,12 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, oneshot};
-use tokio::task::JoinSet;
-use tracing::Instrument as _;
+use tokio::sync::oneshot;
 use wrenn_core::{EgressPolicy, Verdict};
 
 use super::learned::{Learned, Lookups, answer_addresses};
 use super::sniff::{MAX_SNIFF, Sniff, http_host, tls_sni};
-use super::{Shared, accept};
+use super::{Shared, serve_bounded};
 
 /// Connections proxied at once per slot; more wait in the kernel's backlog.
 pub(crate) const MAX_PROXIED: usize = 256;
@@ -42,29 +40,11 @@ const MAX_SNIFF_READS: usize = 64;
 
 /// Serves the proxy's listener until the task is aborted (which drops every connection).
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    let limit = Arc::new(Semaphore::new(MAX_PROXIED));
-    let mut tasks = JoinSet::new();
-    loop {
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            return;
-        };
-        let (guest, _) = match accept(&listener, &mut tasks).await {
-            Ok(conn) => conn,
-            Err(error) => {
-                tracing::warn!(%error, "egress proxy: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    serve_bounded(listener, MAX_PROXIED, "egress proxy", move |guest, _| {
         let shared = shared.clone();
-        tasks.spawn(
-            async move {
-                let _permit = permit;
-                handle(guest, &shared).await;
-            }
-            .in_current_span(),
-        );
-    }
+        async move { handle(guest, &shared).await }
+    })
+    .await;
 }
 
 /// One proxied connection, from accept to close.

@@ -17,13 +17,12 @@ use std::time::Duration;
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
 use super::learned::normalize;
 use super::upstream::{MAX_UDP_PAYLOAD, Transport, UpstreamError};
-use super::{Shared, accept};
+use super::{Shared, serve_bounded};
 
 /// Largest query accepted (real ones are well under 512 bytes).
 const MAX_QUERY: usize = 4096;
@@ -77,31 +76,20 @@ pub(crate) async fn serve_udp(sock: UdpSocket, shared: Arc<Shared>) {
 
 /// Serves TCP connections until the task is aborted.
 pub(crate) async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>) {
-    let limit = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
-    let mut tasks = JoinSet::new();
-    loop {
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            return;
-        };
-        let (stream, peer) = match accept(&listener, &mut tasks).await {
-            Ok(conn) => conn,
-            Err(error) => {
-                tracing::warn!(%error, "egress resolver: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let shared = shared.clone();
-        tasks.spawn(
+    serve_bounded(
+        listener,
+        MAX_TCP_CONNECTIONS,
+        "egress resolver",
+        move |stream, peer| {
+            let shared = shared.clone();
             async move {
-                let _permit = permit;
                 if let Err(error) = serve_connection(stream, &shared).await {
                     tracing::debug!(%peer, %error, "egress resolver: TCP connection ended");
                 }
             }
-            .in_current_span(),
-        );
-    }
+        },
+    )
+    .await;
 }
 
 /// Answers the queries of one TCP connection in turn, until it closes, idles or misbehaves.
