@@ -418,11 +418,9 @@ impl SlotPool {
                         Err(e) => Err(e),
                     };
                     if let Err(e) = done {
-                        // A slot deleted meanwhile has nothing to update.
+                        // Tried again next round; a slot deleted meanwhile is not listed then.
                         tracing::debug!(index, error = %crate::error_chain(&e), "slot guard not updated");
-                        all_done &= !std::path::Path::new("/run/netns")
-                            .join(format!("{}{index}", wrenn_hostnet::NETNS_PREFIX))
-                            .exists();
+                        all_done = false;
                     }
                 }
                 if all_done {

@@ -14,7 +14,6 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -130,19 +129,10 @@ impl SandboxNet for Gated {
     }
 }
 
-fn in_netns(netns: &str, args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns])
-        .args(args)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// `/init` with a wrong token from inside the slot's namespace, straight to the guest; the
 /// HTTP status and body.
 fn racing_init(netns: &str) -> String {
-    in_netns(
+    support::in_netns(
         netns,
         &[
             "curl",
@@ -162,24 +152,7 @@ fn racing_init(netns: &str) -> String {
             &format!("http://169.254.0.21:{ENVD_PORT}/init"),
         ],
     )
-}
-
-/// What the slot's metadata endpoint answers inside its namespace: body and status.
-fn metadata(netns: &str) -> String {
-    in_netns(
-        netns,
-        &[
-            "curl",
-            "-sS",
-            "--noproxy",
-            "*",
-            "-m",
-            "3",
-            "-w",
-            "\n%{http_code}",
-            "http://169.254.169.254/",
-        ],
-    )
+    .1
 }
 
 fn meta() -> SandboxMeta {
@@ -295,7 +268,7 @@ async fn a_racing_init_cannot_claim_a_restored_guest() {
     };
     let task = create(&snap, net, &w.join("guarded")).await;
     gate.held().await;
-    let doc = metadata(&netns);
+    let doc = support::slot_metadata(&netns).1;
     let raced = racing_init(&netns);
     gate.release.add_permits(1);
     let sb = match task.await.unwrap() {
@@ -325,13 +298,13 @@ async fn a_racing_init_cannot_claim_a_restored_guest() {
             panic!("pause: {}", wrenn_agent::error_chain(&error))
         }
     };
-    let after_pause = metadata(&netns);
+    let after_pause = support::slot_metadata(&netns).1;
     assert!(after_pause.ends_with("404"), "after pause: {after_pause}");
     gate.armed.store(true, Ordering::SeqCst);
     let task =
         tokio::spawn(async move { paused.resume(net, &deadlines()).await.map(|(sb, _)| sb) });
     gate.held().await;
-    let doc = metadata(&netns);
+    let doc = support::slot_metadata(&netns).1;
     let raced = racing_init(&netns);
     gate.release.add_permits(1);
     let sb = match task.await.unwrap() {
@@ -348,7 +321,7 @@ async fn a_racing_init_cannot_claim_a_restored_guest() {
 
     // --- Kill: the slot serves nobody. ---
     let net = sb.kill().await;
-    let after_kill = metadata(&netns);
+    let after_kill = support::slot_metadata(&netns).1;
     assert!(after_kill.ends_with("404"), "after kill: {after_kill}");
     slots.release(net.lease).await;
     slots.shutdown().await;

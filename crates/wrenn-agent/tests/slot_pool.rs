@@ -5,6 +5,8 @@
 //!
 //! Needs root with `ip`, `nft` and `curl`; skipped otherwise.
 
+mod support;
+
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -27,37 +29,8 @@ fn enabled() -> bool {
     root && tools
 }
 
-fn in_ns(netns: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns])
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
-}
-
-fn curl_metadata(netns: &str) -> (bool, String) {
-    in_ns(
-        netns,
-        &[
-            "curl",
-            "-sS",
-            "--noproxy",
-            "*",
-            "-m",
-            "3",
-            "-w",
-            "\n%{http_code}",
-            "http://169.254.169.254/",
-        ],
-    )
-}
-
 fn conntrack_count(netns: &str) -> u64 {
-    let (_, out) = in_ns(
+    let (_, out) = support::in_netns(
         netns,
         &["cat", "/proc/sys/net/netfilter/nf_conntrack_count"],
     );
@@ -117,14 +90,14 @@ async fn slots_are_pooled_reset_and_isolated() {
 
     // Every slot is identical inside: same tap address.
     for n in &names {
-        let (ok, out) = in_ns(n, &["ip", "-4", "-o", "addr", "show", "dev", "tap0"]);
+        let (ok, out) = support::in_netns(n, &["ip", "-4", "-o", "addr", "show", "dev", "tap0"]);
         assert!(ok && out.contains("169.254.0.22/30"), "{n}: {out}");
     }
 
     // Metadata: each namespace sees its own sandbox only.
     a.set_metadata(Some(Metadata::new("sbx-a", "tpl-1", Some("token-a"))));
     b.set_metadata(Some(Metadata::new("sbx-b", "tpl-2", None)));
-    let (ok, out) = curl_metadata(&names[0]);
+    let (ok, out) = support::slot_metadata(&names[0]);
     assert!(ok, "curl in slot a: {out}");
     let (body, code) = out.rsplit_once('\n').unwrap();
     assert_eq!(code, "200");
@@ -132,7 +105,7 @@ async fn slots_are_pooled_reset_and_isolated() {
     assert_eq!(doc["instanceID"], "sbx-a");
     assert_eq!(doc["envID"], "tpl-1");
     assert_eq!(doc["accessTokenHash"], token_hash("token-a"));
-    let (_, out) = curl_metadata(&names[1]);
+    let (_, out) = support::slot_metadata(&names[1]);
     let (body, code) = out.rsplit_once('\n').unwrap();
     assert_eq!(code, "200");
     let doc: serde_json::Value = serde_json::from_str(body).unwrap();
@@ -141,14 +114,14 @@ async fn slots_are_pooled_reset_and_isolated() {
         "slot b must not see slot a's sandbox"
     );
     assert_eq!(doc["accessTokenHash"], token_hash(""));
-    let (_, out) = curl_metadata(&names[2]);
+    let (_, out) = support::slot_metadata(&names[2]);
     assert!(out.ends_with("404"), "unassigned slot: {out}");
 
     // Slot a's endpoint is not reachable from b's namespace through a's addresses either:
     // the DNAT on a's veth address leads only to a's guest port, and a's namespace drops
     // everything else arriving from outside.
     let a_ns_ip = a.slot().guest_endpoint(80).ip().to_string();
-    let (ok, out) = in_ns(
+    let (ok, out) = support::in_netns(
         &names[1],
         &[
             "curl",
@@ -163,7 +136,7 @@ async fn slots_are_pooled_reset_and_isolated() {
     assert!(!ok, "slot b reached something at slot a's address: {out}");
 
     // Dirty slot a: a per-sandbox egress rule, and tracked connections.
-    let (ok, _) = in_ns(
+    let (ok, _) = support::in_netns(
         &names[0],
         &[
             "nft",
@@ -180,7 +153,7 @@ async fn slots_are_pooled_reset_and_isolated() {
     );
     assert!(ok, "add an egress rule");
     let rules = |n: &str| {
-        in_ns(
+        support::in_netns(
             n,
             &["nft", "list", "chain", "inet", NFT_TABLE, EGRESS_CHAIN],
         )
@@ -208,10 +181,10 @@ async fn slots_are_pooled_reset_and_isolated() {
         "egress rule survived reset"
     );
     assert_eq!(conntrack_count(&a_name), 0, "conntrack not flushed");
-    let (_, out) = curl_metadata(&a_name);
+    let (_, out) = support::slot_metadata(&a_name);
     assert!(out.ends_with("404"), "metadata survived release: {out}");
     // The hardening is in place after a reset.
-    let (_, table) = in_ns(&a_name, &["nft", "list", "table", "inet", NFT_TABLE]);
+    let (_, table) = support::in_netns(&a_name, &["nft", "list", "table", "inet", NFT_TABLE]);
     for needle in [
         "169.254.0.0/16",
         "10.12.0.0/16",

@@ -370,3 +370,35 @@ pub async fn call<Req: wrenn_connect::Message, Resp: wrenn_connect::Message>(
 ) -> Result<Resp, wrenn_connect::ConnectError> {
     c.unary(path, &req).await
 }
+
+/// Runs `args` inside network namespace `netns`: whether it succeeded, and its stdout.
+pub fn in_netns(netns: &str, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", netns])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// What a slot's metadata endpoint answers inside its namespace: whether curl succeeded, and
+/// the body followed by a line with the HTTP status.
+pub fn slot_metadata(netns: &str) -> (bool, String) {
+    in_netns(
+        netns,
+        &[
+            "curl",
+            "-sS",
+            "--noproxy",
+            "*",
+            "-m",
+            "3",
+            "-w",
+            "\n%{http_code}",
+            "http://169.254.169.254/",
+        ],
+    )
+}
