@@ -24,7 +24,7 @@ import netlab
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = float(os.environ.get("WRENN_E2E_START_TIMEOUT", "1200"))
-FIRST_SLOT = int(os.environ.get("WRENN_E2E_FIRST_SLOT", "28672"))
+FIRST_SLOT = netlab.FIRST_SLOT
 
 
 def wrenn_binary() -> Path:
@@ -68,7 +68,7 @@ class Wrenn:
             "--listen", f"127.0.0.1:{self.port}",
             "--progress", "plain",
             # Its own slot range: never the one a developer's `wrenn up` uses.
-            "--first-slot", str(FIRST_SLOT), "--slots", "1024",
+            "--first-slot", str(FIRST_SLOT), "--slots", str(netlab.SLOTS),
             # Often, so the suite also runs with the reconciler racing every operation.
             "--reconcile-interval", "2",
             # Guests leave only into the lab's fake internet (tests/e2e/netlab.py), never by

@@ -49,6 +49,34 @@ ADDRESSES = [INTERNET, INTERNET2, DNS, LAN, LAN_SERVICE, METADATA, CGNAT]
 ROUTES = ["198.51.100.64/26", "10.99.0.0/24", f"{METADATA}/32", f"{CGNAT}/32"]
 NAMES = {"allowed.test": INTERNET, "denied.test": INTERNET, "other.test": INTERNET2}
 
+# The slot range of the suite's `wrenn up` (conftest), never a developer's: its namespaces are
+# `wrenn-slot-<index>`, its namespace-side veth address 10.12.0.0 + 2 * index + 1, the host's
+# side one less (see wrenn-hostnet's slot layout).
+FIRST_SLOT = int(os.environ.get("WRENN_E2E_FIRST_SLOT", "28672"))
+SLOTS = 1024
+SLOT_NET_BASE = 10 << 24 | 12 << 16
+
+
+def slot_indices() -> list[int]:
+    """Indices of the suite's slots that exist now."""
+    out = []
+    for ns in sorted(Path("/run/netns").glob("wrenn-slot-*")):
+        index = ns.name.rsplit("-", 1)[1]
+        if index.isdigit() and FIRST_SLOT <= int(index) < FIRST_SLOT + SLOTS:
+            out.append(int(index))
+    return out
+
+
+def slot_namespace(index: int) -> str:
+    return f"wrenn-slot-{index}"
+
+
+def slot_address(index: int, host_side: bool = False) -> str:
+    """A slot's namespace-side veth address (where the host reaches its guest), or the host's."""
+    a = SLOT_NET_BASE + 2 * index + (0 if host_side else 1)
+    return f"{a >> 24}.{(a >> 16) & 0xFF}.{(a >> 8) & 0xFF}.{a & 0xFF}"
+
+
 SERVER = r'''
 import http.server, socket, socketserver, ssl, sys, threading
 

@@ -39,17 +39,8 @@ def tcp(sbx: Sandbox, ip: str, port: int) -> str | None:
 
 
 def slot_addresses() -> list[str]:
-    """The namespace-side veth addresses of the e2e instance's slots (see conftest)."""
-    import subprocess
-    from pathlib import Path
-
-    out = []
-    for ns in sorted(Path("/run/netns").glob("wrenn-slot-*")):
-        index = int(ns.name.rsplit("-", 1)[1])
-        if 28672 <= index < 29696:
-            base = 2 * index + 1
-            out.append(f"10.12.{base >> 8}.{base & 0xFF}")
-    return out
+    """The namespace-side veth addresses of the e2e instance's slots."""
+    return [netlab.slot_address(i) for i in netlab.slot_indices()]
 
 
 def slot_guard_sets() -> dict[str, str]:
@@ -57,7 +48,8 @@ def slot_guard_sets() -> dict[str, str]:
     import subprocess
 
     out = {}
-    for ip_ns in slot_namespaces():
+    for index in netlab.slot_indices():
+        ip_ns = netlab.slot_namespace(index)
         r = subprocess.run(
             ["ip", "netns", "exec", ip_ns, "nft", "list", "set", "inet", "wrenn", "host_addrs"],
             capture_output=True, text=True,
@@ -72,32 +64,17 @@ def sets_without(address: str) -> bool:
     return bool(sets) and not any(address in s for s in sets.values())
 
 
-def slot_namespaces() -> list[str]:
-    from pathlib import Path
-
-    return [
-        ns.name
-        for ns in sorted(Path("/run/netns").glob("wrenn-slot-*"))
-        if 28672 <= int(ns.name.rsplit("-", 1)[1]) < 29696
-    ]
-
-
 def host_sides_of_slots() -> list[str]:
-    """The host's own addresses on the e2e instance's slot veths (10.12.0.0 + 2 * index)."""
-    import ipaddress
+    """The host's own addresses on the e2e instance's slot veths: the host side of every
+    slot that exists, as far as the host has the address (a slot being made may not yet)."""
     import json
     import subprocess
 
     out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True,
                          check=True).stdout
-    base = int(ipaddress.IPv4Address("10.12.0.0"))
-    found = []
-    for link in json.loads(out):
-        for a in link.get("addr_info", []):
-            offset = int(ipaddress.IPv4Address(a["local"])) - base
-            if offset % 2 == 0 and 28672 <= offset // 2 < 29696:
-                found.append(a["local"])
-    return found
+    have = {a["local"] for link in json.loads(out) for a in link.get("addr_info", [])}
+    return [a for a in (netlab.slot_address(i, host_side=True) for i in netlab.slot_indices())
+            if a in have]
 
 
 def control(url: str, resolve: str | None = None) -> str:

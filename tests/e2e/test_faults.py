@@ -20,6 +20,8 @@ import pytest
 from e2b import Sandbox, SandboxQuery, SandboxState
 from e2b.exceptions import NotFoundException
 
+import netlab
+
 from test_restart import ask_memory, start_memory_holder
 
 # (point, operation that reaches it, what must be true after the restart)
@@ -57,14 +59,8 @@ def sandbox_dirs(wrenn) -> dict[str, str]:
 
 
 def netns_count() -> int:
-    """Slot namespaces in the e2e instance's slot range (28672..29696; see conftest)."""
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    n = 0
-    for line in out.splitlines():
-        name = line.split()[0] if line.split() else ""
-        if name.startswith("wrenn-slot-") and name[len("wrenn-slot-"):].isdigit():
-            n += 28672 <= int(name[len("wrenn-slot-"):]) < 29696
-    return n
+    """Slot namespaces in the e2e instance's slot range (see netlab)."""
+    return len(netlab.slot_indices())
 
 
 def qemu_count(wrenn) -> int:
