@@ -459,9 +459,14 @@ async fn jail_lab() {
     let t = Instant::now();
     let fill = "mkdir -p /mnt/ram && mount -t tmpfs -o size=100% tmpfs /mnt/ram && \
         free=$(awk '/MemAvailable/ {print int($2/1024) - 40}' /proc/meminfo) && \
-        tr '\\0' 'W' </dev/zero | head -c $((free * 1048576)) >/mnt/ram/fill; \
+        yes \"$(head -c 4095 </dev/zero | tr '\\0' 'W')\" | head -c $((free * 1048576)) >/mnt/ram/fill; \
         echo $(( $(stat -c %s /mnt/ram/fill) >> 20 ))";
-    let filled = run_ok_with(&a.base, opts(), fill).await;
+    // Filling ~450 MiB under TCG near the memory limit takes minutes on a busy host.
+    let slow = RunOpts {
+        timeout: Duration::from_secs(420),
+        ..opts()
+    };
+    let filled = run_ok_with(&a.base, slow, fill).await;
     let (now, peak) = memory_use(&a.leaf);
     let qemu_rss = rss(a.pid);
     eprintln!(
