@@ -11,6 +11,7 @@
 
 pub mod accel;
 mod agent;
+pub mod build;
 pub mod controller;
 pub mod envd;
 mod fault;

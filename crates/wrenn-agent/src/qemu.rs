@@ -7,7 +7,7 @@
 //! (`crate::record`) with its phase, through the sandbox's own record writer, so a restarted
 //! agent reads both back from one file.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -38,6 +38,8 @@ struct Template {
     snapshot: Snapshot,
     /// Its disk's virtual size, MiB.
     disk_mb: u64,
+    /// Environment variables its sandboxes start with (a built template's `ENV`s).
+    envs: Vec<(String, String)>,
     warm: Option<WarmPool>,
     envd_version: String,
 }
@@ -102,8 +104,12 @@ impl QemuRuntime {
     ) {
         let disk_mb = crate::jail::disk::virtual_size(&snapshot.disk_path())
             .map_or(0, |b| b.div_ceil(1 << 20));
+        // A built template's environment variables: every sandbox of it gets them (its own
+        // `envs` on top), as E2B templates' `ENV`s.
+        let envs = crate::build::Defaults::read(&snapshot.dir, Default::default()).envs;
         let t = Template {
             disk_mb,
+            envs,
             snapshot,
             warm,
             envd_version: envd_version.into(),
@@ -210,8 +216,10 @@ impl Runtime for QemuRuntime {
             .get(&meta.template_id)
             .cloned()
             .ok_or_else(|| RuntimeError::TemplateNotFound(meta.template_id.clone()))?;
+        let mut env_vars: BTreeMap<String, String> = template.envs.iter().cloned().collect();
+        env_vars.extend(init.env_vars);
         let init = InitConfig {
-            env_vars: init.env_vars,
+            env_vars,
             access_token: init.access_token,
             ..Default::default()
         };

@@ -23,7 +23,8 @@ use crate::vm::{Launch, Memory, NetAttach, Vm, VmError, VmSpec, create_overlay, 
 
 const MEMORY_FILE: &str = "memory";
 const STATE_FILE: &str = "state";
-const DISK_FILE: &str = "rootfs.qcow2";
+/// The template's disk in its directory.
+pub const DISK_FILE: &str = "rootfs.qcow2";
 const MANIFEST_FILE: &str = "snapshot.json";
 /// How long saving or loading device state may take (it is ~100 KB; this is generous).
 pub(crate) const MIGRATION_TIMEOUT: Duration = Duration::from_secs(30);
