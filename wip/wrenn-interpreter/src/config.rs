@@ -13,7 +13,11 @@ use std::time::Duration;
 )]
 pub struct Config {
     /// Address to listen on (the SDKs reach port 49999).
-    #[arg(long, env = "WRENN_INTERPRETER_LISTEN", default_value = "0.0.0.0:49999")]
+    #[arg(
+        long,
+        env = "WRENN_INTERPRETER_LISTEN",
+        default_value = "0.0.0.0:49999"
+    )]
     pub listen: SocketAddr,
 
     /// The Python that runs the cells (looked up in PATH unless a path).
@@ -22,7 +26,11 @@ pub struct Config {
 
     /// Working directory of contexts created without one; when it does not exist, `$HOME`,
     /// then `/`.
-    #[arg(long, env = "WRENN_INTERPRETER_DEFAULT_CWD", default_value = "/home/user")]
+    #[arg(
+        long,
+        env = "WRENN_INTERPRETER_DEFAULT_CWD",
+        default_value = "/home/user"
+    )]
     pub default_cwd: PathBuf,
 
     /// envd, whose `/envs` (the sandbox's environment variables, set after this server

@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use axum::body::Bytes;
 use nix::sys::signal::Signal;
@@ -16,6 +16,7 @@ use tokio::sync::{Mutex, MutexGuard, mpsc};
 use tokio::time::Instant;
 
 use crate::Settings;
+use crate::envd::EnvdError;
 use crate::error::chain;
 use crate::wire::{Command, Event, ExecuteRequest};
 use crate::worker::{Worker, WorkerError, signal_group};
@@ -34,6 +35,8 @@ pub struct Context {
     settings: Arc<Settings>,
     /// `None` until started, and after the worker died or was killed.
     worker: Mutex<Option<Worker>>,
+    /// Deleted: executions still queued for it do not start a new worker.
+    closed: AtomicBool,
     /// The current worker's process group (0: none), reachable without the lock.
     pid: AtomicI32,
     ending: std::sync::Mutex<Option<Ending>>,
@@ -57,6 +60,7 @@ impl Context {
             cwd,
             settings,
             worker: Mutex::new(None),
+            closed: AtomicBool::new(false),
             pid: AtomicI32::new(0),
             ending: std::sync::Mutex::new(None),
         }
@@ -97,6 +101,7 @@ impl Context {
 
     /// Kills the worker for good (the context has left the registry).
     pub async fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
         self.kill_busy(Ending::Delete);
         let mut slot = self.worker.lock().await;
         self.clear(&mut slot);
@@ -130,16 +135,9 @@ impl Context {
             slot = self.worker.lock() => slot,
             () = out.closed() => return,
         };
-        if slot.is_none() {
-            match self.spawn().await {
-                Ok(worker) => *slot = Some(worker),
-                Err(e) => {
-                    tracing::error!(context = self.id, error = chain(&e), "start worker");
-                    let ev = Event::error("InterpreterError", &chain(&e), "");
-                    let _ = out.send(ev.to_line()).await;
-                    return;
-                }
-            }
+        if let Err(event) = self.ensure_worker(&mut slot).await {
+            let _ = out.send(event.to_line()).await;
+            return;
         }
         let Some(worker) = slot.as_mut() else { return };
         let env = self.sandbox_env(worker, access_token.as_deref()).await;
@@ -170,19 +168,48 @@ impl Context {
         }
     }
 
+    /// A live worker in `slot`: the one there, or a new one if there is none or it died
+    /// between executions (as Jupyter restarts a dead kernel). The error line otherwise.
+    async fn ensure_worker(&self, slot: &mut MutexGuard<'_, Option<Worker>>) -> Result<(), Event> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(self.lost_worker_event(""));
+        }
+        if let Some(worker) = slot.as_mut().filter(|w| w.is_gone()) {
+            let why = worker.exit_description().await;
+            tracing::warn!(context = self.id, "worker exited between executions{why}");
+            self.clear(slot);
+        }
+        if slot.is_none() {
+            let worker = self.spawn().await.map_err(|e| {
+                tracing::error!(context = self.id, error = chain(&e), "start worker");
+                Event::error("InterpreterError", &chain(&e), "")
+            })?;
+            **slot = Some(worker);
+        }
+        Ok(())
+    }
+
     /// The sandbox's environment, once per worker; retried next time if envd is not there.
     async fn sandbox_env(
         &self,
         worker: &mut Worker,
         token: Option<&str>,
     ) -> Option<std::collections::BTreeMap<String, String>> {
-        let url = self.settings.envd_url.as_deref().filter(|_| worker.needs_env)?;
+        let url = self
+            .settings
+            .envd_url
+            .as_deref()
+            .filter(|_| worker.needs_env)?;
         match crate::envd::fetch_envs(url, token).await {
             Ok(env) => {
                 worker.needs_env = false;
                 Some(env)
             }
             Err(e) => {
+                // envd's answer will not change; a connection may work next time.
+                if !matches!(e, EnvdError::Connect(..) | EnvdError::Timeout(_)) {
+                    worker.needs_env = false;
+                }
                 tracing::warn!(context = self.id, error = chain(&e), "sandbox environment");
                 None
             }
@@ -211,7 +238,9 @@ impl Context {
                 () = out.closed(), if !client_gone => client_gone = true,
                 () = sleep_until(deadline), if deadline.is_some() => return Outcome::Abandoned,
             }
-            if client_gone && deadline.is_none() {
+            // Before the cell's count the worker may not be listening for SIGINT yet (it
+            // would be lost); it is from the count on.
+            if client_gone && started && deadline.is_none() {
                 tracing::info!(context = self.id, "client left mid-execution: interrupting");
                 worker.interrupt();
                 deadline = Some(Instant::now() + self.settings.interrupt_grace);

@@ -15,6 +15,11 @@ User code sees none of them: fd 0 becomes /dev/null, fds 1 and 2 become pipes wh
 (subprocesses, C extensions) is streamed as the cell's stdout and stderr, as ipykernel does,
 and `sys.stdout`/`sys.stderr` write into the same streams.
 
+A cell runs as IPython would run it: the value of a trailing expression is the main result
+(formatted with the object's `_repr_*_` methods), `display()` sends more, open pyplot figures
+are sent as PNG after the cell, top-level `await` works, and a cell that is not Python may
+use `!cmd`, `%pip`, `%cd` and `%matplotlib` lines.
+
 Only the standard library is imported up front (and nothing that seeds state a memory
 snapshot would then share between sandboxes, like `random`); matplotlib, pandas and
 e2b_charts are used when user code has imported them.
@@ -505,10 +510,14 @@ def show(obj, is_main):
         pyplot.close(obj)
 
 
-def display(*objs, **kwargs):
-    """IPython's display(): each object as a result that is not the cell's value."""
+def display(*objs, raw=False, **kwargs):
+    """IPython's display(): each object as a result that is not the cell's value (with
+    raw=True, each a MIME bundle already)."""
     for obj in objs:
-        show(obj, is_main=False)
+        if raw and isinstance(obj, dict):
+            HUB.send(result_event(obj, False))
+        else:
+            show(obj, is_main=False)
 
 
 def show_figures():
@@ -525,15 +534,25 @@ def show_figures():
     pyplot.close("all")
 
 
-class PyplotHook:
-    """Patches pyplot.show when user code first imports pyplot, so show() sends figures."""
+# Module -> what to change in it when user code first imports it.
+PATCHES = {
+    # show() sends the figures (as matplotlib-inline's show does).
+    "matplotlib.pyplot": lambda m: setattr(m, "show", lambda *a, **k: show_figures()),
+    # IPython's display() (IPython.display re-exports it) sends results, when installed.
+    "IPython.core.display_functions": lambda m: setattr(m, "display", display),
+}
+
+
+class ImportHook:
+    """Applies PATCHES once the module's own code has run, before the import returns."""
 
     def find_spec(self, name, path=None, target=None):
-        if name != "matplotlib.pyplot":
+        patch = PATCHES.pop(name, None)
+        if patch is None:
             return None
         import importlib.util
 
-        sys.meta_path.remove(self)
+        # Found by the other finders (this one no longer knows the name).
         spec = importlib.util.find_spec(name)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
@@ -541,7 +560,7 @@ class PyplotHook:
 
         def exec_module(module):
             run(module)
-            module.show = lambda *args, **kwargs: show_figures()
+            patch(module)
 
         spec.loader.exec_module = exec_module
         return spec
@@ -571,10 +590,12 @@ class Worker:
         saved = {}
         try:
             self.apply_env(request.get("env"))
-            HUB.send({"type": "number_of_executions", "execution_count": self.count})
+            # Armed before the count goes out: the server interrupts only once it has read
+            # the count, and that interrupt must not be lost.
             INTERRUPTS.armed = True
             try:
-                saved = self.override_env(request.get("env_vars"))
+                HUB.send({"type": "number_of_executions", "execution_count": self.count})
+                self.override_env(request.get("env_vars"), saved)
                 self.run_cell(code, filename)
             except BaseException as exc:
                 INTERRUPTS.armed = False
@@ -608,21 +629,30 @@ class Worker:
             except (ValueError, TypeError) as exc:
                 diag(f"env {key!r}: {exc}")
 
-    def override_env(self, env_vars):
-        """This execution's env_vars; returns the values to put back afterwards."""
-        saved = {}
+    def override_env(self, env_vars, saved):
+        """This execution's env_vars; `saved` gets the values to put back afterwards (also
+        when a bad name stops this halfway)."""
         for key, value in (env_vars or {}).items():
             if key not in saved:
                 saved[key] = os.environ.get(key)
             os.environ[key] = value
-        return saved
 
     def run_cell(self, code, filename):
         # Registered so tracebacks show the cell's lines (mtime None: never invalidated).
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
-        tree = ast.parse(code, filename=filename)
+        source = code
+        try:
+            tree = ast.parse(source, filename=filename)
+        except SyntaxError as first:
+            source = rewrite_magics(code)
+            if source is None:
+                raise
+            try:
+                tree = ast.parse(source, filename=filename)
+            except SyntaxError:
+                raise first from None
         last = None
-        if tree.body and isinstance(tree.body[-1], ast.Expr) and not quiet(code, tree.body[-1]):
+        if tree.body and isinstance(tree.body[-1], ast.Expr) and not quiet(source, tree.body[-1]):
             last = ast.Expression(tree.body.pop().value)
         if tree.body:
             self.run(compile(tree, filename, "exec", flags=COMPILE_FLAGS, dont_inherit=True))
@@ -644,6 +674,44 @@ class Worker:
                 asyncio.set_event_loop(self.loop)
             result = self.loop.run_until_complete(result)
         return result
+
+
+# The IPython line magics known here (run_magic runs them).
+MAGICS = ("pip", "cd", "matplotlib")
+
+
+def rewrite_magics(code):
+    """For a cell that is not Python: its `!cmd` lines (shell) and `%pip`, `%cd`,
+    `%matplotlib` lines as calls, line for line; None when there are none. Valid Python
+    is never rewritten. No `{var}` expansion, no `x = !cmd`, no cell magics."""
+    lines = code.split("\n")
+    changed = False
+    for i, line in enumerate(lines):
+        stripped = line.lstrip()
+        indent = line[: len(line) - len(stripped)]
+        if stripped.startswith("!"):
+            lines[i] = f"{indent}_wrenn_magic_('!', {stripped[1:].strip()!r})"
+            changed = True
+        elif stripped.startswith("%") and not stripped.startswith("%%"):
+            name, _, arg = stripped[1:].partition(" ")
+            if name in MAGICS:
+                lines[i] = f"{indent}_wrenn_magic_({name!r}, {arg.strip()!r})"
+                changed = True
+    return "\n".join(lines) if changed else None
+
+
+def run_magic(name, arg):
+    """What IPython does for the magic (see rewrite_magics)."""
+    if name == "!":
+        os.system(arg)
+    elif name == "pip":
+        import shlex
+
+        os.system(f"{shlex.quote(sys.executable)} -m pip {arg}")
+    elif name == "cd":
+        os.chdir(os.path.expanduser(arg or "~"))
+        print(os.getcwd())
+    # %matplotlib: figures are always shown inline here.
 
 
 def quiet(code, node):
@@ -713,7 +781,8 @@ def main():
     # import there).
     os.environ.setdefault("MPLBACKEND", "Agg")
     builtins.display = display
-    sys.meta_path.insert(0, PyplotHook())
+    builtins._wrenn_magic_ = run_magic
+    sys.meta_path.insert(0, ImportHook())
     worker = Worker()
     worker.setup_namespace()
     HUB.start()

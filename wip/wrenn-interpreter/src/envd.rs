@@ -94,7 +94,10 @@ mod tests {
     #[test]
     fn answers_parse() {
         let ok = b"HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n\r\n{\"A\":\"1\"}";
-        assert_eq!(parse_answer(ok).unwrap().get("A").map(String::as_str), Some("1"));
+        assert_eq!(
+            parse_answer(ok).unwrap().get("A").map(String::as_str),
+            Some("1")
+        );
         let denied = b"HTTP/1.0 401 Unauthorized\r\n\r\n{}";
         assert!(matches!(parse_answer(denied), Err(EnvdError::Status(_))));
     }

@@ -4,8 +4,8 @@
 //! error with the body as its message, and any other status into a sandbox error naming the
 //! status (and, in Python, the body).
 
-use axum::response::{IntoResponse, Response};
 use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 
 use crate::worker::WorkerError;
 

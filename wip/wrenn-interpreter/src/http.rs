@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -24,6 +24,8 @@ use crate::error::ApiError;
 use crate::registry::{Registry, info};
 use crate::wire::{ContextInfo, CreateContextRequest, Event, ExecuteRequest};
 
+/// A cell may carry data (E2B's server sets no limit; axum's default is 2 MiB).
+const MAX_EXECUTE_BODY: usize = 64 << 20;
 /// Lines an execution may have ready before the client reads them.
 const STREAM_QUEUE: usize = 32;
 
@@ -36,7 +38,10 @@ struct AppState {
 pub fn router(registry: Arc<Registry>, keepalive: Duration) -> Router {
     Router::new()
         .route("/health", get(health))
-        .route("/execute", post(execute))
+        .route(
+            "/execute",
+            post(execute).layer(DefaultBodyLimit::max(MAX_EXECUTE_BODY)),
+        )
         .route("/contexts", post(create_context).get(list_contexts))
         .route("/contexts/{id}/restart", post(restart_context))
         .route("/contexts/{id}", delete(remove_context))
@@ -120,10 +125,7 @@ async fn restart_context(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<()>, ApiError> {
-    let ctx = st
-        .registry
-        .get(&id)
-        .ok_or_else(|| ApiError::ContextNotFound(id))?;
+    let ctx = st.registry.get(&id).ok_or(ApiError::ContextNotFound(id))?;
     ctx.restart().await.map_err(ApiError::Start)?;
     Ok(Json(()))
 }
@@ -163,7 +165,10 @@ async fn cors(req: Request, next: Next) -> Response {
                     HeaderValue::from_static("DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"),
                 ),
                 (header::ACCESS_CONTROL_ALLOW_HEADERS, allow_headers),
-                (header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600")),
+                (
+                    header::ACCESS_CONTROL_MAX_AGE,
+                    HeaderValue::from_static("600"),
+                ),
             ],
         )
             .into_response();

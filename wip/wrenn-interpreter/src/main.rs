@@ -18,10 +18,7 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(wrenn_interpreter::run(config)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!(
-                "wrenn-interpreter: {}",
-                wrenn_interpreter::error::chain(&e)
-            );
+            eprintln!("wrenn-interpreter: {}", wrenn_interpreter::error::chain(&e));
             std::process::ExitCode::FAILURE
         }
     }

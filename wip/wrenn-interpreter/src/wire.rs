@@ -52,9 +52,12 @@ pub struct ContextInfo {
 pub enum Event {
     Stdout(LogLine),
     Stderr(LogLine),
-    Result(ExecutionResult),
+    /// Boxed: far bigger than the other variants.
+    Result(Box<ExecutionResult>),
     Error(ExecutionError),
-    NumberOfExecutions { execution_count: u64 },
+    NumberOfExecutions {
+        execution_count: u64,
+    },
     Keepalive,
     EndOfExecution,
     /// Worker only: started and waiting for commands.
@@ -175,11 +178,11 @@ mod tests {
 
     #[test]
     fn result_lines_leave_out_absent_fields() {
-        let ev = Event::Result(ExecutionResult {
+        let ev = Event::Result(Box::new(ExecutionResult {
             text: Some("2".into()),
             is_main_result: true,
             ..Default::default()
-        });
+        }));
         assert_eq!(
             ev.to_line(),
             "{\"type\":\"result\",\"text\":\"2\",\"extra\":{},\"is_main_result\":true}\n"

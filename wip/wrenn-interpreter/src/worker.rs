@@ -151,6 +151,11 @@ impl Worker {
         self.events.recv().await
     }
 
+    /// The worker closed its event stream: it exited (or is exiting).
+    pub fn is_gone(&self) -> bool {
+        self.events.is_closed()
+    }
+
     /// Drops events that came between cells (output of a thread the last cell left running):
     /// E2B does not deliver them either.
     pub fn drop_stale_events(&mut self) {
@@ -224,7 +229,10 @@ async fn read_events(stdout: ChildStdout, tx: mpsc::Sender<Event>, label: String
         match read_line(&mut reader, &mut line, MAX_LINE).await {
             Ok(Some(Line::Whole)) => {}
             Ok(Some(Line::TooLong)) => {
-                tracing::warn!(context = label, "worker event over {MAX_LINE} bytes dropped");
+                tracing::warn!(
+                    context = label,
+                    "worker event over {MAX_LINE} bytes dropped"
+                );
                 continue;
             }
             Ok(None) => break,

@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{Server, main_text, of_type, python, python_has, stdout, test_config};
+use support::{Server, kinds, main_text, of_type, stdout, test_config};
 
 #[tokio::test]
 async fn health_and_the_default_context() {
@@ -46,7 +46,11 @@ async fn an_expression_is_the_main_result() {
     for code in ["x = 1", "1+1;", "None", "print"] {
         let lines = s.run(code).await;
         let results = of_type(&lines, "result");
-        assert_eq!(results.len(), usize::from(code == "print"), "{code}: {lines:?}");
+        assert_eq!(
+            results.len(),
+            usize::from(code == "print"),
+            "{code}: {lines:?}"
+        );
     }
     // E2B strips the quotes of a string's repr.
     assert_eq!(main_text(&s.run("'abc'").await), Some("abc"));
@@ -76,9 +80,8 @@ async fn output_is_streamed_in_order() {
     let lines = s
         .run("import os, sys\nprint('hello')\nos.system('echo from a subprocess')\nprint('oops', file=sys.stderr)\ndisplay(3)\n4")
         .await;
-    let kinds: Vec<&str> = lines.iter().map(|l| l["type"].as_str().unwrap()).collect();
     assert_eq!(
-        kinds,
+        kinds(&lines),
         [
             "number_of_executions",
             "stdout",
@@ -89,11 +92,12 @@ async fn output_is_streamed_in_order() {
         ],
         "{lines:?}"
     );
-    assert_eq!(lines[1]["text"], "hello\nfrom a subprocess\n");
+    assert_eq!(stdout(&lines), "hello\nfrom a subprocess\n");
     assert!(lines[1]["timestamp"].as_str().unwrap().ends_with("+00:00"));
-    assert_eq!(lines[2]["text"], "oops\n");
-    assert_eq!(lines[3]["is_main_result"], false);
-    assert_eq!(lines[3]["text"], "3");
+    assert_eq!(of_type(&lines, "stderr")[0]["text"], "oops\n");
+    let results = of_type(&lines, "result");
+    assert_eq!(results[0]["is_main_result"], false);
+    assert_eq!(results[0]["text"], "3");
     assert_eq!(main_text(&lines), Some("4"));
     let lines = s.run("print('héllo \u{2028} ✓')").await;
     assert_eq!(stdout(&lines), "héllo \u{2028} ✓\n");
@@ -111,7 +115,10 @@ async fn exceptions_are_error_lines() {
     assert_eq!(e["value"], "division by zero");
     let tb = e["traceback"].as_str().unwrap();
     assert!(tb.starts_with("Traceback (most recent call last):"), "{tb}");
-    assert!(tb.contains("1/0") && tb.ends_with("ZeroDivisionError: division by zero\n"), "{tb}");
+    assert!(
+        tb.contains("1/0") && tb.ends_with("ZeroDivisionError: division by zero\n"),
+        "{tb}"
+    );
     assert!(!tb.contains("wrenn-driver"), "{tb}");
 
     let lines = s.run("1 +").await;
@@ -120,6 +127,22 @@ async fn exceptions_are_error_lines() {
     assert_eq!(of_type(&lines, "error")[0]["name"], "SystemExit");
     // The context survives all of it.
     assert_eq!(main_text(&s.run("'still here'").await), Some("still here"));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn common_ipython_line_magics_work() {
+    let s = Server::start().await;
+    let dir = tempdir();
+    let code =
+        format!("!echo from the shell\n%cd {dir}\n%matplotlib inline\nimport os\nos.getcwd()");
+    let lines = s.run(&code).await;
+    assert_eq!(stdout(&lines), format!("from the shell\n{dir}\n"));
+    assert_eq!(main_text(&lines), Some(dir.as_str()));
+    // Python that happens to hold a `!` is left alone; unknown magics are syntax errors.
+    assert_eq!(stdout(&s.run("print(\n'!x')").await), "!x\n");
+    let lines = s.run("%timeit 1").await;
+    assert_eq!(of_type(&lines, "error")[0]["name"], "SyntaxError");
     s.stop().await;
 }
 
@@ -197,8 +220,9 @@ async fn restart_clears_state() {
 #[tokio::test]
 async fn restart_ends_a_running_execution() {
     let s = Server::start().await;
-    let running = s.post_execute(json!({"code": "import time\nprint('started', flush=True)\ntime.sleep(60)"}));
-    let running = tokio::spawn(async move { running.await.text().await.unwrap() });
+    let running = s.spawn_execute(
+        json!({"code": "import time\nprint('started', flush=True)\ntime.sleep(60)"}),
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let id = default_id(&s).await;
     let res = s
@@ -265,6 +289,15 @@ async fn requests_the_sdk_maps_to_errors() {
 }
 
 #[tokio::test]
+async fn cells_may_be_big() {
+    let s = Server::start().await;
+    let data = "x".repeat(3 << 20);
+    let lines = s.run(&format!("len('{data}')")).await;
+    assert_eq!(main_text(&lines), Some("3145728"));
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn env_vars_last_one_execution() {
     let s = Server::start().await;
     s.run("import os; os.environ['KEEP'] = 'before'").await;
@@ -295,7 +328,9 @@ async fn sandbox_envs_come_from_envd_with_the_callers_token() {
     let app = axum::Router::new().route(
         "/envs",
         axum::routing::get(move |headers: axum::http::HeaderMap| async move {
-            let token = headers.get("x-access-token").map(|v| v.to_str().unwrap().to_owned());
+            let token = headers
+                .get("x-access-token")
+                .map(|v| v.to_str().unwrap().to_owned());
             seen.lock().unwrap().push(token.unwrap_or_default());
             axum::Json(json!({"SANDBOX_VAR": "from-envd", "SHADOWED": "global"}))
         }),
@@ -324,8 +359,7 @@ async fn sandbox_envs_come_from_envd_with_the_callers_token() {
 #[tokio::test]
 async fn executions_on_one_context_take_turns() {
     let s = Server::start().await;
-    let first = s.post_execute(json!({"code": "import time\ntime.sleep(0.5)\ny = 1"}));
-    let first = tokio::spawn(async move { first.await.text().await.unwrap() });
+    let first = s.spawn_execute(json!({"code": "import time\ntime.sleep(0.5)\ny = 1"}));
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Queued behind the first, so it sees what the first set.
     assert_eq!(main_text(&s.run("y").await), Some("1"));
@@ -336,7 +370,9 @@ async fn executions_on_one_context_take_turns() {
 #[tokio::test]
 async fn long_executions_carry_keepalives() {
     let s = Server::start().await;
-    let res = s.post_execute(json!({"code": "import time; time.sleep(1); 1"})).await;
+    let res = s
+        .post_execute(json!({"code": "import time; time.sleep(1); 1"}))
+        .await;
     let text = res.text().await.unwrap();
     assert!(text.contains("{\"type\":\"keepalive\"}\n"), "{text}");
     s.stop().await;
@@ -382,20 +418,31 @@ async fn a_worker_that_dies_is_replaced() {
     let lines = s.run("import os; os._exit(3)").await;
     let e = of_type(&lines, "error")[0];
     assert_eq!(e["name"], "ContextRestarting");
-    assert!(e["traceback"].as_str().unwrap().contains("exit status: 3"), "{e}");
+    assert!(
+        e["traceback"].as_str().unwrap().contains("exit status: 3"),
+        "{e}"
+    );
     let lines = s.run("'x' in globals()").await;
     assert_eq!(main_text(&lines), Some("False"));
+    assert_eq!(lines[0]["execution_count"], 1);
+    // Killed while idle (the OOM killer, say): the next execution just runs on a new one.
+    let lines = s.run("import os; os.getpid()").await;
+    let pid: i32 = main_text(&lines).unwrap().parse().unwrap();
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lines = s.run("'fresh'").await;
+    assert_eq!(of_type(&lines, "error"), Vec::<&Value>::new(), "{lines:?}");
+    assert_eq!(main_text(&lines), Some("fresh"));
     assert_eq!(lines[0]["execution_count"], 1);
     s.stop().await;
 }
 
 #[tokio::test]
 async fn matplotlib_figures_become_png_results() {
-    // The host's python3 may lack matplotlib; Debian's /usr/bin/python3 may have it.
-    let Some(py) = [python(), "/usr/bin/python3".into()]
-        .into_iter()
-        .find(|p| python_has(p, "matplotlib"))
-    else {
+    let Some(py) = support::python_with_matplotlib() else {
         eprintln!("skipped: no python3 with matplotlib (apt-get install python3-matplotlib)");
         return;
     };
@@ -403,12 +450,18 @@ async fn matplotlib_figures_become_png_results() {
     config.python = py.into();
     let s = Server::start_with(config).await;
     let lines = s
-        .run("import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()\nprint('after show')")
+        .run(
+            "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()\nprint('after show')",
+        )
         .await;
-    let kinds: Vec<&str> = lines.iter().map(|l| l["type"].as_str().unwrap()).collect();
     assert_eq!(
-        kinds,
-        ["number_of_executions", "result", "stdout", "end_of_execution"],
+        kinds(&lines),
+        [
+            "number_of_executions",
+            "result",
+            "stdout",
+            "end_of_execution"
+        ],
         "{lines:?}"
     );
     assert_png(&lines[1]);
@@ -421,11 +474,31 @@ async fn matplotlib_figures_become_png_results() {
     assert_eq!(results[0]["text"], "v");
     assert_png(results[1]);
     // A figure as the cell's value is its main result, shown once.
-    let lines = s.run("fig, ax = plt.subplots(); ax.plot([3, 1]); fig").await;
+    let lines = s
+        .run("fig, ax = plt.subplots(); ax.plot([3, 1]); fig")
+        .await;
     let results = of_type(&lines, "result");
     assert_eq!(results.len(), 1, "{lines:?}");
     assert_eq!(results[0]["is_main_result"], true);
     assert_png(results[0]);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn ipython_display_sends_results_when_installed() {
+    if !support::python_has(&support::python(), "IPython") {
+        eprintln!("skipped: python3 has no IPython");
+        return;
+    }
+    let s = Server::start().await;
+    let code = "from IPython.display import display, HTML, Markdown\ndisplay(HTML('<b>x</b>'))\nMarkdown('# t')";
+    let lines = s.run(code).await;
+    let results = of_type(&lines, "result");
+    assert_eq!(results.len(), 2, "{lines:?}");
+    assert_eq!(results[0]["html"], "<b>x</b>");
+    assert_eq!(results[0]["is_main_result"], false);
+    assert_eq!(results[1]["markdown"], "# t");
+    assert_eq!(results[1]["is_main_result"], true);
     s.stop().await;
 }
 
@@ -437,23 +510,35 @@ async fn cors_is_open() {
         .request(reqwest::Method::OPTIONS, s.url("/execute"))
         .header("Origin", "https://app.example")
         .header("Access-Control-Request-Method", "POST")
-        .header("Access-Control-Request-Headers", "content-type,x-access-token")
+        .header(
+            "Access-Control-Request-Headers",
+            "content-type,x-access-token",
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
     let h = res.headers();
     assert_eq!(h["access-control-allow-origin"], "*");
-    assert_eq!(h["access-control-allow-headers"], "content-type,x-access-token");
+    assert_eq!(
+        h["access-control-allow-headers"],
+        "content-type,x-access-token"
+    );
     let res = s.client.get(s.url("/health")).send().await.unwrap();
     assert_eq!(res.headers()["access-control-allow-origin"], "*");
     s.stop().await;
 }
 
 fn assert_png(result: &Value) {
-    let png = result["png"].as_str().unwrap_or_else(|| panic!("no png: {result}"));
+    let png = result["png"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no png: {result}"));
     // Base64 of the PNG signature.
-    assert!(png.starts_with("iVBORw0KGgo"), "{}", &png[..png.len().min(40)]);
+    assert!(
+        png.starts_with("iVBORw0KGgo"),
+        "{}",
+        &png[..png.len().min(40)]
+    );
 }
 
 async fn read_until(res: &mut reqwest::Response, needle: &str) {

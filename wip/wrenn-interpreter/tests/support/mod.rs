@@ -21,6 +21,14 @@ pub fn python_has(python: &str, module: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// A Python with matplotlib for the workers: [`python`], else Debian's `/usr/bin/python3`
+/// (`apt-get install python3-matplotlib`).
+pub fn python_with_matplotlib() -> Option<String> {
+    [python(), "/usr/bin/python3".into()]
+        .into_iter()
+        .find(|p| python_has(p, "matplotlib"))
+}
+
 pub struct Server {
     pub base: String,
     pub client: reqwest::Client,
@@ -53,7 +61,9 @@ impl Server {
             let stop = async move {
                 let _ = stopped.await;
             };
-            wrenn_interpreter::serve(listener, config, stop).await.unwrap();
+            wrenn_interpreter::serve(listener, config, stop)
+                .await
+                .unwrap();
         });
         let client = reqwest::Client::builder()
             .no_proxy()
@@ -89,6 +99,12 @@ impl Server {
             .unwrap()
     }
 
+    /// `POST /execute` in the background; the whole body once it ends.
+    pub fn spawn_execute(&self, body: Value) -> tokio::task::JoinHandle<String> {
+        let req = self.client.post(self.url("/execute")).json(&body);
+        tokio::spawn(async move { req.send().await.unwrap().text().await.unwrap() })
+    }
+
     /// Runs `body` to the end; every line but keepalives, parsed.
     pub async fn execute(&self, body: Value) -> Vec<Value> {
         let res = self.post_execute(body).await;
@@ -100,7 +116,11 @@ impl Server {
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
             .filter(|v: &Value| v["type"] != "keepalive")
             .collect();
-        assert_eq!(lines.last(), Some(&json!({"type": "end_of_execution"})), "{text}");
+        assert_eq!(
+            lines.last(),
+            Some(&json!({"type": "end_of_execution"})),
+            "{text}"
+        );
         lines
     }
 
@@ -159,4 +179,17 @@ pub fn stdout(lines: &[Value]) -> String {
         .iter()
         .filter_map(|l| l["text"].as_str())
         .collect()
+}
+
+/// The lines' types in order, runs of stdout or stderr as one (how output is cut into
+/// chunks depends on timing).
+pub fn kinds(lines: &[Value]) -> Vec<&str> {
+    let mut kinds: Vec<&str> = Vec::new();
+    for ty in lines.iter().filter_map(|l| l["type"].as_str()) {
+        let stream = ty == "stdout" || ty == "stderr";
+        if !(stream && kinds.last() == Some(&ty)) {
+            kinds.push(ty);
+        }
+    }
+    kinds
 }
