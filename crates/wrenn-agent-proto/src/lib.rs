@@ -26,6 +26,7 @@ pub mod paths {
     pub const LOGS: &str = "/wrenn.agent.v1.AgentService/Logs";
     pub const SNAPSHOT: &str = "/wrenn.agent.v1.AgentService/Snapshot";
     pub const HOST_INFO: &str = "/wrenn.agent.v1.AgentService/HostInfo";
+    pub const BUILD_TEMPLATE: &str = "/wrenn.agent.v1.AgentService/BuildTemplate";
 }
 
 #[cfg(test)]

@@ -23,6 +23,8 @@ pub struct Agent {
     /// vCPUs offered per host core (sandboxes idle most of the time).
     cpu_overcommit: u32,
     ctl: Arc<Controller<QemuRuntime>>,
+    /// Template builds (`None`: this agent builds none).
+    builds: Option<Arc<crate::builds::Builds>>,
 }
 
 /// What the host has and uses, for placement.
@@ -64,6 +66,7 @@ impl Agent {
             proxy_url: String::new(),
             cpu_overcommit: 1,
             ctl: Controller::new(runtime, max_sandboxes),
+            builds: None,
         }
     }
 
@@ -77,6 +80,22 @@ impl Agent {
     pub fn with_proxy_url(mut self, url: impl Into<String>) -> Self {
         self.proxy_url = url.into();
         self
+    }
+
+    /// Builds templates with `builds`, and makes the templates it built earlier startable.
+    pub fn with_builds(self, builds: crate::builds::Builds) -> Self {
+        for (snapshot, info) in builds.existing() {
+            self.register_template(info.build_id, snapshot, None, info.envd_version);
+        }
+        Self {
+            builds: Some(Arc::new(builds)),
+            ..self
+        }
+    }
+
+    /// The template build service, if this agent builds templates.
+    pub fn builds(&self) -> Option<&Arc<crate::builds::Builds>> {
+        self.builds.as_ref()
     }
 
     /// The controller.

@@ -43,6 +43,9 @@ pub struct HostConfig {
     pub uplink: Option<String>,
     /// What the host allows every guest beyond its own policy (`enabled` follows `uplink`).
     pub egress: EgressSettings,
+    /// Where templates are kept; with it the host builds templates (in the first slot) and
+    /// keeps the ones it built in `builds/` under it (`None`: no builds).
+    pub templates_dir: Option<PathBuf>,
 }
 
 /// Why a host could not be brought up.
@@ -152,17 +155,19 @@ impl Host {
             enabled: config.uplink.is_some(),
             ..config.egress.clone()
         });
-        let agent = Arc::new(
-            Agent::new(
-                config.host_id.clone(),
-                slots.clone(),
-                config.vms_root.clone(),
-                config.max_sandboxes,
-                config.deadlines,
-            )
-            .with_proxy_url(config.proxy_url.clone())
-            .with_cpu_overcommit(config.cpu_overcommit),
-        );
+        let mut agent = Agent::new(
+            config.host_id.clone(),
+            slots.clone(),
+            config.vms_root.clone(),
+            config.max_sandboxes,
+            config.deadlines,
+        )
+        .with_proxy_url(config.proxy_url.clone())
+        .with_cpu_overcommit(config.cpu_overcommit);
+        if let Some(dir) = &config.templates_dir {
+            agent = agent.with_builds(crate::builds::Builds::new(dir, range.start));
+        }
+        let agent = Arc::new(agent);
         let loaded = agent.load_paused(&scan.paused);
         let taken = agent
             .adopt_running(vms.into_iter().zip(leases).collect())

@@ -12,6 +12,7 @@
 pub mod accel;
 mod agent;
 pub mod build;
+pub mod builds;
 pub mod controller;
 pub mod envd;
 mod fault;

@@ -117,6 +117,13 @@ impl QemuRuntime {
         lock(&self.templates).insert(template_id.into(), Arc::new(t));
     }
 
+    /// The snapshot of template `id` and its envd version.
+    pub fn template_snapshot(&self, id: &str) -> Option<(Snapshot, String)> {
+        lock(&self.templates)
+            .get(id)
+            .map(|t| (t.snapshot.clone(), t.envd_version.clone()))
+    }
+
     /// Drops every template (their warm pools' waiting QEMUs with them): no more creates.
     pub fn drop_templates(&self) {
         let templates = std::mem::take(&mut *lock(&self.templates));

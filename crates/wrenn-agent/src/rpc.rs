@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use wrenn_agent_proto::paths;
 use wrenn_agent_proto::v1::{
-    CreateRequest, CreateResponse, HostInfoRequest, HostInfoResponse, KillRequest, KillResponse,
-    ListRequest, ListResponse, LogEntry, LogsRequest, MetricsRequest, PauseRequest, PauseResponse,
-    ResumeRequest, ResumeResponse, SandboxState, SandboxStatus, SetTimeoutRequest,
-    SetTimeoutResponse, SnapshotRequest, SnapshotResponse, UpdateNetworkRequest,
-    UpdateNetworkResponse,
+    BuildTemplateEvent, BuildTemplateRequest, CreateRequest, CreateResponse, HostInfoRequest,
+    HostInfoResponse, KillRequest, KillResponse, ListRequest, ListResponse, LogEntry, LogsRequest,
+    MetricsRequest, PauseRequest, PauseResponse, ResumeRequest, ResumeResponse, SandboxState,
+    SandboxStatus, SetTimeoutRequest, SetTimeoutResponse, SnapshotRequest, SnapshotResponse,
+    UpdateNetworkRequest, UpdateNetworkResponse,
 };
 use wrenn_connect::{BoxStream, Code, ConnectError, RpcRouter};
 
@@ -127,6 +127,31 @@ async fn resume(agent: Arc<Agent>, req: ResumeRequest) -> Result<ResumeResponse,
     })
 }
 
+/// Starts a template build, detached: it finishes (and its template is registered) even if
+/// the caller goes away; the stream carries its events while the caller listens.
+fn build_template(
+    agent: Arc<Agent>,
+    req: BuildTemplateRequest,
+) -> Result<BoxStream<BuildTemplateEvent>, ConnectError> {
+    let Some(builds) = agent.builds().cloned() else {
+        return Err(ConnectError::unimplemented(
+            "this agent does not build templates",
+        ));
+    };
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move { builds.run(&agent, req, tx).await });
+    let stream = tokio_stream_of(rx);
+    Ok(stream)
+}
+
+fn tokio_stream_of(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<BuildTemplateEvent>,
+) -> BoxStream<BuildTemplateEvent> {
+    Box::pin(futures::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx).map(|m| m.map(Ok))
+    }))
+}
+
 /// The Connect router for `AgentService`; also starts the backstop reaper and the metrics
 /// sampler (which end when the agent is dropped).
 pub fn router(agent: Arc<Agent>) -> axum::Router {
@@ -231,6 +256,13 @@ pub fn router(agent: Arc<Agent>) -> axum::Router {
                         futures::stream::iter(entries.map_err(into_connect)?.into_iter().map(Ok));
                     Ok::<_, ConnectError>(Box::pin(stream) as BoxStream<LogEntry>)
                 }
+            }
+        })
+        .server_stream(paths::BUILD_TEMPLATE, {
+            let a = a.clone();
+            move |_ctx, req: BuildTemplateRequest| {
+                let a = a.clone();
+                async move { build_template(a, req) }
             }
         })
         .unary(paths::SNAPSHOT, |_ctx, _req: SnapshotRequest| async {

@@ -12,6 +12,7 @@
 
 mod admin;
 mod sandbox;
+mod template;
 
 pub use admin::{AgentSecret, CreatedApiKey, Host, NewApiKey, NewHost, NewTeam, Team};
 pub use sandbox::{
@@ -19,6 +20,11 @@ pub use sandbox::{
     NewSandbox, NewSnapshot, PauseSandbox, RefreshSandbox, ResumedSandbox, Sandbox, SandboxDetail,
     SandboxLog, SandboxLogEntry, SandboxLogs, SandboxMetric, SandboxTimeout, SnapshotInfo,
     TemplateAlias,
+};
+pub use template::{
+    AssignTemplateTags, AssignedTemplateTags, BuildLogEntry, BuildStatusReason, DeleteTemplateTags,
+    TemplateBuildInfo, TemplateBuildRequest, TemplateBuildRequested, TemplateBuildStart,
+    TemplateBuildStatus, TemplateFileUpload, TemplateListed, TemplateStep, TemplateTag,
 };
 
 /// `clientID` in every sandbox response: a constant kept for backward compatibility, the same

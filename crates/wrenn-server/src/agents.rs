@@ -17,16 +17,19 @@ use async_trait::async_trait;
 use futures::TryStreamExt;
 use wrenn_agent_proto::paths;
 use wrenn_agent_proto::v1::{
-    CreateRequest, CreateResponse, HostInfoRequest, HostInfoResponse, KillRequest, KillResponse,
-    ListRequest, ListResponse, LogEntry, LogsRequest, MetricsRequest, MetricsResponse,
-    PauseRequest, PauseResponse, ResumeRequest, ResumeResponse, SetTimeoutRequest,
-    SetTimeoutResponse, SnapshotRequest, SnapshotResponse, UpdateNetworkRequest,
+    BuildTemplateEvent, BuildTemplateRequest, CreateRequest, CreateResponse, HostInfoRequest,
+    HostInfoResponse, KillRequest, KillResponse, ListRequest, ListResponse, LogEntry, LogsRequest,
+    MetricsRequest, MetricsResponse, PauseRequest, PauseResponse, ResumeRequest, ResumeResponse,
+    SetTimeoutRequest, SetTimeoutResponse, SnapshotRequest, SnapshotResponse, UpdateNetworkRequest,
     UpdateNetworkResponse,
 };
-use wrenn_connect::{Client, ConnectError};
+use wrenn_connect::{BoxStream, Client, ConnectError};
 
 use crate::store::HostRecord;
 use crate::tokens;
+
+/// The longest a template build's event stream stays open.
+const BUILD_STREAM_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
 /// The agent RPC, one method per procedure of `wrenn.agent.v1.AgentService`.
 #[async_trait]
@@ -47,6 +50,16 @@ pub trait AgentClient: Send + Sync {
     async fn logs(&self, req: LogsRequest) -> Result<Vec<LogEntry>, ConnectError>;
     async fn snapshot(&self, req: SnapshotRequest) -> Result<SnapshotResponse, ConnectError>;
     async fn host_info(&self, req: HostInfoRequest) -> Result<HostInfoResponse, ConnectError>;
+    /// Starts a template build; its events until `done` or `failed`.
+    async fn build_template(
+        &self,
+        req: BuildTemplateRequest,
+    ) -> Result<BoxStream<BuildTemplateEvent>, ConnectError> {
+        let _ = req;
+        Err(ConnectError::unimplemented(
+            "this agent does not build templates",
+        ))
+    }
 }
 
 /// Makes the client for a host (over the network in production; a test double in tests).
@@ -62,6 +75,8 @@ pub struct ConnectAgentClient {
     quick: Client,
     /// Calls that start, restore or snapshot a VM; cold paths under TCG take seconds.
     slow: Client,
+    /// Template builds: a stream as long as the build (steps may run for an hour each).
+    builds: Client,
 }
 
 impl ConnectAgentClient {
@@ -76,7 +91,8 @@ impl ConnectAgentClient {
             .with_header(http::header::AUTHORIZATION, bearer);
         Ok(ConnectAgentClient {
             quick: base.clone().with_timeout(Duration::from_secs(15)),
-            slow: base.with_timeout(Duration::from_secs(120)),
+            slow: base.clone().with_timeout(Duration::from_secs(120)),
+            builds: base.with_timeout(BUILD_STREAM_TIMEOUT),
         })
     }
 }
@@ -126,6 +142,12 @@ impl AgentClient for ConnectAgentClient {
     }
     async fn host_info(&self, req: HostInfoRequest) -> Result<HostInfoResponse, ConnectError> {
         self.quick.unary(paths::HOST_INFO, &req).await
+    }
+    async fn build_template(
+        &self,
+        req: BuildTemplateRequest,
+    ) -> Result<BoxStream<BuildTemplateEvent>, ConnectError> {
+        self.builds.server_stream(paths::BUILD_TEMPLATE, &req).await
     }
 }
 

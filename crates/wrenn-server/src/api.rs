@@ -28,6 +28,8 @@ use crate::service::{ControlPlane, decode_cursor};
 use crate::store::{SandboxFilter, TeamRecord, TemplateRecord};
 use crate::tokens;
 
+mod templates;
+
 type Cp = State<Arc<ControlPlane>>;
 
 /// Largest page of a list.
@@ -57,6 +59,7 @@ pub(crate) fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/admin/hosts", post(admin_register_host))
         .route("/admin/hosts/{id}", delete(not_implemented))
         .route("/admin/hosts/{id}/secret", get(admin_host_secret))
+        .merge(templates::routes())
         .fallback(not_found)
         .with_state(cp)
 }
@@ -604,6 +607,8 @@ async fn admin_register_template(
         vcpus: t.cpu_count.unwrap_or(2),
         memory_mb: t.memory_mb.unwrap_or(512),
         disk_size_mb: t.disk_size_mb.unwrap_or(2048),
+        name: None,
+        build: None,
     })
     .await?;
     Ok(StatusCode::NO_CONTENT)

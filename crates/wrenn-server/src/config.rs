@@ -36,6 +36,12 @@ pub struct Config {
     pub idempotency_wait: Duration,
     /// Envd version reported for sandboxes whose template record has none.
     pub default_envd_version: String,
+    /// Where uploaded build-context archives are kept (`None`: builds with `COPY` steps are
+    /// refused).
+    pub build_files: Option<std::path::PathBuf>,
+    /// The URL this API is reached at, for the upload links the SDKs get and the download links
+    /// agents get. `None`: the request's `Host`.
+    pub api_url: Option<String>,
 }
 
 impl Config {
@@ -53,6 +59,8 @@ impl Config {
             settle_grace: Duration::from_secs(180),
             idempotency_wait: Duration::from_secs(120),
             default_envd_version: DEFAULT_ENVD_VERSION.to_owned(),
+            build_files: None,
+            api_url: None,
         }
     }
 }

@@ -21,8 +21,8 @@ use wrenn_agent_proto::v1 as agent;
 use wrenn_api::{NewSandbox, Sandbox};
 use wrenn_connect::{Code, ConnectError};
 use wrenn_core::{
-    HostCapacity, PlacementRequest, SandboxId, SandboxState, TemplateId, UnixMillis, backstop,
-    pick_host,
+    HostCapacity, HostId, PlacementRequest, SandboxId, SandboxState, TemplateId, UnixMillis,
+    backstop, pick_host,
 };
 
 use crate::error::{ApiError, Chain};
@@ -165,12 +165,17 @@ impl ControlPlane {
             .end_at(now(), body.timeout)
             .map_err(bad_request)?;
         let tpl = self
-            .store
-            .get_template(&body.template_id, &team.id)
+            .resolve_template(&team.id, &body.template_id)
             .await?
             .ok_or_else(|| {
                 ApiError::NotFound(format!("Template \"{}\" not found", body.template_id))
             })?;
+        if tpl.name.is_some() && tpl.build.is_none() {
+            return Err(ApiError::BadRequest(format!(
+                "Template \"{}\" has no finished build yet",
+                body.template_id
+            )));
+        }
         match key {
             None => {
                 let id = SandboxId::from_random(rand::random());
@@ -326,8 +331,10 @@ impl ControlPlane {
             updated_at: now,
             network,
         };
-        let host = self.place_and_insert(&mut rec).await?;
-        if let Err(e) = self.start_vm(&rec, &host).await {
+        let host = self.place_and_insert(&mut rec, tpl).await?;
+        // A built template's version is on the host that built it, under its build's ID.
+        let on_host = tpl.build.as_ref().map_or(&tpl.id, |b| &b.id);
+        if let Err(e) = self.start_vm(&rec, &host, on_host).await {
             self.forget_create(&rec).await;
             return Err(e);
         }
@@ -337,8 +344,14 @@ impl ControlPlane {
     }
 
     /// The most-free registered host that fits the request, counting creates in flight.
-    async fn place(&self, vcpus: u32, memory_mb: u64) -> Result<HostRecord, ApiError> {
-        let hosts = self.store.list_hosts().await?;
+    pub(crate) async fn place(
+        &self,
+        vcpus: u32,
+        memory_mb: u64,
+        only: Option<&HostId>,
+    ) -> Result<HostRecord, ApiError> {
+        let mut hosts = self.store.list_hosts().await?;
+        hosts.retain(|h| only.is_none_or(|o| *o == h.id));
         let usage = self.store.host_usage().await?;
         let caps: Vec<HostCapacity> = hosts
             .iter()
@@ -367,9 +380,14 @@ impl ControlPlane {
     /// Places `rec` and writes it, `creating`, where it was placed. The usage read by
     /// [`Self::place`] may be stale by the time the record goes in; the insert checks the room
     /// again atomically, and a create that lost the race places again.
-    async fn place_and_insert(&self, rec: &mut SandboxRecord) -> Result<HostRecord, ApiError> {
+    async fn place_and_insert(
+        &self,
+        rec: &mut SandboxRecord,
+        tpl: &TemplateRecord,
+    ) -> Result<HostRecord, ApiError> {
+        let only = tpl.build.as_ref().map(|b| &b.host_id);
         for _ in 0..PLACE_ATTEMPTS {
-            let host = self.place(rec.vcpus, rec.memory_mb).await?;
+            let host = self.place(rec.vcpus, rec.memory_mb, only).await?;
             rec.host_id = Some(host.id.clone());
             if self.store.insert_placed(rec).await? {
                 return Ok(host);
@@ -380,11 +398,16 @@ impl ControlPlane {
     }
 
     /// Asks the host's agent for the VM.
-    async fn start_vm(&self, rec: &SandboxRecord, host: &HostRecord) -> Result<(), ApiError> {
+    async fn start_vm(
+        &self,
+        rec: &SandboxRecord,
+        host: &HostRecord,
+        on_host: &str,
+    ) -> Result<(), ApiError> {
         let client = self.client_for(host)?;
         let spec = agent::SandboxSpec {
             sandbox_id: rec.id.to_string(),
-            template_id: rec.template_id.clone(),
+            template_id: on_host.to_owned(),
             vcpus: rec.vcpus,
             memory_mb: rec.memory_mb,
             disk_size_mb: rec.disk_size_mb,

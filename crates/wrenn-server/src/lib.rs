@@ -15,6 +15,7 @@ pub mod reaper;
 pub mod reconcile;
 mod service;
 pub mod store;
+mod templates;
 pub mod tokens;
 
 pub use config::{Config, DEFAULT_ENVD_VERSION};

@@ -74,7 +74,7 @@ fn millis(d: Duration) -> i64 {
 
 impl ControlPlane {
     /// One round of the periodic reconciler: every registered host, then the expired
-    /// idempotency keys. Failures are logged; the next round tries again.
+    /// idempotency keys and the template builds whose heartbeat stopped. Failures are logged; the next round tries again.
     pub async fn reconcile_all(&self) {
         let hosts = match self.store.list_hosts().await {
             Ok(h) => h,
@@ -103,6 +103,9 @@ impl ControlPlane {
         let expired = UnixMillis(now().0.saturating_sub(millis(IDEMPOTENCY_TTL)));
         if let Err(e) = self.store.purge_idempotency_keys(expired).await {
             tracing::warn!(error = %Chain(&e), "purge expired idempotency keys");
+        }
+        if let Err(e) = self.fail_stale_builds(self.config.settle_grace).await {
+            tracing::warn!(error = %Chain(&e), "fail interrupted template builds");
         }
     }
 

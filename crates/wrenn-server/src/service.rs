@@ -246,6 +246,8 @@ impl ControlPlane {
                     vcpus: 2,
                     memory_mb: 512,
                     disk_size_mb: 2048,
+                    name: None,
+                    build: None,
                 })
                 .await?;
             }
@@ -811,6 +813,8 @@ impl ControlPlane {
                     vcpus: rec.vcpus,
                     memory_mb: rec.memory_mb,
                     disk_size_mb: rec.disk_size_mb,
+                    name: None,
+                    build: None,
                 },
                 now,
             )

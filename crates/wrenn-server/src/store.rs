@@ -37,8 +37,11 @@ use wrenn_api::NetworkConfig;
 use wrenn_core::{HostId, SandboxId, SandboxState, TeamId, UnixMillis};
 
 mod idempotency;
+mod templates;
 
 pub use idempotency::{IdempotencyClaim, IdempotencyRecord};
+pub use templates::{BuildLogRecord, BuildRecord, CurrentBuild, TagRecord};
+use templates::{TEMPLATE_COLUMNS, template_from_row};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -89,6 +92,11 @@ pub struct TemplateRecord {
     pub vcpus: u32,
     pub memory_mb: u64,
     pub disk_size_mb: u64,
+    /// A built template's name (its alias); `None` for host-provided templates and snapshots.
+    pub name: Option<String>,
+    /// A built template's ready version; `None` for the others (the host knows them by ID),
+    /// and for a built template whose first build is not ready yet.
+    pub build: Option<CurrentBuild>,
 }
 
 impl TemplateRecord {
@@ -309,30 +317,20 @@ impl Store {
         Ok(self.find_template(id).await?.filter(|t| t.visible_to(team)))
     }
 
-    /// A template by ID, whoever owns it.
+    /// A template by ID or name, whoever owns it.
     pub async fn find_template(&self, id: &str) -> Result<Option<TemplateRecord>> {
-        let row = sqlx::query(
-            "SELECT id, team_id, envd_version, vcpus, memory_mb, disk_size_mb FROM templates \
-             WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|r| {
-            let id: String = r.try_get("id")?;
-            Ok(TemplateRecord {
-                team_id: r
-                    .try_get::<Option<String>, _>("team_id")?
-                    .map(|t| parse_id("templates", &id, &t, TeamId::parse))
-                    .transpose()?,
-                envd_version: r.try_get("envd_version")?,
-                vcpus: u32_col(&r, "vcpus")?,
-                memory_mb: u64_col(&r, "memory_mb")?,
-                disk_size_mb: u64_col(&r, "disk_size_mb")?,
-                id,
-            })
-        })
-        .transpose()
+        for col in ["id", "name"] {
+            let row = sqlx::query(&format!(
+                "SELECT {TEMPLATE_COLUMNS} FROM templates WHERE {col} = $1"
+            ))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some(r) = row {
+                return template_from_row(&r).map(Some);
+            }
+        }
+        Ok(None)
     }
 
     // Hosts.

@@ -31,6 +31,23 @@ pub fn traffic_access_token(secret: &[u8], sandbox_id: &str) -> String {
     labelled_hmac(secret, "traffic-access-token", sandbox_id)
 }
 
+/// The signature of a build-context archive URL: lowercase hex HMAC-SHA256(server secret,
+/// `build-file:<method>:<team>:<hash>:<expires>`), so an upload link cannot be used to read, a
+/// download link cannot be used to write, and neither works for another team, archive or time.
+pub fn build_file_signature(
+    secret: &[u8],
+    method: &str,
+    team: &str,
+    hash: &str,
+    expires_unix: i64,
+) -> String {
+    labelled_hmac(
+        secret,
+        "build-file",
+        &format!("{method}:{team}:{hash}:{expires_unix}"),
+    )
+}
+
 fn labelled_hmac(secret: &[u8], label: &str, id: &str) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
     mac.update(label.as_bytes());
@@ -85,6 +102,18 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn build_file_signatures_bind_method_team_hash_and_time() {
+        let s = b"secret";
+        let base = build_file_signature(s, "PUT", "team", "ab", 10);
+        assert_eq!(base.len(), 64);
+        assert_ne!(base, build_file_signature(s, "GET", "team", "ab", 10));
+        assert_ne!(base, build_file_signature(s, "PUT", "other", "ab", 10));
+        assert_ne!(base, build_file_signature(s, "PUT", "team", "cd", 10));
+        assert_ne!(base, build_file_signature(s, "PUT", "team", "ab", 11));
+        assert_eq!(base, build_file_signature(s, "PUT", "team", "ab", 10));
+    }
 
     #[test]
     fn access_tokens_are_stable_hex_hmacs() {

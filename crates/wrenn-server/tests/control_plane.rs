@@ -23,6 +23,8 @@ fn small_template(
         vcpus: 1,
         memory_mb: 128,
         disk_size_mb: 512,
+        name: None,
+        build: None,
     }
 }
 

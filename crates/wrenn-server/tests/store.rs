@@ -97,6 +97,8 @@ async fn exercise(store: Store) {
         vcpus: 2,
         memory_mb: 512,
         disk_size_mb: 1024,
+        name: None,
+        build: None,
     };
     store.upsert_template(&tpl, now).await.unwrap();
     let other = TeamId::parse("other").unwrap();

@@ -184,6 +184,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         proxy_url: internal_url.clone(),
         uplink: uplink.clone(),
         egress: egress_settings,
+        templates_dir: Some(templates.clone()),
     })
     .await
     .map_err(|e| anyhow::anyhow!(wrenn_agent::error_chain(&e)))?;
@@ -211,9 +212,17 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         .with_context(|| format!("bind {}", args.listen))?;
     let addr = listener.local_addr()?;
     let domain = sandbox_domain(args.domain.as_deref(), addr);
+    let url = args
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
     let cp = control_plane(
         &args,
-        domain.clone(),
+        ControlPlaneSite {
+            domain: domain.clone(),
+            api_url: url.clone(),
+            build_files: state.join("build-files"),
+        },
         &database_url,
         secret,
         admin_token,
@@ -226,10 +235,6 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let reconciler = wrenn_server::reconcile::spawn(cp.clone(), shutdown.child_token());
 
     // 4. The public port (bound in step 3).
-    let url = args
-        .public_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{addr}"));
     // Handlers first: a supervisor may send SIGTERM the moment it reads the lines below.
     let stop = StopSignals::install().context("install signal handlers")?;
     let env = format!(
@@ -284,9 +289,19 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
 
 /// Opens the store, registers the local agent and the default template, and settles records
 /// left mid-operation by an earlier run.
+/// Where the control plane is reached and keeps its files.
+struct ControlPlaneSite {
+    /// The sandbox domain (see `sandbox_domain`).
+    domain: Option<String>,
+    /// The URL of the public port.
+    api_url: String,
+    /// Uploaded template build contexts.
+    build_files: PathBuf,
+}
+
 async fn control_plane(
     args: &UpArgs,
-    domain: Option<String>,
+    site: ControlPlaneSite,
     database_url: &str,
     secret: Vec<u8>,
     admin_token: String,
@@ -297,7 +312,9 @@ async fn control_plane(
     let mut config = Config::new(database_url.to_owned(), secret);
     config.admin_token = Some(admin_token);
     config.reconcile_interval = Duration::from_secs(args.reconcile_interval.max(1));
-    config.domain = domain;
+    config.domain = site.domain;
+    config.api_url = Some(site.api_url);
+    config.build_files = Some(site.build_files);
     let cp = ControlPlane::open(config, Arc::new(ConnectConnector))
         .await
         .with_context(|| format!("open the database {}", redact(database_url)))?;
@@ -312,11 +329,17 @@ async fn control_plane(
         vcpus: m.vcpus,
         memory_mb: u64::from(m.memory_mib),
         disk_size_mb: disk_size_mb(&snapshot.manifest.base_image),
+        name: None,
+        build: None,
     })
     .await
     .map_err(|e| anyhow::anyhow!("register the default template: {e}"))?;
     // Nothing is in flight before the port opens (this is the only control plane of its
-    // database), so records left mid-operation by a crash are settled now, without a grace.
+    // database), so records left mid-operation by a crash are settled now, without a grace;
+    // a template build that was running then ended with that run's agent.
+    cp.fail_stale_builds(Duration::ZERO)
+        .await
+        .map_err(|e| anyhow::anyhow!("fail interrupted template builds: {e}"))?;
     let rec = cp
         .reconcile_host_with_grace(LOCAL_HOST, Duration::ZERO)
         .await
@@ -443,21 +466,31 @@ async fn default_template(
     Ok(snapshot)
 }
 
-/// Deletes template directories that are neither the current template nor the base of a
-/// paused sandbox (a paused sandbox's memory diff applies only to its own template).
+/// Deletes template directories that are neither the current template, the base of a paused
+/// sandbox (a paused sandbox's memory diff applies only to its own template) nor the parent of
+/// a built template.
 fn remove_unused_templates(
     templates: &Path,
     current: &Path,
     paused: &[wrenn_agent::state::PausedVm],
 ) {
-    let used: Vec<PathBuf> = paused
+    let mut used: Vec<PathBuf> = paused
         .iter()
         .filter_map(|p| wrenn_agent::sandbox::PausedSandbox::open(&p.dir).ok())
         .map(|p| p.manifest().template.dir.clone())
         .collect();
+    // Built templates' disks are layered on their parents'.
+    used.extend(wrenn_agent::builds::parents_in_use(templates));
     for entry in std::fs::read_dir(templates).into_iter().flatten().flatten() {
         let dir = entry.path();
-        if dir == current || used.contains(&dir) || !dir.is_dir() {
+        let name = entry.file_name();
+        // The build service's own directories (built templates, layer cache, scratch).
+        let builds = ["builds", "layers", "build-work"].map(std::ffi::OsStr::new);
+        if dir == current
+            || used.contains(&dir)
+            || !dir.is_dir()
+            || builds.contains(&name.as_os_str())
+        {
             continue;
         }
         match std::fs::remove_dir_all(&dir) {

@@ -110,17 +110,22 @@ pub(crate) fn settle(path: &Path) -> Result<(), VmError> {
 /// Writes the chain at `top` into `out` as one qcow2 layer on `base` (a layer of that chain):
 /// a template keeps one layer of its own, whatever its build's step count, so disk chains stay
 /// short and the layer cache can be collected without looking at templates.
+///
+/// A copy of the top, rebased (safely) onto `base`: the rebase writes into it every cluster
+/// the layers between them hold. Not `qemu-img convert -B`, which copies only what the top
+/// itself holds: it takes the new backing file to be the top's own backing chain.
 pub(crate) async fn flatten(top: &Path, base: &Path, out: &Path) -> Result<(), VmError> {
+    std::fs::copy(top, out).map_err(VmError::io("copy the top layer", top))?;
     let res = tokio::process::Command::new("qemu-img")
-        .args(["convert", "-q", "-O", "qcow2", "-F", "qcow2", "-B"])
+        .args(["rebase", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
         .arg(base)
-        .arg(top)
         .arg(out)
         .stdin(Stdio::null())
         .output()
         .await
         .map_err(|e| VmError::QemuImg(e.to_string()))?;
     if !res.status.success() {
+        let _ = std::fs::remove_file(out);
         return Err(VmError::QemuImg(
             String::from_utf8_lossy(&res.stderr).trim().to_owned(),
         ));

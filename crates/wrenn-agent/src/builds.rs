@@ -1,0 +1,432 @@
+//! The host's template build service behind the `BuildTemplate` RPC: one build at a time in
+//! the host's build slot, the context archives fetched from the control plane's signed URLs,
+//! [`crate::build::build`] run, and the new template registered under its build ID.
+//!
+//! Built templates live in `<templates>/builds/<build ID>`, each with a [`BUILD_INFO`] file
+//! naming the template directory its disk is layered on, so whoever removes unused templates
+//! keeps those ([`parents_in_use`]). The layer cache is `<templates>/layers`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::StreamExt as _;
+use tokio::io::AsyncWriteExt as _;
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::Instrument as _;
+use wrenn_agent_proto::v1::{
+    BuildDone, BuildFailed, BuildLog, BuildStepStarted, BuildTemplateEvent, BuildTemplateRequest,
+    build_template_event::Event,
+};
+use wrenn_hostnet::Slot;
+
+use crate::agent::Agent;
+use crate::build::{self, BuildDirs, BuildError, BuildEvent, BuildRequest, Defaults, RawStep};
+use crate::snapshot::Snapshot;
+
+/// The file next to a built template that says what it was built from.
+pub const BUILD_INFO: &str = "build.json";
+/// The largest context archive fetched for a build.
+const MAX_ARCHIVE_BYTES: u64 = 8 << 30;
+/// What a built template's steps run as when its parent says nothing (E2B's defaults).
+const DEFAULT_USER: &str = "user";
+const DEFAULT_WORKDIR: &str = "/home/user";
+
+/// What a built template was built from.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct BuildInfo {
+    /// Its ID (the control plane's build ID).
+    pub build_id: String,
+    /// The template it was built on.
+    pub parent_template: String,
+    /// That template's directory (its disk is the backing file of this one's).
+    pub parent_dir: PathBuf,
+    /// The envd version inside.
+    pub envd_version: String,
+}
+
+/// The build service of one host.
+#[derive(Debug)]
+pub struct Builds {
+    root: PathBuf,
+    layers: PathBuf,
+    work: PathBuf,
+    slot: u32,
+    one_at_a_time: tokio::sync::Mutex<()>,
+    http: reqwest::Client,
+}
+
+/// Why a build could not start or finish; sent as its `failed` event.
+#[derive(Debug, thiserror::Error)]
+enum ServiceError {
+    #[error("invalid build request: {0}")]
+    Invalid(String),
+    #[error("template {0:?} is not on this host")]
+    NoParent(String),
+    #[error("fetch the context archive {hash}: {reason}")]
+    Fetch { hash: String, reason: String },
+    #[error("create the build slot")]
+    Slot(#[source] wrenn_hostnet::SlotError),
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error("{what} {}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ServiceError {
+    /// The step it belongs to (from 1), 0 for none (before the steps), one past the last
+    /// for the start and ready commands and the snapshot.
+    fn step(&self, steps: usize) -> u32 {
+        let index = match self {
+            Self::Build(BuildError::NotReady(_) | BuildError::Snapshot(_)) => steps + 1,
+            Self::Build(BuildError::StepFailed { index, .. })
+            | Self::Build(BuildError::MissingFiles { index, .. })
+            | Self::Build(BuildError::Guest { index, .. }) => *index,
+            Self::Build(BuildError::Step(
+                build::StepError::Unknown { index, .. } | build::StepError::Args { index, .. },
+            )) => *index,
+            _ => 0,
+        };
+        u32::try_from(index).unwrap_or(0)
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn valid_hash(h: &str) -> bool {
+    !h.is_empty() && h.len() <= 128 && h.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The template directories built templates under `templates` are layered on.
+pub fn parents_in_use(templates: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(templates.join("builds"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| read_info(&e.path()))
+        .map(|i| i.parent_dir)
+        .collect()
+}
+
+fn read_info(dir: &Path) -> Option<BuildInfo> {
+    let bytes = std::fs::read(dir.join(BUILD_INFO)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+impl Builds {
+    /// The build service keeping its templates under `templates` and building in slot
+    /// `slot` (which no sandbox uses).
+    pub fn new(templates: &Path, slot: u32) -> Self {
+        Self {
+            root: templates.join("builds"),
+            layers: templates.join("layers"),
+            work: templates.join("build-work"),
+            slot,
+            one_at_a_time: tokio::sync::Mutex::new(()),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// The complete built templates on disk; what an interrupted build left is removed.
+    pub fn existing(&self) -> Vec<(Snapshot, BuildInfo)> {
+        let _ = std::fs::remove_dir_all(&self.work);
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let dir = entry.path();
+            let info = read_info(&dir);
+            match (info, Snapshot::open(&dir)) {
+                (Some(info), Ok(snap)) => found.push((snap, info)),
+                _ => {
+                    tracing::info!(dir = %dir.display(), "removing an unfinished template build");
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+            }
+        }
+        found
+    }
+
+    /// Runs the build `req` asks for, sending its events to `tx`; the last one is `done` or
+    /// `failed`. Waits for any build already running on this host.
+    pub async fn run(
+        &self,
+        agent: &Arc<Agent>,
+        req: BuildTemplateRequest,
+        tx: UnboundedSender<BuildTemplateEvent>,
+    ) {
+        let _one = self.one_at_a_time.lock().await;
+        let send = |event: Event| {
+            let _ = tx.send(BuildTemplateEvent { event: Some(event) });
+        };
+        let span = tracing::info_span!("template_build", build_id = %req.build_id);
+        match self.build(agent, &req, &send).instrument(span).await {
+            Ok(done) => {
+                tracing::info!(build_id = %req.build_id, parent = %req.parent_template_id, "template built");
+                send(Event::Done(done));
+            }
+            Err(e) => {
+                let message = crate::error_chain(&e);
+                tracing::warn!(build_id = %req.build_id, error = %message, "template build failed");
+                send(Event::Failed(BuildFailed {
+                    step: e.step(req.steps.len()),
+                    message,
+                }));
+            }
+        }
+    }
+
+    async fn build(
+        &self,
+        agent: &Arc<Agent>,
+        req: &BuildTemplateRequest,
+        send: &(dyn Fn(Event) + Send + Sync),
+    ) -> Result<BuildDone, ServiceError> {
+        if !valid_id(&req.build_id) {
+            return Err(ServiceError::Invalid(format!(
+                "build ID {:?} (letters, digits, '-' and '_', at most 64)",
+                req.build_id
+            )));
+        }
+        let out = self.root.join(&req.build_id);
+        if out.exists() || agent.runtime().template_snapshot(&req.build_id).is_some() {
+            return Err(ServiceError::Invalid(format!(
+                "template {:?} already exists",
+                req.build_id
+            )));
+        }
+        let (parent, envd_version) = agent
+            .runtime()
+            .template_snapshot(&req.parent_template_id)
+            .ok_or_else(|| ServiceError::NoParent(req.parent_template_id.clone()))?;
+        let work = self.work.join(&req.build_id);
+        let files_dir = work.join("files");
+        let io = |what, path: &Path| {
+            let path = path.to_owned();
+            move |source| ServiceError::Io { what, path, source }
+        };
+        std::fs::create_dir_all(&self.root).map_err(io("create", &self.root))?;
+        std::fs::create_dir_all(&files_dir).map_err(io("create", &files_dir))?;
+        let res = self
+            .build_in(req, parent, &envd_version, &work, &out, send)
+            .await;
+        let _ = std::fs::remove_dir_all(&work);
+        let snapshot = res?;
+        let info = BuildInfo {
+            build_id: req.build_id.clone(),
+            parent_template: req.parent_template_id.clone(),
+            parent_dir: snapshot_parent_dir(agent, &req.parent_template_id),
+            envd_version: envd_version.clone(),
+        };
+        let path = out.join(BUILD_INFO);
+        let text = serde_json::to_vec_pretty(&info).unwrap_or_default();
+        if let Err(source) = std::fs::write(&path, text) {
+            let _ = std::fs::remove_dir_all(&out);
+            return Err(ServiceError::Io {
+                what: "write",
+                path,
+                source,
+            });
+        }
+        let disk_mb = crate::jail::disk::virtual_size(&snapshot.disk_path())
+            .map_or(0, |b| b.div_ceil(1 << 20));
+        let done = BuildDone {
+            envd_version: envd_version.clone(),
+            vcpus: snapshot.manifest.spec.vcpus,
+            memory_mb: u64::from(snapshot.manifest.spec.memory_mib),
+            disk_size_mb: disk_mb,
+        };
+        agent.register_template(req.build_id.clone(), snapshot, None, envd_version);
+        Ok(done)
+    }
+
+    async fn build_in(
+        &self,
+        req: &BuildTemplateRequest,
+        parent: Snapshot,
+        envd_version: &str,
+        work: &Path,
+        out: &Path,
+        send: &(dyn Fn(Event) + Send + Sync),
+    ) -> Result<Snapshot, ServiceError> {
+        let mut files = HashMap::new();
+        for f in &req.files {
+            if !valid_hash(&f.hash) {
+                return Err(ServiceError::Invalid(format!("files hash {:?}", f.hash)));
+            }
+            let path = work.join("files").join(format!("{}.tar.gz", f.hash));
+            self.fetch(&f.url, &path)
+                .await
+                .map_err(|reason| ServiceError::Fetch {
+                    hash: f.hash.clone(),
+                    reason,
+                })?;
+            files.insert(f.hash.clone(), path);
+        }
+        let parent_defaults = Defaults::read(
+            &parent.dir,
+            Defaults {
+                user: Some(DEFAULT_USER.into()),
+                workdir: Some(DEFAULT_WORKDIR.into()),
+                ..Defaults::default()
+            },
+        );
+        let spec = &parent.manifest.spec;
+        let build_req = BuildRequest {
+            vcpus: if req.vcpus == 0 {
+                spec.vcpus
+            } else {
+                req.vcpus
+            },
+            memory_mib: match u32::try_from(req.memory_mb) {
+                Ok(0) | Err(_) => spec.memory_mib,
+                Ok(m) => m,
+            },
+            parent,
+            parent_defaults,
+            steps: req
+                .steps
+                .iter()
+                .map(|s| RawStep {
+                    kind: s.kind.clone(),
+                    args: s.args.clone(),
+                    files_hash: Some(s.files_hash.clone()).filter(|h| !h.is_empty()),
+                    force: s.force,
+                })
+                .collect(),
+            start_cmd: Some(req.start_cmd.clone()).filter(|c| !c.is_empty()),
+            ready_cmd: Some(req.ready_cmd.clone()).filter(|c| !c.is_empty()),
+            skip_cache: req.skip_cache,
+            files,
+        };
+        let dirs = BuildDirs {
+            layers: self.layers.clone(),
+            work: work.join("build"),
+            out: out.to_owned(),
+        };
+        send(Event::Log(BuildLog {
+            timestamp_unix_ms: now_ms(),
+            level: "info".into(),
+            message: format!(
+                "building on template {} (envd {envd_version}): {} vCPU, {} MiB",
+                req.parent_template_id, build_req.vcpus, build_req.memory_mib
+            ),
+            step: 0,
+        }));
+        let slot = Slot::create(self.slot).await.map_err(ServiceError::Slot)?;
+        let report = |e: BuildEvent| send(event_of(e));
+        let res = build::build(&build_req, &dirs, &slot, &report).await;
+        // Removing a slot's namespace blocks; not on an async worker.
+        let _ = tokio::task::spawn_blocking(move || drop(slot)).await;
+        Ok(res?)
+    }
+
+    /// Fetches `url` into `path`, at most [`MAX_ARCHIVE_BYTES`].
+    async fn fetch(&self, url: &str, path: &Path) -> Result<(), String> {
+        let resp = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| crate::error_chain(&e))?;
+        if !resp.status().is_success() {
+            return Err(format!("the control plane answered {}", resp.status()));
+        }
+        let mut file = tokio::fs::File::create(path)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut body = resp.bytes_stream();
+        let mut total = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| crate::error_chain(&e))?;
+            total += chunk.len() as u64;
+            if total > MAX_ARCHIVE_BYTES {
+                return Err(format!("larger than {MAX_ARCHIVE_BYTES} bytes"));
+            }
+            file.write_all(&chunk).await.map_err(|e| e.to_string())?;
+        }
+        file.flush().await.map_err(|e| e.to_string())
+    }
+}
+
+fn snapshot_parent_dir(agent: &Agent, parent: &str) -> PathBuf {
+    agent
+        .runtime()
+        .template_snapshot(parent)
+        .map(|(s, _)| s.dir)
+        .unwrap_or_default()
+}
+
+fn event_of(e: BuildEvent) -> Event {
+    match e {
+        BuildEvent::Log {
+            level,
+            message,
+            step,
+        } => Event::Log(BuildLog {
+            timestamp_unix_ms: now_ms(),
+            level: level.into(),
+            message,
+            step: step.and_then(|s| u32::try_from(s).ok()).unwrap_or(0),
+        }),
+        BuildEvent::Step {
+            index,
+            total,
+            cached,
+        } => Event::Step(BuildStepStarted {
+            index: u32::try_from(index).unwrap_or(0),
+            total: u32::try_from(total).unwrap_or(0),
+            cached,
+        }),
+    }
+}
+
+fn now_ms() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_and_hashes_cannot_name_other_paths() {
+        assert!(valid_id("3f2c1a9e-0b7d-4c55-9d1e-1a2b3c4d5e6f"));
+        for bad in ["", "../x", "a/b", "a b", &"x".repeat(65)] {
+            assert!(!valid_id(bad), "{bad:?}");
+        }
+        assert!(valid_hash(&"ab".repeat(32)));
+        for bad in ["", "../../etc", "abc/def", "zz"] {
+            assert!(!valid_hash(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn parents_in_use_reads_build_info() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = dir.path().join("builds").join("b1");
+        std::fs::create_dir_all(&b).unwrap();
+        let info = BuildInfo {
+            build_id: "b1".into(),
+            parent_template: "base".into(),
+            parent_dir: dir.path().join("abc"),
+            envd_version: "0.2.0".into(),
+        };
+        std::fs::write(b.join(BUILD_INFO), serde_json::to_vec(&info).unwrap()).unwrap();
+        std::fs::create_dir_all(dir.path().join("builds").join("junk")).unwrap();
+        assert_eq!(parents_in_use(dir.path()), vec![dir.path().join("abc")]);
+    }
+}

@@ -1,0 +1,231 @@
+//! The template routes: builds as the SDKs' `Template` builder drives them, the signed
+//! build-file links (the SDK uploads a `COPY` context with `PUT`, the building agent reads it
+//! with `GET`), and the template list, tags and deletion.
+
+use std::sync::Arc;
+
+use axum::body::Body as RawBody;
+use axum::extract::{Path, RawQuery, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use futures::StreamExt as _;
+use http::{HeaderMap, StatusCode};
+use tokio::io::AsyncWriteExt as _;
+use wrenn_api::{AssignTemplateTags, DeleteTemplateTags, TemplateBuildRequest, TemplateBuildStart};
+
+use super::{AuthTeam, Body, Cp, RequiredBody};
+use crate::error::ApiError;
+use crate::service::ControlPlane;
+
+/// The largest context archive taken.
+const MAX_ARCHIVE_BYTES: u64 = 8 << 30;
+
+pub(super) fn routes() -> Router<Arc<ControlPlane>> {
+    Router::new()
+        .route("/v3/templates", post(request_build))
+        .route("/templates", get(list))
+        .route("/templates/{id}", axum::routing::delete(delete_template))
+        .route("/templates/{id}/files/{hash}", get(upload_link))
+        .route("/v2/templates/{id}/builds/{build}", post(start_build))
+        .route("/templates/{id}/builds/{build}/status", get(build_status))
+        .route("/templates/{id}/tags", get(tags))
+        .route("/templates/tags", post(assign_tags).delete(delete_tags))
+        .route("/build-files/{team}/{hash}", put(put_file).get(get_file))
+}
+
+/// Query parameters as pairs (a malformed query is simply empty).
+fn query(raw: Option<String>) -> Vec<(String, String)> {
+    form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+        .into_owned()
+        .collect()
+}
+
+fn param<'a>(q: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    q.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+fn number(q: &[(String, String)], name: &str) -> Result<Option<u64>, ApiError> {
+    param(q, name)
+        .map(|v| {
+            v.parse()
+                .map_err(|_| ApiError::BadRequest(format!("Invalid {name} {v:?}")))
+        })
+        .transpose()
+}
+
+/// Where clients reach this API: the configured URL, else the request's `Host`.
+fn base_url(cp: &ControlPlane, headers: &HeaderMap) -> Result<String, ApiError> {
+    if let Some(url) = &cp.config.api_url {
+        return Ok(url.clone());
+    }
+    let host = headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .ok_or_else(|| ApiError::BadRequest("Missing Host header".to_owned()))?;
+    let scheme = headers
+        .get("x-forwarded-proto")
+        .and_then(|h| h.to_str().ok())
+        .filter(|p| *p == "https")
+        .unwrap_or("http");
+    Ok(format!("{scheme}://{host}"))
+}
+
+async fn request_build(
+    State(cp): Cp,
+    AuthTeam(team): AuthTeam,
+    RequiredBody(body): RequiredBody<TemplateBuildRequest>,
+) -> Result<Response, ApiError> {
+    let res = cp.request_build(&team, body).await?;
+    Ok((StatusCode::ACCEPTED, Json(res)).into_response())
+}
+
+async fn upload_link(
+    State(cp): Cp,
+    AuthTeam(team): AuthTeam,
+    headers: HeaderMap,
+    Path((id, hash)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let base = base_url(&cp, &headers)?;
+    let res = cp.file_upload_link(&team, &id, &hash, &base).await?;
+    Ok((StatusCode::CREATED, Json(res)).into_response())
+}
+
+async fn start_build(
+    State(cp): Cp,
+    AuthTeam(team): AuthTeam,
+    headers: HeaderMap,
+    Path((id, build)): Path<(String, String)>,
+    Body(body): Body<TemplateBuildStart>,
+) -> Result<StatusCode, ApiError> {
+    let base = base_url(&cp, &headers)?;
+    cp.start_build(&team, &id, &build, body, &base).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+async fn build_status(
+    State(cp): Cp,
+    AuthTeam(team): AuthTeam,
+    Path((id, build)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let q = query(raw);
+    let offset = number(&q, "logsOffset")?.unwrap_or(0);
+    let limit = number(&q, "limit")?;
+    let res = cp
+        .build_status(&team, &id, &build, offset, limit, param(&q, "level"))
+        .await?;
+    Ok(Json(res).into_response())
+}
+
+async fn list(State(cp): Cp, AuthTeam(team): AuthTeam) -> Result<Response, ApiError> {
+    Ok(Json(cp.list_templates(&team).await?).into_response())
+}
+
+async fn delete_template(
+    State(cp): Cp,
+    AuthTeam(team): AuthTeam,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    cp.delete_template(&team, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn tags(
+    State(cp): Cp,
+    AuthTeam(team): AuthTeam,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(cp.template_tags(&team, &id).await?).into_response())
+}
+
+async fn assign_tags(
+    State(cp): Cp,
+    AuthTeam(team): AuthTeam,
+    RequiredBody(body): RequiredBody<AssignTemplateTags>,
+) -> Result<Response, ApiError> {
+    let res = cp.assign_tags(&team, body).await?;
+    Ok((StatusCode::CREATED, Json(res)).into_response())
+}
+
+async fn delete_tags(
+    State(cp): Cp,
+    AuthTeam(team): AuthTeam,
+    RequiredBody(body): RequiredBody<DeleteTemplateTags>,
+) -> Result<StatusCode, ApiError> {
+    cp.delete_tags(&team, body).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The archive a signed link names, after its signature is checked.
+fn signed_path(
+    cp: &ControlPlane,
+    method: &str,
+    team: &str,
+    hash: &str,
+    raw: Option<String>,
+) -> Result<std::path::PathBuf, ApiError> {
+    let q = query(raw);
+    let expires = param(&q, "expires")
+        .and_then(|e| e.parse().ok())
+        .ok_or_else(|| ApiError::Unauthorized("Missing or invalid expires".to_owned()))?;
+    let signature = param(&q, "signature")
+        .ok_or_else(|| ApiError::Unauthorized("Missing signature".to_owned()))?;
+    cp.check_file_link(method, team, hash, expires, signature)
+}
+
+/// `PUT` of a context archive (the SDK, with an upload link): streamed to a temporary file,
+/// then renamed into place, so a half-uploaded archive is never taken for a whole one.
+async fn put_file(
+    State(cp): Cp,
+    Path((team, hash)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
+    body: RawBody,
+) -> Result<StatusCode, ApiError> {
+    let path = signed_path(&cp, "PUT", &team, &hash, raw)?;
+    let io = |e: std::io::Error| ApiError::Internal(format!("store the upload: {e}"));
+    let dir = path.parent().expect("a file in a team directory");
+    tokio::fs::create_dir_all(dir).await.map_err(io)?;
+    let part = dir.join(format!(".{hash}.{:016x}.part", rand::random::<u64>()));
+    let res = async {
+        let mut file = tokio::fs::File::create(&part).await.map_err(io)?;
+        let mut stream = body.into_data_stream();
+        let mut total = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk =
+                chunk.map_err(|e| ApiError::BadRequest(format!("Cannot read the upload: {e}")))?;
+            total += chunk.len() as u64;
+            if total > MAX_ARCHIVE_BYTES {
+                return Err(ApiError::BadRequest(format!(
+                    "The archive is larger than {MAX_ARCHIVE_BYTES} bytes"
+                )));
+            }
+            file.write_all(&chunk).await.map_err(io)?;
+        }
+        file.sync_all().await.map_err(io)?;
+        tokio::fs::rename(&part, &path).await.map_err(io)
+    }
+    .await;
+    if res.is_err() {
+        let _ = tokio::fs::remove_file(&part).await;
+    }
+    res.map(|()| StatusCode::OK)
+}
+
+/// `GET` of a context archive (the building agent, with a download link).
+async fn get_file(
+    State(cp): Cp,
+    Path((team, hash)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let path = signed_path(&cp, "GET", &team, &hash, raw)?;
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|_| ApiError::NotFound(format!("No archive {hash}")))?;
+    let stream = tokio_util::io::ReaderStream::new(file);
+    Ok((
+        [(http::header::CONTENT_TYPE, "application/gzip")],
+        RawBody::from_stream(stream),
+    )
+        .into_response())
+}
