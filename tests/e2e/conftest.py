@@ -71,6 +71,9 @@ class Wrenn:
             "--first-slot", str(FIRST_SLOT), "--slots", str(netlab.SLOTS),
             # Often, so the suite also runs with the reconciler racing every operation.
             "--reconcile-interval", "2",
+            # Released template versions go a few seconds after nothing uses them (default
+            # 2 min), so tests can see them collected.
+            "--template-release-grace", "3",
             # Guests leave only into the lab's fake internet (tests/e2e/netlab.py), never by
             # the machine's own interfaces.
             "--uplink", netlab.HOST_IF,

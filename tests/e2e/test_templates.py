@@ -149,8 +149,20 @@ def test_rebuild_reuses_cached_layers_and_old_sandboxes_keep_running(wrenn, ctx,
             assert tagged.commands.run("cat /app/marker.txt").stdout == "v2\n"
         finally:
             tagged.kill()
+        # The first version is named by nothing now, but its sandbox keeps its files.
+        first_dir = wrenn.state_dir / "templates" / "builds" / first.build_id
+        if not wrenn.external:
+            time.sleep(8)
+            assert (first_dir / "memory").exists()
     finally:
         old.kill()
+    # Once its last sandbox is gone, the first version is collected; the second stays.
+    if not wrenn.external:
+        deadline = time.monotonic() + 90
+        while first_dir.exists() and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not first_dir.exists(), f"{first_dir} was not collected"
+        assert (first_dir.parent / second.build_id / "memory").exists()
 
 
 def test_failing_step_fails_the_build_with_its_exit_code(wrenn):

@@ -27,6 +27,7 @@ pub mod paths {
     pub const SNAPSHOT: &str = "/wrenn.agent.v1.AgentService/Snapshot";
     pub const HOST_INFO: &str = "/wrenn.agent.v1.AgentService/HostInfo";
     pub const BUILD_TEMPLATE: &str = "/wrenn.agent.v1.AgentService/BuildTemplate";
+    pub const RELEASE_TEMPLATE: &str = "/wrenn.agent.v1.AgentService/ReleaseTemplate";
 }
 
 #[cfg(test)]

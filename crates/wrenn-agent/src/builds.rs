@@ -6,9 +6,10 @@
 //! naming the template directory its disk is layered on, so whoever removes unused templates
 //! keeps those ([`parents_in_use`]). The layer cache is `<templates>/layers`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use futures::StreamExt as _;
 use tokio::io::AsyncWriteExt as _;
@@ -26,6 +27,9 @@ use crate::snapshot::Snapshot;
 
 /// The file next to a built template that says what it was built from.
 pub const BUILD_INFO: &str = "build.json";
+/// Written into a built template's directory once the control plane released it; its mtime
+/// is when.
+const RELEASED: &str = "released";
 /// The largest context archive fetched for a build.
 const MAX_ARCHIVE_BYTES: u64 = 8 << 30;
 /// What a built template's steps run as when its parent says nothing (E2B's defaults).
@@ -52,6 +56,8 @@ pub struct Builds {
     layers: PathBuf,
     work: PathBuf,
     slot: u32,
+    /// How long a released template's files stay at least (see [`Builds::sweep`]).
+    release_grace: Duration,
     one_at_a_time: tokio::sync::Mutex<()>,
     http: reqwest::Client,
 }
@@ -126,19 +132,22 @@ fn read_info(dir: &Path) -> Option<BuildInfo> {
 
 impl Builds {
     /// The build service keeping its templates under `templates` and building in slot
-    /// `slot` (which no sandbox uses).
-    pub fn new(templates: &Path, slot: u32) -> Self {
+    /// `slot` (which no sandbox uses); a released template's files stay at least
+    /// `release_grace` (longer than a create takes: one may have looked it up just before).
+    pub fn new(templates: &Path, slot: u32, release_grace: Duration) -> Self {
         Self {
             root: templates.join("builds"),
             layers: templates.join("layers"),
             work: templates.join("build-work"),
             slot,
+            release_grace,
             one_at_a_time: tokio::sync::Mutex::new(()),
             http: reqwest::Client::new(),
         }
     }
 
-    /// The complete built templates on disk; what an interrupted build left is removed.
+    /// The complete built templates on disk that were not released; what an interrupted
+    /// build left is removed.
     pub fn existing(&self) -> Vec<(Snapshot, BuildInfo)> {
         let _ = std::fs::remove_dir_all(&self.work);
         let mut found = Vec::new();
@@ -150,6 +159,7 @@ impl Builds {
             let dir = entry.path();
             let info = read_info(&dir);
             match (info, Snapshot::open(&dir)) {
+                (Some(_), Ok(_)) if dir.join(RELEASED).exists() => {}
                 (Some(info), Ok(snap)) => found.push((snap, info)),
                 _ => {
                     tracing::info!(dir = %dir.display(), "removing an unfinished template build");
@@ -158,6 +168,87 @@ impl Builds {
             }
         }
         found
+    }
+
+    /// Releases built template `id`: no more creates from it, and its files go at a sweep once
+    /// nothing uses them. `false`: not a template this host built.
+    pub fn release(&self, agent: &Agent, id: &str) -> bool {
+        let dir = self.root.join(id);
+        if !valid_id(id) || !dir.join(BUILD_INFO).exists() {
+            return false;
+        }
+        agent.runtime().unregister_template(id);
+        if !dir.join(RELEASED).exists()
+            && let Err(e) = std::fs::write(dir.join(RELEASED), b"")
+        {
+            tracing::warn!(template = %id, error = %e, "mark a template released");
+        }
+        tracing::info!(template = %id, "built template released");
+        true
+    }
+
+    /// Removes the released templates nothing uses: no sandbox of the agent (running or
+    /// paused) was made from one, no kept template was built on one, and it was released more
+    /// than the grace ago. Their IDs.
+    pub fn sweep(&self, agent: &Agent) -> Vec<String> {
+        let in_use: HashSet<String> = agent
+            .controller()
+            .list()
+            .into_iter()
+            .map(|s| s.meta.template_id)
+            .collect();
+        let mut builds = Vec::new();
+        for entry in std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let dir = entry.path();
+            let Some(info) = read_info(&dir) else {
+                continue;
+            };
+            let released = std::fs::metadata(dir.join(RELEASED))
+                .and_then(|m| m.modified())
+                .ok();
+            builds.push((dir, info, released));
+        }
+        let mut keep: HashSet<PathBuf> = builds
+            .iter()
+            .filter(|(_, info, released)| {
+                released.is_none_or(|at| at.elapsed().unwrap_or_default() < self.release_grace)
+                    || in_use.contains(&info.build_id)
+            })
+            .map(|(dir, _, _)| dir.clone())
+            .collect();
+        // A kept template's parents stay (its disk is layered on theirs), transitively.
+        loop {
+            let parents: Vec<PathBuf> = builds
+                .iter()
+                .filter(|(dir, _, _)| keep.contains(dir))
+                .map(|(_, info, _)| info.parent_dir.clone())
+                .filter(|p| !keep.contains(p))
+                .collect();
+            if parents.is_empty() {
+                break;
+            }
+            keep.extend(parents);
+        }
+        let mut removed = Vec::new();
+        for (dir, info, _) in builds {
+            if keep.contains(&dir) {
+                continue;
+            }
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {
+                    tracing::info!(template = %info.build_id, "removed a released template");
+                    removed.push(info.build_id);
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "remove a released template")
+                }
+            }
+        }
+        removed
     }
 
     /// Runs the build `req` asks for, sending its events to `tx`; the last one is `done` or
@@ -360,6 +451,21 @@ impl Builds {
         }
         file.flush().await.map_err(|e| e.to_string())
     }
+}
+
+/// Sweeps `agent`'s released templates every `every` until the agent is gone.
+pub fn spawn_sweeper(agent: Weak<Agent>, every: Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let Some(agent) = agent.upgrade() else { break };
+            if let Some(builds) = agent.builds().cloned() {
+                // Directory walks and removals: off the async workers.
+                let _ = tokio::task::spawn_blocking(move || builds.sweep(&agent)).await;
+            }
+        }
+    });
 }
 
 fn snapshot_parent_dir(agent: &Agent, parent: &str) -> PathBuf {

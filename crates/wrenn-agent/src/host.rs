@@ -16,6 +16,8 @@ use crate::sandbox::Deadlines;
 use crate::snapshot::Snapshot;
 use crate::state::{OwnerLock, PausedVm, ScanScope, StateError};
 
+/// How often released built templates are looked at for removal.
+const TEMPLATE_SWEEP: std::time::Duration = std::time::Duration::from_secs(10);
 /// How often the host's addresses are compared with what the slots deny.
 const HOST_ADDRESS_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -46,6 +48,8 @@ pub struct HostConfig {
     /// Where templates are kept; with it the host builds templates (in the first slot) and
     /// keeps the ones it built in `builds/` under it (`None`: no builds).
     pub templates_dir: Option<PathBuf>,
+    /// How long a released built template's files stay at least.
+    pub template_release_grace: std::time::Duration,
 }
 
 /// Why a host could not be brought up.
@@ -165,9 +169,14 @@ impl Host {
         .with_proxy_url(config.proxy_url.clone())
         .with_cpu_overcommit(config.cpu_overcommit);
         if let Some(dir) = &config.templates_dir {
-            agent = agent.with_builds(crate::builds::Builds::new(dir, range.start));
+            agent = agent.with_builds(crate::builds::Builds::new(
+                dir,
+                range.start,
+                config.template_release_grace,
+            ));
         }
         let agent = Arc::new(agent);
+        crate::builds::spawn_sweeper(Arc::downgrade(&agent), TEMPLATE_SWEEP);
         let loaded = agent.load_paused(&scan.paused);
         let taken = agent
             .adopt_running(vms.into_iter().zip(leases).collect())

@@ -117,6 +117,13 @@ impl QemuRuntime {
         lock(&self.templates).insert(template_id.into(), Arc::new(t));
     }
 
+    /// Stops starting sandboxes from template `id` (running and paused ones are not affected:
+    /// resumes use their own manifest's template directory).
+    pub fn unregister_template(&self, id: &str) {
+        let gone = lock(&self.templates).remove(id);
+        drop(gone);
+    }
+
     /// The snapshot of template `id` and its envd version.
     pub fn template_snapshot(&self, id: &str) -> Option<(Snapshot, String)> {
         lock(&self.templates)

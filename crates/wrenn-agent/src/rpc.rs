@@ -9,9 +9,10 @@ use wrenn_agent_proto::paths;
 use wrenn_agent_proto::v1::{
     BuildTemplateEvent, BuildTemplateRequest, CreateRequest, CreateResponse, HostInfoRequest,
     HostInfoResponse, KillRequest, KillResponse, ListRequest, ListResponse, LogEntry, LogsRequest,
-    MetricsRequest, PauseRequest, PauseResponse, ResumeRequest, ResumeResponse, SandboxState,
-    SandboxStatus, SetTimeoutRequest, SetTimeoutResponse, SnapshotRequest, SnapshotResponse,
-    UpdateNetworkRequest, UpdateNetworkResponse,
+    MetricsRequest, PauseRequest, PauseResponse, ReleaseTemplateRequest, ReleaseTemplateResponse,
+    ResumeRequest, ResumeResponse, SandboxState, SandboxStatus, SetTimeoutRequest,
+    SetTimeoutResponse, SnapshotRequest, SnapshotResponse, UpdateNetworkRequest,
+    UpdateNetworkResponse,
 };
 use wrenn_connect::{BoxStream, Code, ConnectError, RpcRouter};
 
@@ -263,6 +264,13 @@ pub fn router(agent: Arc<Agent>) -> axum::Router {
             move |_ctx, req: BuildTemplateRequest| {
                 let a = a.clone();
                 async move { build_template(a, req) }
+            }
+        })
+        .unary(paths::RELEASE_TEMPLATE, {
+            let a = a.clone();
+            move |_ctx, req: ReleaseTemplateRequest| {
+                let known = a.builds().is_some_and(|b| b.release(&a, &req.template_id));
+                async move { Ok::<_, ConnectError>(ReleaseTemplateResponse { known }) }
             }
         })
         .unary(paths::SNAPSHOT, |_ctx, _req: SnapshotRequest| async {

@@ -238,6 +238,39 @@ async fn template_builds_inner() {
         "a.txt\nrun.sh\nnot-copied"
     );
 
+    // A template built on the built one boots its disk cold: everything the parent's steps
+    // wrote to its disk must be there, not only in the parent's memory snapshot (the page
+    // cache of the first build's guest hid a template disk that had lost all but its top
+    // layer).
+    let child = BuildRequest {
+        parent: snap.clone(),
+        parent_defaults: Defaults::read(&snap.dir, Defaults::default()),
+        steps: vec![step(
+            "RUN",
+            &[
+                "cat /root/who /srv/app/a.txt; stat -c '%U %n' /srv/work",
+                "root",
+            ],
+        )],
+        start_cmd: None,
+        ready_cmd: None,
+        files: HashMap::new(),
+        ..req.clone()
+    };
+    let grandchild = run_build(&child, &layers, &work.join("built-child"), &slot).await;
+    grandchild
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("child build: {e}\n{}", grandchild.logs.join("\n")));
+    let seen = grandchild.logs.join("\n");
+    // (/tmp is a tmpfs in the guest: what steps wrote there lives only in the memory snapshot.)
+    for line in ["built-as-root", "hello from the context", "root /srv/work"] {
+        assert!(
+            grandchild.logs.iter().any(|l| l == line),
+            "{line:?} in:\n{seen}"
+        );
+    }
+
     // Only the last step changed: steps 1-5 come from the cache.
     req.steps[5] = step("RUN", &["echo changed > /tmp/seen"]);
     let second = run_build(&req, &layers, &work.join("built-2"), &slot).await;

@@ -19,9 +19,9 @@ use wrenn_agent_proto::paths;
 use wrenn_agent_proto::v1::{
     BuildTemplateEvent, BuildTemplateRequest, CreateRequest, CreateResponse, HostInfoRequest,
     HostInfoResponse, KillRequest, KillResponse, ListRequest, ListResponse, LogEntry, LogsRequest,
-    MetricsRequest, MetricsResponse, PauseRequest, PauseResponse, ResumeRequest, ResumeResponse,
-    SetTimeoutRequest, SetTimeoutResponse, SnapshotRequest, SnapshotResponse, UpdateNetworkRequest,
-    UpdateNetworkResponse,
+    MetricsRequest, MetricsResponse, PauseRequest, PauseResponse, ReleaseTemplateRequest,
+    ReleaseTemplateResponse, ResumeRequest, ResumeResponse, SetTimeoutRequest, SetTimeoutResponse,
+    SnapshotRequest, SnapshotResponse, UpdateNetworkRequest, UpdateNetworkResponse,
 };
 use wrenn_connect::{BoxStream, Client, ConnectError};
 
@@ -55,6 +55,16 @@ pub trait AgentClient: Send + Sync {
         &self,
         req: BuildTemplateRequest,
     ) -> Result<BoxStream<BuildTemplateEvent>, ConnectError> {
+        let _ = req;
+        Err(ConnectError::unimplemented(
+            "this agent does not build templates",
+        ))
+    }
+    /// Releases a built template the control plane no longer starts sandboxes from.
+    async fn release_template(
+        &self,
+        req: ReleaseTemplateRequest,
+    ) -> Result<ReleaseTemplateResponse, ConnectError> {
         let _ = req;
         Err(ConnectError::unimplemented(
             "this agent does not build templates",

@@ -74,7 +74,8 @@ fn millis(d: Duration) -> i64 {
 
 impl ControlPlane {
     /// One round of the periodic reconciler: every registered host, then the expired
-    /// idempotency keys and the template builds whose heartbeat stopped. Failures are logged; the next round tries again.
+    /// idempotency keys, the template builds whose heartbeat stopped, and the built versions
+    /// nothing names any more. Failures are logged; the next round tries again.
     pub async fn reconcile_all(&self) {
         let hosts = match self.store.list_hosts().await {
             Ok(h) => h,
@@ -83,7 +84,7 @@ impl ControlPlane {
                 return;
             }
         };
-        for host in hosts {
+        for host in &hosts {
             match self.reconcile_host(host.id.as_str()).await {
                 Ok(done) if done != Reconciled::default() => tracing::info!(
                     host_id = %host.id,
@@ -106,6 +107,11 @@ impl ControlPlane {
         }
         if let Err(e) = self.fail_stale_builds(self.config.settle_grace).await {
             tracing::warn!(error = %Chain(&e), "fail interrupted template builds");
+        }
+        for host in &hosts {
+            if let Err(e) = self.release_unused_versions(host).await {
+                tracing::warn!(host_id = %host.id, error = %Chain(&e), "release unused template versions");
+            }
         }
     }
 

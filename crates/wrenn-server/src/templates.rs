@@ -31,7 +31,7 @@ use wrenn_core::{HostId, TeamId, TemplateId, UnixMillis};
 use crate::agents::AgentClient;
 use crate::error::{ApiError, Chain};
 use crate::service::{ControlPlane, now, to_datetime};
-use crate::store::{BuildLogRecord, BuildRecord, TeamRecord, TemplateRecord};
+use crate::store::{BuildLogRecord, BuildRecord, HostRecord, TeamRecord, TemplateRecord};
 use crate::tokens;
 
 /// How long an upload or download link works.
@@ -92,6 +92,17 @@ fn random_build_id() -> String {
         &h[16..20],
         &h[20..]
     )
+}
+
+/// Whether a host's template name is one of our build IDs (a UUID), not a host-provided
+/// template or a snapshot.
+fn is_build_id(name: &str) -> bool {
+    let b = name.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
 }
 
 /// The step name the SDKs map to a stack trace: the step's number, `base` before the steps
@@ -639,6 +650,46 @@ impl ControlPlane {
         Ok(failed)
     }
 
+    /// Releases the built versions `host` holds that nothing names any more (superseded and
+    /// untagged, or of a deleted template); the host removes their files once no sandbox uses
+    /// them. How many were released.
+    pub(crate) async fn release_unused_versions(
+        &self,
+        host: &HostRecord,
+    ) -> Result<usize, ApiError> {
+        let client = self.client_for(host)?;
+        let info = client
+            .host_info(agent::HostInfoRequest {})
+            .await
+            .map_err(|e| ApiError::agent(format!("host info of {}", host.id), e))?;
+        let mut released = 0;
+        for id in info
+            .template_envd_versions
+            .keys()
+            .filter(|k| is_build_id(k))
+        {
+            let wanted = match self.store.get_build(id).await? {
+                // Its template was deleted.
+                None => false,
+                // Not recorded as ready yet: its build may be finishing right now.
+                Some(b) if status_of(&b) != TemplateBuildStatus::Ready => true,
+                Some(b) => self.store.build_wanted(&b.id).await?,
+            };
+            if wanted {
+                continue;
+            }
+            client
+                .release_template(agent::ReleaseTemplateRequest {
+                    template_id: id.clone(),
+                })
+                .await
+                .map_err(|e| ApiError::agent(format!("release template {id}"), e))?;
+            tracing::info!(build_id = %id, host_id = %host.id, "released an unused template version");
+            released += 1;
+        }
+        Ok(released)
+    }
+
     /// `GET /templates/{id}/builds/{buildID}/status`.
     pub async fn build_status(
         &self,
@@ -797,6 +848,19 @@ mod tests {
         );
         assert!(parts[2].starts_with('4'));
         assert!("89ab".contains(&parts[3][..1]));
+    }
+
+    #[test]
+    fn only_uuids_are_build_ids() {
+        assert!(is_build_id(&random_build_id()));
+        for other in [
+            "base",
+            "abc",
+            &"a".repeat(36),
+            "3f2c1a9e-0b7d-4c55-9d1e-1a2b3c4d5e6g",
+        ] {
+            assert!(!is_build_id(other), "{other}");
+        }
     }
 
     #[test]

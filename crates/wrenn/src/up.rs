@@ -80,6 +80,11 @@ pub struct UpArgs {
     /// Seconds between reconciliations of the sandbox records with the agent.
     #[arg(long, default_value_t = 30)]
     pub reconcile_interval: u64,
+    /// Seconds a built template version no longer named (superseded and untagged, or
+    /// deleted) keeps its files at least; they go once no sandbox uses them. Longer than any
+    /// create takes.
+    #[arg(long, default_value_t = 120, hide = true)]
+    pub template_release_grace: u64,
     /// Most running sandboxes on this host (paused ones are only files).
     #[arg(long, default_value_t = 64)]
     pub max_sandboxes: u32,
@@ -185,6 +190,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         uplink: uplink.clone(),
         egress: egress_settings,
         templates_dir: Some(templates.clone()),
+        template_release_grace: Duration::from_secs(args.template_release_grace),
     })
     .await
     .map_err(|e| anyhow::anyhow!(wrenn_agent::error_chain(&e)))?;

@@ -399,6 +399,19 @@ impl Store {
             .collect()
     }
 
+    /// Whether sandboxes may still start from `build`: it is its template's current version
+    /// or a tag names it.
+    pub async fn build_wanted(&self, build: &str) -> Result<bool> {
+        let row = sqlx::query(
+            "SELECT id FROM templates WHERE build_id = $1 \
+             UNION ALL SELECT build_id FROM template_tags WHERE build_id = $1 LIMIT 1",
+        )
+        .bind(build)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.is_some())
+    }
+
     /// Points `tag` of template `template_id` at `build`.
     pub async fn set_tag(
         &self,
