@@ -98,6 +98,12 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
+    def server_bind(self):
+        # Not HTTPServer's: it looks up the address's name (getfqdn), a DNS query to the
+        # host's resolver that would leave through the host's real interface.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
 def serve(addr, port, tls=False):
     s = Server((addr, port), Handler)
     if tls:

@@ -52,3 +52,69 @@ def test_cli_lifecycle(wrenn):
         cli("kill", sid, check=False)
     gone = cli("info", sid, check=False)
     assert gone.returncode != 0 and "not found" in gone.stderr, gone
+
+
+def template_cli(*args: str, cwd=ROOT, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [str(wrenn_binary()), "template", *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=os.environ.copy(),
+        cwd=cwd,
+    )
+    if check:
+        assert proc.returncode == 0, f"wrenn template {args}: {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def test_cli_builds_a_template_from_a_dockerfile(wrenn, tmp_path):
+    tag = secrets.token_hex(4)
+    name = f"cli-df-{tag}"
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "index.html").write_text(f"cli {tag}\n")
+    (tmp_path / "Dockerfile").write_text(
+        "ARG GREETING=hello\n"
+        "FROM base\n"
+        "ENV APP_DIR=/srv/site\n"
+        "COPY --chown=user site $APP_DIR\n"
+        "RUN echo \"$GREETING from $(id -un)\" > $APP_DIR/who.txt \\\n"
+        "    && chown user $APP_DIR/who.txt\n"
+        "WORKDIR /srv/site\n"
+        "EXPOSE 8080\n"
+        'CMD ["python3", "-m", "http.server", "8080"]\n'
+    )
+    built = template_cli(
+        "build", "-f", str(tmp_path / "Dockerfile"), "--name", name,
+        "--build-arg", "GREETING=hi", "--ready-cmd", "curl -sf localhost:8080/index.html",
+        str(tmp_path),
+    )
+    assert built.stdout.strip() == name, built
+    log = built.stderr
+    assert "warning: line 8: EXPOSE is ignored" in log, log
+    assert "[4/7] COPY site /srv/site" in log and "start command: python3 -m http.server 8080" in log, log
+    listed = json.loads(template_cli("list", "--json").stdout)
+    assert any(name in t["names"] and t["buildStatus"] == "ready" for t in listed), listed
+    assert name in template_cli("list").stdout
+
+    sid = cli("create", "--template", name).stdout.strip()
+    try:
+        out = cli("exec", sid, "--", "cat who.txt index.html; stat -c %U index.html; echo $APP_DIR").stdout
+        assert out == f"hi from root\ncli {tag}\nuser\n/srv/site\n", out
+        served = cli("exec", sid, "--", "curl -s localhost:8080/who.txt").stdout
+        assert served == "hi from root\n", served
+    finally:
+        cli("kill", sid, check=False)
+
+    # A failing step: its output and exit code, a failing exit, and no new version.
+    (tmp_path / "Dockerfile.bad").write_text("FROM base\nRUN echo cli-broken; exit 4\n")
+    bad = template_cli("build", "-f", str(tmp_path / "Dockerfile.bad"), "--name", f"{name}-bad", str(tmp_path), check=False)
+    assert bad.returncode == 1, bad
+    assert "cli-broken" in bad.stderr and "exit code 4" in bad.stderr, bad.stderr
+    # Input the subset does not take is refused before anything is sent.
+    (tmp_path / "Dockerfile.multi").write_text("FROM base\nFROM base\n")
+    multi = template_cli("build", "-f", str(tmp_path / "Dockerfile.multi"), "--name", f"{name}-m", str(tmp_path), check=False)
+    assert multi.returncode == 1 and "line 2" in multi.stderr, multi.stderr
+
+    assert "deleted" in template_cli("delete", name).stdout
+    assert not any(name in t["names"] for t in json.loads(template_cli("list", "--json").stdout))

@@ -30,6 +30,8 @@ pub const BUILD_INFO: &str = "build.json";
 /// Written into a built template's directory once the control plane released it; its mtime
 /// is when.
 const RELEASED: &str = "released";
+/// The build service's scratch directory under the templates directory.
+pub const WORK_DIR: &str = "bw";
 /// The largest context archive fetched for a build.
 const MAX_ARCHIVE_BYTES: u64 = 8 << 30;
 /// What a built template's steps run as when its parent says nothing (E2B's defaults).
@@ -138,7 +140,7 @@ impl Builds {
         Self {
             root: templates.join("builds"),
             layers: templates.join("layers"),
-            work: templates.join("build-work"),
+            work: templates.join(WORK_DIR),
             slot,
             release_grace,
             one_at_a_time: tokio::sync::Mutex::new(()),
@@ -303,7 +305,10 @@ impl Builds {
             .runtime()
             .template_snapshot(&req.parent_template_id)
             .ok_or_else(|| ServiceError::NoParent(req.parent_template_id.clone()))?;
-        let work = self.work.join(&req.build_id);
+        // One build at a time, so one scratch directory; a short path, because the build VM's
+        // QMP socket lives under it and Unix socket paths are short (108 bytes).
+        let work = self.work.clone();
+        let _ = std::fs::remove_dir_all(&work);
         let files_dir = work.join("files");
         let io = |what, path: &Path| {
             let path = path.to_owned();
@@ -405,7 +410,7 @@ impl Builds {
         };
         let dirs = BuildDirs {
             layers: self.layers.clone(),
-            work: work.join("build"),
+            work: work.join("b"),
             out: out.to_owned(),
         };
         send(Event::Log(BuildLog {

@@ -3,9 +3,11 @@
 
 mod api;
 mod config;
+mod dockerfile;
 mod envd;
 mod exec;
 mod output;
+mod template;
 mod terminal;
 
 use std::process::ExitCode;
@@ -22,6 +24,27 @@ pub struct SandboxArgs {
     conn: ConnArgs,
     #[command(subcommand)]
     cmd: SandboxCmd,
+}
+
+/// `wrenn template` arguments.
+#[derive(Debug, clap::Args)]
+pub struct TemplateArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    #[command(subcommand)]
+    cmd: template::TemplateCmd,
+}
+
+/// Runs a template subcommand.
+pub fn run_template(args: TemplateArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::resolve(&args.conn)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let api = Api::new(&config)?;
+        template::run(&api, config.json, args.cmd).await
+    })
 }
 
 /// Where Wrenn is and how to authenticate: the same knobs as the E2B SDKs.

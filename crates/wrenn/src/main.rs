@@ -20,6 +20,9 @@ enum Cmd {
     /// Work with sandboxes through a running Wrenn (create, list, exec, terminal, ...).
     #[command(alias = "sbx")]
     Sandbox(wrenn::cli::SandboxArgs),
+    /// Build, list and delete templates (`wrenn template build -f Dockerfile --name NAME`).
+    #[command(alias = "tpl")]
+    Template(wrenn::cli::TemplateArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -27,6 +30,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.cmd {
         Cmd::Up(args) => wrenn::up::run(args),
         Cmd::Sandbox(args) => wrenn::cli::run(args),
+        Cmd::Template(args) => wrenn::cli::run_template(args),
     };
     match result {
         Ok(code) => code,

@@ -491,7 +491,7 @@ fn remove_unused_templates(
         let dir = entry.path();
         let name = entry.file_name();
         // The build service's own directories (built templates, layer cache, scratch).
-        let builds = ["builds", "layers", "build-work"].map(std::ffi::OsStr::new);
+        let builds = ["builds", "layers", wrenn_agent::builds::WORK_DIR].map(std::ffi::OsStr::new);
         if dir == current
             || used.contains(&dir)
             || !dir.is_dir()

@@ -212,9 +212,53 @@ impl Api {
     }
 }
 
+impl Api {
+    /// Any route: `body` as JSON, the answer as JSON (`null` when empty).
+    pub(super) async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, ApiError> {
+        let mut req = self.request(method, path);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = self.send(req, None).await?;
+        let bytes = resp.bytes().await.map_err(|source| ApiError::Transport {
+            url: self.base.clone(),
+            source,
+        })?;
+        if bytes.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::BadResponse {
+            url: self.base.clone(),
+            what: e.to_string(),
+        })
+    }
+
+    /// `PUT`s `body` to an upload link the API gave (no API key: the link is signed).
+    pub(super) async fn upload(&self, url: &str, body: Vec<u8>) -> Result<(), ApiError> {
+        self.send(self.http.put(url).body(body), None).await?;
+        Ok(())
+    }
+
+    /// Whether `name` is a template this key may use (`GET /templates/aliases/{name}`).
+    pub(super) async fn template_exists(&self, name: &str) -> Result<bool, ApiError> {
+        let path = format!("/templates/aliases/{}", segment(name)?);
+        match self.send(self.request(Method::GET, &path), None).await {
+            Ok(_) => Ok(true),
+            Err(ApiError::Status { status: 404, .. }) => Ok(false),
+            Err(ApiError::Status { status: 403, .. }) => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// An ID as one path segment. `.` and `..` would be resolved away by URL normalization and
 /// reach another route, so they (and the empty ID) are answered locally as not found.
-fn segment(id: &str) -> Result<String, ApiError> {
+pub(super) fn segment(id: &str) -> Result<String, ApiError> {
     if id.is_empty() || id.bytes().all(|b| b == b'.') {
         return Err(ApiError::SandboxNotFound(format!("{id:?}")));
     }
