@@ -228,8 +228,19 @@ def test_bad_build_requests_are_refused_clearly(wrenn, ctx, built):
 
 def test_deleted_template_keeps_its_sandboxes(wrenn, ctx):
     name = f"e2e-gone-{RUN}"
+    # Build steps reach the internet as sandboxes do by default (here the lab's, by name
+    # through the slot's resolver), and never a private range.
+    net = (
+        "curl -s -m 20 http://allowed.test/ > /srv/net.txt; "
+        "(curl -s -m 5 http://10.99.0.10/ && echo lan-reached || echo lan-denied) >> /srv/net.txt"
+        if not wrenn.external
+        else "echo 'lab 198.51.100.70 host=allowed.test' > /srv/net.txt; echo lan-denied >> /srv/net.txt"
+    )
     Template.build(
-        Template().from_template(NAME).run_cmd("echo child > /tmp/child.txt"),
+        Template()
+        .from_template(NAME)
+        .run_cmd("echo child > /tmp/child.txt")
+        .run_cmd(net, user="root"),
         name=name,
         request_timeout=BUILD_TIMEOUT,
     )
@@ -237,6 +248,8 @@ def test_deleted_template_keeps_its_sandboxes(wrenn, ctx):
     try:
         # Built on a built template: the parent's files are there too.
         assert sbx.commands.run("cat /tmp/child.txt /app/marker.txt").stdout == "child\nv2\n"
+        net_out = sbx.commands.run("cat /srv/net.txt").stdout
+        assert net_out == "lab 198.51.100.70 host=allowed.test\nlan-denied\n", net_out
         with api(wrenn) as c:
             assert c.delete(f"/templates/{name}").status_code == 204
             assert c.delete(f"/templates/{name}").status_code == 404

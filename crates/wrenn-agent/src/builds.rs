@@ -317,7 +317,7 @@ impl Builds {
         std::fs::create_dir_all(&self.root).map_err(io("create", &self.root))?;
         std::fs::create_dir_all(&files_dir).map_err(io("create", &files_dir))?;
         let res = self
-            .build_in(req, parent, &envd_version, &work, &out, send)
+            .build_in(agent, req, (parent, &envd_version), send)
             .await;
         let _ = std::fs::remove_dir_all(&work);
         let snapshot = res?;
@@ -351,13 +351,12 @@ impl Builds {
 
     async fn build_in(
         &self,
+        agent: &Agent,
         req: &BuildTemplateRequest,
-        parent: Snapshot,
-        envd_version: &str,
-        work: &Path,
-        out: &Path,
+        (parent, envd_version): (Snapshot, &str),
         send: &(dyn Fn(Event) + Send + Sync),
     ) -> Result<Snapshot, ServiceError> {
+        let (work, out) = (&self.work, &self.root.join(&req.build_id));
         let mut files = HashMap::new();
         for f in &req.files {
             if !valid_hash(&f.hash) {
@@ -411,7 +410,7 @@ impl Builds {
         let dirs = BuildDirs {
             layers: self.layers.clone(),
             work: work.join("b"),
-            out: out.to_owned(),
+            out: out.clone(),
         };
         send(Event::Log(BuildLog {
             timestamp_unix_ms: now_ms(),
@@ -423,8 +422,18 @@ impl Builds {
             step: 0,
         }));
         let slot = Slot::create(self.slot).await.map_err(ServiceError::Slot)?;
+        // Steps reach the internet as a sandbox does by default (package installs); the
+        // always-denied ranges stay denied.
+        let services = match agent.runtime().slots().open_egress(&slot).await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tokio::task::spawn_blocking(move || drop(slot)).await;
+                return Err(ServiceError::Slot(e));
+            }
+        };
         let report = |e: BuildEvent| send(event_of(e));
         let res = build::build(&build_req, &dirs, &slot, &report).await;
+        drop(services);
         // Removing a slot's namespace blocks; not on an async worker.
         let _ = tokio::task::spawn_blocking(move || drop(slot)).await;
         Ok(res?)

@@ -382,6 +382,43 @@ impl SlotPool {
         *self.inner.egress.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(settings);
     }
 
+    /// Opens a slot outside the pool (the build slot) to the internet as a sandbox with the
+    /// default policy sees it, with the same host settings: the always-denied ranges stay
+    /// denied, and its resolver forwards to the host's upstream. The services must be kept
+    /// while the slot is used. Nothing is opened on a host without an uplink.
+    pub async fn open_egress(&self, slot: &Slot) -> Result<Option<EgressServices>, SlotError> {
+        let settings = self
+            .inner
+            .egress
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if !settings.enabled {
+            return Ok(None);
+        }
+        let policy = EgressPolicy::parse(true, &[], &[]).expect("an empty policy parses");
+        slot.set_egress(Some(&policy), &settings.lifted).await?;
+        let Some(upstream) = settings.dns_upstream else {
+            return Ok(None);
+        };
+        // An open policy: the resolver has no names to report for the firewall.
+        let on_learned: OnLearned = Arc::new(|_: &[(std::net::Ipv4Addr, Duration)]| {});
+        match EgressServices::start(
+            &slot.netns_path(),
+            EgressConfig::new(upstream),
+            Arc::new(policy),
+            on_learned,
+        )
+        .await
+        {
+            Ok(svc) => Ok(Some(svc)),
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "build slot resolver did not start");
+                Ok(None)
+            }
+        }
+    }
+
     /// Keeps every slot's copy of the host's addresses and connected networks current: looks
     /// every `every` and rewrites the slots' sets when they changed (a new address, a new
     /// interface). Ends when the pool is gone.

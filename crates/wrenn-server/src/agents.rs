@@ -54,22 +54,12 @@ pub trait AgentClient: Send + Sync {
     async fn build_template(
         &self,
         req: BuildTemplateRequest,
-    ) -> Result<BoxStream<BuildTemplateEvent>, ConnectError> {
-        let _ = req;
-        Err(ConnectError::unimplemented(
-            "this agent does not build templates",
-        ))
-    }
+    ) -> Result<BoxStream<BuildTemplateEvent>, ConnectError>;
     /// Releases a built template the control plane no longer starts sandboxes from.
     async fn release_template(
         &self,
         req: ReleaseTemplateRequest,
-    ) -> Result<ReleaseTemplateResponse, ConnectError> {
-        let _ = req;
-        Err(ConnectError::unimplemented(
-            "this agent does not build templates",
-        ))
-    }
+    ) -> Result<ReleaseTemplateResponse, ConnectError>;
 }
 
 /// Makes the client for a host (over the network in production; a test double in tests).
@@ -158,6 +148,12 @@ impl AgentClient for ConnectAgentClient {
         req: BuildTemplateRequest,
     ) -> Result<BoxStream<BuildTemplateEvent>, ConnectError> {
         self.builds.server_stream(paths::BUILD_TEMPLATE, &req).await
+    }
+    async fn release_template(
+        &self,
+        req: ReleaseTemplateRequest,
+    ) -> Result<ReleaseTemplateResponse, ConnectError> {
+        self.quick.unary(paths::RELEASE_TEMPLATE, &req).await
     }
 }
 

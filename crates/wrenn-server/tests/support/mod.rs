@@ -283,6 +283,20 @@ impl AgentClient for FakeAgent {
             ..Default::default()
         })
     }
+    async fn build_template(
+        &self,
+        _: BuildTemplateRequest,
+    ) -> Result<wrenn_connect::BoxStream<BuildTemplateEvent>, ConnectError> {
+        Err(ConnectError::unimplemented(
+            "the fake agent builds no templates",
+        ))
+    }
+    async fn release_template(
+        &self,
+        _: ReleaseTemplateRequest,
+    ) -> Result<ReleaseTemplateResponse, ConnectError> {
+        Ok(ReleaseTemplateResponse { known: false })
+    }
 }
 
 pub struct FakeConnector(pub Arc<FakeAgent>);
