@@ -4,8 +4,8 @@
 //! Made in two cached stages, each keyed by its inputs, so a second start finds both at once:
 //! the Debian image's code-interpreter variant (numpy, pandas, matplotlib from Debian, the
 //! static `wrenn-interpreter` at `/usr/local/bin`) booted cold into a template of its own
-//! (`code-interpreter-v1-boot-<key>`), then a template build on it with no steps whose start
-//! command is the interpreter's server, so every sandbox is a restore with the server and its
+//! (`code-interpreter-v1-boot-<key>`), then a template build on it (one step: a warm-up
+//! import) whose start command is the interpreter's server, so every sandbox is a restore with the server and its
 //! default context already running (no Python start-up per create, which under TCG costs
 //! seconds).
 
@@ -15,7 +15,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 use sha2::{Digest, Sha256};
 use wrenn_agent::accel::Accel;
-use wrenn_agent::build::{self, BuildDirs, BuildEvent, BuildRequest, Defaults};
+use wrenn_agent::build::{self, BuildDirs, BuildEvent, BuildRequest, Defaults, RawStep};
 use wrenn_agent::snapshot::Snapshot;
 use wrenn_hostnet::Slot;
 
@@ -29,6 +29,10 @@ const BOOT_NAME: &str = "code-interpreter-v1-boot";
 /// vars from the guest's own envd.
 const START_CMD: &str = "/usr/local/bin/wrenn-interpreter --listen 0.0.0.0:49999 \
      --python python3 --default-cwd /home/user --envd-url http://127.0.0.1:49983";
+/// Run once before the server starts: matplotlib builds its font cache in `~/.cache` on its
+/// first import (seconds under TCG, in every sandbox if not done here), and the libraries'
+/// files stay in the guest's page cache, which the snapshot keeps.
+const WARM_UP: &str = "python3 -c 'import matplotlib.pyplot, pandas'";
 /// Answers once the server listens, which it does after its default context is up. `-f` so
 /// an error status does not count as ready.
 const READY_CMD: &str = "curl -sf localhost:49999/health";
@@ -116,6 +120,7 @@ fn key(parent: &Snapshot, envs: &[(String, String)]) -> String {
     for part in [
         parent.dir.to_string_lossy().as_ref(),
         &parent.manifest.state_sha256,
+        WARM_UP,
         START_CMD,
         READY_CMD,
         USER,
@@ -146,7 +151,12 @@ async fn build_on(
         },
         vcpus: spec.vcpus,
         memory_mib: spec.memory_mib,
-        steps: Vec::new(),
+        steps: vec![RawStep {
+            kind: "RUN".into(),
+            args: vec![WARM_UP.into()],
+            files_hash: None,
+            force: false,
+        }],
         start_cmd: Some(START_CMD.into()),
         ready_cmd: Some(READY_CMD.into()),
         skip_cache: false,
