@@ -285,6 +285,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         banner(
             &url,
             snapshot.manifest.spec.accel,
+            &template_list(&served),
             &db,
             domain.as_deref(),
             &state,
@@ -387,17 +388,29 @@ async fn control_plane(
     Ok(cp)
 }
 
+/// The banner's list of templates, e.g. "templates `base`, `code-interpreter-v1`".
+fn template_list(served: &[(&str, wrenn_agent::snapshot::Snapshot)]) -> String {
+    let names: Vec<String> = served.iter().map(|(id, _)| format!("`{id}`")).collect();
+    let noun = if names.len() == 1 {
+        "template"
+    } else {
+        "templates"
+    };
+    format!("{noun} {}", names.join(", "))
+}
+
 /// What `wrenn up` prints once it serves; the SDK environment comes last (scripts read up to
 /// `E2B_API_KEY`).
 fn banner(
     url: &str,
     accel: Accel,
+    templates: &str,
     db: &str,
     domain: Option<&str>,
     state: &Path,
     env: &str,
 ) -> String {
-    let mut out = format!("Wrenn is up on {url} ({accel}, template `{DEFAULT_TEMPLATE}`, {db}).\n");
+    let mut out = format!("Wrenn is up on {url} ({accel}, {templates}, {db}).\n");
     if accel == Accel::Tcg {
         tracing::warn!("{}", wrenn_agent::accel::TCG_WARNING);
         out.push_str(&format!("Warning: {}\n", wrenn_agent::accel::TCG_WARNING));
@@ -832,6 +845,7 @@ mod tests {
         let tcg = banner(
             "u",
             Accel::Tcg,
+            "template `base`",
             "db",
             Some("localhost:3"),
             Path::new("/s"),
@@ -846,7 +860,15 @@ mod tests {
             "{tcg}"
         );
         assert!(tcg.ends_with(env), "the environment must come last: {tcg}");
-        let kvm = banner("u", Accel::Kvm, "db", None, Path::new("/s"), env);
+        let kvm = banner(
+            "u",
+            Accel::Kvm,
+            "template `base`",
+            "db",
+            None,
+            Path::new("/s"),
+            env,
+        );
         assert!(!kvm.contains("TCG"), "{kvm}");
         assert!(kvm.contains("--domain"), "{kvm}");
     }
