@@ -5,9 +5,9 @@
 //! the Debian image's code-interpreter variant (numpy, pandas, matplotlib from Debian, the
 //! static `wrenn-interpreter` at `/usr/local/bin`) booted cold into a template of its own
 //! (`code-interpreter-v1-boot-<key>`), then a template build on it (one step: a warm-up
-//! import) whose start command is the interpreter's server, so every sandbox is a restore with the server and its
-//! default context already running (no Python start-up per create, which under TCG costs
-//! seconds).
+//! import) whose start command is the interpreter's server, so every sandbox is a restore
+//! with the server and its default context already running (no Python start-up per create,
+//! which under TCG costs seconds).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -41,9 +41,9 @@ const USER: &str = "user";
 /// See [`USER`].
 const WORKDIR: &str = "/home/user";
 /// Under TCG the guest CPU is QEMU's `qemu64`, an AMD family-15 model: OpenBLAS (numpy's
-/// BLAS in Debian) then picks its Opteron kernels, which use 3DNow! instructions TCG does not
-/// emulate, and the first `numpy.dot` (every matplotlib draw) dies of SIGILL. Its SSE3 kernels
-/// run anywhere; under KVM (`-cpu host`) it detects the real CPU and needs nothing.
+/// BLAS in Debian) then picks its Opteron kernels, which use an instruction TCG does not
+/// emulate, and the first `numpy.dot` (every matplotlib draw) dies of SIGILL. Its SSE3
+/// (Prescott) kernels run there; under KVM (`-cpu host`) it detects the real CPU.
 const TCG_ENVS: [(&str, &str); 1] = [("OPENBLAS_CORETYPE", "Prescott")];
 
 /// The built template and the directories it depends on (kept by `remove_unused_templates`).
