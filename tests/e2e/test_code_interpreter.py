@@ -98,3 +98,15 @@ def test_contexts_are_isolated(sbx):
     assert {a.id, b.id} <= ids
     sbx.remove_code_context(a)
     sbx.remove_code_context(b)
+
+
+def test_create_envs_reach_the_snapshotted_context(wrenn):
+    # The default context's Python was started when the template was built; the sandbox's own
+    # env vars (given at create) still reach it, and a cell's envs apply to that cell.
+    s = Sandbox.create(envs={"WRENN_E2E_CI": "from-create"}, timeout=TIMEOUT)
+    try:
+        assert s.run_code("import os; os.environ.get('WRENN_E2E_CI')").text == "from-create"
+        ex = s.run_code("os.environ.get('CELL')", envs={"CELL": "from-cell"})
+        assert ex.text == "from-cell"
+    finally:
+        s.kill()
