@@ -15,4 +15,4 @@ cargo build --release --workspace --bins
 scripts/build-guest-envd.sh
 
 echo
-echo "Built: target/release/wrenn, target/release/envd and the guest envd."
+echo "Built: target/release/wrenn, target/release/envd, the guest envd and the guest wrenn-interpreter."

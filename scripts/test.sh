@@ -29,6 +29,8 @@ fi
 
 # The official E2B SDKs (Python venv, JS node_modules): some Rust tests drive them too.
 scripts/sdk-env.sh
+# wrenn-interpreter's SDK test runs @e2b/code-interpreter from there.
+export WRENN_TEST_NODE_MODULES="${WRENN_TEST_NODE_MODULES:-$PWD/tests/sdk/node_modules}"
 
 echo "==> cargo test (WRENN_VM_TESTS=${WRENN_VM_TESTS:-0})"
 cargo test --workspace --no-fail-fast

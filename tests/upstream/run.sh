@@ -640,6 +640,7 @@ fi
 [ -n "$ENVD_SRC" ] || die "no guest envd (run scripts/build-guest-envd.sh or set WRENN_GUEST_ENVD)"
 # Copies, so a concurrent cargo build cannot replace them mid-run. The copied binary would
 # look for the guest envd next to its own build directory, so it gets --envd explicitly.
+# The upstream suites are the base SDK's: no code-interpreter template (--no-code-interpreter).
 cp "$WRENN_SRC" "$BIN/wrenn.tmp" && mv -f "$BIN/wrenn.tmp" "$BIN/wrenn"
 cp "$ENVD_SRC" "$BIN/envd.tmp" && mv -f "$BIN/envd.tmp" "$BIN/envd"
 
@@ -660,6 +661,7 @@ log "starting wrenn up on 127.0.0.1:$PORT (state $STATE, log $RESULTS/wrenn-up.l
   --uplink none \
   --progress plain \
   --envd "$BIN/envd" \
+  --no-code-interpreter \
   >"$WORK/wrenn-up.out" 2>"$RESULTS/wrenn-up.log" 9>&- &
 WRENN_PID=$!
 

@@ -684,7 +684,6 @@ struct WarmInner {
     /// Signalled by the refill task whenever it finishes a round.
     filled: Notify,
     closed: AtomicBool,
-    counter: AtomicU64,
     refill_delay_ms: AtomicU64,
     /// When the last take happened (ms since `epoch`): a refill waits the delay after it.
     last_take_ms: AtomicU64,
@@ -737,7 +736,6 @@ impl WarmPool {
             wake: Notify::new(),
             filled: Notify::new(),
             closed: AtomicBool::new(false),
-            counter: AtomicU64::new(0),
             refill_delay_ms: AtomicU64::new(DEFAULT_REFILL_DELAY.as_millis() as u64),
             last_take_ms: AtomicU64::new(NEVER_TAKEN),
             epoch: std::time::Instant::now(),
@@ -879,8 +877,12 @@ pub async fn discard(slots: &SlotPool, warm: WarmVm) {
     slots.release(warm.slot).await;
 }
 
+/// Numbers warm VM directories: one counter for the process, not per pool, so the pools of
+/// two templates never make the same directory (each would remove the other's VM).
+static NEXT_WARM: AtomicU64 = AtomicU64::new(0);
+
 async fn start_one(inner: &WarmInner) -> Result<WarmVm, PoolError> {
-    let n = inner.counter.fetch_add(1, Ordering::Relaxed);
+    let n = NEXT_WARM.fetch_add(1, Ordering::Relaxed);
     let dir = inner
         .vms_root
         .join(format!("warm-{}-{n}", std::process::id()));

@@ -17,6 +17,10 @@
 //! directories of dead builders are swept (after unmounting anything debootstrap left mounted
 //! in them) before the next build.
 //!
+//! A variant ([`DebianExtras`]) is the same image with more Debian packages (installed in the
+//! same host-side `apt-get` run) and more files (e.g. the code interpreter's static binary);
+//! both are part of its cache key, so it is cached next to the plain image.
+//!
 //! Building takes minutes, so it reports its phases (debootstrap, installing envd, mkfs, the
 //! manifest) and debootstrap's output lines as [`Progress`] events.
 
@@ -114,12 +118,82 @@ pub struct DebianImageInputs {
     /// The Debian mirror; `None`: `WRENN_DEBIAN_MIRROR`, else the host's apt sources, else
     /// `deb.debian.org`. Not part of the cache key.
     pub mirror: Option<String>,
+    /// What a variant adds to the plain image (empty for `base`).
+    pub extras: DebianExtras,
 }
 
 impl DebianImageInputs {
-    /// Defaults (the host's mirror) with the given envd.
+    /// Defaults (the host's mirror, no extras) with the given envd.
     pub fn new(envd: PathBuf) -> Self {
-        Self { envd, mirror: None }
+        Self {
+            envd,
+            mirror: None,
+            extras: DebianExtras::default(),
+        }
+    }
+}
+
+/// What a variant of the Debian image adds: packages (installed with [`TOOLS`], host-side,
+/// so no guest ever reaches a package registry) and files. Part of the cache key.
+#[derive(Debug, Clone, Default)]
+pub struct DebianExtras {
+    /// What the variant is, for progress messages (e.g. `code interpreter`).
+    pub label: String,
+    /// More Debian packages.
+    pub packages: Vec<String>,
+    /// More files, e.g. a static binary.
+    pub files: Vec<ExtraFile>,
+}
+
+/// A host file copied into a variant image.
+#[derive(Debug, Clone)]
+pub struct ExtraFile {
+    /// The file on the host.
+    pub source: PathBuf,
+    /// Where it goes, relative to the image's root (e.g. `usr/local/bin/wrenn-interpreter`).
+    pub dest: String,
+    /// Its mode.
+    pub mode: u32,
+}
+
+/// What the code-interpreter image adds to `base`: the libraries E2B's code-interpreter
+/// template offers for data work (Debian's builds, so no pip in a guest), and PIL, which
+/// matplotlib's PNG output needs.
+pub const CODE_INTERPRETER_PACKAGES: [&str; 4] = [
+    "python3-numpy",
+    "python3-pandas",
+    "python3-matplotlib",
+    "python3-pil",
+];
+/// Where the code interpreter's server goes in its image.
+pub const INTERPRETER_PATH: &str = "/usr/local/bin/wrenn-interpreter";
+
+impl DebianExtras {
+    /// The code-interpreter variant: [`CODE_INTERPRETER_PACKAGES`] and the static
+    /// `wrenn-interpreter` binary at [`INTERPRETER_PATH`].
+    pub fn code_interpreter(interpreter: PathBuf) -> Self {
+        Self {
+            label: "code interpreter".into(),
+            packages: CODE_INTERPRETER_PACKAGES.map(String::from).to_vec(),
+            files: vec![ExtraFile {
+                source: interpreter,
+                dest: INTERPRETER_PATH.trim_start_matches('/').into(),
+                mode: 0o755,
+            }],
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.packages.is_empty() && self.files.is_empty()
+    }
+
+    /// The image's name in messages.
+    fn name(&self) -> String {
+        if self.label.is_empty() {
+            format!("Debian {SUITE} template image")
+        } else {
+            format!("Debian {SUITE} {} image", self.label)
+        }
     }
 }
 
@@ -178,30 +252,31 @@ pub fn build_debian_rootfs(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<DebianRootfs, ImageError> {
     let envd_sha256 = sha256_file(&inputs.envd)?;
-    let mut key = CacheKey::default();
-    key.text("format", SCRIPT_VERSION)
-        .text("suite", SUITE)
-        .text("include", &PACKAGES.join(","))
-        .text("tools", &TOOLS.join(","))
-        .text("sudoers", SUDOERS)
-        .text("init", &init_script())
-        .text("hosts", HOSTS)
-        .text("resolv", RESOLV_CONF)
-        .text("envd", &envd_sha256);
-    let key = key.finish();
+    let extras = &inputs.extras;
+    let file_sha256 = extras
+        .files
+        .iter()
+        .map(|f| sha256_file(&f.source))
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = cache_key(extras, &envd_sha256, &file_sha256);
     let artifact = cache.join(format!("rootfs-debian-{key}"));
     if !artifact.join("manifest.json").is_file() {
         let mut report = Reporter::new(progress);
         sweep_stale(cache);
         let started = Instant::now();
+        let name = extras.name();
         report.note(format!(
-            "building the Debian {SUITE} template image (about a minute or two; cached afterwards)"
+            "building the {name} (a few minutes; cached afterwards)"
         ));
+        let sums = Sums {
+            envd: &envd_sha256,
+            files: &file_sha256,
+        };
         cached(cache, "rootfs-debian", &key, |tmp| {
-            build(tmp, inputs, &key, &envd_sha256, &mut report, started)
+            build(tmp, inputs, &key, sums, &mut report, started)
         })?;
         report.note(format!(
-            "Debian template image ready in {:.1} s",
+            "{name} ready in {:.1} s",
             started.elapsed().as_secs_f64()
         ));
     }
@@ -218,11 +293,41 @@ pub fn build_debian_rootfs(
     })
 }
 
+/// The image's cache key: everything this module puts in, and a variant's extras.
+fn cache_key(extras: &DebianExtras, envd_sha256: &str, file_sha256: &[String]) -> String {
+    let mut key = CacheKey::default();
+    key.text("format", SCRIPT_VERSION)
+        .text("suite", SUITE)
+        .text("include", &PACKAGES.join(","))
+        .text("tools", &TOOLS.join(","))
+        .text("sudoers", SUDOERS)
+        .text("init", &init_script())
+        .text("hosts", HOSTS)
+        .text("resolv", RESOLV_CONF)
+        .text("envd", envd_sha256);
+    // Only a variant adds these: the plain image keeps the key it always had.
+    if !extras.is_empty() {
+        key.text("extra-packages", &extras.packages.join(","));
+        for (f, sha) in extras.files.iter().zip(file_sha256) {
+            key.text("extra-file", &format!("{}:{:o}:{sha}", f.dest, f.mode));
+        }
+    }
+    key.finish()
+}
+
+/// The sha256 of the binaries going in, for the manifest.
+#[derive(Clone, Copy)]
+struct Sums<'a> {
+    envd: &'a str,
+    /// One per extra file, in order.
+    files: &'a [String],
+}
+
 fn build(
     tmp: &Path,
     inputs: &DebianImageInputs,
     key: &str,
-    envd_sha256: &str,
+    sums: Sums<'_>,
     report: &mut Reporter<'_>,
     started: Instant,
 ) -> Result<(), ImageError> {
@@ -240,13 +345,21 @@ fn build(
         Ok(((), format!("{SUITE} from {mirror}")))
     })?;
 
+    let packages: Vec<&str> = TOOLS
+        .iter()
+        .copied()
+        .chain(inputs.extras.packages.iter().map(String::as_str))
+        .collect();
     report.phase("apt-get install", |log| {
-        install_tools(&root, log)?;
-        Ok(((), TOOLS.join(" ")))
+        install_tools(&root, &packages, log)?;
+        Ok(((), packages.join(" ")))
     })?;
 
     let (packages, debian_version) = report.phase("installing envd and init", |_| {
         install(&root, &inputs.envd)?;
+        for f in &inputs.extras.files {
+            put_file(&root, &f.dest, &read(&f.source)?, f.mode)?;
+        }
         let packages = installed_packages(&root)?;
         let debian_version = std::fs::read_to_string(root.join("etc/debian_version"))
             .map(|s| s.trim().to_owned())
@@ -285,7 +398,7 @@ fn build(
             content_bytes,
             size,
         };
-        let manifest = manifest(inputs, key, envd_sha256, mirror, tree, started);
+        let manifest = manifest(inputs, key, sums, mirror, tree, started);
         write_manifest(tmp, &manifest)?;
         Ok(((), "written".into()))
     })
@@ -302,7 +415,7 @@ struct Tree {
 fn manifest(
     inputs: &DebianImageInputs,
     key: &str,
-    envd_sha256: &str,
+    sums: Sums<'_>,
     mirror: String,
     tree: Tree,
     started: Instant,
@@ -316,15 +429,19 @@ fn manifest(
         version: version.into(),
         sha256: sha256.map(str::to_owned),
     };
+    let mut components = vec![
+        component("envd", &envd_version, Some(sums.envd)),
+        component("debootstrap", &debootstrap_version, None),
+        component("debian", &tree.debian_version, None),
+    ];
+    for (f, sha) in inputs.extras.files.iter().zip(sums.files) {
+        components.push(component(&f.dest, "", Some(sha)));
+    }
     DebianManifest {
         common: RootfsManifest {
             key: key.to_owned(),
             kind: "debian".into(),
-            components: vec![
-                component("envd", &envd_version, Some(envd_sha256)),
-                component("debootstrap", &debootstrap_version, None),
-                component("debian", &tree.debian_version, None),
-            ],
+            components,
             size: tree.size,
             e2fsprogs_version: deb_version("e2fsprogs"),
         },
@@ -337,6 +454,7 @@ fn manifest(
             .iter()
             .chain(&TOOLS)
             .map(|p| p.to_string())
+            .chain(inputs.extras.packages.iter().cloned())
             .collect(),
         packages: tree.packages,
         content_bytes: tree.content_bytes,
@@ -359,10 +477,14 @@ fn debootstrap(root: &Path, mirror: &str, log: &mut dyn FnMut(&str)) -> Result<(
     run_streaming(cmd, log, Some(&root.join("debootstrap/debootstrap.log")))
 }
 
-/// `apt-get install` of [`TOOLS`] inside the tree, with `/proc` mounted for the packages'
+/// `apt-get install` of `packages` ([`TOOLS`] and a variant's) inside the tree, with `/proc` mounted for the packages'
 /// scripts (unmounted after, and by the build's guard if this fails halfway). The tree's apt
 /// sources are the ones debootstrap wrote (its mirror); its `resolv.conf` is still the host's.
-fn install_tools(root: &Path, log: &mut dyn FnMut(&str)) -> Result<(), ImageError> {
+fn install_tools(
+    root: &Path,
+    packages: &[&str],
+    log: &mut dyn FnMut(&str),
+) -> Result<(), ImageError> {
     let proc = root.join("proc");
     nix::mount::mount(
         Some("proc"),
@@ -387,7 +509,7 @@ fn install_tools(root: &Path, log: &mut dyn FnMut(&str)) -> Result<(), ImageErro
     };
     let result = run_streaming(apt(&["update"]), log, None).and_then(|()| {
         let mut install = vec!["install", "--no-install-recommends"];
-        install.extend(TOOLS);
+        install.extend(packages);
         run_streaming(apt(&install), log, None)
     });
     let unmounted = nix::mount::umount2(&proc, nix::mount::MntFlags::MNT_DETACH);
@@ -726,6 +848,34 @@ mod tests {
         assert_eq!(
             mirror_from_list("deb http://m.example/d bookworm-updates main\n", "bookworm"),
             None
+        );
+    }
+
+    #[test]
+    fn a_variant_has_its_own_key_and_base_keeps_its_own() {
+        let base = cache_key(&DebianExtras::default(), "e", &[]);
+        // An empty label changes nothing: only packages and files make a variant.
+        let labelled = DebianExtras {
+            label: "x".into(),
+            ..DebianExtras::default()
+        };
+        assert_eq!(cache_key(&labelled, "e", &[]), base);
+        let ci = DebianExtras::code_interpreter("/bin/true".into());
+        let one = cache_key(&ci, "e", &["f1".into()]);
+        assert_ne!(one, base);
+        assert_ne!(
+            cache_key(&ci, "e", &["f2".into()]),
+            one,
+            "the binary is in the key"
+        );
+        let fewer = DebianExtras {
+            packages: vec!["python3-numpy".into()],
+            ..ci.clone()
+        };
+        assert_ne!(
+            cache_key(&fewer, "e", &["f1".into()]),
+            one,
+            "packages are in the key"
         );
     }
 

@@ -22,7 +22,8 @@ use std::process::Command;
 
 pub use cache::default_cache_dir;
 pub use debian::{
-    DebianImageInputs, DebianManifest, DebianRootfs, Package, TOOLS, build_debian_rootfs,
+    CODE_INTERPRETER_PACKAGES, DebianExtras, DebianImageInputs, DebianManifest, DebianRootfs,
+    ExtraFile, INTERPRETER_PATH, Package, TOOLS, build_debian_rootfs,
 };
 pub use initramfs::{Initramfs, InitramfsManifest, build_initramfs};
 pub use kernel::Kernel;

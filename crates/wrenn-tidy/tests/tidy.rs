@@ -112,6 +112,20 @@ fn dependency_directions() {
                 "wrenn-image",
             ],
         ),
+        // The guest's code interpreter stands alone: it reaches envd over HTTP only.
+        (
+            "wrenn-interpreter",
+            &[
+                "envd",
+                "wrenn-agent",
+                "wrenn-server",
+                "wrenn-qmp",
+                "wrenn-hostnet",
+                "wrenn-core",
+                "wrenn-api",
+                "wrenn-image",
+            ],
+        ),
         // Host building blocks know nothing of the agent that wires them, nor of the guest.
         (
             "wrenn-hostnet",

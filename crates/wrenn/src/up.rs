@@ -34,7 +34,10 @@ use wrenn_server::{Config, ControlPlane};
 
 use crate::progress::{ProgressMode, Renderer};
 
+mod code_interpreter;
 mod egress;
+
+pub use code_interpreter::CODE_INTERPRETER_TEMPLATE;
 
 /// The template every E2B SDK asks for by default.
 pub const DEFAULT_TEMPLATE: &str = "base";
@@ -59,6 +62,13 @@ pub struct UpArgs {
     /// The static guest envd (default: next to this binary's build, see `scripts/setup.sh`).
     #[arg(long, env = "WRENN_GUEST_ENVD")]
     pub envd: Option<PathBuf>,
+    /// The static guest code-interpreter server (default: next to the guest envd).
+    #[arg(long, env = "WRENN_GUEST_INTERPRETER")]
+    pub interpreter: Option<PathBuf>,
+    /// Do not make the `code-interpreter-v1` template (its first build takes minutes under
+    /// TCG); the code-interpreter SDKs then find no template.
+    #[arg(long, env = "WRENN_NO_CODE_INTERPRETER")]
+    pub no_code_interpreter: bool,
     /// The extracted guest kernel (default `/var/cache/wrenn/kernel`).
     #[arg(long, env = "WRENN_KERNEL_CACHE")]
     pub kernel_dir: Option<PathBuf>,
@@ -196,11 +206,30 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!(wrenn_agent::error_chain(&e)))?;
     let agent = host.agent().clone();
 
-    // 2. The default template (built in the slot kept for builds), registered with its pool.
-    let snapshot = default_template(&args, accel, &templates, host.build_slot()).await?;
+    // 2. The default template and the code interpreter's (built in the slot kept for builds),
+    // registered with their pools.
+    let parts = guest_parts(&args, accel).await?;
+    let base = debian_image(&args, &parts, Default::default()).await?;
+    let inputs = template_inputs(&args, &parts, &base);
+    let snapshot = boot_template(&templates, DEFAULT_TEMPLATE, &inputs, host.build_slot()).await?;
+    let interpreter = if args.no_code_interpreter {
+        None
+    } else {
+        Some(code_interpreter::template(&args, &parts, &templates, host.build_slot()).await?)
+    };
     let envd_version = wrenn_server::DEFAULT_ENVD_VERSION.to_owned();
-    remove_unused_templates(&templates, &snapshot.dir, host.paused_found());
-    host.add_template(DEFAULT_TEMPLATE, snapshot.clone(), &envd_version);
+    let mut current = vec![snapshot.dir.as_path()];
+    if let Some(ci) = &interpreter {
+        current.extend([ci.snapshot.dir.as_path(), ci.parent.as_path()]);
+    }
+    remove_unused_templates(&templates, &current, host.paused_found());
+    let mut served = vec![(DEFAULT_TEMPLATE, snapshot.clone())];
+    if let Some(ci) = interpreter {
+        served.push((CODE_INTERPRETER_TEMPLATE, ci.snapshot));
+    }
+    for (id, snap) in &served {
+        host.add_template(id, snap.clone(), &envd_version);
+    }
     let shutdown = CancellationToken::new();
     // Its own token: at shutdown the agent must still answer the control plane's reconcile
     // after the public port has closed.
@@ -232,7 +261,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         &database_url,
         secret,
         admin_token,
-        &snapshot,
+        &served,
         &internal_url,
     )
     .await?;
@@ -262,6 +291,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         banner(
             &url,
             snapshot.manifest.spec.accel,
+            &template_list(&served),
             &db,
             domain.as_deref(),
             &state,
@@ -311,7 +341,7 @@ async fn control_plane(
     database_url: &str,
     secret: Vec<u8>,
     admin_token: String,
-    snapshot: &wrenn_agent::snapshot::Snapshot,
+    templates: &[(&str, wrenn_agent::snapshot::Snapshot)],
     internal_url: &str,
 ) -> anyhow::Result<Arc<ControlPlane>> {
     let envd_version = wrenn_server::DEFAULT_ENVD_VERSION.to_owned();
@@ -327,19 +357,21 @@ async fn control_plane(
     cp.register_host(LOCAL_HOST, internal_url, internal_url)
         .await
         .map_err(|e| anyhow::anyhow!("register the local agent: {e}"))?;
-    let m = &snapshot.manifest.spec;
-    cp.register_template(&TemplateRecord {
-        id: DEFAULT_TEMPLATE.to_owned(),
-        team_id: None,
-        envd_version,
-        vcpus: m.vcpus,
-        memory_mb: u64::from(m.memory_mib),
-        disk_size_mb: disk_size_mb(&snapshot.manifest.base_image),
-        name: None,
-        build: None,
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("register the default template: {e}"))?;
+    for (id, snapshot) in templates {
+        let m = &snapshot.manifest.spec;
+        cp.register_template(&TemplateRecord {
+            id: (*id).to_owned(),
+            team_id: None,
+            envd_version: envd_version.clone(),
+            vcpus: m.vcpus,
+            memory_mb: u64::from(m.memory_mib),
+            disk_size_mb: disk_size_mb(&snapshot.manifest.base_image),
+            name: None,
+            build: None,
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("register the template {id}: {e}"))?;
+    }
     // Nothing is in flight before the port opens (this is the only control plane of its
     // database), so records left mid-operation by a crash are settled now, without a grace;
     // a template build that was running then ended with that run's agent.
@@ -362,17 +394,29 @@ async fn control_plane(
     Ok(cp)
 }
 
+/// The banner's list of templates, e.g. "templates `base`, `code-interpreter-v1`".
+fn template_list(served: &[(&str, wrenn_agent::snapshot::Snapshot)]) -> String {
+    let names: Vec<String> = served.iter().map(|(id, _)| format!("`{id}`")).collect();
+    let noun = if names.len() == 1 {
+        "template"
+    } else {
+        "templates"
+    };
+    format!("{noun} {}", names.join(", "))
+}
+
 /// What `wrenn up` prints once it serves; the SDK environment comes last (scripts read up to
 /// `E2B_API_KEY`).
 fn banner(
     url: &str,
     accel: Accel,
+    templates: &str,
     db: &str,
     domain: Option<&str>,
     state: &Path,
     env: &str,
 ) -> String {
-    let mut out = format!("Wrenn is up on {url} ({accel}, template `{DEFAULT_TEMPLATE}`, {db}).\n");
+    let mut out = format!("Wrenn is up on {url} ({accel}, {templates}, {db}).\n");
     if accel == Accel::Tcg {
         tracing::warn!("{}", wrenn_agent::accel::TCG_WARNING);
         out.push_str(&format!("Warning: {}\n", wrenn_agent::accel::TCG_WARNING));
@@ -401,44 +445,78 @@ fn sandbox_domain(configured: Option<&str>, listen: SocketAddr) -> Option<String
     (ip.is_loopback() || ip.is_unspecified()).then(|| format!("localhost:{}", listen.port()))
 }
 
-async fn default_template(
-    args: &UpArgs,
+/// What every template of `wrenn up` boots with beside its root filesystem.
+pub(crate) struct GuestParts {
     accel: Accel,
-    templates: &Path,
-    build_slot: u32,
-) -> anyhow::Result<wrenn_agent::snapshot::Snapshot> {
+    kernel: Kernel,
+    initramfs: PathBuf,
+    /// The image cache.
+    cache: PathBuf,
+    envd: PathBuf,
+}
+
+/// Finds the kernel and envd, and finds or builds the initramfs.
+async fn guest_parts(args: &UpArgs, accel: Accel) -> anyhow::Result<GuestParts> {
     let kernel = Kernel::find(args.kernel_dir.as_deref())
         .context("find the guest kernel (scripts/setup.sh installs it)")?;
     let envd = match &args.envd {
         Some(p) => p.clone(),
-        None => default_guest_envd()?,
+        None => default_guest_binary("envd")?,
     };
     let cache = args
         .image_cache
         .clone()
         .unwrap_or_else(wrenn_image::default_cache_dir);
-    let mut progress = Renderer::new(ProgressMode::from_arg(&args.progress));
-    let (rootfs, initramfs) = {
+    let initramfs = {
         let (cache, kernel) = (cache.clone(), kernel.clone());
-        let inputs = DebianImageInputs::new(envd);
-        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let rootfs =
-                wrenn_image::build_debian_rootfs(&cache, &inputs, &mut |p| progress.show(p))
-                    .context("build the Debian template image")?;
-            let initramfs =
-                wrenn_image::build_initramfs(&cache, &kernel, Path::new("/bin/busybox"))
-                    .context("build the initramfs")?;
-            Ok((rootfs, initramfs))
+        tokio::task::spawn_blocking(move || {
+            wrenn_image::build_initramfs(&cache, &kernel, Path::new("/bin/busybox"))
+                .context("build the initramfs")
         })
         .await
         .context("image build thread")??
     };
-    let inputs = TemplateInputs {
+    Ok(GuestParts {
+        accel,
+        kernel,
+        initramfs: initramfs.path,
+        cache,
+        envd,
+    })
+}
+
+/// Finds or builds a Debian image (`extras`: a variant's additions).
+async fn debian_image(
+    args: &UpArgs,
+    parts: &GuestParts,
+    extras: wrenn_image::DebianExtras,
+) -> anyhow::Result<wrenn_image::DebianRootfs> {
+    let mut progress = Renderer::new(ProgressMode::from_arg(&args.progress));
+    let cache = parts.cache.clone();
+    let inputs = DebianImageInputs {
+        extras,
+        ..DebianImageInputs::new(parts.envd.clone())
+    };
+    tokio::task::spawn_blocking(move || {
+        wrenn_image::build_debian_rootfs(&cache, &inputs, &mut |p| progress.show(p))
+            .context("build the Debian template image")
+    })
+    .await
+    .context("image build thread")?
+}
+
+/// The cold-boot template inputs of `rootfs` with `wrenn up`'s machine and E2B's defaults.
+fn template_inputs(
+    args: &UpArgs,
+    parts: &GuestParts,
+    rootfs: &wrenn_image::DebianRootfs,
+) -> TemplateInputs {
+    TemplateInputs {
         spec: VmSpec {
-            accel,
-            kernel: kernel.vmlinuz.clone(),
-            initramfs: initramfs.path.clone(),
-            cmdline: VmSpec::default_cmdline(accel),
+            accel: parts.accel,
+            kernel: parts.kernel.vmlinuz.clone(),
+            initramfs: parts.initramfs.clone(),
+            cmdline: VmSpec::default_cmdline(parts.accel),
             memory_mib: args.memory_mib,
             vcpus: args.vcpus,
         },
@@ -446,38 +524,43 @@ async fn default_template(
         rootfs_key: rootfs.rootfs.manifest.key.clone(),
         default_user: Some("user".to_owned()),
         default_workdir: Some("/home/user".to_owned()),
-    };
+    }
+}
+
+/// Opens the cold-boot template `name` of `inputs`, or builds it in the build slot.
+async fn boot_template(
+    templates: &Path,
+    name: &str,
+    inputs: &TemplateInputs,
+    build_slot: u32,
+) -> anyhow::Result<wrenn_agent::snapshot::Snapshot> {
     let slot = Slot::create(build_slot)
         .await
         .context("create the template build slot")?;
     let started = std::time::Instant::now();
-    let built = template::build_or_open(
-        templates,
-        DEFAULT_TEMPLATE,
-        &inputs,
-        &slot,
-        Duration::from_secs(180),
-    )
-    .await;
+    let built =
+        template::build_or_open(templates, name, inputs, &slot, Duration::from_secs(180)).await;
+    // Removing a slot's namespace blocks; not on an async worker.
     tokio::task::spawn_blocking(move || drop(slot))
         .await
         .context("slot thread")?;
-    let (snapshot, fresh) = built.context("build the default template")?;
+    let (snapshot, fresh) = built.with_context(|| format!("build the template `{name}`"))?;
     if fresh {
         eprintln!(
-            "Built template `{DEFAULT_TEMPLATE}` in {:.1} s ({accel}).",
-            started.elapsed().as_secs_f64()
+            "Built template `{name}` in {:.1} s ({}).",
+            started.elapsed().as_secs_f64(),
+            inputs.spec.accel
         );
     }
     Ok(snapshot)
 }
 
-/// Deletes template directories that are neither the current template, the base of a paused
+/// Deletes template directories that are neither current templates, the base of a paused
 /// sandbox (a paused sandbox's memory diff applies only to its own template) nor the parent of
 /// a built template.
 fn remove_unused_templates(
     templates: &Path,
-    current: &Path,
+    current: &[&Path],
     paused: &[wrenn_agent::state::PausedVm],
 ) {
     let mut used: Vec<PathBuf> = paused
@@ -492,7 +575,7 @@ fn remove_unused_templates(
         let name = entry.file_name();
         // The build service's own directories (built templates, layer cache, scratch).
         let builds = ["builds", "layers", wrenn_agent::builds::WORK_DIR].map(std::ffi::OsStr::new);
-        if dir == current
+        if current.contains(&dir.as_path())
             || used.contains(&dir)
             || !dir.is_dir()
             || builds.contains(&name.as_os_str())
@@ -506,16 +589,19 @@ fn remove_unused_templates(
     }
 }
 
-/// The static guest envd that `scripts/setup.sh` builds: next to the `target/` this binary
-/// was built into.
-fn default_guest_envd() -> anyhow::Result<PathBuf> {
+/// A static guest binary (`envd`, `wrenn-interpreter`) that `scripts/build-guest-envd.sh`
+/// builds: next to the `target/` this binary was built into, else installed in
+/// `/usr/local/lib/wrenn`.
+fn default_guest_binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("locate the wrenn binary")?;
     let candidates: Vec<PathBuf> = exe
         .ancestors()
         .skip(1)
         .take(3)
-        .map(|d| d.join("x86_64-unknown-linux-gnu/guest/envd"))
-        .chain(std::iter::once(PathBuf::from("/usr/local/lib/wrenn/envd")))
+        .map(|d| d.join("x86_64-unknown-linux-gnu/guest").join(name))
+        .chain(std::iter::once(
+            Path::new("/usr/local/lib/wrenn").join(name),
+        ))
         .collect();
     candidates
         .iter()
@@ -523,7 +609,7 @@ fn default_guest_envd() -> anyhow::Result<PathBuf> {
         .cloned()
         .with_context(|| {
             format!(
-                "no guest envd found (looked at {}); run scripts/build-guest-envd.sh or pass --envd",
+                "no guest {name} found (looked at {}); run scripts/build-guest-envd.sh or pass its flag",
                 candidates
                     .iter()
                     .map(|p| p.display().to_string())
@@ -765,6 +851,7 @@ mod tests {
         let tcg = banner(
             "u",
             Accel::Tcg,
+            "template `base`",
             "db",
             Some("localhost:3"),
             Path::new("/s"),
@@ -779,7 +866,15 @@ mod tests {
             "{tcg}"
         );
         assert!(tcg.ends_with(env), "the environment must come last: {tcg}");
-        let kvm = banner("u", Accel::Kvm, "db", None, Path::new("/s"), env);
+        let kvm = banner(
+            "u",
+            Accel::Kvm,
+            "template `base`",
+            "db",
+            None,
+            Path::new("/s"),
+            env,
+        );
         assert!(!kvm.contains("TCG"), "{kvm}");
         assert!(kvm.contains("--domain"), "{kvm}");
     }
