@@ -75,6 +75,24 @@ pub enum HostError {
     Cgroups(#[source] crate::jail::CgroupError),
 }
 
+/// How long a start waits for the sandboxes directory's lock: an owner killed a moment ago
+/// may have left a child between fork and exec (a QEMU being jailed) that holds the lock's
+/// descriptor until it execs.
+const OWNER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn acquire_owner(vms_root: &Path) -> Result<OwnerLock, HostError> {
+    let deadline = tokio::time::Instant::now() + OWNER_WAIT;
+    loop {
+        if let Some(lock) = OwnerLock::try_acquire(vms_root).map_err(HostError::Lock)? {
+            return Ok(lock);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(HostError::Owned(vms_root.to_owned()));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// A host that is up: its agent, its slot pool and what recovery found.
 #[derive(Debug)]
 pub struct Host {
@@ -95,9 +113,7 @@ impl Host {
         if range.len() < 2 {
             return Err(HostError::SlotRange(range));
         }
-        let owner = OwnerLock::try_acquire(&config.vms_root)
-            .map_err(HostError::Lock)?
-            .ok_or_else(|| HostError::Owned(config.vms_root.clone()))?;
+        let owner = acquire_owner(&config.vms_root).await?;
         let mut scan = crate::state::scan(
             &config.vms_root,
             &ScanScope {
