@@ -90,6 +90,14 @@ def test_build_reports_progress_and_the_template_exists(wrenn, built):
         assert listed["base"]["public"] is True
         tags = c.get(f"/templates/{info.template_id}/tags").json()
         assert [(t["tag"], t["buildID"]) for t in tags] == [("default", info.build_id)]
+        # The log by time, as `e2b template logs`-style clients page it.
+        logs_url = f"/templates/{info.template_id}/builds/{info.build_id}/logs"
+        first = c.get(logs_url, params={"limit": 3}).json()["logs"]
+        last = c.get(logs_url, params={"limit": 2, "direction": "backward"}).json()["logs"]
+        assert len(first) == 3 and len(last) == 2, (first, last)
+        assert first[0]["message"].startswith("building on template base"), first
+        assert "snapshotted" in last[0]["message"], last
+        assert c.get(logs_url, params={"direction": "sideways"}).status_code == 400
 
 
 def test_sandbox_from_the_template_has_its_files_env_and_running_server(wrenn, built):

@@ -290,6 +290,10 @@ fn plan(req: &BuildRequest, steps: &[Step], layers: &Path, report: Report<'_>) -
             let path = layers.join(format!("{key}.qcow2"));
             hit &= path.exists();
             if hit {
+                // Its mtime says when a build last used it (the layer cache's collection
+                // removes the least recently used first).
+                let _ = std::fs::File::open(&path)
+                    .and_then(|f| f.set_modified(std::time::SystemTime::now()));
                 first_run = i + 1;
                 base = path;
                 ctx.apply(step);

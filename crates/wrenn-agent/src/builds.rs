@@ -32,6 +32,10 @@ pub const BUILD_INFO: &str = "build.json";
 const RELEASED: &str = "released";
 /// The build service's scratch directory under the templates directory.
 pub const WORK_DIR: &str = "bw";
+/// The layer cache is trimmed to this size, least recently used layers first.
+const MAX_LAYER_CACHE_BYTES: u64 = 16 << 30;
+/// Layers no build used for this long go whatever the cache's size.
+const MAX_LAYER_AGE: Duration = Duration::from_secs(14 * 24 * 3600);
 /// The largest context archive fetched for a build.
 const MAX_ARCHIVE_BYTES: u64 = 8 << 30;
 /// What a built template's steps run as when its parent says nothing (E2B's defaults).
@@ -235,6 +239,7 @@ impl Builds {
             }
             keep.extend(parents);
         }
+        self.trim_layers();
         let mut removed = Vec::new();
         for (dir, info, _) in builds {
             if keep.contains(&dir) {
@@ -251,6 +256,42 @@ impl Builds {
             }
         }
         removed
+    }
+
+    /// Trims the layer cache: layers unused for [`MAX_LAYER_AGE`], then the least recently
+    /// used until it is under [`MAX_LAYER_CACHE_BYTES`]. Only between builds (a running build
+    /// boots on and writes layers); templates never need them (their disks are flattened).
+    fn trim_layers(&self) {
+        let Ok(_idle) = self.one_at_a_time.try_lock() else {
+            return;
+        };
+        let mut layers: Vec<(PathBuf, std::time::SystemTime, u64)> =
+            std::fs::read_dir(&self.layers)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| {
+                    let m = e.metadata().ok()?;
+                    Some((e.path(), m.modified().ok()?, m.len()))
+                })
+                .collect();
+        layers.sort_by_key(|(_, used, _)| *used);
+        let mut total: u64 = layers.iter().map(|(_, _, len)| len).sum();
+        for (path, used, len) in layers {
+            let old = used.elapsed().unwrap_or_default() > MAX_LAYER_AGE;
+            if !old && total <= MAX_LAYER_CACHE_BYTES {
+                break;
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    total = total.saturating_sub(len);
+                    tracing::debug!(layer = %path.display(), "removed a cached build layer");
+                }
+                Err(e) => {
+                    tracing::warn!(layer = %path.display(), error = %e, "remove a cached layer")
+                }
+            }
+        }
     }
 
     /// Runs the build `req` asks for, sending its events to `tx`; the last one is `done` or
@@ -532,6 +573,29 @@ mod tests {
         for bad in ["", "../../etc", "abc/def", "zz"] {
             assert!(!valid_hash(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn layers_unused_for_two_weeks_are_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let builds = Builds::new(dir.path(), 0, Duration::ZERO);
+        std::fs::create_dir_all(&builds.layers).unwrap();
+        let (old, recent) = (
+            builds.layers.join("old.qcow2"),
+            builds.layers.join("new.qcow2"),
+        );
+        for p in [&old, &recent] {
+            std::fs::write(p, b"layer").unwrap();
+        }
+        let long_ago = std::time::SystemTime::now() - MAX_LAYER_AGE - Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+        builds.trim_layers();
+        assert!(!old.exists() && recent.exists());
     }
 
     #[test]

@@ -23,8 +23,9 @@ pub use sandbox::{
 };
 pub use template::{
     AssignTemplateTags, AssignedTemplateTags, BuildLogEntry, BuildStatusReason, DeleteTemplateTags,
-    TemplateBuildInfo, TemplateBuildRequest, TemplateBuildRequested, TemplateBuildStart,
-    TemplateBuildStatus, TemplateFileUpload, TemplateListed, TemplateStep, TemplateTag,
+    TemplateBuildInfo, TemplateBuildLogs, TemplateBuildRequest, TemplateBuildRequested,
+    TemplateBuildStart, TemplateBuildStatus, TemplateFileUpload, TemplateListed, TemplateStep,
+    TemplateTag,
 };
 
 /// `clientID` in every sandbox response: a constant kept for backward compatibility, the same

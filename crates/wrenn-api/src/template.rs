@@ -161,6 +161,12 @@ pub struct TemplateBuildInfo {
     pub reason: Option<BuildStatusReason>,
 }
 
+/// `GET /templates/{id}/builds/{buildID}/logs`: a page of a build's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateBuildLogs {
+    pub logs: Vec<BuildLogEntry>,
+}
+
 /// One template of `GET /templates`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

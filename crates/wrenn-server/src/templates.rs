@@ -22,8 +22,8 @@ use futures::StreamExt as _;
 use wrenn_agent_proto::v1::{self as agent, build_template_event::Event};
 use wrenn_api::{
     AssignTemplateTags, AssignedTemplateTags, BuildLogEntry, BuildStatusReason, DeleteTemplateTags,
-    TemplateBuildInfo, TemplateBuildRequest, TemplateBuildRequested, TemplateBuildStart,
-    TemplateBuildStatus, TemplateFileUpload, TemplateListed, TemplateTag,
+    TemplateBuildInfo, TemplateBuildLogs, TemplateBuildRequest, TemplateBuildRequested,
+    TemplateBuildStart, TemplateBuildStatus, TemplateFileUpload, TemplateListed, TemplateTag,
 };
 use wrenn_connect::BoxStream;
 use wrenn_core::{HostId, TeamId, TemplateId, UnixMillis};
@@ -92,6 +92,18 @@ fn random_build_id() -> String {
         &h[16..20],
         &h[20..]
     )
+}
+
+/// Which part of a build's log `build_logs` answers.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct LogPage<'a> {
+    /// From (forward) or up to (backward) this time, Unix ms.
+    pub(crate) cursor: Option<i64>,
+    pub(crate) limit: Option<u64>,
+    /// `forward` (default) or `backward`.
+    pub(crate) direction: Option<&'a str>,
+    /// The lowest level shown.
+    pub(crate) level: Option<&'a str>,
 }
 
 /// Whether a host's template name is one of our build IDs (a UUID), not a host-provided
@@ -719,6 +731,38 @@ impl ControlPlane {
             logs: entries.iter().map(|e| e.message.clone()).collect(),
             log_entries: entries,
             reason,
+        })
+    }
+
+    /// `GET /templates/{id}/builds/{buildID}/logs`: a page of the log by time (`cursor`, Unix
+    /// ms), forward or backward, at least `level`.
+    pub(crate) async fn build_logs(
+        &self,
+        team: &TeamRecord,
+        template_id: &str,
+        build_id: &str,
+        page: LogPage<'_>,
+    ) -> Result<TemplateBuildLogs, ApiError> {
+        let b = self.own_build(team, template_id, build_id).await?;
+        let backward = match page.direction {
+            None | Some("forward") => false,
+            Some("backward") => true,
+            Some(d) => return Err(ApiError::BadRequest(format!("Invalid direction {d:?}"))),
+        };
+        let limit = page.limit.unwrap_or(MAX_LOG_PAGE).min(MAX_LOG_PAGE);
+        let lines = self
+            .store
+            .build_logs_by_time(&b.id, page.cursor.map(UnixMillis), limit, backward)
+            .await?;
+        Ok(TemplateBuildLogs {
+            logs: lines
+                .iter()
+                .filter(|l| {
+                    page.level
+                        .is_none_or(|min| level_rank(&l.level) >= level_rank(min))
+                })
+                .map(log_entry)
+                .collect(),
         })
     }
 

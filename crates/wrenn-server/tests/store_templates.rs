@@ -87,6 +87,19 @@ async fn exercise(store: Store) {
         })
         .collect();
     store.append_build_logs(&b1.id, &lines).await.unwrap();
+    let by_time = store
+        .build_logs_by_time(&b1.id, Some(UnixMillis(2_140)), 5, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        by_time.iter().map(|l| l.seq).collect::<Vec<_>>(),
+        [140, 141, 142, 143, 144]
+    );
+    let back = store
+        .build_logs_by_time(&b1.id, None, 2, true)
+        .await
+        .unwrap();
+    assert_eq!(back.iter().map(|l| l.seq).collect::<Vec<_>>(), [149, 148]);
     let page = store.build_logs(&b1.id, 100, 100).await.unwrap();
     assert_eq!(page.len(), 50);
     assert_eq!((page[0].seq, page[0].message.as_str()), (100, "line 100"));

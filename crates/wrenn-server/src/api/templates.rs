@@ -29,6 +29,7 @@ pub(super) fn routes() -> Router<Arc<ControlPlane>> {
         .route("/templates/{id}/files/{hash}", get(upload_link))
         .route("/v2/templates/{id}/builds/{build}", post(start_build))
         .route("/templates/{id}/builds/{build}/status", get(build_status))
+        .route("/templates/{id}/builds/{build}/logs", get(build_logs))
         .route("/templates/{id}/tags", get(tags))
         .route("/templates/tags", post(assign_tags).delete(delete_tags))
         .route("/build-files/{team}/{hash}", put(put_file).get(get_file))
@@ -116,6 +117,28 @@ async fn build_status(
         .build_status(&team, &id, &build, offset, limit, param(&q, "level"))
         .await?;
     Ok(Json(res).into_response())
+}
+
+async fn build_logs(
+    State(cp): Cp,
+    AuthTeam(team): AuthTeam,
+    Path((id, build)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let q = query(raw);
+    let cursor = param(&q, "cursor")
+        .map(|c| {
+            c.parse::<i64>()
+                .map_err(|_| ApiError::BadRequest(format!("Invalid cursor {c:?}")))
+        })
+        .transpose()?;
+    let page = crate::templates::LogPage {
+        cursor,
+        limit: number(&q, "limit")?,
+        direction: param(&q, "direction"),
+        level: param(&q, "level"),
+    };
+    Ok(Json(cp.build_logs(&team, &id, &build, page).await?).into_response())
 }
 
 async fn list(State(cp): Cp, AuthTeam(team): AuthTeam) -> Result<Response, ApiError> {

@@ -92,6 +92,16 @@ pub(super) fn template_from_row(r: &AnyRow) -> Result<TemplateRecord> {
     })
 }
 
+fn log_from_row(r: &AnyRow) -> Result<BuildLogRecord> {
+    Ok(BuildLogRecord {
+        seq: r.try_get("seq")?,
+        at: UnixMillis(r.try_get("at")?),
+        level: r.try_get("level")?,
+        message: r.try_get("message")?,
+        step: r.try_get("step")?,
+    })
+}
+
 fn build_from_row(r: &AnyRow) -> Result<BuildRecord> {
     let id: String = r.try_get("id")?;
     let tags: String = r.try_get("tags")?;
@@ -386,17 +396,7 @@ impl Store {
         .bind(to_i64(offset))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(BuildLogRecord {
-                    seq: r.try_get("seq")?,
-                    at: UnixMillis(r.try_get("at")?),
-                    level: r.try_get("level")?,
-                    message: r.try_get("message")?,
-                    step: r.try_get("step")?,
-                })
-            })
-            .collect()
+        rows.iter().map(log_from_row).collect()
     }
 
     /// Whether sandboxes may still start from `build`: it is its template's current version
@@ -410,6 +410,32 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.is_some())
+    }
+
+    /// At most `limit` of a build's log lines from time `cursor` on (forward, oldest first)
+    /// or up to it (backward, newest first).
+    pub async fn build_logs_by_time(
+        &self,
+        build: &str,
+        cursor: Option<UnixMillis>,
+        limit: u64,
+        backward: bool,
+    ) -> Result<Vec<BuildLogRecord>> {
+        let (cmp, order, from) = if backward {
+            ("<=", "DESC", cursor.map_or(i64::MAX, |c| c.0))
+        } else {
+            (">=", "ASC", cursor.map_or(i64::MIN, |c| c.0))
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT seq, at, level, message, step FROM template_build_logs \
+             WHERE build_id = $1 AND at {cmp} $2 ORDER BY at {order}, seq {order} LIMIT $3"
+        ))
+        .bind(build)
+        .bind(from)
+        .bind(to_i64(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(log_from_row).collect()
     }
 
     /// Points `tag` of template `template_id` at `build`.
