@@ -46,6 +46,14 @@ pub struct FakeAgent {
     pub busy: Mutex<HashSet<String>>,
     /// The agent secrets clients were made with.
     pub secrets: Mutex<Vec<String>>,
+    /// What the next BuildTemplate streams (`None`: it refuses, as an agent without builds).
+    pub build_events: Mutex<Option<Vec<BuildTemplateEvent>>>,
+    /// The BuildTemplate requests it got.
+    pub builds: Mutex<Vec<BuildTemplateRequest>>,
+    /// Built templates HostInfo reports besides `base`.
+    pub built: Mutex<Vec<String>>,
+    /// The templates ReleaseTemplate was called for.
+    pub released: Mutex<Vec<String>>,
 }
 
 impl Default for FakeAgent {
@@ -59,6 +67,10 @@ impl Default for FakeAgent {
             fail_next_create: Default::default(),
             busy: Default::default(),
             secrets: Default::default(),
+            build_events: Default::default(),
+            builds: Default::default(),
+            built: Default::default(),
+            released: Default::default(),
         }
     }
 }
@@ -279,23 +291,36 @@ impl AgentClient for FakeAgent {
             memory_mb_total: memory_mb,
             max_sandboxes,
             proxy_url: self.proxy_url.lock().unwrap().clone(),
-            template_envd_versions: [("base".to_string(), "0.6.4".to_string())].into(),
+            template_envd_versions: std::iter::once("base".to_string())
+                .chain(self.built.lock().unwrap().iter().cloned())
+                .map(|t| (t, "0.6.4".to_string()))
+                .collect(),
             ..Default::default()
         })
     }
     async fn build_template(
         &self,
-        _: BuildTemplateRequest,
+        req: BuildTemplateRequest,
     ) -> Result<wrenn_connect::BoxStream<BuildTemplateEvent>, ConnectError> {
-        Err(ConnectError::unimplemented(
-            "the fake agent builds no templates",
-        ))
+        self.log(format!("build {}", req.build_id));
+        let events = self.build_events.lock().unwrap().take();
+        self.builds.lock().unwrap().push(req);
+        let events = events
+            .ok_or_else(|| ConnectError::unimplemented("the fake agent builds no templates"))?;
+        Ok(Box::pin(futures::stream::iter(events.into_iter().map(Ok))))
     }
     async fn release_template(
         &self,
-        _: ReleaseTemplateRequest,
+        req: ReleaseTemplateRequest,
     ) -> Result<ReleaseTemplateResponse, ConnectError> {
-        Ok(ReleaseTemplateResponse { known: false })
+        let known = {
+            let mut built = self.built.lock().unwrap();
+            let had = built.contains(&req.template_id);
+            built.retain(|t| *t != req.template_id);
+            had
+        };
+        self.released.lock().unwrap().push(req.template_id);
+        Ok(ReleaseTemplateResponse { known })
     }
 }
 
