@@ -17,6 +17,8 @@ import httpx
 import pytest
 from e2b import BuildException, Sandbox, Template, wait_for_url
 
+import netlab
+
 RUN = uuid.uuid4().hex[:8]
 NAME = f"e2e-app-{RUN}"
 BUILD_TIMEOUT = 900
@@ -236,13 +238,14 @@ def test_bad_build_requests_are_refused_clearly(wrenn, ctx, built):
 
 def test_deleted_template_keeps_its_sandboxes(wrenn, ctx):
     name = f"e2e-gone-{RUN}"
-    # Build steps reach the internet as sandboxes do by default (here the lab's, by name
-    # through the slot's resolver), and never a private range.
+    # Build steps reach the internet as sandboxes do by default: here the suite's lab (its
+    # fake internet host, by name through the slot's resolver), never its LAN host (a private
+    # range). Only with the suite's own `wrenn up`, whose uplink is the lab.
     net = (
         "curl -s -m 20 http://allowed.test/ > /srv/net.txt; "
-        "(curl -s -m 5 http://10.99.0.10/ && echo lan-reached || echo lan-denied) >> /srv/net.txt"
+        f"(curl -s -m 5 http://{netlab.LAN}/ && echo lan-reached || echo lan-denied) >> /srv/net.txt"
         if not wrenn.external
-        else "echo 'lab 198.51.100.70 host=allowed.test' > /srv/net.txt; echo lan-denied >> /srv/net.txt"
+        else "true"
     )
     Template.build(
         Template()
@@ -256,8 +259,9 @@ def test_deleted_template_keeps_its_sandboxes(wrenn, ctx):
     try:
         # Built on a built template: the parent's files are there too.
         assert sbx.commands.run("cat /tmp/child.txt /app/marker.txt").stdout == "child\nv2\n"
-        net_out = sbx.commands.run("cat /srv/net.txt").stdout
-        assert net_out == "lab 198.51.100.70 host=allowed.test\nlan-denied\n", net_out
+        if not wrenn.external:
+            net_out = sbx.commands.run("cat /srv/net.txt").stdout
+            assert net_out == f"lab {netlab.NAMES['allowed.test']} host=allowed.test\nlan-denied\n", net_out
         with api(wrenn) as c:
             assert c.delete(f"/templates/{name}").status_code == 204
             assert c.delete(f"/templates/{name}").status_code == 404

@@ -349,6 +349,7 @@ impl Builds {
         // One build at a time, so one scratch directory; a short path, because the build VM's
         // QMP socket lives under it and Unix socket paths are short (108 bytes).
         let work = self.work.clone();
+        let parent_dir = parent.dir.clone();
         let _ = std::fs::remove_dir_all(&work);
         let files_dir = work.join("files");
         let io = |what, path: &Path| {
@@ -365,7 +366,7 @@ impl Builds {
         let info = BuildInfo {
             build_id: req.build_id.clone(),
             parent_template: req.parent_template_id.clone(),
-            parent_dir: snapshot_parent_dir(agent, &req.parent_template_id),
+            parent_dir,
             envd_version: envd_version.clone(),
         };
         let path = out.join(BUILD_INFO);
@@ -454,7 +455,7 @@ impl Builds {
             out: out.clone(),
         };
         send(Event::Log(BuildLog {
-            timestamp_unix_ms: now_ms(),
+            timestamp_unix_ms: crate::controller::now_ms(),
             level: "info".into(),
             message: format!(
                 "building on template {} (envd {envd_version}): {} vCPU, {} MiB",
@@ -523,14 +524,6 @@ pub fn spawn_sweeper(agent: Weak<Agent>, every: Duration) {
     });
 }
 
-fn snapshot_parent_dir(agent: &Agent, parent: &str) -> PathBuf {
-    agent
-        .runtime()
-        .template_snapshot(parent)
-        .map(|(s, _)| s.dir)
-        .unwrap_or_default()
-}
-
 fn event_of(e: BuildEvent) -> Event {
     match e {
         BuildEvent::Log {
@@ -538,7 +531,7 @@ fn event_of(e: BuildEvent) -> Event {
             message,
             step,
         } => Event::Log(BuildLog {
-            timestamp_unix_ms: now_ms(),
+            timestamp_unix_ms: crate::controller::now_ms(),
             level: level.into(),
             message,
             step: step.and_then(|s| u32::try_from(s).ok()).unwrap_or(0),
@@ -553,10 +546,6 @@ fn event_of(e: BuildEvent) -> Event {
             cached,
         }),
     }
-}
-
-fn now_ms() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000
 }
 
 #[cfg(test)]

@@ -14,7 +14,9 @@ use http::{HeaderMap, StatusCode};
 use tokio::io::AsyncWriteExt as _;
 use wrenn_api::{AssignTemplateTags, DeleteTemplateTags, TemplateBuildRequest, TemplateBuildStart};
 
-use super::{AuthTeam, Body, Cp, RequiredBody};
+use serde::Deserialize;
+
+use super::{AuthTeam, Body, Cp, RequiredBody, query};
 use crate::error::ApiError;
 use crate::service::ControlPlane;
 
@@ -35,24 +37,29 @@ pub(super) fn routes() -> Router<Arc<ControlPlane>> {
         .route("/build-files/{team}/{hash}", put(put_file).get(get_file))
 }
 
-/// Query parameters as pairs (a malformed query is simply empty).
-fn query(raw: Option<String>) -> Vec<(String, String)> {
-    form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
-        .into_owned()
-        .collect()
+/// `.../status` query (as the SDKs page the log).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusQuery {
+    logs_offset: Option<u64>,
+    limit: Option<u64>,
+    level: Option<String>,
 }
 
-fn param<'a>(q: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    q.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+/// `.../logs` query.
+#[derive(Debug, Default, Deserialize)]
+struct LogsQuery {
+    cursor: Option<i64>,
+    limit: Option<u64>,
+    direction: Option<String>,
+    level: Option<String>,
 }
 
-fn number(q: &[(String, String)], name: &str) -> Result<Option<u64>, ApiError> {
-    param(q, name)
-        .map(|v| {
-            v.parse()
-                .map_err(|_| ApiError::BadRequest(format!("Invalid {name} {v:?}")))
-        })
-        .transpose()
+/// A signed build-file link's query.
+#[derive(Debug, Default, Deserialize)]
+struct SignedQuery {
+    expires: Option<i64>,
+    signature: Option<String>,
 }
 
 /// Where clients reach this API: the configured URL, else the request's `Host`.
@@ -110,11 +117,16 @@ async fn build_status(
     Path((id, build)): Path<(String, String)>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let q = query(raw);
-    let offset = number(&q, "logsOffset")?.unwrap_or(0);
-    let limit = number(&q, "limit")?;
+    let q: StatusQuery = query(raw.as_deref())?;
     let res = cp
-        .build_status(&team, &id, &build, offset, limit, param(&q, "level"))
+        .build_status(
+            &team,
+            &id,
+            &build,
+            q.logs_offset.unwrap_or(0),
+            q.limit,
+            q.level.as_deref(),
+        )
         .await?;
     Ok(Json(res).into_response())
 }
@@ -125,18 +137,12 @@ async fn build_logs(
     Path((id, build)): Path<(String, String)>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let q = query(raw);
-    let cursor = param(&q, "cursor")
-        .map(|c| {
-            c.parse::<i64>()
-                .map_err(|_| ApiError::BadRequest(format!("Invalid cursor {c:?}")))
-        })
-        .transpose()?;
+    let q: LogsQuery = query(raw.as_deref())?;
     let page = crate::templates::LogPage {
-        cursor,
-        limit: number(&q, "limit")?,
-        direction: param(&q, "direction"),
-        level: param(&q, "level"),
+        cursor: q.cursor,
+        limit: q.limit,
+        direction: q.direction.as_deref(),
+        level: q.level.as_deref(),
     };
     Ok(Json(cp.build_logs(&team, &id, &build, page).await?).into_response())
 }
@@ -188,13 +194,14 @@ fn signed_path(
     hash: &str,
     raw: Option<String>,
 ) -> Result<std::path::PathBuf, ApiError> {
-    let q = query(raw);
-    let expires = param(&q, "expires")
-        .and_then(|e| e.parse().ok())
-        .ok_or_else(|| ApiError::Unauthorized("Missing or invalid expires".to_owned()))?;
-    let signature = param(&q, "signature")
+    let q: SignedQuery = query(raw.as_deref())?;
+    let expires = q
+        .expires
+        .ok_or_else(|| ApiError::Unauthorized("Missing expires".to_owned()))?;
+    let signature = q
+        .signature
         .ok_or_else(|| ApiError::Unauthorized("Missing signature".to_owned()))?;
-    cp.check_file_link(method, team, hash, expires, signature)
+    cp.check_file_link(method, team, hash, expires, &signature)
 }
 
 /// `PUT` of a context archive (the SDK, with an upload link): streamed to a temporary file,
