@@ -17,6 +17,22 @@ if [ -f .ci/install-runtime-deps.sh ]; then
   bash .ci/install-runtime-deps.sh
 fi
 
+# A real registry (distribution 2.8) and skopeo for wrenn-oci's pull tests, which start their own
+# registry on loopback; the package's own service is not wanted, so it is stopped and disabled.
+need=()
+for pkg in docker-registry skopeo; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ "${#need[@]}" -gt 0 ]; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+if [ -d /run/systemd/system ]; then
+  systemctl disable --now docker-registry >/dev/null 2>&1 || true
+elif command -v service >/dev/null; then
+  service docker-registry stop >/dev/null 2>&1 || true
+fi
+
 # PostgreSQL for the store tests that run against a real server (WRENN_TEST_POSTGRES_URL).
 if ! dpkg -s postgresql >/dev/null 2>&1; then
   apt-get install -y -q postgresql

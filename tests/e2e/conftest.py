@@ -80,6 +80,11 @@ class Wrenn:
             "--dns-upstream", netlab.DNS,
             # One LAN service lifted out of the always-denied private ranges.
             "--egress-allow-range", netlab.LIFTED_RANGE,
+            # Image builds pull over plain HTTP from the lab's registry (tests/e2e/registry.py)
+            # and try the lab's registry host where nothing listens; one at a private address
+            # (the lab's LAN host) stays refused.
+            "--insecure-registry", f"{netlab.REGISTRY}:{netlab.REGISTRY_PORT}",
+            "--insecure-registry", f"{netlab.REGISTRY_DOWN}:{netlab.REGISTRY_PORT}",
         ]
         if self.database_url:
             args += ["--database-url", self.database_url]

@@ -6,6 +6,9 @@ Namespace `wrenn-e2e-inet` is joined to the host by a veth pair (host end `wre2e
 
 - 198.51.100.70 and 198.51.100.71: "internet" hosts, HTTP on 80 and TLS on 443 (a certificate
   for allowed.test, denied.test and other.test), a plain TCP service on 8000;
+- 198.51.100.72: an OCI registry on port 5000, plain HTTP, while a test runs one
+  (tests/e2e/registry.py); 198.51.100.73: a registry host where nothing listens (a connection
+  is reset at once);
 - 198.51.100.100: dnsmasq, answering allowed.test and denied.test with 198.51.100.70 (one
   address, two names: only the name a connection carries tells them apart) and other.test with
   198.51.100.71;
@@ -45,7 +48,13 @@ LAN_SERVICE = "10.99.0.20"
 LIFTED_RANGE = "10.99.0.16/28"
 METADATA = "169.254.169.254"
 CGNAT = "100.100.100.200"
-ADDRESSES = [INTERNET, INTERNET2, DNS, LAN, LAN_SERVICE, METADATA, CGNAT]
+REGISTRY = "198.51.100.72"
+REGISTRY_DOWN = "198.51.100.73"
+REGISTRY_PORT = 5000
+# The temporary directory of a registry this suite starts (registry.py): its config names it,
+# so a registry left by a crashed run is found by that.
+REGISTRY_DIR_PREFIX = "wrenn-e2e-registry-"
+ADDRESSES = [INTERNET, INTERNET2, DNS, LAN, LAN_SERVICE, METADATA, CGNAT, REGISTRY, REGISTRY_DOWN]
 ROUTES = ["198.51.100.64/26", "10.99.0.0/24", f"{METADATA}/32", f"{CGNAT}/32"]
 NAMES = {"allowed.test": INTERNET, "denied.test": INTERNET, "other.test": INTERNET2}
 
@@ -162,6 +171,33 @@ def dns_a(server: str, name: str, timeout: float = 1.0) -> str | None:
     return None
 
 
+def kill_stale_registries() -> None:
+    """Kills the registries (registry.py) of earlier runs and removes their directories: inside
+    the lab's namespace (also killed with it) or left without one (its name deleted under them).
+    Only processes whose command line names a directory of ours."""
+    import signal
+
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not any(Path(a).name == "docker-registry" for a in argv):
+            continue
+        dirs = [Path(a).parent for a in argv if f"/{REGISTRY_DIR_PREFIX}" in a]
+        if not dirs:
+            continue
+        try:
+            os.kill(int(proc.name), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for d in dirs:
+            if d.name.startswith(REGISTRY_DIR_PREFIX):
+                shutil.rmtree(d, ignore_errors=True)
+
+
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(args, check=check, capture_output=True, text=True)
 
@@ -243,6 +279,7 @@ class NetLab:
             except subprocess.TimeoutExpired:
                 p.kill()
         self.procs.clear()
+        kill_stale_registries()
         for r in ROUTES:
             run("ip", "route", "del", r, check=False)
         run("ip", "link", "del", HOST_IF, check=False)

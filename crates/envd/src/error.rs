@@ -120,3 +120,34 @@ pub fn json_error(status: StatusCode, message: &str) -> Response {
     )
         .into_response()
 }
+
+/// `e` and its sources, joined by ": ", on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        // Some errors put their source in their own message too; print it once.
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line.replace('\n', " ")
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn error_chain_joins_sources_on_one_line() {
+        let e = Outer(std::io::Error::other("inner\ncause"));
+        assert_eq!(error_chain(&e), "outer: inner cause");
+    }
+}

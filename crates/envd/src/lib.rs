@@ -9,6 +9,10 @@
 //! Around them it keeps guest-local listeners reachable from outside ([`ports`]), keeps itself
 //! alive with cgroups ([`cgroups`]) and quiesces for snapshots ([`lifecycle`]).
 //! It runs the same as a plain process (tests, development) and as the guest's main service.
+//!
+//! The same binary has two more roles: `envd image …` builds a Wrenn root from container image
+//! layers inside a build VM ([`image`]), and invoked as `init` it is PID 1 of such a guest
+//! ([`pid1`]).
 
 pub mod cgroups;
 pub mod config;
@@ -16,8 +20,10 @@ mod creds;
 pub mod error;
 pub mod filesystem;
 pub mod http;
+pub mod image;
 pub mod lifecycle;
 pub mod paths;
+pub mod pid1;
 pub mod ports;
 pub mod process;
 pub mod rng;

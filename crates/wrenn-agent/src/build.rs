@@ -12,6 +12,7 @@
 //! layers flattened), so templates never depend on the layer cache.
 
 mod guest;
+pub mod image;
 mod layers;
 mod steps;
 
@@ -70,6 +71,9 @@ pub enum BuildError {
         /// Its exit code.
         code: i32,
     },
+    /// A container image could not be unpacked or made bootable.
+    #[error("{0}")]
+    Image(String),
     /// The start command ended, or the ready command never succeeded.
     #[error("the start command {0}")]
     NotReady(String),
@@ -109,11 +113,37 @@ pub enum BuildError {
     },
 }
 
+/// What a build starts from: a template's disk, or an unpacked container image's.
+#[derive(Debug, Clone)]
+pub struct Parent {
+    /// The directory holding `disk` (kept as long as templates built on it are).
+    pub dir: PathBuf,
+    /// The qcow2 disk the build's layers go on.
+    pub disk: PathBuf,
+    /// The machine the build VM (and the template's sandboxes) run: kernel, initramfs,
+    /// command line.
+    pub spec: VmSpec,
+    /// What the layer cache keys its first layer by: the parent's identity and content.
+    pub key: String,
+}
+
+impl Parent {
+    /// A template as a parent.
+    pub fn template(t: &Snapshot) -> Self {
+        Self {
+            dir: t.dir.clone(),
+            disk: t.dir.join(snapshot::DISK_FILE),
+            spec: t.manifest.spec.clone(),
+            key: format!("{}:{}", t.dir.display(), t.manifest.state_sha256),
+        }
+    }
+}
+
 /// What to build.
 #[derive(Debug, Clone)]
 pub struct BuildRequest {
-    /// The parent template.
-    pub parent: Snapshot,
+    /// What it starts from.
+    pub parent: Parent,
     /// Its defaults (what its sandboxes run as).
     pub parent_defaults: Defaults,
     /// vCPUs and RAM of the build VM and of the template's sandboxes.
@@ -192,7 +222,7 @@ pub struct BuildDirs {
     pub out: PathBuf,
 }
 
-type Report<'a> = &'a (dyn Fn(BuildEvent) + Send + Sync);
+pub type Report<'a> = &'a (dyn Fn(BuildEvent) + Send + Sync);
 
 fn log(report: Report<'_>, step: Option<usize>, level: &'static str, message: String) {
     report(BuildEvent::Log {
@@ -268,18 +298,14 @@ struct Plan {
 }
 
 fn plan(req: &BuildRequest, steps: &[Step], layers: &Path, report: Report<'_>) -> Plan {
-    let parent_disk = req.parent.dir.join(snapshot::DISK_FILE);
+    let parent_disk = req.parent.disk.clone();
     let defaults = &req.parent_defaults;
     let mut ctx = Context::new(
         defaults.user.clone().unwrap_or_else(|| "root".into()),
         defaults.workdir.clone(),
         defaults.envs.clone(),
     );
-    let mut parent_key = format!(
-        "{}:{}",
-        req.parent.dir.display(),
-        req.parent.manifest.state_sha256
-    );
+    let mut parent_key = req.parent.key.clone();
     let mut keys = Vec::with_capacity(steps.len());
     let (mut first_run, mut base, mut base_ctx) = (0, parent_disk, ctx.clone());
     let mut hit = !req.skip_cache;
@@ -341,7 +367,7 @@ async fn run(
     let spec = VmSpec {
         memory_mib: req.memory_mib,
         vcpus: req.vcpus,
-        ..req.parent.manifest.spec.clone()
+        ..req.parent.spec.clone()
     };
     let disk = dirs.work.join("top0.qcow2");
     create_overlay(&plan.base, "qcow2", &disk).await?;
@@ -359,6 +385,7 @@ async fn run(
             slot: slot.index(),
         }),
         incoming: None,
+        extra_disks: vec![],
     })
     .await?;
     let token = hex::encode(rand_bytes());
@@ -454,7 +481,7 @@ async fn run(
         });
     }
     let top = live.top().to_owned();
-    let parent_disk = req.parent.dir.join(snapshot::DISK_FILE);
+    let parent_disk = req.parent.disk.clone();
     snapshot::snapshot_template(vm, &spec, &top, &parent_disk, staging).await?;
     // The template's disk: its build's layers (and the start command's writes) as one layer
     // on the parent's disk.

@@ -17,12 +17,15 @@ use tokio::sync::mpsc::UnboundedSender;
 use tracing::Instrument as _;
 use wrenn_agent_proto::v1::{
     BuildDone, BuildFailed, BuildLog, BuildStepStarted, BuildTemplateEvent, BuildTemplateRequest,
-    build_template_event::Event,
+    ImageSource, build_template_event::Event, image_source,
 };
 use wrenn_hostnet::Slot;
 
 use crate::agent::Agent;
-use crate::build::{self, BuildDirs, BuildError, BuildEvent, BuildRequest, Defaults, RawStep};
+use crate::build::image::{self, ImageInfo, ImageLayer};
+use crate::build::{
+    self, BuildDirs, BuildError, BuildEvent, BuildRequest, Defaults, Parent, RawStep,
+};
 use crate::snapshot::Snapshot;
 
 /// The file next to a built template that says what it was built from.
@@ -32,10 +35,18 @@ pub const BUILD_INFO: &str = "build.json";
 const RELEASED: &str = "released";
 /// The build service's scratch directory under the templates directory.
 pub const WORK_DIR: &str = "bw";
+/// Unpacked container images (`<key>/`), under the templates directory.
+pub const IMAGES_DIR: &str = "images";
+/// Image blobs as pulled (content-addressed), under the templates directory.
+pub const BLOBS_DIR: &str = "blobs";
+/// Bumped when what an unpacked image holds changes (its key includes it).
+const IMAGE_FORMAT: &str = "1";
 /// The layer cache is trimmed to this size, least recently used layers first.
 const MAX_LAYER_CACHE_BYTES: u64 = 16 << 30;
 /// Layers no build used for this long go whatever the cache's size.
 const MAX_LAYER_AGE: Duration = Duration::from_secs(14 * 24 * 3600);
+/// Pulled image blobs are kept this long (a failed unpack's retry, images sharing layers).
+const MAX_BLOB_AGE: Duration = Duration::from_secs(24 * 3600);
 /// The largest context archive fetched for a build.
 const MAX_ARCHIVE_BYTES: u64 = 8 << 30;
 /// What a built template's steps run as when its parent says nothing (E2B's defaults).
@@ -61,6 +72,10 @@ pub struct Builds {
     root: PathBuf,
     layers: PathBuf,
     work: PathBuf,
+    images: PathBuf,
+    blobs: PathBuf,
+    /// Registries pulled from over plain HTTP, at any address.
+    insecure: Vec<String>,
     slot: u32,
     /// How long a released template's files stay at least (see [`Builds::sweep`]).
     release_grace: Duration,
@@ -77,6 +92,8 @@ enum ServiceError {
     NoParent(String),
     #[error("fetch the context archive {hash}: {reason}")]
     Fetch { hash: String, reason: String },
+    #[error(transparent)]
+    Image(#[from] wrenn_oci::OciError),
     #[error("create the build slot")]
     Slot(#[source] wrenn_hostnet::SlotError),
     #[error(transparent)]
@@ -145,11 +162,20 @@ impl Builds {
             root: templates.join("builds"),
             layers: templates.join("layers"),
             work: templates.join(WORK_DIR),
+            images: templates.join(IMAGES_DIR),
+            blobs: templates.join(BLOBS_DIR),
+            insecure: Vec::new(),
             slot,
             release_grace,
             one_at_a_time: tokio::sync::Mutex::new(()),
             http: reqwest::Client::new(),
         }
+    }
+
+    /// Registries (`host[:port]`) to pull from over plain HTTP, at any address.
+    pub fn with_insecure_registries(mut self, registries: Vec<String>) -> Self {
+        self.insecure = registries;
+        self
     }
 
     /// The complete built templates on disk that were not released; what an interrupted
@@ -239,7 +265,13 @@ impl Builds {
             }
             keep.extend(parents);
         }
+        let images_in_use: HashSet<PathBuf> = builds
+            .iter()
+            .filter(|(dir, _, _)| keep.contains(dir))
+            .map(|(_, info, _)| info.parent_dir.clone())
+            .collect();
         self.trim_layers();
+        self.trim_images(&images_in_use);
         let mut removed = Vec::new();
         for (dir, info, _) in builds {
             if keep.contains(&dir) {
@@ -290,6 +322,42 @@ impl Builds {
                 Err(e) => {
                     tracing::warn!(layer = %path.display(), error = %e, "remove a cached layer")
                 }
+            }
+        }
+    }
+
+    /// Removes unpacked images no kept template is built on and no build used for
+    /// [`MAX_LAYER_AGE`], and pulled blobs older than [`MAX_BLOB_AGE`] (only an unpack reads
+    /// them). Only between builds, like the layers.
+    fn trim_images(&self, in_use: &HashSet<PathBuf>) {
+        let Ok(_idle) = self.one_at_a_time.try_lock() else {
+            return;
+        };
+        let old = |p: &Path, age: Duration| {
+            std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().unwrap_or_default() > age)
+        };
+        for entry in std::fs::read_dir(&self.images)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let dir = entry.path();
+            if in_use.contains(&dir) || !old(&dir, MAX_LAYER_AGE) {
+                continue;
+            }
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => tracing::info!(dir = %dir.display(), "removed an unused unpacked image"),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "remove an unpacked image")
+                }
+            }
+        }
+        let blobs = self.blobs.join("sha256");
+        for entry in std::fs::read_dir(&blobs).into_iter().flatten().flatten() {
+            if old(&entry.path(), MAX_BLOB_AGE) {
+                let _ = std::fs::remove_file(entry.path());
             }
         }
     }
@@ -349,7 +417,6 @@ impl Builds {
         // One build at a time, so one scratch directory; a short path, because the build VM's
         // QMP socket lives under it and Unix socket paths are short (108 bytes).
         let work = self.work.clone();
-        let parent_dir = parent.dir.clone();
         let _ = std::fs::remove_dir_all(&work);
         let files_dir = work.join("files");
         let io = |what, path: &Path| {
@@ -362,10 +429,10 @@ impl Builds {
             .build_in(agent, req, (parent, &envd_version), send)
             .await;
         let _ = std::fs::remove_dir_all(&work);
-        let snapshot = res?;
+        let (snapshot, parent_dir, parent_template) = res?;
         let info = BuildInfo {
             build_id: req.build_id.clone(),
-            parent_template: req.parent_template_id.clone(),
+            parent_template,
             parent_dir,
             envd_version: envd_version.clone(),
         };
@@ -391,78 +458,31 @@ impl Builds {
         Ok(done)
     }
 
+    /// Builds in the build slot; returns the template, the directory its disk is layered on
+    /// and what that is (a template's ID, or `image:<reference>`).
     async fn build_in(
         &self,
         agent: &Agent,
         req: &BuildTemplateRequest,
-        (parent, envd_version): (Snapshot, &str),
+        (base, envd_version): (Snapshot, &str),
         send: &(dyn Fn(Event) + Send + Sync),
-    ) -> Result<Snapshot, ServiceError> {
+    ) -> Result<(Snapshot, PathBuf, String), ServiceError> {
         let (work, out) = (&self.work, &self.root.join(&req.build_id));
-        let mut files = HashMap::new();
-        for f in &req.files {
-            if !valid_hash(&f.hash) {
-                return Err(ServiceError::Invalid(format!("files hash {:?}", f.hash)));
-            }
-            let path = work.join("files").join(format!("{}.tar.gz", f.hash));
-            self.fetch(&f.url, &path)
-                .await
-                .map_err(|reason| ServiceError::Fetch {
-                    hash: f.hash.clone(),
-                    reason,
-                })?;
-            files.insert(f.hash.clone(), path);
-        }
-        let parent_defaults = Defaults::read(
-            &parent.dir,
-            Defaults {
-                user: Some(DEFAULT_USER.into()),
-                workdir: Some(DEFAULT_WORKDIR.into()),
-                ..Defaults::default()
-            },
-        );
-        let spec = &parent.manifest.spec;
-        let build_req = BuildRequest {
-            vcpus: if req.vcpus == 0 {
-                spec.vcpus
-            } else {
-                req.vcpus
-            },
-            memory_mib: match u32::try_from(req.memory_mb) {
-                Ok(0) | Err(_) => spec.memory_mib,
-                Ok(m) => m,
-            },
-            parent,
-            parent_defaults,
-            steps: req
-                .steps
-                .iter()
-                .map(|s| RawStep {
-                    kind: s.kind.clone(),
-                    args: s.args.clone(),
-                    files_hash: Some(s.files_hash.clone()).filter(|h| !h.is_empty()),
-                    force: s.force,
-                })
-                .collect(),
-            start_cmd: Some(req.start_cmd.clone()).filter(|c| !c.is_empty()),
-            ready_cmd: Some(req.ready_cmd.clone()).filter(|c| !c.is_empty()),
-            skip_cache: req.skip_cache,
-            files,
+        let files = self.fetch_files(req).await?;
+        let info = |message: String| {
+            send(Event::Log(BuildLog {
+                timestamp_unix_ms: crate::controller::now_ms(),
+                level: "info".into(),
+                message,
+                step: 0,
+            }))
         };
-        let dirs = BuildDirs {
-            layers: self.layers.clone(),
-            work: work.join("b"),
-            out: out.clone(),
+        let report = |e: BuildEvent| send(event_of(e));
+        // Before the slot: a source that cannot be fetched fails the build at once.
+        let image = match &req.image {
+            Some(source) => Some(self.fetch_image(source, &report).await?),
+            None => None,
         };
-        send(Event::Log(BuildLog {
-            timestamp_unix_ms: crate::controller::now_ms(),
-            level: "info".into(),
-            message: format!(
-                "building on template {} (envd {envd_version}): {} vCPU, {} MiB",
-                req.parent_template_id, build_req.vcpus, build_req.memory_mib
-            ),
-            step: 0,
-        }));
         let slot = Slot::create(self.slot).await.map_err(ServiceError::Slot)?;
         // Steps reach the internet as a sandbox does by default (package installs); the
         // always-denied ranges stay denied.
@@ -473,12 +493,197 @@ impl Builds {
                 return Err(ServiceError::Slot(e));
             }
         };
-        let report = |e: BuildEvent| send(event_of(e));
-        let res = build::build(&build_req, &dirs, &slot, &report).await;
+        let res = async {
+            let (parent, parent_defaults, parent_name) = match image {
+                Some((fetched, reference)) => {
+                    let (dir, image) = self
+                        .unpacked(fetched, reference, &base, &slot, &report)
+                        .await?;
+                    let key = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+                    let parent = image::parent(&dir, &base, &key.unwrap_or_default());
+                    (parent, image.defaults, format!("image:{}", image.reference))
+                }
+                None => {
+                    let defaults = Defaults::read(
+                        &base.dir,
+                        Defaults {
+                            user: Some(DEFAULT_USER.into()),
+                            workdir: Some(DEFAULT_WORKDIR.into()),
+                            ..Defaults::default()
+                        },
+                    );
+                    (
+                        Parent::template(&base),
+                        defaults,
+                        req.parent_template_id.clone(),
+                    )
+                }
+            };
+            let build_req = build_request(req, parent, parent_defaults, files);
+            info(format!(
+                "building on {parent_name} (envd {envd_version}): {} vCPU, {} MiB",
+                build_req.vcpus, build_req.memory_mib
+            ));
+            let dirs = BuildDirs {
+                layers: self.layers.clone(),
+                work: work.join("b"),
+                out: out.clone(),
+            };
+            let snapshot = build::build(&build_req, &dirs, &slot, &report).await?;
+            Ok((snapshot, build_req.parent.dir.clone(), parent_name))
+        }
+        .await;
         drop(services);
         // Removing a slot's namespace blocks; not on an async worker.
         let _ = tokio::task::spawn_blocking(move || drop(slot)).await;
-        Ok(res?)
+        res
+    }
+
+    /// The context archives the steps name, fetched into the scratch directory.
+    async fn fetch_files(
+        &self,
+        req: &BuildTemplateRequest,
+    ) -> Result<HashMap<String, PathBuf>, ServiceError> {
+        let mut files = HashMap::new();
+        for f in &req.files {
+            if !valid_hash(&f.hash) {
+                return Err(ServiceError::Invalid(format!("files hash {:?}", f.hash)));
+            }
+            let path = self.work.join("files").join(format!("{}.tar.gz", f.hash));
+            self.fetch(&f.url, &path)
+                .await
+                .map_err(|reason| ServiceError::Fetch {
+                    hash: f.hash.clone(),
+                    reason,
+                })?;
+            files.insert(f.hash.clone(), path);
+        }
+        Ok(files)
+    }
+
+    /// The image `source` names, its blobs pulled or read from its archive into the store,
+    /// and how to name it.
+    async fn fetch_image(
+        &self,
+        source: &ImageSource,
+        report: build::Report<'_>,
+    ) -> Result<(wrenn_oci::Image, String), ServiceError> {
+        let say = |message: String| {
+            report(BuildEvent::Log {
+                level: "info",
+                message,
+                step: None,
+            })
+        };
+        let store = wrenn_oci::BlobStore::new(self.blobs.clone());
+        let (image, reference) = match &source.source {
+            Some(image_source::Source::Registry(r)) => {
+                say(format!("pulling {}", r.reference));
+                let creds = (!r.username.is_empty()).then(|| wrenn_oci::Credentials {
+                    username: r.username.clone(),
+                    password: r.password.clone(),
+                });
+                let policy = wrenn_oci::PullPolicy {
+                    insecure: self.insecure.clone(),
+                    allow_address: Arc::new(wrenn_hostnet::is_public),
+                };
+                let progress = |line: String| say(line);
+                let image =
+                    wrenn_oci::pull(&r.reference, creds.as_ref(), &policy, &store, &progress)
+                        .await?;
+                (image, r.reference.clone())
+            }
+            Some(image_source::Source::Archive(f)) => {
+                if !valid_hash(&f.hash) {
+                    return Err(ServiceError::Invalid(format!("image hash {:?}", f.hash)));
+                }
+                let path = self
+                    .work
+                    .join("files")
+                    .join(format!("{}.image.tar", f.hash));
+                self.fetch(&f.url, &path)
+                    .await
+                    .map_err(|reason| ServiceError::Fetch {
+                        hash: f.hash.clone(),
+                        reason,
+                    })?;
+                let s = store.clone();
+                let image = tokio::task::spawn_blocking(move || wrenn_oci::read_archive(&path, &s))
+                    .await
+                    .map_err(|e| ServiceError::Invalid(format!("read the image archive: {e}")))??;
+                (image, format!("archive:{}", f.hash))
+            }
+            None => {
+                return Err(ServiceError::Invalid(
+                    "an image source without a source".into(),
+                ));
+            }
+        };
+        Ok((image, reference))
+    }
+
+    /// The unpacked `image` (unpacked now in a VM booted from `base`, unless an earlier build
+    /// unpacked the same image on the same base): its directory and what it says of itself.
+    async fn unpacked(
+        &self,
+        image: wrenn_oci::Image,
+        reference: String,
+        base: &Snapshot,
+        slot: &Slot,
+        report: build::Report<'_>,
+    ) -> Result<(PathBuf, ImageInfo), ServiceError> {
+        let say = |message: String| {
+            report(BuildEvent::Log {
+                level: "info",
+                message,
+                step: None,
+            })
+        };
+        let key = image_key(&image.digest, base);
+        let dir = self.images.join(&key);
+        if let Some(info) = image::open(&dir) {
+            say(format!(
+                "reusing the unpacked image {reference} ({})",
+                image.digest
+            ));
+            // Its mtime says when a build last used it (see `trim_layers`).
+            let _ = std::fs::File::open(&dir)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+            return Ok((dir, info));
+        }
+        let info = ImageInfo {
+            reference,
+            digest: image.digest.clone(),
+            defaults: image_defaults(&image.config),
+        };
+        let layers: Vec<ImageLayer> = image
+            .layers
+            .iter()
+            .map(|l| ImageLayer {
+                path: l.path.clone(),
+                compression: match l.compression {
+                    wrenn_oci::Compression::Gzip => "gzip",
+                    wrenn_oci::Compression::Zstd => "zstd",
+                    wrenn_oci::Compression::None => "none",
+                },
+            })
+            .collect();
+        std::fs::create_dir_all(&self.images).map_err(|source| ServiceError::Io {
+            what: "create",
+            path: self.images.clone(),
+            source,
+        })?;
+        image::unpack(
+            base,
+            &layers,
+            &info,
+            &self.work.join("unpack"),
+            &dir,
+            slot,
+            report,
+        )
+        .await?;
+        Ok((dir, info))
     }
 
     /// Fetches `url` into `path`, at most [`MAX_ARCHIVE_BYTES`].
@@ -522,6 +727,78 @@ pub fn spawn_sweeper(agent: Weak<Agent>, every: Duration) {
             }
         }
     });
+}
+
+/// The build the request asks for, on `parent`.
+fn build_request(
+    req: &BuildTemplateRequest,
+    parent: Parent,
+    parent_defaults: Defaults,
+    files: HashMap<String, PathBuf>,
+) -> BuildRequest {
+    let spec = &parent.spec;
+    BuildRequest {
+        vcpus: if req.vcpus == 0 {
+            spec.vcpus
+        } else {
+            req.vcpus
+        },
+        memory_mib: match u32::try_from(req.memory_mb) {
+            Ok(0) | Err(_) => spec.memory_mib,
+            Ok(m) => m,
+        },
+        parent,
+        parent_defaults,
+        steps: req
+            .steps
+            .iter()
+            .map(|s| RawStep {
+                kind: s.kind.clone(),
+                args: s.args.clone(),
+                files_hash: Some(s.files_hash.clone()).filter(|h| !h.is_empty()),
+                force: s.force,
+            })
+            .collect(),
+        start_cmd: Some(req.start_cmd.clone()).filter(|c| !c.is_empty()),
+        ready_cmd: Some(req.ready_cmd.clone()).filter(|c| !c.is_empty()),
+        skip_cache: req.skip_cache,
+        files,
+    }
+}
+
+/// An unpacked image's key: the image (its manifest's digest), the base template its VM and
+/// its envd came from, and what unpacking makes of it.
+fn image_key(digest: &str, base: &Snapshot) -> String {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    for part in [
+        digest,
+        &base.dir.to_string_lossy(),
+        &base.manifest.state_sha256,
+        IMAGE_FORMAT,
+    ] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
+/// What a template built on an image starts with: E2B's `user` (sandboxes run as it, as
+/// from E2B's own base; a `USER` step changes it), the image's working directory (else the
+/// user's home), and its environment.
+fn image_defaults(config: &wrenn_oci::ImageConfig) -> Defaults {
+    Defaults {
+        user: Some(DEFAULT_USER.into()),
+        workdir: Some(
+            config
+                .working_dir
+                .clone()
+                .filter(|w| w.starts_with('/'))
+                .unwrap_or_else(|| DEFAULT_WORKDIR.into()),
+        ),
+        envs: config.env.clone(),
+        start_cmd: None,
+    }
 }
 
 fn event_of(e: BuildEvent) -> Event {

@@ -50,6 +50,8 @@ pub struct HostConfig {
     pub templates_dir: Option<PathBuf>,
     /// How long a released built template's files stay at least.
     pub template_release_grace: std::time::Duration,
+    /// Registries (`host[:port]`) builds pull images from over plain HTTP, at any address.
+    pub insecure_registries: Vec<String>,
 }
 
 /// Why a host could not be brought up.
@@ -185,11 +187,10 @@ impl Host {
         .with_proxy_url(config.proxy_url.clone())
         .with_cpu_overcommit(config.cpu_overcommit);
         if let Some(dir) = &config.templates_dir {
-            agent = agent.with_builds(crate::builds::Builds::new(
-                dir,
-                range.start,
-                config.template_release_grace,
-            ));
+            agent = agent.with_builds(
+                crate::builds::Builds::new(dir, range.start, config.template_release_grace)
+                    .with_insecure_registries(config.insecure_registries.clone()),
+            );
         }
         let agent = Arc::new(agent);
         crate::builds::spawn_sweeper(Arc::downgrade(&agent), TEMPLATE_SWEEP);

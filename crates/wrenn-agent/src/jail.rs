@@ -355,6 +355,42 @@ pub(crate) fn disk_args(
     Ok(())
 }
 
+/// The `-blockdev` nodes and devices of raw disks besides the root disk, on descriptors.
+fn extra_disk_args(
+    disks: &[crate::vm::ExtraDisk],
+    fds: &mut Fds,
+    args: &mut Vec<String>,
+) -> Result<(), JailError> {
+    for (i, d) in disks.iter().enumerate() {
+        let valid = !d.serial.is_empty()
+            && d.serial.len() <= 20
+            && d.serial
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !valid {
+            return Err(JailError::Io {
+                what: "attach (bad serial)",
+                path: d.path.clone(),
+                source: std::io::Error::other(format!("serial {:?}", d.serial)),
+            });
+        }
+        let set = fds.fdset(open_for_qemu(&d.path, !d.read_only)?, args);
+        let ro = if d.read_only { "on" } else { "off" };
+        args.extend([
+            "-blockdev".into(),
+            format!("driver=file,node-name=extra{i}-file,filename={set},read-only={ro}"),
+            "-blockdev".into(),
+            format!("driver=raw,node-name=extra{i},file=extra{i}-file,read-only={ro}"),
+            "-device".into(),
+            format!(
+                "virtio-blk-device,drive=extra{i},id=xblk{i},serial={}",
+                d.serial
+            ),
+        ]);
+    }
+    Ok(())
+}
+
 /// Everything a launch needs in the jail, prepared before the fork.
 #[derive(Debug)]
 pub(crate) struct Prepared {
@@ -382,6 +418,8 @@ pub(crate) struct JailSpec<'a> {
     /// The memory file, and whether QEMU writes it (`share=on`).
     pub memory: (&'a Path, bool),
     pub incoming: Option<&'a Path>,
+    /// Raw disks after the root disk.
+    pub extra_disks: &'a [crate::vm::ExtraDisk],
     /// The QMP listening socket.
     pub qmp: OwnedFd,
 }
@@ -402,6 +440,7 @@ impl Prepared {
             "chardev=qmp,mode=control".into(),
         ]);
         disk_args(j.disk, &mut fds, &mut args)?;
+        extra_disk_args(j.extra_disks, &mut fds, &mut args)?;
         let incoming = match j.incoming {
             Some(state) => Some(fds.fdset(open_for_qemu(state, false)?, &mut args)),
             None => None,

@@ -613,6 +613,7 @@ pub async fn launch_warm(
             memory: Memory::Private(snapshot.memory_path()),
             net: Some(slot.net_attach()),
             incoming: Some(snapshot.state_path()),
+            extra_disks: vec![],
         })
         .await?;
         let warm = Phase::Warm {

@@ -288,6 +288,7 @@ pub(crate) async fn restore_vm(from: RestoreFrom<'_>) -> Result<Vm, SnapshotErro
         memory: Memory::Private(from.memory.to_owned()),
         net: from.net,
         incoming: Some(from.state.to_owned()),
+        extra_disks: vec![],
     })
     .await?;
     let launched = start.elapsed();

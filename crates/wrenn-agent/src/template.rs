@@ -151,6 +151,7 @@ async fn build(
             slot: slot.index(),
         }),
         incoming: None,
+        extra_disks: vec![],
     })
     .await?;
     let envd = EnvdClient::new(slot.guest_endpoint(ENVD_PORT));

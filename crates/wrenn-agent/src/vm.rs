@@ -174,6 +174,21 @@ pub struct Launch {
     /// Start paused in `-incoming defer`, to load this device state
     /// ([`crate::snapshot::load_into`]).
     pub incoming: Option<PathBuf>,
+    /// More disks after the root disk (an image build's blobs and target).
+    pub extra_disks: Vec<ExtraDisk>,
+}
+
+/// A raw disk besides the root disk, found in the guest by its serial
+/// (`/sys/block/vd*/serial`), not by its name: virtio-mmio devices are probed in no order
+/// the guest can rely on.
+#[derive(Debug, Clone)]
+pub struct ExtraDisk {
+    /// The raw file.
+    pub path: PathBuf,
+    /// QEMU gets a read-only descriptor and a read-only node.
+    pub read_only: bool,
+    /// Its virtio serial (at most 20 bytes, letters, digits and '-').
+    pub serial: String,
 }
 
 /// A running QEMU. Dropping it kills QEMU and removes its directory.
@@ -460,6 +475,7 @@ fn command(l: &Launch) -> Result<(tokio::process::Command, crate::jail::Running)
         disk: &l.disk,
         memory: (mem_path, shared),
         incoming: l.incoming.as_deref(),
+        extra_disks: &l.extra_disks,
         qmp: listener.into(),
     })?;
     let mut cmd = tokio::process::Command::new(qemu_binary());

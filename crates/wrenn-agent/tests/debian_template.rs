@@ -159,6 +159,7 @@ async fn debian_template_builds_boots_and_runs_python() {
         memory: Memory::Shared(work_path.join("memory")),
         net: Some(slot.attach()),
         incoming: None,
+        extra_disks: vec![],
     })
     .await
     .expect("launch");

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use support::{RunOpts, call, run_ok_with};
 use wrenn_agent::build::{
-    self, BuildDirs, BuildError, BuildEvent, BuildRequest, Defaults, RawStep,
+    self, BuildDirs, BuildError, BuildEvent, BuildRequest, Defaults, Parent, RawStep,
 };
 use wrenn_agent::snapshot::Snapshot;
 use wrenn_agent_proto::paths;
@@ -123,7 +123,7 @@ async fn template_builds_inner() {
     let mut copy = step("COPY", &["app", "/srv/app", "user", "0750"]);
     copy.files_hash = Some(hash.clone());
     let mut req = BuildRequest {
-        parent: parent.clone(),
+        parent: Parent::template(&parent),
         parent_defaults: Defaults {
             user: Some("root".into()),
             ..Default::default()
@@ -243,7 +243,7 @@ async fn template_builds_inner() {
     // cache of the first build's guest hid a template disk that had lost all but its top
     // layer).
     let child = BuildRequest {
-        parent: snap.clone(),
+        parent: Parent::template(&snap),
         parent_defaults: Defaults::read(&snap.dir, Defaults::default()),
         steps: vec![step(
             "RUN",

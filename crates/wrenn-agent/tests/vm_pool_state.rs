@@ -126,6 +126,7 @@ async fn template(work: &Path, slots: &SlotPool) -> Fixture {
         memory: Memory::Shared(snapshot::template_memory_path(&template_dir)),
         net: Some(lease.net_attach()),
         incoming: None,
+        extra_disks: vec![],
     })
     .await
     .unwrap();

@@ -99,6 +99,7 @@ async fn template_boot_snapshot_restore_and_cleanup() {
         memory: Memory::Shared(snapshot::template_memory_path(&template_dir)),
         net: Some(net.clone()),
         incoming: None,
+        extra_disks: vec![],
     })
     .await
     .expect("launch template VM");

@@ -76,6 +76,11 @@ pub struct TemplateBuildStart {
     /// Registry credentials for `from_image`.
     #[serde(default)]
     pub from_image_registry: Option<serde_json::Value>,
+    /// Wrenn's own: the hash of an image archive (`docker save` or an OCI layout, as a tar)
+    /// uploaded through the files link, to start from (what `wrenn template build --image`
+    /// sends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_image_archive: Option<String>,
     /// Rebuild every step.
     #[serde(default)]
     pub force: Option<bool>,

@@ -53,6 +53,33 @@ pub(crate) const PRIVATE: [&str; 5] = [
     "198.18.0.0/15",
 ];
 
+/// Whether `ip` is outside every range a guest with the default policy is denied (the
+/// always-denied ones and the private ones, whatever an operator lifted): what the host may
+/// reach on a tenant's behalf, such as a registry a build names. IPv6: global unicast only.
+pub fn is_public(ip: std::net::IpAddr) -> bool {
+    let v4 = match ip {
+        std::net::IpAddr::V4(v4) => v4,
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4,
+            None => {
+                let first = v6.segments()[0];
+                // Loopback, unspecified, link-local (fe80::/10), unique local (fc00::/7),
+                // multicast (ff00::/8).
+                return !(v6.is_loopback()
+                    || v6.is_unspecified()
+                    || first & 0xffc0 == 0xfe80
+                    || first & 0xfe00 == 0xfc00
+                    || first & 0xff00 == 0xff00);
+            }
+        },
+    };
+    !DENIED_ALWAYS
+        .iter()
+        .chain(PRIVATE.iter())
+        .filter_map(|c| c.parse::<Ipv4Net>().ok())
+        .any(|n| n.contains(v4))
+}
+
 /// What of the host a guest may never reach: its own addresses and its directly connected
 /// networks, read from the host namespace whenever a slot's rules are written.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -405,5 +432,26 @@ mod tests {
             "add element inet wrenn learned { 203.0.113.10 timeout 60s }\n"
         );
         assert!(learned_rules(&[]).is_empty());
+    }
+
+    #[test]
+    fn public_addresses_are_outside_every_denied_range() {
+        for ip in ["198.51.100.72", "8.8.8.8", "2001:db8::1"] {
+            assert!(is_public(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in [
+            "127.0.0.1",
+            "10.99.0.10",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.100.100.200",
+            "10.12.0.3",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(!is_public(ip.parse().unwrap()), "{ip}");
+        }
     }
 }

@@ -20,7 +20,7 @@ mod tap;
 mod uplink;
 
 pub use egress::{EGRESS_IP, EgressConfig, EgressServices, EgressServicesError, OnLearned};
-pub use firewall::PROXY_PORT;
+pub use firewall::{PROXY_PORT, is_public};
 pub use metadata::{Metadata, MetadataError, MetadataServer, token_hash};
 pub use netns::{enter_netns_on_exec, enter_netns_with_tap_on_exec};
 pub use slot::{

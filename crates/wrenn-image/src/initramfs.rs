@@ -1,5 +1,6 @@
 //! The initramfs: busybox, the virtio modules, and an init that configures the guest network,
-//! mounts the root filesystem from `/dev/vda` and `switch_root`s to its `/sbin/init`.
+//! mounts the root filesystem from `/dev/vda` and `switch_root`s to its `/sbin/init` (or, on a
+//! root made from a container image, to envd's `/.wrenn/init`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -47,7 +48,11 @@ busybox ip route add default via {GUEST_GATEWAY} || fail "default route"
 busybox mount -t ext4 -o rw,noatime /dev/vda /newroot || fail "mount /dev/vda"
 busybox mount --move /dev /newroot/dev || fail "move /dev"
 busybox umount /sys /proc
-exec busybox switch_root /newroot /sbin/init
+# A root made from a container image has envd's own init at /.wrenn/init (such images carry
+# no init of ours, and often no shell one could run in).
+init=/sbin/init
+[ -e /newroot/.wrenn/init ] && init=/.wrenn/init
+exec busybox switch_root /newroot $init
 "#
     )
 }

@@ -414,38 +414,84 @@ impl ControlPlane {
         })
     }
 
-    /// The template a build starts from, and the host to build on.
+    /// The template a build starts from, the host to build on, and the container image it
+    /// unpacks first, if any (then the template is the base its unpack VM boots).
     async fn build_parent(
         &self,
         team: &TeamRecord,
         body: &TemplateBuildStart,
-    ) -> Result<(String, Option<HostId>), ApiError> {
+        base: &str,
+    ) -> Result<(String, Option<HostId>, Option<agent::ImageSource>), ApiError> {
+        let image = self.image_source(team, body, base)?;
         let name = match (&body.from_template, &body.from_image) {
-            (Some(t), _) => t.clone(),
-            (None, Some(image)) if BASE_IMAGES.contains(&image.as_str()) => {
-                BASE_TEMPLATE.to_owned()
-            }
-            (None, Some(image)) => {
-                return Err(ApiError::BadRequest(format!(
-                    "Building from the image '{image}' is not supported by this server yet: \
-                     use fromTemplate (e.g. \"base\") or the base image e2bdev/base"
-                )));
-            }
-            (None, None) => BASE_TEMPLATE.to_owned(),
+            (Some(t), _) if image.is_none() => t.clone(),
+            _ => BASE_TEMPLATE.to_owned(),
         };
         let tpl = self
             .resolve_template(&team.id, &name)
             .await?
             .ok_or_else(|| ApiError::BadRequest(format!("Template '{name}' not found")))?;
         Ok(match tpl.build {
-            Some(b) => (b.id, Some(b.host_id)),
+            Some(b) => (b.id, Some(b.host_id), image),
             None if tpl.name.is_some() => {
                 return Err(ApiError::BadRequest(format!(
                     "Template '{name}' has no finished build yet"
                 )));
             }
-            None => (tpl.id, None),
+            None => (tpl.id, None, image),
         })
+    }
+
+    /// The container image a build starts from: `fromImage` (but not the SDK's base image,
+    /// which is our `base`) with `fromImageRegistry` credentials, or an uploaded archive.
+    fn image_source(
+        &self,
+        team: &TeamRecord,
+        body: &TemplateBuildStart,
+        base: &str,
+    ) -> Result<Option<agent::ImageSource>, ApiError> {
+        use agent::image_source::Source;
+        if let Some(hash) = &body.from_image_archive {
+            if body.from_template.is_some() || body.from_image.is_some() {
+                return Err(ApiError::BadRequest(
+                    "fromImageArchive cannot be combined with fromImage or fromTemplate".into(),
+                ));
+            }
+            let path = self.file_path(team.id.as_str(), hash)?;
+            if !path.exists() {
+                return Err(ApiError::BadRequest(format!(
+                    "The image archive was not uploaded (hash {hash})"
+                )));
+            }
+            return Ok(Some(agent::ImageSource {
+                source: Some(Source::Archive(agent::BuildFile {
+                    hash: hash.clone(),
+                    url: self.file_link(base, "GET", &team.id, hash),
+                })),
+            }));
+        }
+        let Some(image) = body.from_image.as_deref() else {
+            return Ok(None);
+        };
+        if body.from_template.is_some() || BASE_IMAGES.contains(&image) {
+            return Ok(None);
+        }
+        if image.is_empty() || image.len() > 512 || image.chars().any(char::is_whitespace) {
+            return Err(ApiError::BadRequest(format!(
+                "'{image}' is not an image reference (registry/repository:tag)"
+            )));
+        }
+        let (username, password) = match &body.from_image_registry {
+            None => (String::new(), String::new()),
+            Some(r) => registry_credentials(r)?,
+        };
+        Ok(Some(agent::ImageSource {
+            source: Some(Source::Registry(agent::RegistryImage {
+                reference: image.to_owned(),
+                username,
+                password,
+            })),
+        }))
     }
 
     /// `POST /v2/templates/{id}/builds/{buildID}`: starts a waiting build with its steps.
@@ -483,7 +529,7 @@ impl ControlPlane {
                 });
             }
         }
-        let (parent, host) = self.build_parent(team, &body).await?;
+        let (parent, host, image) = self.build_parent(team, &body, base).await?;
         let host = self
             .place(0, 0, host.as_ref())
             .await
@@ -512,6 +558,7 @@ impl ControlPlane {
             ready_cmd: body.ready_cmd.unwrap_or_default(),
             skip_cache: body.force.unwrap_or(false),
             files,
+            image,
         };
         let build = BuildRecord {
             host_id: Some(host.id.clone()),
@@ -868,6 +915,28 @@ fn level_rank(level: &str) -> u8 {
         "error" => 3,
         _ => 1,
     }
+}
+
+/// `fromImageRegistry` as E2B's SDKs send it: `{type: "registry", username, password}`;
+/// the cloud registries' types need their SDKs' token exchanges, which this server lacks.
+fn registry_credentials(r: &serde_json::Value) -> Result<(String, String), ApiError> {
+    let kind = r.get("type").and_then(|t| t.as_str()).unwrap_or("registry");
+    if kind != "registry" {
+        return Err(ApiError::BadRequest(format!(
+            "Registry credentials of type '{kind}' are not supported by this server: use \
+             type 'registry' with a username and password"
+        )));
+    }
+    let field = |name: &str| {
+        r.get(name)
+            .and_then(|v| v.as_str())
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!("fromImageRegistry needs a non-empty {name}"))
+            })
+    };
+    Ok((field("username")?, field("password")?))
 }
 
 #[cfg(test)]

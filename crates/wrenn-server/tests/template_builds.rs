@@ -240,3 +240,86 @@ async fn builds_whose_heartbeat_stopped_are_failed() {
     );
     s.server.stop().await;
 }
+
+/// Requests a build of `name`, then starts it with `start`; the start's status and body.
+async fn start_with(s: &Stack, name: &str, start: Value) -> (u16, String) {
+    *s.server.agent.build_events.lock().unwrap() = Some(vec![ev(Event::Failed(BuildFailed {
+        message: "not built here".into(),
+        step: 0,
+    }))]);
+    let (st, req) = json(
+        s.req(Method::POST, "/v3/templates")
+            .json(&json!({"name": name})),
+    )
+    .await;
+    assert_eq!(st, 202, "{req}");
+    let (tid, bid) = (
+        req["templateID"].as_str().unwrap(),
+        req["buildID"].as_str().unwrap(),
+    );
+    let r = s
+        .req(Method::POST, &format!("/v2/templates/{tid}/builds/{bid}"))
+        .json(&start)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn an_image_source_reaches_the_agent_with_its_credentials_on_the_base_template() {
+    use wrenn_agent_proto::v1::image_source::Source;
+    let s = Stack::start().await;
+    let start = json!({
+        "fromImage": "registry.example:5000/team/app:1",
+        "fromImageRegistry": {"type": "registry", "username": "u", "password": "p"},
+        "steps": [{"type": "RUN", "args": ["true"]}],
+    });
+    let (st, body) = start_with(&s, "from-image", start).await;
+    assert_eq!(st, 202, "{body}");
+    let req = s.server.agent.builds.lock().unwrap()[0].clone();
+    // The unpack VM boots the base template; the image is what the build starts from.
+    assert_eq!(req.parent_template_id, "base");
+    match req.image.and_then(|i| i.source) {
+        Some(Source::Registry(r)) => assert_eq!(
+            (
+                r.reference.as_str(),
+                r.username.as_str(),
+                r.password.as_str()
+            ),
+            ("registry.example:5000/team/app:1", "u", "p")
+        ),
+        other => panic!("expected a registry image, got {other:?}"),
+    }
+    // The SDK's base image is our base template, not an image to pull.
+    let (st, body) = start_with(&s, "from-base", json!({"fromImage": "e2bdev/base"})).await;
+    assert_eq!(st, 202, "{body}");
+    assert!(s.server.agent.builds.lock().unwrap()[1].image.is_none());
+}
+
+#[tokio::test]
+async fn image_sources_the_server_cannot_use_are_refused_before_any_build() {
+    let s = Stack::start().await;
+    for (name, start, says) in [
+        (
+            "aws",
+            json!({"fromImage": "x/y:1", "fromImageRegistry": {"type": "aws", "awsRegion": "r"}}),
+            "type 'aws' are not supported",
+        ),
+        (
+            "nopass",
+            json!({"fromImage": "x/y:1", "fromImageRegistry": {"type": "registry", "username": "u"}}),
+            "non-empty password",
+        ),
+        (
+            "spaces",
+            json!({"fromImage": "not an image"}),
+            "is not an image reference",
+        ),
+    ] {
+        let (st, body) = start_with(&s, name, start).await;
+        assert_eq!(st, 400, "{name}: {body}");
+        assert!(body.contains(says), "{name}: {body}");
+    }
+    assert!(s.server.agent.builds.lock().unwrap().is_empty());
+}

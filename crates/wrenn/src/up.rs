@@ -95,6 +95,11 @@ pub struct UpArgs {
     /// create takes.
     #[arg(long, default_value_t = 120, hide = true)]
     pub template_release_grace: u64,
+    /// A container registry (`HOST[:PORT]`) template builds may pull images from over plain
+    /// HTTP, and even at a private or loopback address (repeatable). Others are pulled over
+    /// HTTPS, and only from public addresses.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    pub insecure_registries: Vec<String>,
     /// Most running sandboxes on this host (paused ones are only files).
     #[arg(long, default_value_t = 64)]
     pub max_sandboxes: u32,
@@ -201,6 +206,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         egress: egress_settings,
         templates_dir: Some(templates.clone()),
         template_release_grace: Duration::from_secs(args.template_release_grace),
+        insecure_registries: args.insecure_registries.clone(),
     })
     .await
     .map_err(|e| anyhow::anyhow!(wrenn_agent::error_chain(&e)))?;
@@ -573,8 +579,16 @@ fn remove_unused_templates(
     for entry in std::fs::read_dir(templates).into_iter().flatten().flatten() {
         let dir = entry.path();
         let name = entry.file_name();
-        // The build service's own directories (built templates, layer cache, scratch).
-        let builds = ["builds", "layers", wrenn_agent::builds::WORK_DIR].map(std::ffi::OsStr::new);
+        // The build service's own directories (built templates, layer cache, scratch,
+        // unpacked images and their blobs).
+        let builds = [
+            "builds",
+            "layers",
+            wrenn_agent::builds::WORK_DIR,
+            wrenn_agent::builds::IMAGES_DIR,
+            wrenn_agent::builds::BLOBS_DIR,
+        ]
+        .map(std::ffi::OsStr::new);
         if current.contains(&dir.as_path())
             || used.contains(&dir)
             || !dir.is_dir()

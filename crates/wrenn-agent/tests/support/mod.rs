@@ -101,6 +101,7 @@ pub async fn build_template(cache: &Path, template_dir: &Path, work: &Path) -> S
         memory: Memory::Shared(snapshot::template_memory_path(template_dir)),
         net: Some(slot.attach()),
         incoming: None,
+        extra_disks: vec![],
     })
     .await
     .expect("launch template VM");

@@ -244,6 +244,27 @@ impl Api {
         Ok(())
     }
 
+    /// `PUT`s file `path` to an upload link, streamed (image archives are large).
+    pub(super) async fn upload_file(
+        &self,
+        url: &str,
+        path: &std::path::Path,
+    ) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        let file = tokio::fs::File::open(path)
+            .await
+            .with_context(|| format!("open {}", path.display()))?;
+        let len = file.metadata().await?.len();
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+        let req = self
+            .http
+            .put(url)
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(body);
+        self.send(req, None).await?;
+        Ok(())
+    }
+
     /// Whether `name` is a template this key may use (`GET /templates/aliases/{name}`).
     pub(super) async fn template_exists(&self, name: &str) -> Result<bool, ApiError> {
         let path = format!("/templates/aliases/{}", segment(name)?);

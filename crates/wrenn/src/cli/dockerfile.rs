@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 /// A parsed Dockerfile.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(super) struct Recipe {
     /// What `FROM` names (a template or an image).
     pub(super) from: String,

@@ -64,6 +64,11 @@ pub(super) struct BuildArgs {
     /// Command the snapshot waits for (default: none); the start command is `CMD`.
     #[arg(long)]
     ready_cmd: Option<String>,
+    /// Start from this local image instead of what `FROM` names: a `docker save` tarball,
+    /// or an OCI image layout (a directory, or a tar of one). Without a Dockerfile, the
+    /// template is the image as it is.
+    #[arg(long, value_name = "PATH")]
+    image: Option<PathBuf>,
 }
 
 /// Runs a template subcommand.
@@ -254,10 +259,19 @@ async fn build(api: &Api, args: BuildArgs) -> anyhow::Result<ExitCode> {
         .file
         .clone()
         .unwrap_or_else(|| args.context.join("Dockerfile"));
-    let text =
-        std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
-    let build_args: BTreeMap<String, String> = args.build_args.iter().cloned().collect();
-    let recipe = dockerfile::parse(&text, &build_args)?;
+    let recipe = if args.image.is_some() && args.file.is_none() && !file.exists() {
+        dockerfile::Recipe::default()
+    } else {
+        let text =
+            std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
+        let build_args: BTreeMap<String, String> = args.build_args.iter().cloned().collect();
+        dockerfile::parse(&text, &build_args)?
+    };
+    // Read before anything is asked of the API: a bad path fails here, leaving nothing.
+    let image = match &args.image {
+        Some(path) => Some(ImageArchive::open(path)?),
+        None => None,
+    };
     for w in &recipe.warnings {
         eprintln!("warning: {w}");
     }
@@ -287,7 +301,20 @@ async fn build(api: &Api, args: BuildArgs) -> anyhow::Result<ExitCode> {
             api.upload(url, p.archive.clone()).await?;
         }
     }
-    let from = if api.template_exists(&recipe.from).await? {
+    let from = if let Some(image) = &image {
+        let link = api
+            .call(
+                Method::GET,
+                &format!("/templates/{tid}/files/{}", image.hash),
+                None,
+            )
+            .await?;
+        if let Some(url) = link.get("url").and_then(Value::as_str) {
+            eprintln!("uploading {}", image.describe());
+            api.upload_file(url, image.path()).await?;
+        }
+        json!({"fromImageArchive": image.hash})
+    } else if api.template_exists(&recipe.from).await? {
         json!({"fromTemplate": recipe.from})
     } else {
         json!({"fromImage": recipe.from})
@@ -310,6 +337,63 @@ async fn build(api: &Api, args: BuildArgs) -> anyhow::Result<ExitCode> {
     )
     .await?;
     follow(api, &tid, &bid, recipe.steps.len(), &args.name).await
+}
+
+/// A local image to upload: a `docker save` or OCI layout tarball as it is, or an OCI layout
+/// directory packed into a temporary tar; hashed for the files link.
+struct ImageArchive {
+    source: PathBuf,
+    packed: Option<tempfile::NamedTempFile>,
+    hash: String,
+    len: u64,
+}
+
+impl ImageArchive {
+    fn open(source: &Path) -> anyhow::Result<Self> {
+        let meta = std::fs::metadata(source)
+            .with_context(|| format!("--image {}: not there", source.display()))?;
+        let packed = if meta.is_dir() {
+            if !source.join("index.json").is_file() {
+                bail!(
+                    "--image {}: a directory must be an OCI image layout (it has no index.json)",
+                    source.display()
+                );
+            }
+            let tmp = tempfile::NamedTempFile::new().context("create a temporary file")?;
+            let mut tar = tar::Builder::new(tmp.reopen().context("open the temporary file")?);
+            tar.follow_symlinks(false);
+            tar.append_dir_all(".", source)
+                .and_then(|()| tar.finish())
+                .with_context(|| format!("pack {}", source.display()))?;
+            Some(tmp)
+        } else {
+            None
+        };
+        let path = packed.as_ref().map_or(source, |t| t.path());
+        let mut file =
+            std::fs::File::open(path).with_context(|| format!("read {}", path.display()))?;
+        let mut h = Sha256::new();
+        let len =
+            std::io::copy(&mut file, &mut h).with_context(|| format!("read {}", path.display()))?;
+        Ok(Self {
+            source: source.to_owned(),
+            packed,
+            hash: hex::encode(h.finalize()),
+            len,
+        })
+    }
+
+    fn path(&self) -> &Path {
+        self.packed.as_ref().map_or(&self.source, |t| t.path())
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} ({:.1} MiB)",
+            self.source.display(),
+            self.len as f64 / f64::from(1 << 20)
+        )
+    }
 }
 
 /// Polls the build's status to its end, showing its log.

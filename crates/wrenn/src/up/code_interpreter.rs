@@ -142,7 +142,7 @@ async fn build_on(
 ) -> anyhow::Result<Snapshot> {
     let spec = &parent.manifest.spec;
     let req = BuildRequest {
-        parent: parent.clone(),
+        parent: build::Parent::template(parent),
         parent_defaults: Defaults {
             user: Some(USER.into()),
             workdir: Some(WORKDIR.into()),
