@@ -131,6 +131,19 @@ fn dependency_directions() {
             "wrenn-hostnet",
             &["envd", "wrenn-agent", "wrenn-server", "wrenn-image"],
         ),
+        // Image sources only fetch and verify: the caller decides the policy and unpacks.
+        (
+            "wrenn-oci",
+            &[
+                "envd",
+                "wrenn-agent",
+                "wrenn-server",
+                "wrenn-qmp",
+                "wrenn-hostnet",
+                "wrenn-image",
+                "indicatif",
+            ],
+        ),
         // Image builds report progress as events; drawing it is the caller's concern.
         (
             "wrenn-image",
