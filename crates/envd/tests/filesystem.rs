@@ -934,6 +934,19 @@ async fn polled_watchers() {
     );
 }
 
+/// Waits up to 5 s for `envd` to hold `n` inotify instances.
+async fn wait_for_inotify_fds(envd: &Envd, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while inotify_fds(envd.pid()) != n {
+        assert!(
+            Instant::now() < deadline,
+            "{} inotify instances, not {n}",
+            inotify_fds(envd.pid())
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Open inotify instances of a process.
 fn inotify_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -951,6 +964,8 @@ async fn watches_release_their_inotify_instances() {
     let v = ok(&envd, "CreateWatcher", json!({"path": p(dir.path())})).await;
     assert_eq!(inotify_fds(envd.pid()), 1);
     ok(&envd, "RemoveWatcher", json!({"watcherId": v["watcherId"]})).await;
+    // The watcher's task closes its instance as it ends, a moment after the answer.
+    wait_for_inotify_fds(&envd, 0).await;
     let auth = basic("root");
     let mut stream = envd
         .stream(

@@ -154,6 +154,9 @@ impl Agent {
 
     /// Kills every sandbox (paused ones deleted too) and frees the pool's slots.
     pub async fn shutdown(&self) {
+        // No more creates; the warm pools' waiting QEMUs (and any being started) go with
+        // their templates.
+        self.runtime().drop_templates();
         self.ctl.shutdown().await;
         self.runtime().slots().shutdown().await;
     }

@@ -602,6 +602,7 @@ pub async fn launch_warm(
     root: &Path,
 ) -> Result<WarmVm, PoolError> {
     std::fs::create_dir_all(root).map_err(VmError::io("create", root))?;
+    let guard = RemoveOnDrop(Some(root.to_owned()));
     let disk = root.join(WARM_DISK);
     let vm_dir = root.join(WARM_VM_DIR);
     let result = async {
@@ -627,17 +628,31 @@ pub async fn launch_warm(
         Ok::<_, PoolError>(vm)
     }
     .await;
-    match result {
-        Ok(vm) => Ok(WarmVm {
-            vm,
-            slot,
-            root: root.to_owned(),
-            snapshot_dir: snapshot.dir.clone(),
-            snapshot_created: snapshot.manifest.created_unix,
-        }),
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(root);
-            Err(e)
+    let vm = result?;
+    guard.disarm();
+    Ok(WarmVm {
+        vm,
+        slot,
+        root: root.to_owned(),
+        snapshot_dir: snapshot.dir.clone(),
+        snapshot_created: snapshot.manifest.created_unix,
+    })
+}
+
+/// Removes a directory when dropped, unless disarmed: a warm VM's launch that fails, or whose
+/// future is dropped halfway (its pool shut down during a refill), leaves nothing behind.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl RemoveOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }

@@ -731,7 +731,8 @@ async fn jail_lab() {
     drop(agent);
     warm_slots.shutdown().await;
     assert!(b2.leaf.dirs().iter().all(|d| !d.exists()));
-    assert!(support::files_under(&sandboxes).is_empty());
+    let left = support::files_under(&sandboxes);
+    assert!(left.is_empty(), "left in the sandboxes directory: {left:?}");
     assert!(
         support::qemu_pids_under(work.path()).is_empty(),
         "QEMU left"
