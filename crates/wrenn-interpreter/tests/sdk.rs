@@ -51,7 +51,11 @@ async fn official_python_sdk() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
     );
-    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        out.status.success(),
+        "{}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
     assert!(stdout.contains("python sdk: ok"), "{stdout}");
     s.stop().await;
 }
@@ -78,7 +82,11 @@ async fn official_js_sdk() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
     );
-    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        out.status.success(),
+        "{}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
     assert!(stdout.contains("js sdk: ok"), "{stdout}");
     s.stop().await;
 }
