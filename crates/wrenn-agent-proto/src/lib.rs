@@ -25,6 +25,7 @@ pub mod paths {
     pub const METRICS: &str = "/wrenn.agent.v1.AgentService/Metrics";
     pub const LOGS: &str = "/wrenn.agent.v1.AgentService/Logs";
     pub const SNAPSHOT: &str = "/wrenn.agent.v1.AgentService/Snapshot";
+    pub const DELETE_SNAPSHOT: &str = "/wrenn.agent.v1.AgentService/DeleteSnapshot";
     pub const HOST_INFO: &str = "/wrenn.agent.v1.AgentService/HostInfo";
     pub const BUILD_TEMPLATE: &str = "/wrenn.agent.v1.AgentService/BuildTemplate";
     pub const RELEASE_TEMPLATE: &str = "/wrenn.agent.v1.AgentService/ReleaseTemplate";

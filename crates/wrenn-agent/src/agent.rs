@@ -134,6 +134,26 @@ impl Agent {
             .with_running_traffic(id, |sb| self.runtime().endpoint(sb, port))
     }
 
+    /// Deletes snapshot `id` (no more creates from it) and removes the deleted snapshots
+    /// nothing is layered on any more. `false`: not a snapshot of this host.
+    pub async fn delete_snapshot(&self, id: &str) -> bool {
+        let root = self.runtime().snapshots_root();
+        let sandboxes = self.runtime().root().to_owned();
+        let id = id.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let known = crate::snapshots::release(&root, &id);
+            crate::snapshots::sweep(&root, &sandboxes);
+            known
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// Removes the deleted snapshots nothing is layered on any more. Blocking.
+    pub fn sweep_snapshots(&self) {
+        crate::snapshots::sweep(&self.runtime().snapshots_root(), self.runtime().root());
+    }
+
     /// What the host has and uses.
     pub fn usage(&self) -> HostUsage {
         let cores = std::thread::available_parallelism()

@@ -223,12 +223,16 @@ impl Builds {
     /// paused) was made from one, no kept template was built on one, and it was released more
     /// than the grace ago. Their IDs.
     pub fn sweep(&self, agent: &Agent) -> Vec<String> {
-        let in_use: HashSet<String> = agent
+        let mut in_use: HashSet<String> = agent
             .controller()
             .list()
             .into_iter()
             .map(|s| s.meta.template_id)
             .collect();
+        // A snapshot's memory is layered on its template's.
+        in_use.extend(crate::snapshots::template_ids_in_use(
+            &agent.runtime().snapshots_root(),
+        ));
         let mut builds = Vec::new();
         for entry in std::fs::read_dir(&self.root)
             .into_iter()
@@ -721,10 +725,14 @@ pub fn spawn_sweeper(agent: Weak<Agent>, every: Duration) {
         loop {
             tick.tick().await;
             let Some(agent) = agent.upgrade() else { break };
-            if let Some(builds) = agent.builds().cloned() {
-                // Directory walks and removals: off the async workers.
-                let _ = tokio::task::spawn_blocking(move || builds.sweep(&agent)).await;
-            }
+            // Directory walks and removals: off the async workers.
+            let _ = tokio::task::spawn_blocking(move || {
+                agent.sweep_snapshots();
+                if let Some(builds) = agent.builds().cloned() {
+                    builds.sweep(&agent);
+                }
+            })
+            .await;
         }
     });
 }

@@ -17,6 +17,7 @@ use tracing::Instrument as _;
 
 use crate::runtime::{
     Egress, GuestInit, Held, PauseFailure, ResumeFailure, Runtime, RuntimeError, SandboxMeta,
+    TemplateInfo,
 };
 
 /// How often the backstop reaper looks for sandboxes past their deadline.
@@ -31,6 +32,9 @@ pub enum ControlError {
     /// No such template.
     #[error("template {0} not found")]
     TemplateNotFound(String),
+    /// No such snapshot.
+    #[error("snapshot {0} not found")]
+    SnapshotNotFound(String),
     /// The sandbox ID is taken.
     #[error("sandbox {0} already exists")]
     AlreadyExists(String),
@@ -93,6 +97,8 @@ pub enum Op {
     Resume,
     /// Being killed.
     Kill,
+    /// Being snapshotted (a running one is paused and resumed meanwhile).
+    Snapshot,
 }
 
 impl std::fmt::Display for Op {
@@ -102,6 +108,7 @@ impl std::fmt::Display for Op {
             Self::Pause => "pause",
             Self::Resume => "resume",
             Self::Kill => "kill",
+            Self::Snapshot => "snapshot",
         })
     }
 }
@@ -147,6 +154,8 @@ pub struct CreateArgs {
     pub init: GuestInit,
     /// Its egress policy.
     pub egress: Egress,
+    /// Start from this snapshot instead of the template's boot state.
+    pub snapshot_id: Option<String>,
 }
 
 /// What the table holds for one sandbox.
@@ -263,7 +272,7 @@ impl<R: Runtime> Drop for OpGuard<R> {
                 self.ctl.runtime.discard(&meta);
                 None
             }
-            (Op::Pause | Op::Resume, Some(meta)) => {
+            (Op::Pause | Op::Resume | Op::Snapshot, Some(meta)) => {
                 self.ctl.runtime.recover(&meta).map(Slot::Paused)
             }
             (_, None) => None,
@@ -383,10 +392,27 @@ impl<R: Runtime> Controller<R> {
         if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(ControlError::ShuttingDown);
         }
-        let template = self
-            .runtime
-            .template(&args.template_id)
-            .ok_or_else(|| ControlError::TemplateNotFound(args.template_id.clone()))?;
+        let (template, template_id) = match &args.snapshot_id {
+            Some(snap) => {
+                let s = self
+                    .runtime
+                    .snapshot_info(snap)
+                    .ok_or_else(|| ControlError::SnapshotNotFound(snap.clone()))?;
+                let info = TemplateInfo {
+                    vcpus: s.vcpus,
+                    memory_mb: s.memory_mb,
+                    disk_mb: 0,
+                    envd_version: s.envd_version,
+                };
+                (info, s.template_id)
+            }
+            None => (
+                self.runtime
+                    .template(&args.template_id)
+                    .ok_or_else(|| ControlError::TemplateNotFound(args.template_id.clone()))?,
+                args.template_id.clone(),
+            ),
+        };
         if template.disk_mb > 0 && args.disk_size_mb > template.disk_mb {
             return Err(ControlError::Invalid(format!(
                 "disk_size_mb {} is larger than template {}'s disk ({} MiB): a sandbox's disk is its template's",
@@ -396,7 +422,7 @@ impl<R: Runtime> Controller<R> {
         let id = args.sandbox_id.clone();
         let meta = SandboxMeta {
             sandbox_id: id.clone(),
-            template_id: args.template_id.clone(),
+            template_id,
             vcpus: template.vcpus,
             memory_mb: template.memory_mb,
             start_unix_ms: if args.start_unix_ms > 0 {
@@ -427,8 +453,17 @@ impl<R: Runtime> Controller<R> {
         let guard = OpGuard::new(self, &id, Op::Create);
         let ctl = self.clone();
         let owned = id.clone();
+        let snapshot = args.snapshot_id.clone();
         self.detach(&owned, Op::Create, async move {
-            match ctl.runtime.create(&meta, args.init).await {
+            let made = match &snapshot {
+                Some(snap) => {
+                    ctl.runtime
+                        .create_from_snapshot(&meta, snap, args.init)
+                        .await
+                }
+                None => ctl.runtime.create(&meta, args.init).await,
+            };
+            match made {
                 Ok(sb) => {
                     tracing::info!("created");
                     guard.finish(Some(Slot::Running(sb)), &meta);
@@ -854,5 +889,6 @@ async fn reaper<R: Runtime>(ctl: Weak<Controller<R>>) {
     }
 }
 
+mod snapshot;
 #[cfg(test)]
 mod tests;

@@ -28,6 +28,7 @@ pub mod rpc;
 pub mod runtime;
 pub mod sandbox;
 pub mod snapshot;
+pub mod snapshots;
 pub mod state;
 pub mod surface;
 pub mod template;

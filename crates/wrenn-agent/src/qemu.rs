@@ -17,7 +17,7 @@ use crate::pool::{SlotLease, SlotPool, WarmPool};
 use crate::record::Recorder;
 use crate::runtime::{
     Egress, GuestInit, Held, PauseFailure, ResumeFailure, Runtime, RuntimeError, SandboxMeta,
-    TemplateInfo,
+    SnapshotTaken, TemplateInfo,
 };
 use crate::sandbox::{
     Deadlines, Failed, InitConfig, PauseError, PausedSandbox, Sandbox, SandboxError,
@@ -92,6 +92,11 @@ impl QemuRuntime {
     /// Where sandbox directories are made.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Where snapshots are kept: `snapshots/` next to the sandboxes directory.
+    pub fn snapshots_root(&self) -> PathBuf {
+        self.root.with_file_name("snapshots")
     }
 
     /// Makes `snapshot` startable as `template_id` (replacing any earlier one).
@@ -348,6 +353,63 @@ impl Runtime for QemuRuntime {
         }
     }
 
+    async fn snapshot(
+        &self,
+        meta: &SandboxMeta,
+        paused: &Paused,
+        snapshot_id: &str,
+    ) -> Result<SnapshotTaken, RuntimeError> {
+        let root = self.snapshots_root();
+        let (meta2, id) = (meta.clone(), snapshot_id.to_owned());
+        // The paused handle stays with the controller; the snapshot reads its files.
+        let paused = PausedSandbox::open(paused.root()).map_err(|e| step("snapshot", e))?;
+        let info = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&root)
+                .map_err(|e| crate::snapshots::SnapshotsError::Io {
+                    what: "create",
+                    path: root.clone(),
+                    source: e,
+                })
+                .and_then(|()| crate::snapshots::take(&root, &id, &meta2, &paused))
+        })
+        .await
+        .map_err(|e| RuntimeError::step("snapshot")(Box::new(e)))?
+        .map_err(|e| RuntimeError::step("snapshot")(Box::new(e)))?;
+        tracing::info!(snapshot_id = %info.id, disk_bytes = info.disk_bytes, memory_bytes = info.memory_bytes, "snapshot taken");
+        Ok(taken(&info))
+    }
+
+    fn snapshot_info(&self, snapshot_id: &str) -> Option<SnapshotTaken> {
+        crate::snapshots::open(&self.snapshots_root(), snapshot_id).map(|i| taken(&i))
+    }
+
+    async fn create_from_snapshot(
+        &self,
+        meta: &SandboxMeta,
+        snapshot_id: &str,
+        init: GuestInit,
+    ) -> Result<Running, RuntimeError> {
+        let dir = self.root.join(&meta.sandbox_id);
+        let paused = crate::snapshots::materialize(&self.snapshots_root(), snapshot_id, &dir, meta)
+            .await
+            .map_err(|e| RuntimeError::step("prepare from the snapshot")(Box::new(e)))?;
+        self.track(&meta.sandbox_id, &dir);
+        match self.resume(meta, Box::new(paused), init).await {
+            Ok(sb) => Ok(sb),
+            Err(ResumeFailure::Paused(e, p)) => {
+                // A sandbox that never ran leaves nothing.
+                let _ = tokio::task::spawn_blocking(move || p.remove()).await;
+                lock(&self.dirs).remove(&meta.sandbox_id);
+                Err(e)
+            }
+            Err(ResumeFailure::Lost(e)) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                lock(&self.dirs).remove(&meta.sandbox_id);
+                Err(e)
+            }
+        }
+    }
+
     async fn kill(&self, id: &str, sb: Running) {
         self.observe.forget(id);
         let lease = sb.kill().await;
@@ -436,5 +498,18 @@ fn info(t: &Template) -> TemplateInfo {
         memory_mb: u64::from(m.memory_mib),
         disk_mb: t.disk_mb,
         envd_version: t.envd_version.clone(),
+    }
+}
+
+/// A snapshot as the controller sees it.
+fn taken(info: &crate::snapshots::SnapshotInfo) -> SnapshotTaken {
+    SnapshotTaken {
+        template_id: info.meta.template_id.clone(),
+        vcpus: info.meta.vcpus,
+        memory_mb: info.meta.memory_mb,
+        envd_version: info.meta.envd_version.clone(),
+        disk_bytes: info.disk_bytes,
+        memory_bytes: info.memory_bytes,
+        parent: info.parent.clone(),
     }
 }

@@ -7,12 +7,12 @@ use std::sync::Arc;
 
 use wrenn_agent_proto::paths;
 use wrenn_agent_proto::v1::{
-    BuildTemplateEvent, BuildTemplateRequest, CreateRequest, CreateResponse, HostInfoRequest,
-    HostInfoResponse, KillRequest, KillResponse, ListRequest, ListResponse, LogEntry, LogsRequest,
-    MetricsRequest, PauseRequest, PauseResponse, ReleaseTemplateRequest, ReleaseTemplateResponse,
-    ResumeRequest, ResumeResponse, SandboxState, SandboxStatus, SetTimeoutRequest,
-    SetTimeoutResponse, SnapshotRequest, SnapshotResponse, UpdateNetworkRequest,
-    UpdateNetworkResponse,
+    BuildTemplateEvent, BuildTemplateRequest, CreateRequest, CreateResponse, DeleteSnapshotRequest,
+    DeleteSnapshotResponse, HostInfoRequest, HostInfoResponse, KillRequest, KillResponse,
+    ListRequest, ListResponse, LogEntry, LogsRequest, MetricsRequest, PauseRequest, PauseResponse,
+    ReleaseTemplateRequest, ReleaseTemplateResponse, ResumeRequest, ResumeResponse, SandboxState,
+    SandboxStatus, SetTimeoutRequest, SetTimeoutResponse, SnapshotRequest, SnapshotResponse,
+    UpdateNetworkRequest, UpdateNetworkResponse,
 };
 use wrenn_connect::{BoxStream, Code, ConnectError, RpcRouter};
 
@@ -25,9 +25,9 @@ use crate::runtime::{Egress, GuestInit, RuntimeError};
 pub fn into_connect(e: ControlError) -> ConnectError {
     let msg = crate::error_chain(&e);
     match e {
-        ControlError::NotFound(_) | ControlError::TemplateNotFound(_) => {
-            ConnectError::not_found(msg)
-        }
+        ControlError::NotFound(_)
+        | ControlError::TemplateNotFound(_)
+        | ControlError::SnapshotNotFound(_) => ConnectError::not_found(msg),
         ControlError::AlreadyExists(_) => ConnectError::already_exists(msg),
         ControlError::Busy { .. } => ConnectError::new(Code::Aborted, msg),
         ControlError::WrongState { .. } => ConnectError::failed_precondition(msg),
@@ -99,6 +99,7 @@ async fn create(agent: Arc<Agent>, req: CreateRequest) -> Result<CreateResponse,
             env_vars: spec.env_vars.into_iter().collect(),
             access_token: Some(spec.envd_access_token).filter(|t| !t.is_empty()),
         },
+        snapshot_id: Some(spec.snapshot_id).filter(|s| !s.is_empty()),
     };
     let s = agent.controller().create(args).await?;
     Ok(CreateResponse {
@@ -112,6 +113,28 @@ fn egress_of(e: wrenn_agent_proto::v1::Egress) -> Egress {
         allow_out: e.allow_out,
         deny_out: e.deny_out,
     }
+}
+
+async fn snapshot(
+    agent: Arc<Agent>,
+    req: SnapshotRequest,
+) -> Result<SnapshotResponse, ControlError> {
+    let c = agent
+        .controller()
+        .snapshot(&req.sandbox_id, &req.snapshot_id)
+        .await?;
+    let s = c.snapshot;
+    Ok(SnapshotResponse {
+        snapshot_id: req.snapshot_id,
+        template_id: s.template_id,
+        vcpus: s.vcpus,
+        memory_mb: s.memory_mb,
+        disk_bytes: s.disk_bytes,
+        memory_bytes: s.memory_bytes,
+        paused_ms: u32::try_from(c.paused_for.as_millis()).unwrap_or(u32::MAX),
+        parent_snapshot_id: s.parent.unwrap_or_default(),
+        envd_version: s.envd_version,
+    })
 }
 
 async fn resume(agent: Arc<Agent>, req: ResumeRequest) -> Result<ResumeResponse, ControlError> {
@@ -273,10 +296,22 @@ pub fn router(agent: Arc<Agent>) -> axum::Router {
                 async move { Ok::<_, ConnectError>(ReleaseTemplateResponse { known }) }
             }
         })
-        .unary(paths::SNAPSHOT, |_ctx, _req: SnapshotRequest| async {
-            Err::<SnapshotResponse, _>(ConnectError::unimplemented(
-                "Snapshot is not implemented by this agent yet",
-            ))
+        .unary(paths::SNAPSHOT, {
+            let a = a.clone();
+            move |_ctx, req: SnapshotRequest| {
+                let a = a.clone();
+                async move { snapshot(a, req).await.map_err(into_connect) }
+            }
+        })
+        .unary(paths::DELETE_SNAPSHOT, {
+            let a = a.clone();
+            move |_ctx, req: DeleteSnapshotRequest| {
+                let a = a.clone();
+                async move {
+                    let known = a.delete_snapshot(&req.snapshot_id).await;
+                    Ok::<_, ConnectError>(DeleteSnapshotResponse { known })
+                }
+            }
         })
         .into_router()
 }

@@ -85,6 +85,25 @@ pub struct TemplateInfo {
 }
 
 /// What a create gives the new guest.
+/// A snapshot as sandboxes start from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotTaken {
+    /// The template its memory is layered on.
+    pub template_id: String,
+    /// The source's machine.
+    pub vcpus: u32,
+    /// See `vcpus`.
+    pub memory_mb: u64,
+    /// envd's version in the guest.
+    pub envd_version: String,
+    /// What it stores itself.
+    pub disk_bytes: u64,
+    /// See `disk_bytes`.
+    pub memory_bytes: u64,
+    /// The snapshot its source started from, if any.
+    pub parent: Option<String>,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct GuestInit {
     /// Environment variables for every process.
@@ -190,6 +209,26 @@ pub trait Runtime: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Self::Running, ResumeFailure<Self::Paused>>> + Send;
 
     /// Stops a running sandbox and removes everything it had.
+    /// Snapshot `snapshot_id` of a paused sandbox, which stays paused.
+    fn snapshot(
+        &self,
+        meta: &SandboxMeta,
+        paused: &Self::Paused,
+        snapshot_id: &str,
+    ) -> impl Future<Output = Result<SnapshotTaken, RuntimeError>> + Send;
+
+    /// A snapshot sandboxes can start from now.
+    fn snapshot_info(&self, snapshot_id: &str) -> Option<SnapshotTaken>;
+
+    /// A new sandbox `meta` from snapshot `snapshot_id` (its state, processes and files), with
+    /// its own `/init`.
+    fn create_from_snapshot(
+        &self,
+        meta: &SandboxMeta,
+        snapshot_id: &str,
+        init: GuestInit,
+    ) -> impl Future<Output = Result<Self::Running, RuntimeError>> + Send;
+
     fn kill(&self, id: &str, sandbox: Self::Running) -> impl Future<Output = ()> + Send;
 
     /// Removes a paused sandbox's files.

@@ -16,10 +16,10 @@ mod template;
 
 pub use admin::{AgentSecret, CreatedApiKey, Host, NewApiKey, NewHost, NewTeam, Team};
 pub use sandbox::{
-    AutoResume, ConnectSandbox, Error, Lifecycle, ListedSandbox, NetworkConfig, NetworkUpdate,
-    NewSandbox, NewSnapshot, PauseSandbox, RefreshSandbox, ResumedSandbox, Sandbox, SandboxDetail,
-    SandboxLog, SandboxLogEntry, SandboxLogs, SandboxMetric, SandboxTimeout, SnapshotInfo,
-    TemplateAlias,
+    AutoResume, ConnectSandbox, Error, ForkResult, ForkSandbox, Lifecycle, ListedSandbox,
+    NetworkConfig, NetworkUpdate, NewSandbox, NewSnapshot, PauseSandbox, RefreshSandbox,
+    ResumedSandbox, Sandbox, SandboxDetail, SandboxLog, SandboxLogEntry, SandboxLogs,
+    SandboxMetric, SandboxTimeout, SnapshotInfo, TemplateAlias,
 };
 pub use template::{
     AssignTemplateTags, AssignedTemplateTags, BuildLogEntry, BuildStatusReason, DeleteTemplateTags,

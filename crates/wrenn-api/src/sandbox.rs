@@ -1,4 +1,4 @@
-//! Sandbox, snapshot, metrics and error bodies.
+//! Sandbox, snapshot, fork, metrics and error bodies.
 
 use std::collections::HashMap;
 
@@ -312,9 +312,35 @@ pub struct TemplateAlias {
 /// A snapshot; its ID works as a template ID in `Sandbox.create`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotInfo {
+    /// With its tag (`<id>:default`), or its namespaced name when it has one
+    /// (`<team>/<name>:default`).
     #[serde(rename = "snapshotID")]
     pub snapshot_id: String,
+    /// Full names (namespace and tag); the SDKs require the key, empty for an unnamed one.
     pub names: Vec<String>,
+}
+
+/// `POST /sandboxes/{id}/fork`. Both fields are integers on the wire; they are taken as
+/// `i64` so that a count out of range is the server's 400 with a message, not a parse error
+/// (the JS SDK sends whatever it was given).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkSandbox {
+    /// How many forks (1 to 20; default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<i64>,
+    /// Each fork's timeout in seconds (default: a create's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<i64>,
+}
+
+/// One entry of a fork's answer: exactly one of the two is set. The SDKs look at `error`
+/// first and turn it into an exception in the returned list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkResult {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<Sandbox>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<Error>,
 }
 
 #[cfg(test)]
@@ -434,6 +460,43 @@ mod tests {
         assert_eq!(
             serde_json::to_value(&snap).unwrap(),
             json!({"snapshotID": "s", "names": ["t/s:default"]})
+        );
+    }
+
+    #[test]
+    fn fork_bodies() {
+        let f: ForkSandbox = serde_json::from_value(json!({})).unwrap();
+        assert_eq!(f, ForkSandbox::default());
+        let f: ForkSandbox = serde_json::from_value(json!({"count": 0, "timeout": 60})).unwrap();
+        assert_eq!((f.count, f.timeout), (Some(0), Some(60)));
+        let ok = ForkResult {
+            sandbox: Some(Sandbox {
+                template_id: "base".into(),
+                sandbox_id: "abc".into(),
+                client_id: crate::CLIENT_ID.into(),
+                envd_version: "0.6.4".into(),
+                alias: None,
+                envd_access_token: Some("tok".into()),
+                traffic_access_token: None,
+                domain: Some("wrenn.test".into()),
+            }),
+            error: None,
+        };
+        assert_eq!(
+            serde_json::to_value(&ok).unwrap(),
+            json!({"sandbox": {"templateID": "base", "sandboxID": "abc", "clientID": "6532622b",
+                   "envdVersion": "0.6.4", "envdAccessToken": "tok", "domain": "wrenn.test"}})
+        );
+        let failed = ForkResult {
+            sandbox: None,
+            error: Some(Error {
+                code: 503,
+                message: "busy".into(),
+            }),
+        };
+        assert_eq!(
+            serde_json::to_value(&failed).unwrap(),
+            json!({"error": {"code": 503, "message": "busy"}})
         );
     }
 

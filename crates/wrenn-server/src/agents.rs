@@ -17,11 +17,12 @@ use async_trait::async_trait;
 use futures::TryStreamExt;
 use wrenn_agent_proto::paths;
 use wrenn_agent_proto::v1::{
-    BuildTemplateEvent, BuildTemplateRequest, CreateRequest, CreateResponse, HostInfoRequest,
-    HostInfoResponse, KillRequest, KillResponse, ListRequest, ListResponse, LogEntry, LogsRequest,
-    MetricsRequest, MetricsResponse, PauseRequest, PauseResponse, ReleaseTemplateRequest,
-    ReleaseTemplateResponse, ResumeRequest, ResumeResponse, SetTimeoutRequest, SetTimeoutResponse,
-    SnapshotRequest, SnapshotResponse, UpdateNetworkRequest, UpdateNetworkResponse,
+    BuildTemplateEvent, BuildTemplateRequest, CreateRequest, CreateResponse, DeleteSnapshotRequest,
+    DeleteSnapshotResponse, HostInfoRequest, HostInfoResponse, KillRequest, KillResponse,
+    ListRequest, ListResponse, LogEntry, LogsRequest, MetricsRequest, MetricsResponse,
+    PauseRequest, PauseResponse, ReleaseTemplateRequest, ReleaseTemplateResponse, ResumeRequest,
+    ResumeResponse, SetTimeoutRequest, SetTimeoutResponse, SnapshotRequest, SnapshotResponse,
+    UpdateNetworkRequest, UpdateNetworkResponse,
 };
 use wrenn_connect::{BoxStream, Client, ConnectError};
 
@@ -48,7 +49,14 @@ pub trait AgentClient: Send + Sync {
     async fn metrics(&self, req: MetricsRequest) -> Result<MetricsResponse, ConnectError>;
     /// The log lines up to now (`follow` is ignored here: the REST API returns a page).
     async fn logs(&self, req: LogsRequest) -> Result<Vec<LogEntry>, ConnectError>;
+    /// Captures a running or paused sandbox as a snapshot; the sandbox ends as it was.
     async fn snapshot(&self, req: SnapshotRequest) -> Result<SnapshotResponse, ConnectError>;
+    /// No more creates from the snapshot; the host removes its files once nothing is layered
+    /// on it.
+    async fn delete_snapshot(
+        &self,
+        req: DeleteSnapshotRequest,
+    ) -> Result<DeleteSnapshotResponse, ConnectError>;
     async fn host_info(&self, req: HostInfoRequest) -> Result<HostInfoResponse, ConnectError>;
     /// Starts a template build; its events until `done` or `failed`.
     async fn build_template(
@@ -139,6 +147,12 @@ impl AgentClient for ConnectAgentClient {
     }
     async fn snapshot(&self, req: SnapshotRequest) -> Result<SnapshotResponse, ConnectError> {
         self.slow.unary(paths::SNAPSHOT, &req).await
+    }
+    async fn delete_snapshot(
+        &self,
+        req: DeleteSnapshotRequest,
+    ) -> Result<DeleteSnapshotResponse, ConnectError> {
+        self.quick.unary(paths::DELETE_SNAPSHOT, &req).await
     }
     async fn host_info(&self, req: HostInfoRequest) -> Result<HostInfoResponse, ConnectError> {
         self.quick.unary(paths::HOST_INFO, &req).await

@@ -17,8 +17,8 @@ use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use wrenn_api::{
-    ConnectSandbox, NetworkUpdate, NewApiKey, NewHost, NewSandbox, NewSnapshot, NewTeam,
-    PauseSandbox, RefreshSandbox, ResumedSandbox, SandboxTimeout,
+    ConnectSandbox, NetworkUpdate, NewApiKey, NewHost, NewSandbox, NewTeam, PauseSandbox,
+    RefreshSandbox, ResumedSandbox, SandboxTimeout,
 };
 use wrenn_core::{HostId, PublicState, SandboxState, UnixMillis};
 
@@ -28,6 +28,7 @@ use crate::service::{ControlPlane, decode_cursor};
 use crate::store::{SandboxFilter, TeamRecord, TemplateRecord};
 use crate::tokens;
 
+mod snapshots;
 mod templates;
 
 type Cp = State<Arc<ControlPlane>>;
@@ -50,8 +51,6 @@ pub(crate) fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/sandboxes/{id}/refreshes", post(refresh))
         .route("/sandboxes/{id}/metrics", get(metrics))
         .route("/sandboxes/{id}/logs", get(logs))
-        .route("/sandboxes/{id}/snapshots", post(snapshot))
-        .route("/snapshots", get(list_snapshots))
         .route("/templates/aliases/{alias}", get(template_alias))
         .route("/admin/teams", post(admin_create_team))
         .route("/admin/teams/{team}/api-keys", post(admin_create_key))
@@ -60,6 +59,7 @@ pub(crate) fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/admin/hosts/{id}", delete(not_implemented))
         .route("/admin/hosts/{id}/secret", get(admin_host_secret))
         .merge(templates::routes())
+        .merge(snapshots::routes())
         .fallback(not_found)
         .with_state(cp)
 }
@@ -493,64 +493,6 @@ async fn logs(
     let q: LogsQuery = query(uri.query())?;
     let limit = q.limit.unwrap_or(1000).min(1000);
     Ok(Json(cp.logs(&team, &id, q.start, limit).await?).into_response())
-}
-
-async fn snapshot(
-    State(cp): Cp,
-    AuthTeam(team): AuthTeam,
-    Path(id): Path<String>,
-    Body(body): Body<NewSnapshot>,
-) -> Result<Response, ApiError> {
-    Ok((
-        StatusCode::CREATED,
-        Json(cp.snapshot(&team, &id, body).await?),
-    )
-        .into_response())
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct SnapshotsQuery {
-    #[serde(rename = "sandboxID")]
-    sandbox_id: Option<String>,
-    name: Option<String>,
-    limit: Option<i64>,
-    next_token: Option<String>,
-}
-
-async fn list_snapshots(
-    State(cp): Cp,
-    AuthTeam(team): AuthTeam,
-    uri: http::Uri,
-) -> Result<Response, ApiError> {
-    let q: SnapshotsQuery = query(uri.query())?;
-    let limit = match q.limit {
-        None => MAX_LIMIT,
-        Some(l) if (1..=MAX_LIMIT as i64).contains(&l) => l as usize,
-        Some(l) => {
-            return Err(ApiError::BadRequest(format!(
-                "Invalid limit {l}: use 1 to {MAX_LIMIT}"
-            )));
-        }
-    };
-    let nonempty = |s: &Option<String>| s.as_deref().filter(|s| !s.is_empty()).map(str::to_owned);
-    let (items, next) = cp
-        .list_snapshots(
-            &team,
-            nonempty(&q.sandbox_id).as_deref(),
-            nonempty(&q.name).as_deref(),
-            nonempty(&q.next_token).as_deref(),
-            limit,
-        )
-        .await?;
-    let mut resp = Json(items).into_response();
-    if let Some(next) = next {
-        resp.headers_mut().insert(
-            wrenn_api::NEXT_TOKEN_HEADER,
-            HeaderValue::from_str(&next).expect("base64 is a valid header"),
-        );
-    }
-    Ok(resp)
 }
 
 // Admin.

@@ -1,6 +1,9 @@
 //! Sandbox creates: placement that counts creates still in flight, the record written before
 //! the agent is asked, and `Idempotency-Key`.
 //!
+//! A create starts from a template, or from a snapshot (`templateID` naming one: see
+//! `snapshots`), which only its host holds; forks create their children here too.
+//!
 //! A create's record goes into the store `creating`, with the host it was placed on, before the
 //! agent's Create is called, and only if that host still has room counting every other record
 //! that holds or is getting a VM there (`Store::insert_placed`). So a burst of concurrent
@@ -21,8 +24,8 @@ use wrenn_agent_proto::v1 as agent;
 use wrenn_api::{NewSandbox, Sandbox};
 use wrenn_connect::{Code, ConnectError};
 use wrenn_core::{
-    HostCapacity, HostId, PlacementRequest, SandboxId, SandboxState, TemplateId, UnixMillis,
-    backstop, pick_host,
+    HostCapacity, HostId, PlacementRequest, SandboxId, SandboxState, TeamId, TemplateId,
+    UnixMillis, backstop, pick_host,
 };
 
 use crate::error::{ApiError, Chain};
@@ -136,8 +139,43 @@ fn canonical_json(v: &serde_json::Value, out: &mut String) {
     }
 }
 
-/// Whether a failed Create leaves the agent's outcome unknown: it may still make the VM.
-fn outcome_unknown(e: &ConnectError) -> bool {
+/// What a sandbox starts from: a template's boot state, or a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Launch {
+    /// What the record (and `templateID` in answers) names as the sandbox's template.
+    pub(crate) template_id: String,
+    /// The template the agent is asked for: a built template's version, a snapshot's template.
+    pub(crate) on_host: String,
+    /// Set: the agent starts the sandbox from this snapshot (its memory, processes and disk).
+    pub(crate) snapshot_id: Option<String>,
+    /// Set: only this host holds what the sandbox starts from.
+    pub(crate) host: Option<HostId>,
+    pub(crate) vcpus: u32,
+    pub(crate) memory_mb: u64,
+    pub(crate) disk_size_mb: u64,
+    /// Empty: the configured default.
+    pub(crate) envd_version: String,
+}
+
+impl Launch {
+    pub(crate) fn template(t: &TemplateRecord) -> Launch {
+        Launch {
+            template_id: t.id.clone(),
+            // A built template's version is on the host that built it, under its build's ID.
+            on_host: t.build.as_ref().map_or(&t.id, |b| &b.id).clone(),
+            snapshot_id: None,
+            host: t.build.as_ref().map(|b| b.host_id.clone()),
+            vcpus: t.vcpus,
+            memory_mb: t.memory_mb,
+            disk_size_mb: t.disk_size_mb,
+            envd_version: t.envd_version.clone(),
+        }
+    }
+}
+
+/// Whether a failed agent call that makes something (a VM, a snapshot) leaves its outcome
+/// unknown: the agent may still make it.
+pub(crate) fn outcome_unknown(e: &ConnectError) -> bool {
     matches!(
         e.code,
         Code::DeadlineExceeded | Code::Unavailable | Code::Unknown | Code::Canceled
@@ -159,37 +197,47 @@ impl ControlPlane {
         key: Option<&IdempotencyKey>,
     ) -> Result<Sandbox, ApiError> {
         // Bad input is refused before anything is claimed or placed.
-        TemplateId::parse(&body.template_id).map_err(bad_request)?;
         self.config
             .deadline
             .end_at(now(), body.timeout)
             .map_err(bad_request)?;
-        let tpl = self
-            .resolve_template(&team.id, &body.template_id)
-            .await?
-            .ok_or_else(|| {
-                ApiError::NotFound(format!("Template \"{}\" not found", body.template_id))
-            })?;
-        if tpl.name.is_some() && tpl.build.is_none() {
-            return Err(ApiError::BadRequest(format!(
-                "Template \"{}\" has no finished build yet",
-                body.template_id
-            )));
-        }
+        let launch = self.launch_of(&team.id, &body.template_id).await?;
         match key {
             None => {
                 let id = SandboxId::from_random(rand::random());
                 let _guard = self.lock(&id).await;
-                self.create_locked(team, id, &tpl, &body).await
+                self.create_locked(team, id, &launch, &body).await
             }
-            Some(key) => self.create_keyed(team, &tpl, &body, key).await,
+            Some(key) => self.create_keyed(team, &launch, &body, key).await,
         }
+    }
+
+    /// What `templateID` names for `team`: a template (by ID, name or `name:tag`), else one
+    /// of the team's snapshots (by ID or name, with or without namespace and tag).
+    async fn launch_of(&self, team: &TeamId, name: &str) -> Result<Launch, ApiError> {
+        // Checked only as a template's: a snapshot's namespaced name may be longer.
+        let as_template = TemplateId::parse(name);
+        if as_template.is_ok()
+            && let Some(tpl) = self.resolve_template(team, name).await?
+        {
+            if tpl.name.is_some() && tpl.build.is_none() {
+                return Err(ApiError::BadRequest(format!(
+                    "Template \"{name}\" has no finished build yet"
+                )));
+            }
+            return Ok(Launch::template(&tpl));
+        }
+        if let Some(snap) = self.resolve_snapshot(team, name).await? {
+            return Ok(Launch::snapshot(&snap, snap.id.clone()));
+        }
+        as_template.map_err(bad_request)?;
+        Err(ApiError::NotFound(format!("Template \"{name}\" not found")))
     }
 
     async fn create_keyed(
         &self,
         team: &TeamRecord,
-        tpl: &TemplateRecord,
+        launch: &Launch,
         body: &NewSandbox,
         key: &IdempotencyKey,
     ) -> Result<Sandbox, ApiError> {
@@ -206,7 +254,7 @@ impl ControlPlane {
                 .await?;
             let held = match claim {
                 IdempotencyClaim::Claimed => {
-                    let res = self.create_locked(team, id.clone(), tpl, body).await;
+                    let res = self.create_locked(team, id.clone(), launch, body).await;
                     if res.is_err()
                         && let Err(e) = self
                             .store
@@ -283,11 +331,11 @@ impl ControlPlane {
 
     /// Makes sandbox `id`, whose lock the caller holds: the record goes in `creating` on a host
     /// with room, then the agent is asked, then the record follows its answer.
-    async fn create_locked(
+    pub(crate) async fn create_locked(
         &self,
         team: &TeamRecord,
         id: SandboxId,
-        tpl: &TemplateRecord,
+        launch: &Launch,
         body: &NewSandbox,
     ) -> Result<Sandbox, ApiError> {
         tracing::Span::current().record("sandbox_id", tracing::field::display(&id));
@@ -301,16 +349,16 @@ impl ControlPlane {
         let mut rec = SandboxRecord {
             id,
             team_id: team.id.clone(),
-            template_id: tpl.id.clone(),
+            template_id: launch.template_id.clone(),
             state: SandboxState::Creating,
             host_id: None,
-            vcpus: tpl.vcpus,
-            memory_mb: tpl.memory_mb,
-            disk_size_mb: tpl.disk_size_mb,
-            envd_version: if tpl.envd_version.is_empty() {
+            vcpus: launch.vcpus,
+            memory_mb: launch.memory_mb,
+            disk_size_mb: launch.disk_size_mb,
+            envd_version: if launch.envd_version.is_empty() {
                 self.config.default_envd_version.clone()
             } else {
-                tpl.envd_version.clone()
+                launch.envd_version.clone()
             },
             metadata: body
                 .metadata
@@ -331,10 +379,8 @@ impl ControlPlane {
             updated_at: now,
             network,
         };
-        let host = self.place_and_insert(&mut rec, tpl).await?;
-        // A built template's version is on the host that built it, under its build's ID.
-        let on_host = tpl.build.as_ref().map_or(&tpl.id, |b| &b.id);
-        if let Err(e) = self.start_vm(&rec, &host, on_host).await {
+        let host = self.place_and_insert(&mut rec, launch).await?;
+        if let Err(e) = self.start_vm(&rec, &host, launch).await {
             self.forget_create(&rec).await;
             return Err(e);
         }
@@ -383,9 +429,9 @@ impl ControlPlane {
     async fn place_and_insert(
         &self,
         rec: &mut SandboxRecord,
-        tpl: &TemplateRecord,
+        launch: &Launch,
     ) -> Result<HostRecord, ApiError> {
-        let only = tpl.build.as_ref().map(|b| &b.host_id);
+        let only = launch.host.as_ref();
         for _ in 0..PLACE_ATTEMPTS {
             let host = self.place(rec.vcpus, rec.memory_mb, only).await?;
             rec.host_id = Some(host.id.clone());
@@ -402,12 +448,12 @@ impl ControlPlane {
         &self,
         rec: &SandboxRecord,
         host: &HostRecord,
-        on_host: &str,
+        launch: &Launch,
     ) -> Result<(), ApiError> {
         let client = self.client_for(host)?;
         let spec = agent::SandboxSpec {
             sandbox_id: rec.id.to_string(),
-            template_id: on_host.to_owned(),
+            template_id: launch.on_host.clone(),
             vcpus: rec.vcpus,
             memory_mb: rec.memory_mb,
             disk_size_mb: rec.disk_size_mb,
@@ -423,6 +469,7 @@ impl ControlPlane {
                 rec.network.as_ref(),
             )),
             team_id: rec.team_id.to_string(),
+            snapshot_id: launch.snapshot_id.clone().unwrap_or_default(),
         };
         match client
             .create(agent::CreateRequest {

@@ -131,14 +131,24 @@ impl ApiError {
             _ => tracing::debug!(status = code, error = %chain, "request refused"),
         }
     }
+
+    /// The E2B error body of this error, logged as an answer with it is: a fork's failed
+    /// children are answered one by one, inside a whole answer that succeeded.
+    pub(crate) fn into_body(self) -> wrenn_api::Error {
+        let status = self.status();
+        // Logged where handled, with the full chain, inside the request's span.
+        self.log(status);
+        wrenn_api::Error {
+            code: status.as_u16(),
+            message: self.public_message(),
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        // Logged where handled, with the full chain, inside the request's span.
-        self.log(status);
-        error_response(status, self.public_message())
+        (status, Json(self.into_body())).into_response()
     }
 }
 

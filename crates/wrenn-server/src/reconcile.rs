@@ -74,8 +74,8 @@ fn millis(d: Duration) -> i64 {
 
 impl ControlPlane {
     /// One round of the periodic reconciler: every registered host, then the expired
-    /// idempotency keys, the template builds whose heartbeat stopped, and the built versions
-    /// nothing names any more. Failures are logged; the next round tries again.
+    /// idempotency keys, the template builds whose heartbeat stopped, the snapshots operations
+    /// left behind, and the built versions nothing names any more. Failures are logged; the next round tries again.
     pub async fn reconcile_all(&self) {
         let hosts = match self.store.list_hosts().await {
             Ok(h) => h,
@@ -107,6 +107,9 @@ impl ControlPlane {
         }
         if let Err(e) = self.fail_stale_builds(self.config.settle_grace).await {
             tracing::warn!(error = %Chain(&e), "fail interrupted template builds");
+        }
+        if let Err(e) = self.sweep_snapshots(self.config.settle_grace).await {
+            tracing::warn!(error = %Chain(&e), "delete leftover snapshots");
         }
         for host in &hosts {
             if let Err(e) = self.release_unused_versions(host).await {

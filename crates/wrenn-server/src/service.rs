@@ -1,6 +1,7 @@
-//! The control plane's operations on sandboxes, teams, hosts and snapshots: what the REST
-//! handlers, the reaper and the edge proxy call. Creates (placement, idempotency keys) are in
-//! `create`, reconciliation with the agents in `reconcile`.
+//! The control plane's operations on sandboxes, teams and hosts: what the REST handlers, the
+//! reaper and the edge proxy call. Creates (placement, idempotency keys) are in `create`,
+//! snapshots and forks in `snapshots` and `fork`, reconciliation with the agents in
+//! `reconcile`.
 //!
 //! Operations on one sandbox are serialized by a per-sandbox lock inside this process, and
 //! their state changes are compare-and-set in the store, so they are also safe between
@@ -17,8 +18,8 @@ use base64::Engine as _;
 use time::OffsetDateTime;
 use wrenn_agent_proto::v1 as agent;
 use wrenn_api::{
-    ConnectSandbox, CreatedApiKey, Lifecycle, ListedSandbox, NewSnapshot, PauseSandbox, Sandbox,
-    SandboxDetail, SandboxLog, SandboxLogEntry, SandboxLogs, SandboxMetric, SnapshotInfo, Team,
+    ConnectSandbox, CreatedApiKey, Lifecycle, ListedSandbox, PauseSandbox, Sandbox, SandboxDetail,
+    SandboxLog, SandboxLogEntry, SandboxLogs, SandboxMetric, Team,
 };
 use wrenn_connect::{Code, ConnectError};
 use wrenn_core::{HostId, SandboxId, SandboxState, TeamId, TemplateId, UnixMillis, backstop};
@@ -27,8 +28,7 @@ use crate::agents::{AgentClient, AgentConnector, Agents};
 use crate::config::Config;
 use crate::error::{ApiError, Chain};
 use crate::store::{
-    Cursor, HostRecord, SandboxFilter, SandboxRecord, SnapshotRecord, Store, StoreError,
-    TeamRecord, TemplateRecord,
+    Cursor, HostRecord, SandboxFilter, SandboxRecord, Store, StoreError, TeamRecord, TemplateRecord,
 };
 use crate::tokens;
 
@@ -55,7 +55,8 @@ pub(crate) fn to_datetime(t: UnixMillis) -> OffsetDateTime {
         .unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
-fn random_id() -> String {
+/// A new random ID: 20 lowercase letters and digits, like sandbox IDs.
+pub(crate) fn random_id() -> String {
     SandboxId::from_random(rand::random()).as_str().to_owned()
 }
 
@@ -101,14 +102,14 @@ impl ControlPlane {
         &self.config
     }
 
-    fn lock_of(&self, id: &SandboxId) -> SandboxLock {
+    fn lock_of(&self, key: &str) -> SandboxLock {
         let mut locks = self.locks.lock().expect("locks");
         locks.retain(|_, w| w.strong_count() > 0);
-        match locks.get(id.as_str()).and_then(Weak::upgrade) {
+        match locks.get(key).and_then(Weak::upgrade) {
             Some(m) => m,
             None => {
                 let m = Arc::new(tokio::sync::Mutex::new(()));
-                locks.insert(id.as_str().to_owned(), Arc::downgrade(&m));
+                locks.insert(key.to_owned(), Arc::downgrade(&m));
                 m
             }
         }
@@ -116,12 +117,26 @@ impl ControlPlane {
 
     /// The sandbox's operation lock in this process, once every earlier operation finished.
     pub(crate) async fn lock(&self, id: &SandboxId) -> tokio::sync::OwnedMutexGuard<()> {
-        self.lock_of(id).lock_owned().await
+        self.lock_of(id.as_str()).lock_owned().await
     }
 
     /// The sandbox's operation lock if no operation holds it now.
     pub(crate) fn try_lock(&self, id: &SandboxId) -> Option<tokio::sync::OwnedMutexGuard<()>> {
-        self.lock_of(id).try_lock_owned().ok()
+        self.lock_of(id.as_str()).try_lock_owned().ok()
+    }
+
+    /// Snapshot `id`'s lock in this process: held while it is being made, used by a fork or
+    /// deleted, so the sweep of leftover snapshots never takes one an operation still holds.
+    /// (Its key cannot be a sandbox ID's: those have no `:`.)
+    pub(crate) async fn lock_snapshot(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        self.lock_of(&format!("snapshot:{id}")).lock_owned().await
+    }
+
+    /// Snapshot `id`'s lock if no operation holds it now.
+    pub(crate) fn try_lock_snapshot(&self, id: &str) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        self.lock_of(&format!("snapshot:{id}"))
+            .try_lock_owned()
+            .ok()
     }
 
     pub(crate) fn access_token(&self, id: &str) -> String {
@@ -770,93 +785,6 @@ impl ControlPlane {
         })
     }
 
-    /// Snapshots a running sandbox into a new team template.
-    #[tracing::instrument(name = "snapshot", skip_all, fields(sandbox_id = %id))]
-    pub async fn snapshot(
-        &self,
-        team: &TeamRecord,
-        id: &str,
-        body: NewSnapshot,
-    ) -> Result<SnapshotInfo, ApiError> {
-        let rec = self.team_sandbox(&team.id, id).await?;
-        let _guard = self.lock(&rec.id).await;
-        let rec = self.team_sandbox(&team.id, id).await?;
-        if rec.state != SandboxState::Running {
-            return Err(ApiError::Conflict(format!(
-                "Sandbox \"{id}\" is not running"
-            )));
-        }
-        let snapshot_id = random_id();
-        let name = match body.name {
-            Some(n) => {
-                TemplateId::parse(&n)
-                    .map_err(|e| ApiError::BadRequest(format!("snapshot name: {e}")))?;
-                n
-            }
-            None => snapshot_id.clone(),
-        };
-        let (_host, client) = self.host_of(&rec).await?;
-        client
-            .snapshot(agent::SnapshotRequest {
-                sandbox_id: rec.id.to_string(),
-                snapshot_id: snapshot_id.clone(),
-            })
-            .await
-            .map_err(|e| ApiError::agent("snapshot sandbox", e))?;
-        let now = now();
-        self.store
-            .upsert_template(
-                &TemplateRecord {
-                    id: snapshot_id.clone(),
-                    team_id: Some(team.id.clone()),
-                    envd_version: rec.envd_version.clone(),
-                    vcpus: rec.vcpus,
-                    memory_mb: rec.memory_mb,
-                    disk_size_mb: rec.disk_size_mb,
-                    name: None,
-                    build: None,
-                },
-                now,
-            )
-            .await?;
-        let snap = SnapshotRecord {
-            id: snapshot_id,
-            team_id: team.id.clone(),
-            sandbox_id: rec.id.to_string(),
-            name,
-            base_template_id: rec.template_id.clone(),
-            created_at: now,
-        };
-        self.store.insert_snapshot(&snap).await?;
-        Ok(snapshot_info(&snap))
-    }
-
-    pub async fn list_snapshots(
-        &self,
-        team: &TeamRecord,
-        sandbox_id: Option<&str>,
-        name: Option<&str>,
-        next_token: Option<&str>,
-        limit: usize,
-    ) -> Result<(Vec<SnapshotInfo>, Option<String>), ApiError> {
-        let after = next_token.map(decode_cursor).transpose()?;
-        let (page, more) = self
-            .store
-            .list_snapshots(&team.id, sandbox_id, name, after.as_ref(), limit)
-            .await?;
-        let next = more
-            .then(|| {
-                page.last().map(|s| {
-                    encode_cursor(&Cursor {
-                        time: s.created_at.0,
-                        id: s.id.clone(),
-                    })
-                })
-            })
-            .flatten();
-        Ok((page.iter().map(snapshot_info).collect(), next))
-    }
-
     // Reaper and proxy support.
 
     /// Kills, or pauses when created with auto-pause, every running sandbox whose end has
@@ -938,12 +866,5 @@ impl ControlPlane {
             }
         }
         Ok(None)
-    }
-}
-
-fn snapshot_info(s: &SnapshotRecord) -> SnapshotInfo {
-    SnapshotInfo {
-        snapshot_id: s.id.clone(),
-        names: vec![format!("{}/{}:default", s.team_id, s.name)],
     }
 }

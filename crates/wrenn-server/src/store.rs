@@ -37,9 +37,11 @@ use wrenn_api::NetworkConfig;
 use wrenn_core::{HostId, SandboxId, SandboxState, TeamId, UnixMillis};
 
 mod idempotency;
+mod snapshots;
 mod templates;
 
 pub use idempotency::{IdempotencyClaim, IdempotencyRecord};
+pub use snapshots::SnapshotRecord;
 pub use templates::{BuildLogRecord, BuildRecord, CurrentBuild, TagRecord};
 use templates::{TEMPLATE_COLUMNS, template_from_row};
 
@@ -92,7 +94,7 @@ pub struct TemplateRecord {
     pub vcpus: u32,
     pub memory_mb: u64,
     pub disk_size_mb: u64,
-    /// A built template's name (its alias); `None` for host-provided templates and snapshots.
+    /// A built template's name (its alias); `None` for host-provided templates.
     pub name: Option<String>,
     /// A built template's ready version; `None` for the others (the host knows them by ID),
     /// and for a built template whose first build is not ready yet.
@@ -142,16 +144,6 @@ pub struct SandboxRecord {
     pub network: Option<NetworkConfig>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SnapshotRecord {
-    pub id: String,
-    pub team_id: TeamId,
-    pub sandbox_id: String,
-    pub name: String,
-    pub base_template_id: String,
-    pub created_at: UnixMillis,
-}
-
 /// Resources a host has handed out, from the sandbox records.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HostUsage {
@@ -160,7 +152,8 @@ pub struct HostUsage {
     pub sandboxes: u32,
 }
 
-/// Where a page of a list starts: after this `(started_at, id)`.
+/// Where a page of a list starts: after this `(time, id)` (a sandbox's `started_at`, a
+/// snapshot's `created_at`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursor {
     pub time: i64,
@@ -680,72 +673,6 @@ impl Store {
             out.push(s);
         }
         Ok((out, false))
-    }
-
-    // Snapshots.
-
-    pub async fn insert_snapshot(&self, s: &SnapshotRecord) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO snapshots (id, team_id, sandbox_id, name, base_template_id, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&s.id)
-        .bind(s.team_id.as_str())
-        .bind(&s.sandbox_id)
-        .bind(&s.name)
-        .bind(&s.base_template_id)
-        .bind(s.created_at.0)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    /// One page of a team's snapshots (newest first), and whether more follow.
-    pub async fn list_snapshots(
-        &self,
-        team: &TeamId,
-        sandbox_id: Option<&str>,
-        name: Option<&str>,
-        after: Option<&Cursor>,
-        limit: usize,
-    ) -> Result<(Vec<SnapshotRecord>, bool)> {
-        let rows = sqlx::query(
-            "SELECT id, team_id, sandbox_id, name, base_template_id, created_at FROM snapshots \
-             WHERE team_id = $1 AND ($2 = '' OR sandbox_id = $2) AND ($3 = '' OR name = $3) \
-             AND ($4 = 0 OR created_at < $5 OR (created_at = $5 AND id < $6)) \
-             ORDER BY created_at DESC, id DESC LIMIT $7",
-        )
-        .bind(team.as_str())
-        .bind(sandbox_id.unwrap_or(""))
-        .bind(name.unwrap_or(""))
-        .bind(i64::from(after.is_some()))
-        .bind(after.map_or(0, |c| c.time))
-        .bind(after.map_or("", |c| c.id.as_str()))
-        .bind(to_i64(limit as u64 + 1))
-        .fetch_all(&self.pool)
-        .await?;
-        let mut out = rows
-            .iter()
-            .map(|r| {
-                let id: String = r.try_get("id")?;
-                Ok(SnapshotRecord {
-                    team_id: parse_id(
-                        "snapshots",
-                        &id,
-                        &r.try_get::<String, _>("team_id")?,
-                        TeamId::parse,
-                    )?,
-                    sandbox_id: r.try_get("sandbox_id")?,
-                    name: r.try_get("name")?,
-                    base_template_id: r.try_get("base_template_id")?,
-                    created_at: UnixMillis(r.try_get("created_at")?),
-                    id,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let more = out.len() > limit;
-        out.truncate(limit);
-        Ok((out, more))
     }
 }
 

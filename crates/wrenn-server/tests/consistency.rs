@@ -18,25 +18,6 @@ use wrenn_connect::ConnectError;
 use wrenn_core::{HostId, SandboxId, SandboxState, TeamId, UnixMillis};
 use wrenn_server::store::SandboxRecord;
 
-/// One `#[tokio::test]` per database for each test function.
-macro_rules! on_both_databases {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$name(super::Db::Sqlite).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                match super::Db::postgres() {
-                    Some(db) => super::$name(db).await,
-                    None => eprintln!("WRENN_TEST_POSTGRES_URL not set: PostgreSQL run skipped"),
-                }
-            }
-        }
-    )*};
-}
-
 on_both_databases!(
     burst_of_creates_respects_capacity,
     failed_create_leaves_no_record,
@@ -781,6 +762,12 @@ async fn sandbox_operations_run_in_spans_with_sandbox_id() {
             format!("/sandboxes/{id}/timeout"),
             json!({"timeout": 60}),
         ),
+        (
+            Method::POST,
+            format!("/sandboxes/{id}/snapshots"),
+            json!({}),
+        ),
+        (Method::POST, format!("/sandboxes/{id}/fork"), json!({})),
         (Method::POST, format!("/sandboxes/{id}/pause"), json!({})),
         (
             Method::POST,
@@ -800,7 +787,15 @@ async fn sandbox_operations_run_in_spans_with_sandbox_id() {
         .filter(|(_, sid)| *sid == id)
         .map(|(name, _)| name.clone())
         .collect();
-    for op in ["create", "set_timeout", "pause", "connect", "kill"] {
+    for op in [
+        "create",
+        "set_timeout",
+        "snapshot",
+        "fork",
+        "pause",
+        "connect",
+        "kill",
+    ] {
         assert!(
             names.contains(op),
             "no `{op}` span with sandbox_id={id}: {names:?}"

@@ -134,7 +134,7 @@ async fn lifecycle_through_every_sandbox_route() {
     assert_eq!(logs["logs"][0]["line"], format!("hello from {id}"));
     assert_eq!(logs["logEntries"][0]["level"], "info");
 
-    // Snapshot: a new template of the team, usable to create sandboxes.
+    // Snapshot: usable as a template to create sandboxes (more in `snapshots.rs`).
     let (st, snap) = json(
         s.req(Method::POST, &format!("/sandboxes/{id}/snapshots"))
             .json(&json!({"name": "snap1"})),
@@ -142,12 +142,15 @@ async fn lifecycle_through_every_sandbox_route() {
     .await;
     assert_eq!(st, 201);
     let snap_id = snap["snapshotID"].as_str().unwrap().to_owned();
-    assert_eq!(snap["names"][0], format!("{}/snap1:default", s.team));
+    assert_eq!(snap_id, format!("{}/snap1:default", s.team));
+    assert_eq!(snap["names"], json!([snap_id]));
     let (st, list) = json(s.req(Method::GET, &format!("/snapshots?sandboxID={id}"))).await;
     assert_eq!(st, 200);
-    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list, json!([snap]));
     let from_snap = s.create(json!({"templateID": snap_id})).await;
-    assert_eq!(from_snap["templateID"], snap_id.as_str());
+    let raw_id = s.server.agent.snapshot_ids().pop().unwrap();
+    assert_eq!(from_snap["templateID"], raw_id.as_str());
+    assert_eq!(s.server.agent.state(&id), Some(AgentState::Running));
 
     // Pause: 204, then 409; the SDK sees `paused`.
     let r = s

@@ -6,11 +6,17 @@ edge proxy, whose test-double agent proxy echoes the routed sandbox ID.
 """
 import json
 import os
+import urllib.error
 import urllib.request
 import uuid
 
 from e2b import Sandbox, SandboxQuery, SandboxState
-from e2b.exceptions import InvalidArgumentException, NotFoundException
+from e2b.exceptions import (
+    InvalidArgumentException,
+    NotFoundException,
+    SandboxException,
+    SandboxNotFoundException,
+)
 
 sbx = Sandbox.create(timeout=120, metadata={"suite": "py"}, envs={"A": "1"})
 other = Sandbox.create(metadata={"suite": "py", "n": "2"})
@@ -94,4 +100,68 @@ except InvalidArgumentException:
     pass
 first.kill()
 fresh.kill()
+
+# Snapshots: unnamed and named, a taken name, the list with its filters and pages, a create
+# from one, deletion (True, then False).
+src = Sandbox.create(metadata={"suite": "snap"}, envs={"A": "1"})
+snap = src.create_snapshot()
+assert snap.snapshot_id.endswith(":default") and snap.names == [], snap
+named = Sandbox.create_snapshot(src.sandbox_id, name="py-snap")
+assert any("py-snap" in n for n in named.names), named
+try:
+    src.create_snapshot(name="py-snap")
+    raise AssertionError("a taken name is refused")
+except SandboxException as e:
+    assert "409" in str(e), e
+pager = Sandbox.list_snapshots(limit=1)
+seen = []
+while pager.has_next:
+    seen.extend(s.snapshot_id for s in pager.next_items())
+assert sorted(seen) == sorted([snap.snapshot_id, named.snapshot_id]), seen
+assert [s.snapshot_id for s in Sandbox.list_snapshots(name="py-snap").next_items()] == [
+    named.snapshot_id
+]
+assert Sandbox.list_snapshots(name="py-snap-nope").next_items() == []
+assert len(src.list_snapshots().next_items()) == 2
+child = Sandbox.create(named.snapshot_id, timeout=60)
+assert child.sandbox_id != src.sandbox_id
+assert Sandbox.get_info(child.sandbox_id).state == SandboxState.RUNNING
+assert Sandbox.delete_snapshot(named.snapshot_id) is True
+assert Sandbox.delete_snapshot(named.snapshot_id) is False
+assert Sandbox.delete_snapshot(snap.snapshot_id) is True
+try:
+    Sandbox.create(named.snapshot_id)
+    raise AssertionError("a deleted snapshot is no template")
+except SandboxException as e:
+    assert "404" in str(e), e
+
+# Fork: children with their own IDs and the source's metadata; the source runs on.
+forks = src.fork(count=2, timeout=60)
+assert len(forks) == 2 and all(isinstance(f, Sandbox) for f in forks), forks
+fork_ids = {f.sandbox_id for f in forks}
+assert len(fork_ids) == 2 and src.sandbox_id not in fork_ids, fork_ids
+assert Sandbox.get_info(forks[0].sandbox_id).metadata == {"suite": "snap"}
+assert Sandbox.get_info(src.sandbox_id).state == SandboxState.RUNNING
+(one,) = Sandbox.fork(src.sandbox_id)
+assert isinstance(one, Sandbox), one
+assert Sandbox.list_snapshots().next_items() == [], "a fork's snapshot is never listed"
+# The count is checked by the server too (the JS SDK sends whatever it was given).
+bad = urllib.request.Request(
+    os.environ["E2B_API_URL"] + f"/sandboxes/{src.sandbox_id}/fork",
+    data=json.dumps({"count": 21}).encode(),
+    method="POST",
+    headers={"X-API-KEY": os.environ["E2B_API_KEY"], "Content-Type": "application/json"},
+)
+try:
+    urllib.request.urlopen(bad)
+    raise AssertionError("count 21 is refused")
+except urllib.error.HTTPError as e:
+    assert e.code == 400 and json.load(e)["code"] == 400, e
+for s in [child, one, *forks, src]:
+    s.kill()
+try:
+    Sandbox.fork(src.sandbox_id)
+    raise AssertionError("a killed sandbox cannot be forked")
+except SandboxNotFoundException:
+    pass
 print("python sdk: ok")

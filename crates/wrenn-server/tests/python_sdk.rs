@@ -1,6 +1,7 @@
 //! The official Python SDK (`e2b` 2.x) drives the control plane: create, get_info,
 //! set_timeout, list with filters and pagination, metrics, signed URLs through the edge proxy,
-//! pause, connect (resume), kill. Runs when `WRENN_TEST_PYTHON` (default: the workspace's
+//! pause, connect (resume), kill, idempotency keys, snapshots (create, list, create from,
+//! delete) and fork. Runs when `WRENN_TEST_PYTHON` (default: the workspace's
 //! `.venv/bin/python`) has the `e2b` package; otherwise it says so and passes, except under CI.
 
 mod support;

@@ -316,57 +316,168 @@ async fn exercise(store: Store) {
         (SandboxState::Running, UnixMillis(500), UnixMillis(600))
     );
 
-    // Snapshots, newest first, paginated.
-    for i in 0..3 {
-        store
-            .insert_snapshot(&SnapshotRecord {
-                id: format!("snap{i}-{sfx}"),
-                team_id: team.clone(),
-                sandbox_id: ids[i % 2].clone(),
-                name: format!("n{i}"),
-                base_template_id: "base".into(),
-                created_at: UnixMillis(100 + i as i64),
-            })
-            .await
-            .unwrap();
+    snapshots(&store, &team, &ids, &sfx).await;
+    idempotency_keys(&store, &team, &host, &sfx).await;
+}
+
+fn snapshot(id: &str, team: &TeamId, sandbox: &str, name: Option<&str>, at: i64) -> SnapshotRecord {
+    SnapshotRecord {
+        id: id.to_owned(),
+        team_id: team.clone(),
+        name: name.map(str::to_owned),
+        sandbox_id: sandbox.to_owned(),
+        host_id: HostId::parse("h1").unwrap(),
+        ready: true,
+        internal: false,
+        template_id: "base".into(),
+        vcpus: 2,
+        memory_mb: 512,
+        disk_size_mb: 1024,
+        disk_bytes: 4096,
+        memory_bytes: 8192,
+        parent_snapshot_id: None,
+        envd_version: "0.6.4".into(),
+        created_at: UnixMillis(at),
     }
-    let (page, more) = store
-        .list_snapshots(&team, None, None, None, 2)
+}
+
+/// Names are unique per team; only ready snapshots that are not a fork's own are listed,
+/// newest first, paginated; leftovers are found by age.
+async fn snapshots(store: &Store, team: &TeamId, ids: &[String], sfx: &str) {
+    let other = TeamId::parse(&format!("snapteam-{sfx}")).unwrap();
+    store
+        .insert_team(
+            &TeamRecord {
+                id: other.clone(),
+                name: "o".into(),
+            },
+            UnixMillis(0),
+        )
         .await
         .unwrap();
-    assert_eq!(
-        page.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
-        ["n2", "n1"]
+    let id = |i: usize| format!("snap{i}-{sfx}");
+    for i in 0..3 {
+        let name = format!("n{i}");
+        let s = snapshot(&id(i), team, &ids[i % 2], Some(&name), 100 + i as i64);
+        assert!(store.insert_snapshot(&s).await.unwrap());
+    }
+    // Unnamed ones never collide; a name does, within its team only.
+    for i in 3..5 {
+        assert!(
+            store
+                .insert_snapshot(&snapshot(&id(i), team, &ids[0], None, 50))
+                .await
+                .unwrap()
+        );
+    }
+    assert!(
+        !store
+            .insert_snapshot(&snapshot(&id(9), team, &ids[0], Some("n1"), 200))
+            .await
+            .unwrap()
     );
+    assert!(
+        store
+            .insert_snapshot(&snapshot(&id(6), &other, &ids[0], Some("n1"), 200))
+            .await
+            .unwrap()
+    );
+    // Not listed: one the agent has not answered for, and a fork's own.
+    let mut unready = snapshot(&id(7), team, &ids[0], Some("pending"), 300);
+    unready.ready = false;
+    unready.template_id = "?".into();
+    assert!(store.insert_snapshot(&unready).await.unwrap());
+    let mut internal = snapshot(&id(8), team, &ids[0], None, 10);
+    internal.internal = true;
+    assert!(store.insert_snapshot(&internal).await.unwrap());
+
+    let ids_of = |page: &[SnapshotRecord]| -> Vec<String> {
+        page.iter().map(|s| s.id.clone()).collect::<Vec<_>>()
+    };
+    let (page, more) = store
+        .list_snapshots(team, None, None, None, 2)
+        .await
+        .unwrap();
+    assert_eq!(ids_of(&page), [id(2), id(1)]);
     assert!(more);
     let cur = Cursor {
         time: page[1].created_at.0,
         id: page[1].id.clone(),
     };
     let (page, more) = store
-        .list_snapshots(&team, None, None, Some(&cur), 2)
+        .list_snapshots(team, None, None, Some(&cur), 2)
         .await
         .unwrap();
-    assert_eq!(
-        page.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
-        ["n0"]
-    );
+    assert_eq!(page[0].id, id(0));
+    assert!(more);
+    // Equal times page by ID.
+    let cur = Cursor {
+        time: page[1].created_at.0,
+        id: page[1].id.clone(),
+    };
+    let (last, more) = store
+        .list_snapshots(team, None, None, Some(&cur), 2)
+        .await
+        .unwrap();
+    assert_eq!(last.len(), 1);
     assert!(!more);
+    let mut unnamed = vec![page[1].id.clone(), last[0].id.clone()];
+    unnamed.sort();
+    assert_eq!(unnamed, [id(3), id(4)]);
     let (page, _) = store
-        .list_snapshots(&team, Some(&ids[1]), None, None, 10)
+        .list_snapshots(team, Some(&ids[1]), None, None, 10)
         .await
         .unwrap();
-    assert_eq!(
-        page.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
-        ["n1"]
-    );
+    assert_eq!(ids_of(&page), [id(1)]);
     let (page, _) = store
-        .list_snapshots(&team, None, Some("n2"), None, 10)
+        .list_snapshots(team, None, Some("n2"), None, 10)
         .await
         .unwrap();
-    assert_eq!(page.len(), 1);
+    assert_eq!(page, [snapshot(&id(2), team, &ids[0], Some("n2"), 102)]);
+    let (page, _) = store
+        .list_snapshots(team, None, Some("pending"), None, 10)
+        .await
+        .unwrap();
+    assert!(page.is_empty());
 
-    idempotency_keys(&store, &team, &host, &sfx).await;
+    // Found by name in any state; finished with what the agent holds.
+    assert_eq!(
+        store.snapshot_named(team, "pending").await.unwrap(),
+        Some(unready.clone())
+    );
+    assert_eq!(
+        store
+            .snapshot_named(&other, "n1")
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        id(6)
+    );
+    // Leftovers are of every team: this run's only (a PostgreSQL database outlives runs).
+    let leftovers = |unready: i64, internal: i64| async move {
+        store
+            .leftover_snapshots(UnixMillis(unready), UnixMillis(internal))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id)
+            .filter(|s| s.ends_with(sfx))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(leftovers(400, 20).await, [id(8), id(7)]);
+    assert!(leftovers(300, 10).await.is_empty());
+    let mut done = unready.clone();
+    done.ready = true;
+    done.template_id = "base".into();
+    done.parent_snapshot_id = Some(id(0));
+    done.disk_bytes = 1 << 40;
+    assert!(store.finish_snapshot(&done).await.unwrap());
+    assert!(!store.finish_snapshot(&done).await.unwrap(), "once");
+    assert_eq!(store.get_snapshot(&id(7)).await.unwrap(), Some(done));
+    assert!(store.delete_snapshot(&id(7)).await.unwrap());
+    assert!(!store.delete_snapshot(&id(7)).await.unwrap());
+    assert_eq!(store.get_snapshot(&id(7)).await.unwrap(), None);
 }
 
 /// Keys are per team, taken once, expire, are given up by a failed create, and go with the

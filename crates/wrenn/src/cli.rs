@@ -93,6 +93,21 @@ enum SandboxCmd {
     /// Show a sandbox.
     #[command(alias = "get")]
     Info(IdArg),
+    /// Copy a running or paused sandbox (memory, processes and disk) into new sandboxes; prints
+    /// each child's ID (or its error).
+    Fork(ForkArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ForkArgs {
+    /// Sandbox ID.
+    id: String,
+    /// How many copies (1-20).
+    #[arg(long, short = 'n', default_value_t = 1)]
+    count: u32,
+    /// Seconds each copy lives; server default if unset.
+    #[arg(long)]
+    timeout: Option<i64>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -195,6 +210,27 @@ async fn dispatch(config: Config, cmd: SandboxCmd) -> anyhow::Result<ExitCode> {
             api.kill(&a.id).await?;
             if !json {
                 println!("killed {}", a.id);
+            }
+        }
+        SandboxCmd::Fork(a) => {
+            let forks = api.fork(&a.id, a.count, a.timeout).await?;
+            if json {
+                output::print_json(&serde_json::Value::Array(forks.clone()))?;
+            }
+            let mut failed = false;
+            for f in &forks {
+                if let Some(sbx) = f.get("sandbox") {
+                    if !json {
+                        println!("{}", output::str_field(sbx, "sandboxID"));
+                    }
+                } else {
+                    failed = true;
+                    let msg = f["error"]["message"].as_str().unwrap_or("failed to start");
+                    eprintln!("error: a copy failed: {msg}");
+                }
+            }
+            if failed {
+                return Ok(ExitCode::FAILURE);
             }
         }
         SandboxCmd::Pause(a) => {

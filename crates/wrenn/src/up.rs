@@ -228,7 +228,12 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     if let Some(ci) = &interpreter {
         current.extend([ci.snapshot.dir.as_path(), ci.parent.as_path()]);
     }
-    remove_unused_templates(&templates, &current, host.paused_found());
+    remove_unused_templates(
+        &templates,
+        &state.join("snapshots"),
+        &current,
+        host.paused_found(),
+    );
     let mut served = vec![(DEFAULT_TEMPLATE, snapshot.clone())];
     if let Some(ci) = interpreter {
         served.push((CODE_INTERPRETER_TEMPLATE, ci.snapshot));
@@ -562,10 +567,11 @@ async fn boot_template(
 }
 
 /// Deletes template directories that are neither current templates, the base of a paused
-/// sandbox (a paused sandbox's memory diff applies only to its own template) nor the parent of
-/// a built template.
+/// sandbox or a snapshot (a memory diff applies only to its own template) nor the parent of a
+/// built template.
 fn remove_unused_templates(
     templates: &Path,
+    snapshots: &Path,
     current: &[&Path],
     paused: &[wrenn_agent::state::PausedVm],
 ) {
@@ -576,6 +582,8 @@ fn remove_unused_templates(
         .collect();
     // Built templates' disks are layered on their parents'.
     used.extend(wrenn_agent::builds::parents_in_use(templates));
+    // Snapshots' memory and disks are layered on their templates'.
+    used.extend(wrenn_agent::snapshots::templates_in_use(snapshots));
     for entry in std::fs::read_dir(templates).into_iter().flatten().flatten() {
         let dir = entry.path();
         let name = entry.file_name();

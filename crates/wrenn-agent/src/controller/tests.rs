@@ -24,6 +24,18 @@ const STEPS_RESUME: &[&str] = &[
     "resume:init",
 ];
 const STEPS_KILL: &[&str] = &["kill:stop", "kill:remove"];
+/// A running source's snapshot: paused, captured, resumed.
+const STEPS_SNAPSHOT: &[&str] = &[
+    "pause:prepare",
+    "pause:save",
+    "pause:quit",
+    "pause:commit",
+    "snapshot:files",
+    "resume:slot",
+    "resume:restore",
+    "resume:health",
+    "resume:init",
+];
 
 /// The fake host: which VMs run and which paused sandboxes are complete on disk.
 #[derive(Debug, Default)]
@@ -33,6 +45,8 @@ struct Host {
     saved_meta: HashMap<String, SandboxMeta>,
     /// The egress each running VM's slot has now.
     egress: HashMap<String, Egress>,
+    /// Snapshots taken.
+    snapshots: HashMap<String, crate::runtime::SnapshotTaken>,
 }
 
 #[derive(Debug, Default)]
@@ -161,6 +175,41 @@ impl Runtime for Fake {
         // Running: the paused files are no longer the sandbox's state.
         lock(&self.host).disk.remove(&p.0);
         Ok(vm)
+    }
+
+    async fn snapshot(
+        &self,
+        meta: &SandboxMeta,
+        _p: &FakePaused,
+        snapshot_id: &str,
+    ) -> Result<crate::runtime::SnapshotTaken, RuntimeError> {
+        self.step("snapshot:files").await?;
+        let taken = crate::runtime::SnapshotTaken {
+            template_id: meta.template_id.clone(),
+            vcpus: meta.vcpus,
+            memory_mb: meta.memory_mb,
+            envd_version: meta.envd_version.clone(),
+            disk_bytes: 1,
+            memory_bytes: 1,
+            parent: None,
+        };
+        lock(&self.host)
+            .snapshots
+            .insert(snapshot_id.to_owned(), taken.clone());
+        Ok(taken)
+    }
+
+    fn snapshot_info(&self, snapshot_id: &str) -> Option<crate::runtime::SnapshotTaken> {
+        lock(&self.host).snapshots.get(snapshot_id).cloned()
+    }
+
+    async fn create_from_snapshot(
+        &self,
+        meta: &SandboxMeta,
+        _snapshot_id: &str,
+        init: GuestInit,
+    ) -> Result<FakeVm, RuntimeError> {
+        self.create(meta, init).await
     }
 
     async fn kill(&self, id: &str, sb: FakeVm) {
@@ -327,6 +376,7 @@ async fn run_op(ctl: Arc<Controller<Fake>>, op: Op) -> Result<(), ControlError> 
         Op::Pause => ctl.pause("sb").await,
         Op::Resume => ctl.resume("sb", GuestInit::default(), 0).await.map(|_| ()),
         Op::Kill => ctl.kill("sb").await,
+        Op::Snapshot => ctl.snapshot("sb", "snap").await.map(|_| ()),
     }
 }
 
@@ -336,10 +386,16 @@ fn steps_of(op: Op) -> &'static [&'static str] {
         Op::Pause => STEPS_PAUSE,
         Op::Resume => STEPS_RESUME,
         Op::Kill => STEPS_KILL,
+        Op::Snapshot => STEPS_SNAPSHOT,
     }
 }
 
-const OPS: [Op; 4] = [Op::Create, Op::Pause, Op::Resume, Op::Kill];
+const OPS: [Op; 5] = [Op::Create, Op::Pause, Op::Resume, Op::Kill, Op::Snapshot];
+
+/// Whether `step` of a snapshot comes before its source's pause was complete.
+fn before_paused(step: &str) -> bool {
+    step.starts_with("pause:")
+}
 
 #[test]
 fn process_dropping_an_operation_at_any_step_leaves_a_consistent_table() {
@@ -370,6 +426,15 @@ fn process_dropping_an_operation_at_any_step_leaves_a_consistent_table() {
                         "{op} at {step}"
                     )
                 }
+                // As a pause up to its end; then paused, whatever the capture or resume did.
+                Op::Snapshot if before_paused(step) => {
+                    assert!(entry.is_none(), "{op} at {step}: {entry:?}")
+                }
+                Op::Snapshot => assert_eq!(
+                    entry.map(|s| s.phase),
+                    Some(Phase::Paused),
+                    "{op} at {step}"
+                ),
             }
             // And the table works on: a new sandbox can be created and killed.
             let rt = runtime();
@@ -408,7 +473,7 @@ fn caller_going_away_at_any_step_does_not_stop_the_operation() {
                 assert_consistent(&ctl);
                 let phase = ctl.get("sb").map(|s| s.phase);
                 let want = match op {
-                    Op::Create | Op::Resume => Some(Phase::Running),
+                    Op::Create | Op::Resume | Op::Snapshot => Some(Phase::Running),
                     Op::Pause => Some(Phase::Paused),
                     Op::Kill => None,
                 };
@@ -452,6 +517,25 @@ fn a_failed_step_leaves_the_sandbox_as_it_was_or_cleanly_gone() {
                     }
                     // Kill's steps are best effort: it always ends with the sandbox gone.
                     Op::Kill => assert_eq!(phase, None),
+                    Op::Snapshot if step == "pause:quit" || step == "pause:commit" => {
+                        assert!(matches!(result, Err(ControlError::Lost { .. })));
+                        assert_eq!(phase, None);
+                    }
+                    // A failed pause or capture: running as before, and no snapshot.
+                    Op::Snapshot if before_paused(step) || step == "snapshot:files" => {
+                        assert!(matches!(result, Err(ControlError::Runtime { .. })));
+                        assert_eq!(phase, Some(Phase::Running), "still running after {step}");
+                        assert!(ctl.runtime.snapshot_info("snap").is_none());
+                    }
+                    // The capture is complete but the source could not come back: paused,
+                    // with its state, and resumable.
+                    Op::Snapshot => {
+                        assert!(matches!(result, Err(ControlError::Runtime { .. })));
+                        assert_eq!(phase, Some(Phase::Paused), "paused after {step}");
+                        *lock(&ctl.runtime.fail) = None;
+                        ctl.resume("sb", GuestInit::default(), 0).await.unwrap();
+                        assert_consistent(&ctl);
+                    }
                 }
             });
         }
@@ -624,5 +708,51 @@ fn traffic_of_a_run_ends_when_it_is_paused_or_killed_and_not_before() {
         ctl.kill("sb").await.unwrap();
         assert!(second.is_cancelled());
         assert!(traffic(&ctl).is_none());
+    });
+}
+
+#[test]
+fn a_snapshot_leaves_its_source_as_it_was_and_starts_sandboxes() {
+    runtime().block_on(async {
+        let ctl = Controller::new(Fake::default(), 8);
+        ctl.create(create_args("sb")).await.unwrap();
+        // A running source is paused for the capture and running again afterwards.
+        ctl.snapshot("sb", "s1").await.unwrap();
+        assert_eq!(ctl.get("sb").unwrap().phase, Phase::Running);
+        assert!(lock(&ctl.runtime.steps).contains(&"resume:init"));
+        // A paused one is captured as it is and stays paused.
+        ctl.pause("sb").await.unwrap();
+        lock(&ctl.runtime.steps).clear();
+        let c = ctl.snapshot("sb", "s2").await.unwrap();
+        assert_eq!(c.paused_for, Duration::ZERO);
+        assert_eq!(ctl.get("sb").unwrap().phase, Phase::Paused);
+        assert_eq!(*lock(&ctl.runtime.steps), vec!["snapshot:files"]);
+        // Sandboxes start from it as its template's, any number of times.
+        for id in ["c1", "c2"] {
+            let args = CreateArgs {
+                snapshot_id: Some("s1".into()),
+                template_id: String::new(),
+                ..create_args(id)
+            };
+            let st = ctl.create(args).await.unwrap();
+            assert_eq!(st.meta.template_id, "base");
+            assert_eq!(st.phase, Phase::Running);
+        }
+        let unknown = CreateArgs {
+            snapshot_id: Some("nope".into()),
+            ..create_args("c3")
+        };
+        assert!(matches!(
+            ctl.create(unknown).await,
+            Err(ControlError::SnapshotNotFound(_))
+        ));
+        assert!(ctl.get("c3").is_none());
+        // A capture that fails leaves a running source running.
+        ctl.resume("sb", GuestInit::default(), 0).await.unwrap();
+        *lock(&ctl.runtime.fail) = Some("snapshot:files");
+        assert!(ctl.snapshot("sb", "s3").await.is_err());
+        assert_eq!(ctl.get("sb").unwrap().phase, Phase::Running);
+        assert!(ctl.runtime.snapshot_info("s3").is_none());
+        assert_consistent(&ctl);
     });
 }

@@ -151,12 +151,13 @@ async fn list(State(cp): Cp, AuthTeam(team): AuthTeam) -> Result<Response, ApiEr
     Ok(Json(cp.list_templates(&team).await?).into_response())
 }
 
+/// A template, or a snapshot: the SDKs delete snapshots here (204; unknown: 404).
 async fn delete_template(
     State(cp): Cp,
     AuthTeam(team): AuthTeam,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    cp.delete_template(&team, &id).await?;
+    cp.delete_template_or_snapshot(&team, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

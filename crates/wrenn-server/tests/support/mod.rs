@@ -54,6 +54,13 @@ pub struct FakeAgent {
     pub built: Mutex<Vec<String>>,
     /// The templates ReleaseTemplate was called for.
     pub released: Mutex<Vec<String>>,
+    /// The snapshots it holds: ID -> the spec of the sandbox it was taken of, as it was then.
+    pub snapshots: Mutex<HashMap<String, SandboxSpec>>,
+    /// The next Snapshot fails with this (after it checked the sandbox, before it captures).
+    pub fail_next_snapshot: Mutex<Option<ConnectError>>,
+    /// The agents of further hosts, by their RPC URL (register a host with that URL): every
+    /// other URL reaches this one.
+    pub others: Mutex<HashMap<String, Arc<FakeAgent>>>,
 }
 
 impl Default for FakeAgent {
@@ -71,6 +78,9 @@ impl Default for FakeAgent {
             builds: Default::default(),
             built: Default::default(),
             released: Default::default(),
+            snapshots: Default::default(),
+            fail_next_snapshot: Default::default(),
+            others: Default::default(),
         }
     }
 }
@@ -140,6 +150,17 @@ impl FakeAgent {
     pub fn calls(&self) -> Vec<String> {
         self.calls.lock().unwrap().clone()
     }
+    /// The calls whose log line starts with `prefix` (e.g. `"snapshot "`).
+    pub fn calls_of(&self, prefix: &str) -> Vec<String> {
+        self.calls()
+            .into_iter()
+            .filter(|c| c.starts_with(prefix))
+            .collect()
+    }
+    /// The snapshot IDs it holds.
+    pub fn snapshot_ids(&self) -> Vec<String> {
+        self.snapshots.lock().unwrap().keys().cloned().collect()
+    }
 }
 
 fn status(id: &str, st: SandboxState) -> SandboxStatus {
@@ -157,6 +178,18 @@ impl AgentClient for FakeAgent {
         self.log(format!("create {}", spec.sandbox_id));
         if spec.template_id == "broken" {
             return Err(ConnectError::internal("the VM did not boot"));
+        }
+        if !spec.snapshot_id.is_empty()
+            && !self
+                .snapshots
+                .lock()
+                .unwrap()
+                .contains_key(&spec.snapshot_id)
+        {
+            return Err(ConnectError::not_found(format!(
+                "snapshot {} not found",
+                spec.snapshot_id
+            )));
         }
         if let Some(e) = self.fail_next_create.lock().unwrap().take() {
             // A deadline is an answer lost on the way: the VM was made all the same.
@@ -276,11 +309,49 @@ impl AgentClient for FakeAgent {
             fields: Default::default(),
         }])
     }
+    /// As the agent: a running sandbox is paused and resumed (it ends running), a paused one
+    /// stays paused; the snapshot's template is its source's.
     async fn snapshot(&self, req: SnapshotRequest) -> Result<SnapshotResponse, ConnectError> {
-        self.log(format!("snapshot {}", req.sandbox_id));
+        self.log(format!("snapshot {} {}", req.sandbox_id, req.snapshot_id));
+        self.refuse_busy(&req.sandbox_id)?;
+        let (state, spec) = self
+            .sandboxes
+            .lock()
+            .unwrap()
+            .get(&req.sandbox_id)
+            .cloned()
+            .ok_or_else(|| ConnectError::not_found("no such sandbox"))?;
+        if let Some(e) = self.fail_next_snapshot.lock().unwrap().take() {
+            return Err(e);
+        }
+        self.snapshots
+            .lock()
+            .unwrap()
+            .insert(req.snapshot_id.clone(), spec.clone());
         Ok(SnapshotResponse {
             snapshot_id: req.snapshot_id,
+            template_id: spec.template_id,
+            vcpus: spec.vcpus,
+            memory_mb: spec.memory_mb,
+            disk_bytes: 4096,
+            memory_bytes: 8192,
+            paused_ms: if state == SandboxState::Running { 7 } else { 0 },
+            parent_snapshot_id: spec.snapshot_id,
+            envd_version: "0.6.5".into(),
         })
+    }
+    async fn delete_snapshot(
+        &self,
+        req: DeleteSnapshotRequest,
+    ) -> Result<DeleteSnapshotResponse, ConnectError> {
+        self.log(format!("delete_snapshot {}", req.snapshot_id));
+        let known = self
+            .snapshots
+            .lock()
+            .unwrap()
+            .remove(&req.snapshot_id)
+            .is_some();
+        Ok(DeleteSnapshotResponse { known })
     }
     async fn host_info(&self, _: HostInfoRequest) -> Result<HostInfoResponse, ConnectError> {
         let (vcpus, memory_mb, max_sandboxes) = *self.capacity.lock().unwrap();
@@ -327,8 +398,11 @@ impl AgentClient for FakeAgent {
 pub struct FakeConnector(pub Arc<FakeAgent>);
 
 impl AgentConnector for FakeConnector {
-    fn connect(&self, _rpc_url: &str, secret: &str) -> Result<Arc<dyn AgentClient>, ConnectError> {
+    fn connect(&self, rpc_url: &str, secret: &str) -> Result<Arc<dyn AgentClient>, ConnectError> {
         self.0.secrets.lock().unwrap().push(secret.to_owned());
+        if let Some(other) = self.0.others.lock().unwrap().get(rpc_url) {
+            return Ok(other.clone());
+        }
         Ok(self.0.clone())
     }
 }
@@ -443,6 +517,29 @@ impl Server {
         self.cp.store().close().await;
     }
 }
+
+/// One `#[tokio::test]` per database for each test function (`async fn name(db: Db)`): a
+/// SQLite file, and PostgreSQL when `WRENN_TEST_POSTGRES_URL` is set.
+#[allow(unused_macros)]
+macro_rules! on_both_databases {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(super::Db::Sqlite).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                match super::Db::postgres() {
+                    Some(db) => super::$name(db).await,
+                    None => eprintln!("WRENN_TEST_POSTGRES_URL not set: PostgreSQL run skipped"),
+                }
+            }
+        }
+    )*};
+}
+#[allow(unused_imports)]
+pub(crate) use on_both_databases;
 
 /// Which database a stack runs on.
 pub enum Db {

@@ -183,6 +183,28 @@ impl Api {
         Ok(())
     }
 
+    /// `POST /sandboxes/{id}/fork`: the per-copy results (`{sandbox}` or `{error}`).
+    pub(super) async fn fork(
+        &self,
+        id: &str,
+        count: u32,
+        timeout: Option<i64>,
+    ) -> Result<Vec<Value>, ApiError> {
+        let path = format!("/sandboxes/{}/fork", segment(id)?);
+        let mut body = serde_json::json!({ "count": count });
+        if let Some(t) = timeout {
+            body["timeout"] = t.into();
+        }
+        let resp = self
+            .send(self.request(Method::POST, &path).json(&body), Some(id))
+            .await?;
+        let v: Value = resp.json().await.map_err(|source| ApiError::Transport {
+            url: self.base.clone(),
+            source,
+        })?;
+        Ok(v.as_array().cloned().unwrap_or_default())
+    }
+
     /// `POST /v2/sandboxes/{id}/connect`: resumes a paused sandbox, extends a running one's
     /// timeout when one is given. Returns the sandbox and whether it was resumed.
     pub(super) async fn connect(

@@ -1,0 +1,180 @@
+//! Snapshots against real QEMU guests: a running sandbox captured (and running again with its
+//! state), two sandboxes started from the capture, each with the source's file and memory, their
+//! own tokens and kernel RNG, and changes invisible to each other; a paused sandbox captured
+//! and still paused; a snapshot outliving its source; a deleted snapshot kept while sandboxes
+//! are layered on it, and removed once they are gone.
+//!
+//! Gated by `WRENN_VM_TESTS=1`. Slot indices 5440..5500 are this test's own.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use support::{RunOpts, qemu_pids_under, run_ok_with};
+use wrenn_agent::Agent;
+use wrenn_agent::controller::{CreateArgs, Phase};
+use wrenn_agent::pool::SlotPool;
+use wrenn_agent::runtime::GuestInit;
+use wrenn_agent::sandbox::Deadlines;
+use wrenn_agent::snapshot::Snapshot;
+
+const TEMPLATE: &str = "small";
+
+fn opts(token: &str) -> RunOpts<'_> {
+    RunOpts {
+        token: Some(token),
+        ..Default::default()
+    }
+}
+
+fn create_args(id: &str, token: &str, snapshot: Option<&str>) -> CreateArgs {
+    CreateArgs {
+        sandbox_id: id.into(),
+        template_id: TEMPLATE.into(),
+        init: GuestInit {
+            access_token: Some(token.into()),
+            ..Default::default()
+        },
+        snapshot_id: snapshot.map(str::to_owned),
+        ..Default::default()
+    }
+}
+
+async fn agent(first: u32, root: &Path, template: &Snapshot) -> Agent {
+    let slots = SlotPool::new(2, first, 6).await.expect("slot pool");
+    let deadlines = Deadlines {
+        health: Duration::from_secs(60),
+        init: Duration::from_secs(30),
+        prepare: Duration::from_secs(30),
+    };
+    let a = Agent::new("test-host", slots, root.to_owned(), 6, deadlines);
+    a.register_template(TEMPLATE, template.clone(), None, "test-envd");
+    a
+}
+
+/// Sixteen random bytes from the guest's kernel RNG, as hex.
+const RNG: &str = "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_copy_running_and_paused_sandboxes() {
+    if !support::enabled() {
+        return;
+    }
+    support::init_tracing("wrenn_agent=debug");
+    let first = 5_440 + (std::process::id() % 3) * 16;
+    let work = support::work_dir("wrenn-agent-snapshots");
+    let w = work.path().to_owned();
+    let built = support::build_template(&w.join("images"), &w.join("template"), &w).await;
+    let template = Snapshot::open(&built.dir).expect("open template");
+    let sandboxes = w.join("sandboxes");
+    std::fs::create_dir_all(&sandboxes).unwrap();
+    let a = agent(first, &sandboxes, &template).await;
+    let ctl = a.controller();
+    let snaps = w.join("snapshots");
+
+    ctl.create(create_args("src", "t-src", None))
+        .await
+        .expect("create");
+    let src = a.envd_base_url("src").unwrap();
+    // A value only the guest's memory holds (tmpfs), and one on its disk.
+    run_ok_with(
+        &src,
+        opts("t-src"),
+        "echo on-disk > /root/f && sync && head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \\n' > /tmp/mem",
+    )
+    .await;
+    let secret = run_ok_with(&src, opts("t-src"), "cat /tmp/mem").await;
+
+    let c = ctl.snapshot("src", "s1").await.expect("snapshot");
+    eprintln!(
+        "snapshot of a running sandbox: stopped {:?}, disk {} B, memory {} B",
+        c.paused_for, c.snapshot.disk_bytes, c.snapshot.memory_bytes
+    );
+    assert_eq!(c.snapshot.template_id, TEMPLATE);
+    assert!(c.paused_for > Duration::ZERO);
+    assert_eq!(ctl.get("src").unwrap().phase, Phase::Running);
+    let src = a.envd_base_url("src").unwrap();
+    assert_eq!(
+        run_ok_with(&src, opts("t-src"), "cat /tmp/mem").await,
+        secret
+    );
+
+    // Two sandboxes from it: the source's state, their own tokens, RNGs and changes.
+    let mut rng = vec![run_ok_with(&src, opts("t-src"), RNG).await];
+    for (id, token) in [("c1", "t-c1"), ("c2", "t-c2")] {
+        let st = ctl
+            .create(create_args(id, token, Some("s1")))
+            .await
+            .expect("create from the snapshot");
+        assert_eq!(st.meta.template_id, TEMPLATE);
+        let base = a.envd_base_url(id).unwrap();
+        assert_eq!(
+            run_ok_with(&base, opts(token), "cat /root/f").await,
+            "on-disk"
+        );
+        assert_eq!(
+            run_ok_with(&base, opts(token), "cat /tmp/mem").await,
+            secret
+        );
+        rng.push(run_ok_with(&base, opts(token), RNG).await);
+    }
+    rng.sort();
+    rng.dedup();
+    assert_eq!(rng.len(), 3, "every copy draws its own randomness: {rng:?}");
+    let c1 = a.envd_base_url("c1").unwrap();
+    let c2 = a.envd_base_url("c2").unwrap();
+    run_ok_with(&c1, opts("t-c1"), "echo c1 > /root/f && sync").await;
+    assert_eq!(
+        run_ok_with(&c2, opts("t-c2"), "cat /root/f").await,
+        "on-disk"
+    );
+    assert_eq!(
+        run_ok_with(&src, opts("t-src"), "cat /root/f").await,
+        "on-disk"
+    );
+    // A copy's token is its own: the source's is refused there.
+    let refused = reqwest::Client::new()
+        .post(format!("{c1}/process.Process/Start"))
+        .header("content-type", "application/connect+json")
+        .header("x-access-token", "t-src")
+        .body(Vec::new())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+
+    // A paused source: captured, still paused; the snapshot outlives it.
+    ctl.pause("src").await.expect("pause");
+    let c = ctl
+        .snapshot("src", "s2")
+        .await
+        .expect("snapshot of a paused sandbox");
+    assert_eq!(c.paused_for, Duration::ZERO);
+    assert_eq!(ctl.get("src").unwrap().phase, Phase::Paused);
+    ctl.kill("src").await.unwrap();
+    ctl.create(create_args("c3", "t-c3", Some("s2")))
+        .await
+        .expect("create from the paused source's snapshot");
+    let c3 = a.envd_base_url("c3").unwrap();
+    assert_eq!(run_ok_with(&c3, opts("t-c3"), "cat /tmp/mem").await, secret);
+
+    // Deleted: no more creates, files kept while c1 and c2 are layered on s1.
+    assert!(a.delete_snapshot("s1").await);
+    assert!(!a.delete_snapshot("s1").await, "a second delete finds none");
+    assert!(
+        ctl.create(create_args("c4", "t-c4", Some("s1")))
+            .await
+            .is_err()
+    );
+    assert!(snaps.join("s1").exists(), "kept while sandboxes use it");
+    for id in ["c1", "c2"] {
+        ctl.kill(id).await.unwrap();
+    }
+    a.sweep_snapshots();
+    assert!(!snaps.join("s1").exists(), "removed once nothing uses it");
+    assert!(snaps.join("s2").exists());
+    ctl.kill("c3").await.unwrap();
+    a.shutdown().await;
+    assert!(qemu_pids_under(&w).is_empty(), "QEMU left under {w:?}");
+}
