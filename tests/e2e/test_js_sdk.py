@@ -28,7 +28,10 @@ def test_js_sdk_suite(wrenn):
     env.pop("E2B_DEBUG", None)
     env.pop("E2B_DOMAIN", None)
     # One file at a time: the files share the host's sandbox capacity with each other.
-    cmd = [node, "--test", "--test-concurrency=1", "--test-reporter=spec", str(JS_DIR)]
+    # WRENN_E2E_JS_ONLY (a file name in tests/e2e/js) runs one file, for development.
+    only = os.environ.get("WRENN_E2E_JS_ONLY")
+    target = str(JS_DIR / only) if only else str(JS_DIR)
+    cmd = [node, "--test", "--test-concurrency=1", "--test-reporter=spec", target]
     try:
         proc = subprocess.run(
             cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT
