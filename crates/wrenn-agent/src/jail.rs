@@ -67,6 +67,34 @@ const MAX_FDS: usize = 16;
 /// Where the tap ends up in QEMU.
 pub(crate) const TAP_FD: RawFd = FD_BASE;
 
+/// Keeps the descriptor numbers QEMU's descriptors are moved to (`FD_BASE` up to the scratch
+/// range) taken in this process by close-on-exec placeholders, so no descriptor of the agent
+/// ever gets one. Without them, an agent holding more than a hundred descriptors (many
+/// sandboxes, a fork of eight) could have the pipe `std` spawns a child with land on one: the
+/// child's `dup2` would replace it, and a later failing step would report into a passed
+/// descriptor (fork N=8 aborted with `output.write(&bytes).is_ok()`). Once per process, before
+/// the first QEMU; a number some descriptor holds already is left to it.
+fn reserve_fd_numbers() {
+    static RESERVED: std::sync::Once = std::sync::Once::new();
+    RESERVED.call_once(|| {
+        let Ok(null) = File::open("/dev/null") else {
+            tracing::warn!("open /dev/null: descriptor numbers for QEMU not reserved");
+            return;
+        };
+        for n in FD_BASE..=FD_BASE + MAX_FDS as RawFd {
+            // SAFETY: F_GETFD only asks whether `n` is open; dup3 onto a number that is not
+            // open makes a new descriptor this process never closes (nothing else owns it).
+            unsafe {
+                if libc::fcntl(n, libc::F_GETFD) < 0
+                    && libc::dup3(null.as_raw_fd(), n, libc::O_CLOEXEC) < 0
+                {
+                    tracing::warn!(fd = n, "reserve a descriptor number for QEMU");
+                }
+            }
+        }
+    });
+}
+
 /// Why a VM could not be jailed.
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
@@ -427,6 +455,7 @@ pub(crate) struct JailSpec<'a> {
 impl Prepared {
     /// Makes the cgroup, opens the descriptors, lends the files and plans the mounts.
     pub(crate) fn new(j: JailSpec<'_>) -> Result<Self, JailError> {
+        reserve_fd_numbers();
         let uid = uid_for(j.slot);
         // Fails early on a host without usable cgroups.
         Cgroups::get()?;
