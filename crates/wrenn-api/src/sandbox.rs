@@ -99,6 +99,7 @@ pub struct NetworkUpdate {
     pub allow_internet_access: Option<bool>,
 }
 
+/// `autoResume` of a create: whether traffic to the sandbox while it is paused resumes it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AutoResume {
     #[serde(default)]
@@ -129,7 +130,9 @@ pub struct Sandbox {
     pub domain: Option<String>,
 }
 
-/// What happens when the timeout expires.
+/// `lifecycle` of `GET /sandboxes/{id}`: what happens when the timeout expires, and whether
+/// traffic wakes the sandbox while it is paused. The Python SDK requires both keys and raises
+/// on an `onTimeout` other than these two.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Lifecycle {
@@ -172,6 +175,10 @@ pub struct SandboxDetail {
     pub state: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lifecycle: Option<Lifecycle>,
+    /// How a paused sandbox was paused: `full` (memory and files) or `filesystem`; only for
+    /// a sandbox whose pause has finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_mode: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkConfig>,
 }
@@ -363,6 +370,18 @@ mod tests {
         assert_eq!(s.metadata.unwrap()["k"], "v");
         assert_eq!(s.env_vars.unwrap()["FOO"], "bar");
 
+        // The lifecycle keys, as `lifecycle={"on_timeout": {"action": "pause", "mode": "full"},
+        // "auto_resume": True}` sends them.
+        let l: NewSandbox = serde_json::from_value(json!({
+            "templateID": "base", "autoPause": true, "autoPauseMemory": true,
+            "autoResume": {"enabled": true}
+        }))
+        .unwrap();
+        assert_eq!(
+            (l.auto_pause, l.auto_pause_memory, l.auto_resume),
+            (Some(true), Some(true), Some(AutoResume { enabled: true }))
+        );
+
         let minimal: NewSandbox = serde_json::from_value(json!({"templateID": "base"})).unwrap();
         assert_eq!(minimal.timeout, None);
         assert!(serde_json::from_value::<NewSandbox>(json!({"timeout": 1})).is_err());
@@ -415,6 +434,7 @@ mod tests {
                 auto_resume: false,
                 on_timeout: "kill".into(),
             }),
+            pause_mode: None,
             network: Some(NetworkConfig {
                 allow_out: Some(vec!["a.test".into()]),
                 ..Default::default()
@@ -427,7 +447,17 @@ mod tests {
         assert_eq!(v["diskSizeMB"], 1024);
         assert_eq!(v["cpuCount"], 2);
         assert_eq!(v["allowInternetAccess"], true);
-        assert_eq!(v["lifecycle"]["onTimeout"], "kill");
+        assert_eq!(
+            v["lifecycle"],
+            json!({"autoResume": false, "onTimeout": "kill"})
+        );
+        assert!(v.get("pauseMode").is_none(), "{v}");
+        let paused = SandboxDetail {
+            state: "paused".into(),
+            pause_mode: Some("full".into()),
+            ..d.clone()
+        };
+        assert_eq!(serde_json::to_value(&paused).unwrap()["pauseMode"], "full");
         let m = SandboxMetric {
             timestamp: t,
             timestamp_unix: 1_700_000_000,

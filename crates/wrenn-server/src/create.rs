@@ -29,6 +29,7 @@ use wrenn_core::{
 };
 
 use crate::error::{ApiError, Chain};
+use crate::lifecycle::Lifecycle;
 use crate::network;
 use crate::service::{ControlPlane, now};
 use crate::store::{
@@ -201,6 +202,7 @@ impl ControlPlane {
             .deadline
             .end_at(now(), body.timeout)
             .map_err(bad_request)?;
+        Lifecycle::of(&body)?;
         let launch = self.launch_of(&team.id, &body.template_id).await?;
         match key {
             None => {
@@ -346,6 +348,7 @@ impl ControlPlane {
             .end_at(now, body.timeout)
             .map_err(bad_request)?;
         let network = network::validate(body.allow_internet_access, body.network.as_ref())?;
+        let lifecycle = Lifecycle::of(body)?;
         let mut rec = SandboxRecord {
             id,
             team_id: team.id.clone(),
@@ -374,7 +377,8 @@ impl ControlPlane {
                 .collect(),
             started_at: now,
             end_at: end,
-            auto_pause: body.auto_pause.unwrap_or(false),
+            auto_pause: lifecycle.auto_pause,
+            auto_resume: lifecycle.auto_resume,
             allow_internet_access: body.allow_internet_access,
             updated_at: now,
             network,

@@ -10,11 +10,11 @@
 //!
 //! Each child is a sandbox of its own (ID, envd and traffic tokens, record, the given timeout)
 //! that inherits what the source was created with besides its timeout: metadata, env vars,
-//! lifecycle (auto-pause) and network settings. Its record names the source's template: the
-//! snapshot it came from is gone once the fork answers.
+//! lifecycle (auto-pause, auto-resume) and network settings. Its record names the source's
+//! template: the snapshot it came from is gone once the fork answers.
 
 use futures::StreamExt as _;
-use wrenn_api::{ForkResult, ForkSandbox, NewSandbox};
+use wrenn_api::{AutoResume, ForkResult, ForkSandbox, NewSandbox};
 use wrenn_core::SandboxId;
 
 use crate::create::Launch;
@@ -35,6 +35,9 @@ fn child_request(source: &SandboxRecord, timeout: Option<i64>) -> NewSandbox {
         template_id: source.template_id.clone(),
         timeout,
         auto_pause: Some(source.auto_pause),
+        auto_resume: Some(AutoResume {
+            enabled: source.auto_resume,
+        }),
         allow_internet_access: source.allow_internet_access,
         metadata: Some(source.metadata.clone().into_iter().collect()),
         env_vars: Some(source.env_vars.clone().into_iter().collect()),

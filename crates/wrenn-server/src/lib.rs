@@ -10,6 +10,7 @@ mod create;
 mod error;
 mod fork;
 mod http;
+mod lifecycle;
 mod network;
 mod proxy;
 pub mod reaper;

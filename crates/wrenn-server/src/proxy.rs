@@ -12,6 +12,10 @@
 //! HTTP/1.1) upgrades are spliced through. The agent proxy gets the same routing headers, so
 //! it needs no state from us; its own secret rides in `Proxy-Authorization`.
 //!
+//! A paused sandbox is not found (502 "was not found": the SDKs' "not running"), unless it was
+//! created with auto-resume: then the request resumes it and is forwarded once it runs (see
+//! `lifecycle`).
+//!
 //! A sandbox created with `network.allowPublicTraffic: false` answers on its ports only
 //! requests carrying its traffic access token in `E2b-Traffic-Access-Token` (403 otherwise).
 //! envd's port is exempt: envd checks its own access token on every request, and the SDKs do
@@ -23,10 +27,12 @@ use std::time::Duration;
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderName, HeaderValue, StatusCode, header};
+use wrenn_core::SandboxState;
 use wrenn_http::forward::{self, ForwardError, HttpClient};
 
 use crate::error::Chain;
 use crate::service::ControlPlane;
+use crate::store::{HostRecord, SandboxRecord};
 use crate::tokens;
 
 /// envd's port, used when a request names a sandbox but no port.
@@ -130,26 +136,28 @@ impl Proxy {
                 }
             }
         };
-        let (rec, host) = match cp.route(&id).await {
-            Ok(Some(x)) => x,
+        let rec = match cp.proxied(&id).await {
+            Ok(Some(rec)) => rec,
             Ok(None) => return not_found(&id),
             Err(e) => {
                 tracing::error!(sandbox_id = %id, error = %Chain(&e), "proxy lookup failed");
-                return bad_gateway(
-                    &id,
-                    "Internal error while looking up the sandbox".to_owned(),
-                );
+                return lookup_failed(&id);
             }
         };
         let mut req = req;
         // For us, not for the sandbox's servers.
         let given = req.headers_mut().remove(TRAFFIC_TOKEN_HEADER);
+        // Checked before a paused sandbox is woken: nobody without the token may resume it.
         if port != ENVD_PORT
             && let Some(want) = cp.traffic_token(&rec)
             && !given.is_some_and(|g| tokens::constant_time_eq(g.as_bytes(), want.as_bytes()))
         {
             return forbidden(&id, port);
         }
+        let (rec, host) = match destination(&cp, rec).await {
+            Ok(x) => x,
+            Err(resp) => return resp,
+        };
         let secret = cp.agent_secret(&host.id);
         self.forward(rec.id.as_str(), port, &host.proxy_url, &secret, req)
             .await
@@ -192,6 +200,42 @@ impl Proxy {
             }
         }
     }
+}
+
+/// Where traffic for `rec` goes: its running record and its host, once a sandbox that is not
+/// running (paused, with auto-resume) has been resumed.
+async fn destination(
+    cp: &Arc<ControlPlane>,
+    rec: SandboxRecord,
+) -> Result<(SandboxRecord, HostRecord), Response> {
+    let id = rec.id.to_string();
+    let rec = if rec.state == SandboxState::Running {
+        rec
+    } else {
+        match cp.wake(&rec).await {
+            Ok(Some(rec)) => rec,
+            Ok(None) => return Err(not_found(&id)),
+            // Logged where it failed. Not "was not found": the sandbox is there, paused.
+            Err(e) => {
+                return Err(bad_gateway(
+                    &id,
+                    format!("The sandbox {id} could not be resumed: {e}"),
+                ));
+            }
+        }
+    };
+    match cp.traffic_host(&rec).await {
+        Ok(Some(host)) => Ok((rec, host)),
+        Ok(None) => Err(not_found(&id)),
+        Err(e) => {
+            tracing::error!(sandbox_id = %id, error = %Chain(&e), "proxy lookup failed");
+            Err(lookup_failed(&id))
+        }
+    }
+}
+
+fn lookup_failed(id: &str) -> Response {
+    bad_gateway(id, "Internal error while looking up the sandbox".to_owned())
 }
 
 /// The sandbox a signed `/files` URL belongs to (`Err` for a malformed one).

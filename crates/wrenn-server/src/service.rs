@@ -1,7 +1,7 @@
 //! The control plane's operations on sandboxes, teams and hosts: what the REST handlers, the
 //! reaper and the edge proxy call. Creates (placement, idempotency keys) are in `create`,
-//! snapshots and forks in `snapshots` and `fork`, reconciliation with the agents in
-//! `reconcile`.
+//! snapshots and forks in `snapshots` and `fork`, lifecycle settings and auto-resume in
+//! `lifecycle`, reconciliation with the agents in `reconcile`.
 //!
 //! Operations on one sandbox are serialized by a per-sandbox lock inside this process, and
 //! their state changes are compare-and-set in the store, so they are also safe between
@@ -18,8 +18,8 @@ use base64::Engine as _;
 use time::OffsetDateTime;
 use wrenn_agent_proto::v1 as agent;
 use wrenn_api::{
-    ConnectSandbox, CreatedApiKey, Lifecycle, ListedSandbox, PauseSandbox, Sandbox, SandboxDetail,
-    SandboxLog, SandboxLogEntry, SandboxLogs, SandboxMetric, Team,
+    ConnectSandbox, CreatedApiKey, ListedSandbox, PauseSandbox, Sandbox, SandboxDetail, SandboxLog,
+    SandboxLogEntry, SandboxLogs, SandboxMetric, Team,
 };
 use wrenn_connect::{Code, ConnectError};
 use wrenn_core::{HostId, SandboxId, SandboxState, TeamId, TemplateId, UnixMillis, backstop};
@@ -27,6 +27,7 @@ use wrenn_core::{HostId, SandboxId, SandboxState, TeamId, TemplateId, UnixMillis
 use crate::agents::{AgentClient, AgentConnector, Agents};
 use crate::config::Config;
 use crate::error::{ApiError, Chain};
+use crate::lifecycle;
 use crate::store::{
     Cursor, HostRecord, SandboxFilter, SandboxRecord, Store, StoreError, TeamRecord, TemplateRecord,
 };
@@ -388,7 +389,9 @@ impl ControlPlane {
         }
     }
 
-    async fn resume_locked(
+    /// Resumes paused sandbox `rec`, whose lock the caller holds, with a new timeout (`None`:
+    /// the default).
+    pub(crate) async fn resume_locked(
         &self,
         rec: SandboxRecord,
         timeout: Option<i64>,
@@ -561,13 +564,16 @@ impl ControlPlane {
         id: &str,
         body: PauseSandbox,
     ) -> Result<(), ApiError> {
+        lifecycle::check_pause(&body)?;
         let rec = self.team_sandbox(&team.id, id).await?;
         let _guard = self.lock(&rec.id).await;
         let rec = self.team_sandbox(&team.id, id).await?;
-        self.pause_locked(&rec, body.memory.unwrap_or(true)).await
+        self.pause_locked(&rec).await
     }
 
-    async fn pause_locked(&self, rec: &SandboxRecord, keep_memory: bool) -> Result<(), ApiError> {
+    /// Pauses running sandbox `rec`, whose lock the caller holds; one already paused (or being
+    /// paused) is a 409, which the SDKs read as "already paused".
+    async fn pause_locked(&self, rec: &SandboxRecord) -> Result<(), ApiError> {
         match rec.state {
             SandboxState::Running => {}
             SandboxState::Paused | SandboxState::Pausing => {
@@ -597,7 +603,8 @@ impl ControlPlane {
         if let Err(e) = client
             .pause(agent::PauseRequest {
                 sandbox_id: rec.id.to_string(),
-                keep_memory,
+                // Always: filesystem-only pauses are refused (see `lifecycle`).
+                keep_memory: true,
             })
             .await
         {
@@ -653,10 +660,8 @@ impl ControlPlane {
             disk_size_mb: rec.disk_size_mb,
             metadata: Some(rec.metadata.clone().into_iter().collect()),
             state: state.as_str().to_owned(),
-            lifecycle: Some(Lifecycle {
-                auto_resume: false,
-                on_timeout: if rec.auto_pause { "pause" } else { "kill" }.to_owned(),
-            }),
+            lifecycle: Some(lifecycle::reported(&rec)),
+            pause_mode: lifecycle::pause_mode(&rec),
             network: rec.network.clone(),
         })
     }
@@ -785,7 +790,7 @@ impl ControlPlane {
         })
     }
 
-    // Reaper and proxy support.
+    // Reaper and proxy support (auto-resume is in `lifecycle`).
 
     /// Kills, or pauses when created with auto-pause, every running sandbox whose end has
     /// passed; returns how many it handled.
@@ -811,7 +816,7 @@ impl ControlPlane {
             return Ok(false);
         }
         let res = if rec.auto_pause {
-            self.pause_locked(&rec, true).await
+            self.pause_locked(&rec).await
         } else {
             self.kill_locked(&rec).await
         };
@@ -825,26 +830,6 @@ impl ControlPlane {
                 Ok(false)
             }
         }
-    }
-
-    /// Where the edge proxy sends traffic for this sandbox: its record and host, if running.
-    pub async fn route(&self, id: &str) -> Result<Option<(SandboxRecord, HostRecord)>, StoreError> {
-        let Ok(sid) = SandboxId::parse(id) else {
-            return Ok(None);
-        };
-        let Some(rec) = self.store.get_sandbox(sid.as_str()).await? else {
-            return Ok(None);
-        };
-        if rec.state != SandboxState::Running {
-            return Ok(None);
-        }
-        let Some(host_id) = &rec.host_id else {
-            return Ok(None);
-        };
-        let Some(host) = self.store.get_host(host_id).await? else {
-            return Ok(None);
-        };
-        Ok(Some((rec, host)))
     }
 
     /// The running sandbox whose access token produced this `/files` signature, if any. An

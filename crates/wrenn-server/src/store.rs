@@ -135,7 +135,10 @@ pub struct SandboxRecord {
     pub env_vars: BTreeMap<String, String>,
     pub started_at: UnixMillis,
     pub end_at: UnixMillis,
+    /// At the timeout: paused (`true`) or killed.
     pub auto_pause: bool,
+    /// Traffic through the edge proxy resumes it while it is paused (only with `auto_pause`).
+    pub auto_resume: bool,
     pub allow_internet_access: Option<bool>,
     /// When the record last changed (state or end); for a record in a transition, since when
     /// it has been in it.
@@ -176,7 +179,7 @@ pub struct SandboxFilter {
 
 const SANDBOX_COLUMNS: &str = "id, team_id, template_id, state, host_id, vcpus, memory_mb, \
     disk_size_mb, envd_version, metadata, env_vars, started_at, end_at, auto_pause, \
-    allow_internet_access, updated_at, network";
+    allow_internet_access, updated_at, network, auto_resume";
 
 /// The states whose sandboxes hold (or are getting) a VM on their host, as SQL; the same set as
 /// `SandboxState::occupies_host`.
@@ -404,7 +407,7 @@ impl Store {
         bind_sandbox(
             sqlx::query(&format!(
                 "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
             )),
             s,
         )
@@ -425,7 +428,7 @@ impl Store {
     pub async fn insert_placed(&self, s: &SandboxRecord) -> Result<bool> {
         let sql = format!(
             "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) \
-             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17 \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18 \
              FROM hosts h WHERE h.id = $5 AND h.schedulable <> 0 \
              AND (h.max_sandboxes = 0 OR h.max_sandboxes > \
                   (SELECT COUNT(*) FROM sandboxes o WHERE o.host_id = h.id AND o.state IN {OCCUPYING})) \
@@ -682,7 +685,7 @@ fn to_i64(v: u64) -> i64 {
 
 type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
 
-/// Binds `s` as `$1..$17` in the order of [`SANDBOX_COLUMNS`].
+/// Binds `s` as `$1..$18` in the order of [`SANDBOX_COLUMNS`].
 fn bind_sandbox<'q>(q: AnyQuery<'q>, s: &'q SandboxRecord) -> AnyQuery<'q> {
     q.bind(s.id.as_str())
         .bind(s.team_id.as_str())
@@ -705,6 +708,7 @@ fn bind_sandbox<'q>(q: AnyQuery<'q>, s: &'q SandboxRecord) -> AnyQuery<'q> {
                 .as_ref()
                 .map(|n| serde_json::to_string(n).expect("a network config always serializes")),
         )
+        .bind(i64::from(s.auto_resume))
 }
 
 fn to_json(m: &BTreeMap<String, String>) -> String {
@@ -788,6 +792,7 @@ fn sandbox_from_row(r: &AnyRow) -> Result<SandboxRecord> {
         started_at: UnixMillis(r.try_get("started_at")?),
         end_at: UnixMillis(r.try_get("end_at")?),
         auto_pause: r.try_get::<i64, _>("auto_pause")? != 0,
+        auto_resume: r.try_get::<i64, _>("auto_resume")? != 0,
         allow_internet_access: r
             .try_get::<Option<i64>, _>("allow_internet_access")?
             .map(|v| v != 0),

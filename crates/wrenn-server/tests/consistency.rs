@@ -95,6 +95,7 @@ fn raw_record(team: &str, state: SandboxState, updated_at: i64) -> SandboxRecord
         started_at: UnixMillis(now),
         end_at: UnixMillis(now + 600_000),
         auto_pause: false,
+        auto_resume: false,
         allow_internet_access: None,
         updated_at: UnixMillis(updated_at),
         network: None,
@@ -752,9 +753,14 @@ async fn sandbox_operations_run_in_spans_with_sandbox_id() {
         .clone();
     let s = Stack::start().await;
     let id = id_of(
-        &create(&s, "/v2/sandboxes", None, &json!({"templateID": "base"}))
-            .await
-            .1,
+        &create(
+            &s,
+            "/v2/sandboxes",
+            None,
+            &json!({"templateID": "base", "autoPause": true, "autoResume": {"enabled": true}}),
+        )
+        .await
+        .1,
     );
     let calls = [
         (
@@ -769,6 +775,7 @@ async fn sandbox_operations_run_in_spans_with_sandbox_id() {
         ),
         (Method::POST, format!("/sandboxes/{id}/fork"), json!({})),
         (Method::POST, format!("/sandboxes/{id}/pause"), json!({})),
+        // Before the connect, its traffic resumes it (`auto_resume`).
         (
             Method::POST,
             format!("/v2/sandboxes/{id}/connect"),
@@ -777,6 +784,16 @@ async fn sandbox_operations_run_in_spans_with_sandbox_id() {
         (Method::DELETE, format!("/sandboxes/{id}"), json!({})),
     ];
     for (m, p, b) in calls {
+        if p.ends_with("/connect") {
+            let r = s
+                .http
+                .get(format!("{}/health", s.server.url))
+                .header("e2b-sandbox-id", &id)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
         let (st, v) = json(s.req(m.clone(), &p).json(&b)).await;
         assert!(st < 300, "{m} {p}: {v}");
     }
@@ -793,6 +810,7 @@ async fn sandbox_operations_run_in_spans_with_sandbox_id() {
         "snapshot",
         "fork",
         "pause",
+        "auto_resume",
         "connect",
         "kill",
     ] {

@@ -64,6 +64,35 @@ resumed = Sandbox.connect(sbx.sandbox_id, timeout=60)
 assert resumed.sandbox_id == sbx.sandbox_id
 assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.RUNNING
 
+# Lifecycle: what `lifecycle=` sends is stored and read back. Paused, a sandbox with
+# auto-resume is woken by its traffic (the test-double agent proxy answers /health), one
+# without it is not running; pausing a paused sandbox is False.
+assert sbx.get_info().lifecycle == {"on_timeout": "kill", "auto_resume": False}
+lc = Sandbox.create(timeout=60, lifecycle={"on_timeout": "pause", "auto_resume": True})
+assert lc.get_info().lifecycle == {"on_timeout": "pause", "auto_resume": True}
+no_wake = Sandbox.create(timeout=60, lifecycle={"on_timeout": {"action": "pause", "mode": "full"}})
+assert no_wake.get_info().lifecycle == {"on_timeout": "pause", "auto_resume": False}
+for s in [lc, no_wake]:
+    assert s.pause() is True
+    assert s.pause() is False
+    assert s.get_info().state == SandboxState.PAUSED
+assert no_wake.is_running() is False
+assert no_wake.get_info().state == SandboxState.PAUSED
+assert lc.is_running() is True
+assert lc.get_info().state == SandboxState.RUNNING
+try:
+    Sandbox.create(lifecycle={"on_timeout": {"action": "pause", "mode": "filesystem"}})
+    raise AssertionError("filesystem-only pauses are refused")
+except SandboxException as e:
+    assert "400" in str(e) and "autoPauseMemory" in str(e), e
+try:
+    no_wake.pause(mode="filesystem")
+    raise AssertionError("filesystem-only pauses are refused")
+except SandboxException as e:
+    assert "400" in str(e), e
+lc.kill()
+no_wake.kill()
+
 assert Sandbox.kill(sbx.sandbox_id) is True
 assert Sandbox.kill(sbx.sandbox_id) is False
 try:

@@ -34,6 +34,7 @@ fn sandbox(id: &str, team: &TeamId, started: i64, meta: &[(&str, &str)]) -> Sand
         started_at: UnixMillis(started),
         end_at: UnixMillis(started + 1000),
         auto_pause: false,
+        auto_resume: false,
         allow_internet_access: None,
         updated_at: UnixMillis(1_000),
         network: None,
@@ -176,7 +177,17 @@ async fn exercise(store: Store) {
         s
     };
     assert!(store.insert_placed(&placed(1)).await.unwrap());
-    assert!(store.insert_placed(&placed(2)).await.unwrap());
+    // The lifecycle settings read back as they were written.
+    let lifecycle = SandboxRecord {
+        auto_pause: true,
+        auto_resume: true,
+        ..placed(2)
+    };
+    assert!(store.insert_placed(&lifecycle).await.unwrap());
+    assert_eq!(
+        store.get_sandbox(lifecycle.id.as_str()).await.unwrap(),
+        Some(lifecycle)
+    );
     assert!(
         !store.insert_placed(&placed(3)).await.unwrap(),
         "16 vCPUs: 10 + 3 + 3 used"

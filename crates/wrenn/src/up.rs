@@ -833,6 +833,7 @@ mod tests {
             started_at: UnixMillis(0),
             end_at: UnixMillis(1),
             auto_pause: false,
+            auto_resume: false,
             allow_internet_access: None,
             updated_at: UnixMillis(0),
             network: None,

@@ -40,6 +40,11 @@ pub struct FakeAgent {
     /// When set, a Create (after it listed its sandbox, as the real agent lists a sandbox
     /// being created) waits for a permit: a slow create.
     pub create_gate: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
+    /// When set, a Pause (once logged, before it pauses anything) waits for a permit: a slow
+    /// pause, during which the record is `pausing`.
+    pub pause_gate: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
+    /// When set, a Resume (once logged, before it resumes anything) waits for a permit.
+    pub resume_gate: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
     /// The next Create fails with this.
     pub fail_next_create: Mutex<Option<ConnectError>>,
     /// Sandboxes another operation holds: pause, resume, kill and set_timeout refuse them.
@@ -71,6 +76,8 @@ impl Default for FakeAgent {
             proxy_url: Default::default(),
             capacity: Mutex::new((64, 65536, 0)),
             create_gate: Default::default(),
+            pause_gate: Default::default(),
+            resume_gate: Default::default(),
             fail_next_create: Default::default(),
             busy: Default::default(),
             secrets: Default::default(),
@@ -104,6 +111,24 @@ impl FakeAgent {
     }
     pub fn release_creates(&self, n: usize) {
         if let Some(g) = &*self.create_gate.lock().unwrap() {
+            g.add_permits(n);
+        }
+    }
+    /// Makes pauses wait for [`FakeAgent::release_pauses`].
+    pub fn hold_pauses(&self) {
+        *self.pause_gate.lock().unwrap() = Some(Arc::new(tokio::sync::Semaphore::new(0)));
+    }
+    pub fn release_pauses(&self, n: usize) {
+        if let Some(g) = &*self.pause_gate.lock().unwrap() {
+            g.add_permits(n);
+        }
+    }
+    /// Makes resumes wait for [`FakeAgent::release_resumes`].
+    pub fn hold_resumes(&self) {
+        *self.resume_gate.lock().unwrap() = Some(Arc::new(tokio::sync::Semaphore::new(0)));
+    }
+    pub fn release_resumes(&self, n: usize) {
+        if let Some(g) = &*self.resume_gate.lock().unwrap() {
             g.add_permits(n);
         }
     }
@@ -232,6 +257,10 @@ impl AgentClient for FakeAgent {
     async fn pause(&self, req: PauseRequest) -> Result<PauseResponse, ConnectError> {
         self.log(format!("pause {}", req.sandbox_id));
         self.refuse_busy(&req.sandbox_id)?;
+        let gate = self.pause_gate.lock().unwrap().clone();
+        if let Some(gate) = gate {
+            gate.acquire().await.unwrap().forget();
+        }
         let mut s = self.sandboxes.lock().unwrap();
         match s.get_mut(&req.sandbox_id) {
             Some((st @ SandboxState::Running, _)) => {
@@ -245,6 +274,10 @@ impl AgentClient for FakeAgent {
     async fn resume(&self, req: ResumeRequest) -> Result<ResumeResponse, ConnectError> {
         self.log(format!("resume {}", req.sandbox_id));
         self.refuse_busy(&req.sandbox_id)?;
+        let gate = self.resume_gate.lock().unwrap().clone();
+        if let Some(gate) = gate {
+            gate.acquire().await.unwrap().forget();
+        }
         let mut s = self.sandboxes.lock().unwrap();
         match s.get_mut(&req.sandbox_id) {
             Some((st @ SandboxState::Paused, spec)) => {
