@@ -13,7 +13,7 @@
 
 mod guest;
 pub mod image;
-mod layers;
+pub(crate) mod layers;
 mod steps;
 
 use std::collections::HashMap;

@@ -362,8 +362,9 @@ impl<R: Runtime> Controller<R> {
             });
         }
         let slot = std::mem::replace(&mut e.slot, Slot::Busy(op));
-        if matches!(slot, Slot::Running(_)) {
-            // Pause and kill: the guest stops answering now.
+        if matches!(slot, Slot::Running(_)) && op != Op::Snapshot {
+            // Pause and kill: the guest stops answering now. A snapshot captures it in place,
+            // so its connections stay open (new ones wait for the end of the capture).
             e.end_traffic();
         }
         Ok((e.meta.clone(), slot))

@@ -379,6 +379,22 @@ impl Runtime for QemuRuntime {
         Ok(taken(&info))
     }
 
+    async fn snapshot_running(
+        &self,
+        meta: &SandboxMeta,
+        sandbox: &Running,
+        snapshot_id: &str,
+    ) -> Result<(SnapshotTaken, std::time::Duration), RuntimeError> {
+        let root = self.snapshots_root();
+        std::fs::create_dir_all(&root).map_err(|e| RuntimeError::step("snapshot")(Box::new(e)))?;
+        let (info, stopped) =
+            crate::snapshots::take_running(&root, snapshot_id, meta, sandbox, &self.deadlines)
+                .await
+                .map_err(|e| RuntimeError::step("snapshot")(Box::new(e)))?;
+        tracing::info!(snapshot_id = %info.id, ?stopped, disk_bytes = info.disk_bytes, memory_bytes = info.memory_bytes, "snapshot taken in place");
+        Ok((taken(&info), stopped))
+    }
+
     fn snapshot_info(&self, snapshot_id: &str) -> Option<SnapshotTaken> {
         crate::snapshots::open(&self.snapshots_root(), snapshot_id).map(|i| taken(&i))
     }

@@ -217,6 +217,16 @@ pub trait Runtime: Send + Sync + 'static {
         snapshot_id: &str,
     ) -> impl Future<Output = Result<SnapshotTaken, RuntimeError>> + Send;
 
+    /// Snapshot `snapshot_id` of a running sandbox, captured in place: its guest stopped
+    /// for the capture and continued after (whatever failed: it keeps running). Returns how
+    /// long it was stopped.
+    fn snapshot_running(
+        &self,
+        meta: &SandboxMeta,
+        sandbox: &Self::Running,
+        snapshot_id: &str,
+    ) -> impl Future<Output = Result<(SnapshotTaken, std::time::Duration), RuntimeError>> + Send;
+
     /// A snapshot sandboxes can start from now.
     fn snapshot_info(&self, snapshot_id: &str) -> Option<SnapshotTaken>;
 

@@ -46,8 +46,10 @@ use crate::runtime::SandboxMeta;
 use crate::snapshot::{Snapshot, SnapshotError, sha256_file};
 use crate::vm::{NetAttach, Vm, VmError, VmSpec, create_overlay, qemu_version};
 
+mod checkpoint;
 mod paused;
 
+pub use checkpoint::{CHECKPOINT_DISK, Checkpoint};
 pub use paused::{PausedSandbox, settle_interrupted};
 use paused::{back_to_paused, commit_paused, remove_paused_files};
 

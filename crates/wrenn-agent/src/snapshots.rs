@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::runtime::SandboxMeta;
-use crate::sandbox::{PausedManifest, PausedSandbox};
+use crate::sandbox::{Deadlines, PausedManifest, PausedSandbox, Sandbox, SandboxNet};
 
 /// What a snapshot's directory says about it.
 pub const INFO_FILE: &str = "snapshot.json";
@@ -26,6 +26,8 @@ pub const INFO_FILE: &str = "snapshot.json";
 const RELEASED: &str = "released";
 /// The snapshot's disk layer.
 const DISK: &str = "rootfs.qcow2";
+/// A staging directory this old belongs to no capture in progress.
+const STALE_STAGING: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// A snapshot.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,6 +76,9 @@ pub enum SnapshotsError {
         #[source]
         source: std::io::Error,
     },
+    /// Capturing the running sandbox failed (it runs on).
+    #[error("capture the running sandbox")]
+    Capture(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// Making the new sandbox's disk or record failed.
     #[error("prepare the sandbox from the snapshot")]
     Prepare(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -143,6 +148,22 @@ fn fill(
     }
     let copy = staging.join(DISK);
     std::fs::copy(&disk, &copy).map_err(io("copy", &disk))?;
+    let mut manifest = m.clone();
+    manifest.disk = DISK.into();
+    describe(root, staging, id, meta, manifest)
+}
+
+/// Syncs the snapshot files `staging` holds and writes its info file; blocking.
+fn describe(
+    root: &Path,
+    staging: &Path,
+    id: &str,
+    meta: &SandboxMeta,
+    manifest: PausedManifest,
+) -> Result<SnapshotInfo, SnapshotsError> {
+    let copy = staging.join(DISK);
+    let chain =
+        crate::jail::disk::chain(&copy).map_err(|e| SnapshotsError::Prepare(Box::new(e)))?;
     let parent = chain.iter().skip(1).find_map(|l| {
         let rel = l.path.strip_prefix(root).ok()?;
         Some(
@@ -154,8 +175,17 @@ fn fill(
         )
     });
     let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
-    let mut manifest = m.clone();
-    manifest.disk = DISK.into();
+    for f in [
+        manifest.state.file.as_str(),
+        manifest.memory_diff.file.as_str(),
+        DISK,
+    ] {
+        let p = staging.join(f);
+        std::fs::File::open(&p)
+            .and_then(|f| f.sync_all())
+            .map_err(io("sync", &p))?;
+    }
+    let memory_bytes = size(&staging.join(&manifest.memory_diff.file));
     let info = SnapshotInfo {
         id: id.to_owned(),
         source_sandbox_id: meta.sandbox_id.clone(),
@@ -164,18 +194,55 @@ fn fill(
         parent,
         created_unix_ms: crate::controller::now_ms(),
         disk_bytes: size(&copy),
-        memory_bytes: size(&staging.join(&m.memory_diff.file)),
+        memory_bytes,
     };
-    for f in [m.state.file.as_str(), m.memory_diff.file.as_str(), DISK] {
-        let p = staging.join(f);
-        std::fs::File::open(&p)
-            .and_then(|f| f.sync_all())
-            .map_err(io("sync", &p))?;
-    }
     let path = staging.join(INFO_FILE);
     let text = serde_json::to_vec_pretty(&info).unwrap_or_default();
     std::fs::write(&path, text).map_err(io("write", &path))?;
     Ok(info)
+}
+
+/// Snapshot `id` of running sandbox `sandbox` (`meta`) under `root`, captured in place: the
+/// guest stopped meanwhile, running on afterwards. Returns how long it was stopped.
+pub async fn take_running<N: SandboxNet>(
+    root: &Path,
+    id: &str,
+    meta: &SandboxMeta,
+    sandbox: &Sandbox<N>,
+    deadlines: &Deadlines,
+) -> Result<(SnapshotInfo, std::time::Duration), SnapshotsError> {
+    if !valid_id(id) {
+        return Err(SnapshotsError::BadId(id.to_owned()));
+    }
+    let dir = root.join(id);
+    if dir.exists() {
+        return Err(SnapshotsError::Exists(id.to_owned()));
+    }
+    let staging = root.join(format!(".{id}.staging"));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(io("create", &staging))?;
+    let res = async {
+        let c = sandbox
+            .checkpoint(&staging, deadlines)
+            .await
+            .map_err(|e| SnapshotsError::Capture(Box::new(e)))?;
+        let (r, s, i, m) = (
+            root.to_owned(),
+            staging.clone(),
+            id.to_owned(),
+            meta.clone(),
+        );
+        let info = tokio::task::spawn_blocking(move || describe(&r, &s, &i, &m, c.manifest))
+            .await
+            .map_err(|e| SnapshotsError::Prepare(Box::new(e)))??;
+        std::fs::rename(&staging, &dir).map_err(io("rename", &staging))?;
+        Ok((info, c.stopped))
+    }
+    .await;
+    if res.is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    res
 }
 
 fn link_or_copy(from: &Path, to: &Path) -> Result<(), SnapshotsError> {
@@ -269,6 +336,16 @@ pub fn sweep(root: &Path, sandboxes: &Path) -> Vec<String> {
     let mut sandbox_layers: HashSet<PathBuf> = HashSet::new();
     for e in std::fs::read_dir(sandboxes).into_iter().flatten().flatten() {
         sandbox_layers.extend(chains_in(&e.path()));
+    }
+    // A capture cut short (its operation dropped) leaves its staging directory.
+    for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let stale = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().unwrap_or_default() > STALE_STAGING);
+        if e.file_name().to_string_lossy().ends_with(".staging") && stale {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
     let mut snaps: Vec<PathBuf> = std::fs::read_dir(root)
         .into_iter()

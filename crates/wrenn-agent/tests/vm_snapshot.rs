@@ -1,7 +1,8 @@
 //! Snapshots against real QEMU guests: a running sandbox captured (and running again with its
 //! state), two sandboxes started from the capture, each with the source's file and memory, their
 //! own tokens and kernel RNG, and changes invisible to each other; a paused sandbox captured
-//! and still paused; a snapshot outliving its source; a deleted snapshot kept while sandboxes
+//! and still paused; a resumed one captured in place (its run overlay and paused disk as one
+//! layer); a snapshot outliving its source; a deleted snapshot kept while sandboxes
 //! are layered on it, and removed once they are gone.
 //!
 //! Gated by `WRENN_VM_TESTS=1`. Slot indices 5440..5500 are this test's own.
@@ -152,7 +153,26 @@ async fn snapshots_copy_running_and_paused_sandboxes() {
         .expect("snapshot of a paused sandbox");
     assert_eq!(c.paused_for, Duration::ZERO);
     assert_eq!(ctl.get("src").unwrap().phase, Phase::Paused);
+    // Resumed (its disk a run overlay on the paused disk), then captured in place: the
+    // snapshot's one layer holds both.
+    ctl.resume("src", GuestInit::default(), 0)
+        .await
+        .expect("resume");
+    let src = a.envd_base_url("src").unwrap();
+    run_ok_with(&src, opts("t-src"), "echo after-resume > /root/g && sync").await;
+    ctl.snapshot("src", "s3")
+        .await
+        .expect("snapshot of a resumed sandbox");
     ctl.kill("src").await.unwrap();
+    ctl.create(create_args("c5", "t-c5", Some("s3")))
+        .await
+        .expect("create from the resumed source's snapshot");
+    let c5 = a.envd_base_url("c5").unwrap();
+    assert_eq!(
+        run_ok_with(&c5, opts("t-c5"), "cat /root/f /root/g").await,
+        "on-disk\nafter-resume"
+    );
+    ctl.kill("c5").await.unwrap();
     ctl.create(create_args("c3", "t-c3", Some("s2")))
         .await
         .expect("create from the paused source's snapshot");

@@ -1,12 +1,11 @@
-//! The snapshot operation: a paused sandbox's files kept as a snapshot; a running one paused
-//! for it and resumed (same ID, token and deadlines), so the capture reuses the pause and
-//! resume that keep a sandbox whole whatever fails.
+//! The snapshot operation: a paused sandbox's files kept as a snapshot; a running one
+//! captured in place (its guest stopped for the capture, then continued in the same QEMU).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{ControlError, Controller, Op, OpGuard, Slot};
-use crate::runtime::{GuestInit, PauseFailure, ResumeFailure, Runtime, SnapshotTaken};
+use crate::runtime::{Runtime, SnapshotTaken};
 
 /// A snapshot taken, and how long its running source was stopped for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,9 +17,8 @@ pub struct Captured {
 }
 
 impl<R: Runtime> Controller<R> {
-    /// Snapshot `snapshot_id` of sandbox `id`, running or paused; it ends as it was. A
-    /// failure leaves no snapshot; a running source that cannot be resumed afterwards stays
-    /// paused (with its state: nothing is lost) and the call fails.
+    /// Snapshot `snapshot_id` of sandbox `id`, running or paused; it ends as it was (running
+    /// or paused) whatever happens. A failure leaves no snapshot.
     pub async fn snapshot(
         self: &Arc<Self>,
         id: &str,
@@ -33,62 +31,29 @@ impl<R: Runtime> Controller<R> {
         let ctl = self.clone();
         let snap = snapshot_id.to_owned();
         self.detach(id, Op::Snapshot, async move {
-            let step = |what: &'static str| {
-                move |source| ControlError::Runtime { what, source }
-            };
-            let (paused, started) = match slot {
-                Slot::Paused(p) => (p, None),
-                Slot::Running(sb) => {
-                    let started = Instant::now();
-                    match ctl.runtime.pause(&meta, sb).await {
-                        Ok(p) => (p, Some(started)),
-                        Err(PauseFailure::Running(source, sb)) => {
-                            guard.finish(Some(Slot::Running(sb)), &meta);
-                            return Err(step("pause for the snapshot")(source));
-                        }
-                        Err(PauseFailure::Lost(source)) => {
-                            guard.finish(None, &meta);
-                            return Err(ControlError::Lost {
-                                what: "pause for the snapshot",
-                                source,
-                            });
-                        }
-                    }
-                }
-                Slot::Busy(_) => unreachable!("take checked the state"),
-            };
-            let taken = ctl.runtime.snapshot(&meta, &paused, &snap).await;
-            let Some(started) = started else {
-                guard.finish(Some(Slot::Paused(paused)), &meta);
-                return taken.map_err(step("snapshot")).map(|snapshot| Captured {
-                    snapshot,
-                    paused_for: Duration::ZERO,
-                });
-            };
-            match ctl.runtime.resume(&meta, paused, GuestInit::default()).await {
-                Ok(sb) => {
-                    let paused_for = started.elapsed();
-                    tracing::info!(snapshot_id = %snap, ?paused_for, "snapshotted");
-                    guard.finish(Some(Slot::Running(sb)), &meta);
-                    taken
-                        .map_err(step("snapshot"))
-                        .map(|snapshot| Captured {
-                            snapshot,
-                            paused_for,
-                        })
-                }
-                Err(ResumeFailure::Paused(source, p)) => {
-                    tracing::warn!(error = %crate::error_chain(&source), "resume after the snapshot failed; paused");
+            let step = |what: &'static str| move |source| ControlError::Runtime { what, source };
+            match slot {
+                Slot::Paused(p) => {
+                    let taken = ctl.runtime.snapshot(&meta, &p, &snap).await;
                     guard.finish(Some(Slot::Paused(p)), &meta);
-                    Err(step("resume after the snapshot")(source))
-                }
-                Err(ResumeFailure::Lost(source)) => {
-                    guard.finish(None, &meta);
-                    Err(ControlError::Lost {
-                        what: "resume after the snapshot",
-                        source,
+                    taken.map_err(step("snapshot")).map(|snapshot| Captured {
+                        snapshot,
+                        paused_for: Duration::ZERO,
                     })
                 }
+                Slot::Running(sb) => {
+                    // In place: the guest is stopped for the capture and runs on after it,
+                    // in the same QEMU, whatever failed.
+                    let taken = ctl.runtime.snapshot_running(&meta, &sb, &snap).await;
+                    guard.finish(Some(Slot::Running(sb)), &meta);
+                    let (snapshot, paused_for) = taken.map_err(step("snapshot"))?;
+                    tracing::info!(snapshot_id = %snap, ?paused_for, "snapshotted");
+                    Ok(Captured {
+                        snapshot,
+                        paused_for,
+                    })
+                }
+                Slot::Busy(_) => unreachable!("take checked the state"),
             }
         })
         .await

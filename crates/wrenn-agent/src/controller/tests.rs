@@ -24,18 +24,8 @@ const STEPS_RESUME: &[&str] = &[
     "resume:init",
 ];
 const STEPS_KILL: &[&str] = &["kill:stop", "kill:remove"];
-/// A running source's snapshot: paused, captured, resumed.
-const STEPS_SNAPSHOT: &[&str] = &[
-    "pause:prepare",
-    "pause:save",
-    "pause:quit",
-    "pause:commit",
-    "snapshot:files",
-    "resume:slot",
-    "resume:restore",
-    "resume:health",
-    "resume:init",
-];
+/// A running source's snapshot, captured in place.
+const STEPS_SNAPSHOT: &[&str] = &["checkpoint:prepare", "checkpoint:save", "checkpoint:cont"];
 
 /// The fake host: which VMs run and which paused sandboxes are complete on disk.
 #[derive(Debug, Default)]
@@ -197,6 +187,30 @@ impl Runtime for Fake {
             .snapshots
             .insert(snapshot_id.to_owned(), taken.clone());
         Ok(taken)
+    }
+
+    async fn snapshot_running(
+        &self,
+        meta: &SandboxMeta,
+        _sb: &FakeVm,
+        snapshot_id: &str,
+    ) -> Result<(crate::runtime::SnapshotTaken, Duration), RuntimeError> {
+        for s in STEPS_SNAPSHOT {
+            self.step(s).await?;
+        }
+        let taken = crate::runtime::SnapshotTaken {
+            template_id: meta.template_id.clone(),
+            vcpus: meta.vcpus,
+            memory_mb: meta.memory_mb,
+            envd_version: meta.envd_version.clone(),
+            disk_bytes: 1,
+            memory_bytes: 1,
+            parent: None,
+        };
+        lock(&self.host)
+            .snapshots
+            .insert(snapshot_id.to_owned(), taken.clone());
+        Ok((taken, Duration::from_millis(1)))
     }
 
     fn snapshot_info(&self, snapshot_id: &str) -> Option<crate::runtime::SnapshotTaken> {
@@ -392,11 +406,6 @@ fn steps_of(op: Op) -> &'static [&'static str] {
 
 const OPS: [Op; 5] = [Op::Create, Op::Pause, Op::Resume, Op::Kill, Op::Snapshot];
 
-/// Whether `step` of a snapshot comes before its source's pause was complete.
-fn before_paused(step: &str) -> bool {
-    step.starts_with("pause:")
-}
-
 #[test]
 fn process_dropping_an_operation_at_any_step_leaves_a_consistent_table() {
     for op in OPS {
@@ -426,15 +435,9 @@ fn process_dropping_an_operation_at_any_step_leaves_a_consistent_table() {
                         "{op} at {step}"
                     )
                 }
-                // As a pause up to its end; then paused, whatever the capture or resume did.
-                Op::Snapshot if before_paused(step) => {
-                    assert!(entry.is_none(), "{op} at {step}: {entry:?}")
-                }
-                Op::Snapshot => assert_eq!(
-                    entry.map(|s| s.phase),
-                    Some(Phase::Paused),
-                    "{op} at {step}"
-                ),
+                // The running handle went with the dropped operation (as a pause's does
+                // before its snapshot is complete): the sandbox is gone, never half there.
+                Op::Snapshot => assert!(entry.is_none(), "{op} at {step}: {entry:?}"),
             }
             // And the table works on: a new sandbox can be created and killed.
             let rt = runtime();
@@ -517,24 +520,11 @@ fn a_failed_step_leaves_the_sandbox_as_it_was_or_cleanly_gone() {
                     }
                     // Kill's steps are best effort: it always ends with the sandbox gone.
                     Op::Kill => assert_eq!(phase, None),
-                    Op::Snapshot if step == "pause:quit" || step == "pause:commit" => {
-                        assert!(matches!(result, Err(ControlError::Lost { .. })));
-                        assert_eq!(phase, None);
-                    }
-                    // A failed pause or capture: running as before, and no snapshot.
-                    Op::Snapshot if before_paused(step) || step == "snapshot:files" => {
+                    // A failed capture: running as before, and no snapshot.
+                    Op::Snapshot => {
                         assert!(matches!(result, Err(ControlError::Runtime { .. })));
                         assert_eq!(phase, Some(Phase::Running), "still running after {step}");
                         assert!(ctl.runtime.snapshot_info("snap").is_none());
-                    }
-                    // The capture is complete but the source could not come back: paused,
-                    // with its state, and resumable.
-                    Op::Snapshot => {
-                        assert!(matches!(result, Err(ControlError::Runtime { .. })));
-                        assert_eq!(phase, Some(Phase::Paused), "paused after {step}");
-                        *lock(&ctl.runtime.fail) = None;
-                        ctl.resume("sb", GuestInit::default(), 0).await.unwrap();
-                        assert_consistent(&ctl);
                     }
                 }
             });
@@ -716,10 +706,17 @@ fn a_snapshot_leaves_its_source_as_it_was_and_starts_sandboxes() {
     runtime().block_on(async {
         let ctl = Controller::new(Fake::default(), 8);
         ctl.create(create_args("sb")).await.unwrap();
-        // A running source is paused for the capture and running again afterwards.
+        // A running source is captured in place: no pause, no resume, and its run's
+        // connections stay open.
+        let traffic = ctl.with_running_traffic("sb", |_| ()).map(|t| t.1).unwrap();
+        lock(&ctl.runtime.steps).clear();
         ctl.snapshot("sb", "s1").await.unwrap();
         assert_eq!(ctl.get("sb").unwrap().phase, Phase::Running);
-        assert!(lock(&ctl.runtime.steps).contains(&"resume:init"));
+        assert_eq!(*lock(&ctl.runtime.steps), STEPS_SNAPSHOT);
+        assert!(
+            !traffic.is_cancelled(),
+            "a snapshot must not cut the run's traffic"
+        );
         // A paused one is captured as it is and stays paused.
         ctl.pause("sb").await.unwrap();
         lock(&ctl.runtime.steps).clear();
@@ -749,7 +746,7 @@ fn a_snapshot_leaves_its_source_as_it_was_and_starts_sandboxes() {
         assert!(ctl.get("c3").is_none());
         // A capture that fails leaves a running source running.
         ctl.resume("sb", GuestInit::default(), 0).await.unwrap();
-        *lock(&ctl.runtime.fail) = Some("snapshot:files");
+        *lock(&ctl.runtime.fail) = Some("checkpoint:save");
         assert!(ctl.snapshot("sb", "s3").await.is_err());
         assert_eq!(ctl.get("sb").unwrap().phase, Phase::Running);
         assert!(ctl.runtime.snapshot_info("s3").is_none());
