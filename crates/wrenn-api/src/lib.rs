@@ -23,9 +23,10 @@ pub use sandbox::{
 };
 pub use template::{
     AssignTemplateTags, AssignedTemplateTags, BuildLogEntry, BuildStatusReason, DeleteTemplateTags,
-    TemplateBuildInfo, TemplateBuildLogs, TemplateBuildRequest, TemplateBuildRequested,
-    TemplateBuildStart, TemplateBuildStatus, TemplateFileUpload, TemplateListed, TemplateStep,
-    TemplateTag,
+    TemplateBuild, TemplateBuildInfo, TemplateBuildLogs, TemplateBuildRequest,
+    TemplateBuildRequested, TemplateBuildStart, TemplateBuildStatus, TemplateFileUpload,
+    TemplateListed, TemplateStep, TemplateTag, TemplateUpdateRequest, TemplateUpdateResponse,
+    TemplateWithBuilds,
 };
 
 /// `clientID` in every sandbox response: a constant kept for backward compatibility, the same

@@ -1,6 +1,7 @@
 //! Template builds: the routes the SDKs' `Template` builder drives (`POST /v3/templates`,
 //! `GET /templates/{id}/files/{hash}`, `POST /v2/templates/{id}/builds/{buildID}`, the build's
-//! `/status`), and the template list and tags.
+//! `/status`), the template list, one template with its builds (`GET /templates/{id}`), its
+//! update (`PATCH /templates/{id}`, `PATCH /v2/templates/{id}`) and tags.
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -200,6 +201,57 @@ pub struct TemplateListed {
     pub build_count: u64,
     pub envd_version: String,
     pub build_status: TemplateBuildStatus,
+}
+
+/// One build of [`TemplateWithBuilds`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateBuild {
+    /// A UUID (the SDKs parse it as one).
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    pub status: TemplateBuildStatus,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    /// Only once `ready` or `error`: the SDKs parse it as a time when present, so a build
+    /// still running has none rather than a null.
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub finished_at: Option<OffsetDateTime>,
+    pub cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u64,
+    #[serde(rename = "diskSizeMB")]
+    pub disk_size_mb: u64,
+    pub envd_version: String,
+}
+
+/// `GET /templates/{id}`: the template as `GET /templates` lists it, with a page of its
+/// builds, newest first (`x-next-token` names the next page).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateWithBuilds {
+    #[serde(flatten)]
+    pub template: TemplateListed,
+    pub builds: Vec<TemplateBuild>,
+}
+
+/// `PATCH /templates/{id}` and `PATCH /v2/templates/{id}`: what to change (absent: unchanged).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateUpdateRequest {
+    /// Whether every team may use it, or only its own.
+    #[serde(default)]
+    pub public: Option<bool>,
+}
+
+/// The answer to [`TemplateUpdateRequest`] on `PATCH /v2/templates/{id}` (200; v1 has no body).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateUpdateResponse {
+    pub names: Vec<String>,
 }
 
 /// One tag of `GET /templates/{id}/tags`.

@@ -18,6 +18,7 @@ pub mod reconcile;
 mod service;
 mod snapshots;
 pub mod store;
+mod template_info;
 mod templates;
 pub mod tokens;
 

@@ -626,10 +626,10 @@ impl ControlPlane {
         team: &TeamRecord,
         alias: &str,
     ) -> Result<wrenn_api::TemplateAlias, ApiError> {
-        match self.store.find_template(alias).await? {
-            Some(t) if t.visible_to(&team.id) => Ok(wrenn_api::TemplateAlias {
-                public: t.team_id.is_none(),
-                template_id: t.id,
+        match self.store.template_entry(alias).await? {
+            Some(e) if e.visible_to(&team.id) => Ok(wrenn_api::TemplateAlias {
+                public: e.public(),
+                template_id: e.template.id,
             }),
             Some(_) => Err(ApiError::Forbidden(format!(
                 "You don't have access to template '{alias}'"

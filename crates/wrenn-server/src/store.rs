@@ -42,8 +42,7 @@ mod templates;
 
 pub use idempotency::{IdempotencyClaim, IdempotencyRecord};
 pub use snapshots::SnapshotRecord;
-pub use templates::{BuildLogRecord, BuildRecord, CurrentBuild, TagRecord};
-use templates::{TEMPLATE_COLUMNS, template_from_row};
+pub use templates::{BuildLogRecord, BuildRecord, CurrentBuild, TagRecord, TemplateEntry};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -88,7 +87,7 @@ pub struct TeamRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TemplateRecord {
     pub id: String,
-    /// `None`: public.
+    /// `None`: built in, every team's (a team's own may be shared too: [`TemplateEntry`]).
     pub team_id: Option<TeamId>,
     pub envd_version: String,
     pub vcpus: u32,
@@ -99,13 +98,6 @@ pub struct TemplateRecord {
     /// A built template's ready version; `None` for the others (the host knows them by ID),
     /// and for a built template whose first build is not ready yet.
     pub build: Option<CurrentBuild>,
-}
-
-impl TemplateRecord {
-    /// Whether `team` may use it: it is public or the team's own.
-    pub fn visible_to(&self, team: &TeamId) -> bool {
-        self.team_id.as_ref().is_none_or(|owner| owner == team)
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -310,23 +302,16 @@ impl Store {
 
     /// A template the team may use: a public one or its own.
     pub async fn get_template(&self, id: &str, team: &TeamId) -> Result<Option<TemplateRecord>> {
-        Ok(self.find_template(id).await?.filter(|t| t.visible_to(team)))
+        Ok(self
+            .template_entry(id)
+            .await?
+            .filter(|e| e.visible_to(team))
+            .map(|e| e.template))
     }
 
     /// A template by ID or name, whoever owns it.
     pub async fn find_template(&self, id: &str) -> Result<Option<TemplateRecord>> {
-        for col in ["id", "name"] {
-            let row = sqlx::query(&format!(
-                "SELECT {TEMPLATE_COLUMNS} FROM templates WHERE {col} = $1"
-            ))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-            if let Some(r) = row {
-                return template_from_row(&r).map(Some);
-            }
-        }
-        Ok(None)
+        Ok(self.template_entry(id).await?.map(|e| e.template))
     }
 
     // Hosts.

@@ -1,5 +1,5 @@
-//! Template builds as the SDKs' `Template` builder drives them, and the template list, tags and
-//! deletion.
+//! Template builds as the SDKs' `Template` builder drives them, and templates' tags and
+//! deletion (the list, one template's details and its sharing are `template_info`).
 //!
 //! A build is requested (`POST /v3/templates`: the team's template of that name, made if new,
 //! and a `waiting` build), its `COPY` contexts uploaded to links signed by this control plane
@@ -23,7 +23,7 @@ use wrenn_agent_proto::v1::{self as agent, build_template_event::Event};
 use wrenn_api::{
     AssignTemplateTags, AssignedTemplateTags, BuildLogEntry, BuildStatusReason, DeleteTemplateTags,
     TemplateBuildInfo, TemplateBuildLogs, TemplateBuildRequest, TemplateBuildRequested,
-    TemplateBuildStart, TemplateBuildStatus, TemplateFileUpload, TemplateListed, TemplateTag,
+    TemplateBuildStart, TemplateBuildStatus, TemplateFileUpload, TemplateTag,
 };
 use wrenn_connect::BoxStream;
 use wrenn_core::{HostId, TeamId, TemplateId, UnixMillis};
@@ -136,7 +136,7 @@ fn reason_json(message: &str, step: Option<String>) -> String {
     .unwrap_or_default()
 }
 
-fn status_of(b: &BuildRecord) -> TemplateBuildStatus {
+pub(crate) fn status_of(b: &BuildRecord) -> TemplateBuildStatus {
     TemplateBuildStatus::parse(&b.status).unwrap_or(TemplateBuildStatus::Error)
 }
 
@@ -146,34 +146,6 @@ fn log_entry(l: &BuildLogRecord) -> BuildLogEntry {
         message: l.message.clone(),
         level: l.level.clone(),
         step: l.step.clone(),
-    }
-}
-
-fn listed(
-    t: &TemplateRecord,
-    created: UnixMillis,
-    updated: UnixMillis,
-    builds: u64,
-    status: TemplateBuildStatus,
-) -> TemplateListed {
-    let names: Vec<String> = t.name.iter().cloned().collect();
-    TemplateListed {
-        template_id: t.id.clone(),
-        build_id: t.build.as_ref().map(|b| b.id.clone()).unwrap_or_default(),
-        cpu_count: t.vcpus,
-        memory_mb: t.memory_mb,
-        disk_size_mb: t.disk_size_mb,
-        public: t.team_id.is_none(),
-        aliases: names.clone(),
-        names,
-        created_at: to_datetime(created),
-        updated_at: to_datetime(updated),
-        created_by: None,
-        last_spawned_at: None,
-        spawn_count: 0,
-        build_count: builds,
-        envd_version: t.envd_version.clone(),
-        build_status: status,
     }
 }
 
@@ -811,29 +783,6 @@ impl ControlPlane {
                 .map(log_entry)
                 .collect(),
         })
-    }
-
-    /// `GET /templates`: the team's templates and the public ones.
-    pub async fn list_templates(&self, team: &TeamRecord) -> Result<Vec<TemplateListed>, ApiError> {
-        let mut out = Vec::new();
-        for (t, created, updated) in self.store.list_templates(&team.id).await? {
-            let (builds, status) = if t.name.is_some() {
-                let latest = self.store.latest_build(&t.id).await?;
-                let status = match (&t.build, latest.as_ref().map(status_of)) {
-                    // A failed rebuild does not make the template unusable.
-                    (Some(_), Some(TemplateBuildStatus::Error) | None) => {
-                        TemplateBuildStatus::Ready
-                    }
-                    (_, Some(s)) => s,
-                    (None, None) => TemplateBuildStatus::Waiting,
-                };
-                (self.store.count_builds(&t.id).await?, status)
-            } else {
-                (1, TemplateBuildStatus::Ready)
-            };
-            out.push(listed(&t, created, updated, builds, status));
-        }
-        Ok(out)
     }
 
     /// `DELETE /templates/{id}`: the team's template, its builds and tags. Its sandboxes keep

@@ -3,7 +3,7 @@
 //! collide).
 
 use wrenn_core::{HostId, SandboxId, TeamId, UnixMillis};
-use wrenn_server::store::{BuildLogRecord, BuildRecord, CurrentBuild, Store, TeamRecord};
+use wrenn_server::store::{BuildLogRecord, BuildRecord, CurrentBuild, Cursor, Store, TeamRecord};
 
 fn sfx() -> String {
     SandboxId::from_random(rand::random()).as_str()[..8].to_owned()
@@ -207,8 +207,38 @@ async fn exercise(store: Store) {
     assert!(
         listed
             .iter()
-            .any(|(t, _, changed)| t.id == tid && changed.0 == 4_000)
+            .any(|e| e.template.id == tid && e.updated_at.0 == 4_000 && !e.public())
     );
+    // Builds newest first, a page at a time (ties broken by ID).
+    let (page, more) = store.list_builds(&tid, None, 1).await.unwrap();
+    assert_eq!((page[0].id.as_str(), more), (b2.id.as_str(), true));
+    let after = Cursor {
+        time: page[0].created_at.0,
+        id: page[0].id.clone(),
+    };
+    let (page, more) = store.list_builds(&tid, Some(&after), 1).await.unwrap();
+    assert_eq!((page[0].id.as_str(), more), (b1.id.as_str(), false));
+    // Shared with every team, then not.
+    let other = TeamId::parse(&format!("other-{s}")).unwrap();
+    assert_eq!(store.get_template(&name, &other).await.unwrap(), None);
+    assert!(
+        store
+            .set_template_public(&tid, true, UnixMillis(8_000))
+            .await
+            .unwrap()
+    );
+    assert!(store.get_template(&name, &other).await.unwrap().is_some());
+    let theirs = store.list_templates(&other).await.unwrap();
+    let e = theirs.iter().find(|e| e.template.id == tid).unwrap();
+    assert!(e.public() && e.shared && e.updated_at.0 == 8_000);
+    assert!(
+        store
+            .set_template_public(&tid, false, UnixMillis(9_000))
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.get_template(&name, &other).await.unwrap(), None);
+
     // Deleting takes its builds, logs and tags with it.
     assert!(store.delete_template(&tid).await.unwrap());
     assert!(!store.delete_template(&tid).await.unwrap());

@@ -1,22 +1,26 @@
 //! The template routes: builds as the SDKs' `Template` builder drives them, the signed
 //! build-file links (the SDK uploads a `COPY` context with `PUT`, the building agent reads it
-//! with `GET`), and the template list, tags and deletion.
+//! with `GET`), and the template list, one template with its builds, its update (`public`),
+//! tags and deletion.
 
 use std::sync::Arc;
 
 use axum::body::Body as RawBody;
 use axum::extract::{Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{get, patch, post, put};
 use axum::{Json, Router};
 use futures::StreamExt as _;
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, HeaderValue, StatusCode};
 use tokio::io::AsyncWriteExt as _;
-use wrenn_api::{AssignTemplateTags, DeleteTemplateTags, TemplateBuildRequest, TemplateBuildStart};
+use wrenn_api::{
+    AssignTemplateTags, DeleteTemplateTags, TemplateBuildRequest, TemplateBuildStart,
+    TemplateUpdateRequest,
+};
 
 use serde::Deserialize;
 
-use super::{AuthTeam, Body, Cp, RequiredBody, query};
+use super::{AuthTeam, Body, Cp, MAX_LIMIT, RequiredBody, query};
 use crate::error::ApiError;
 use crate::service::ControlPlane;
 
@@ -27,7 +31,11 @@ pub(super) fn routes() -> Router<Arc<ControlPlane>> {
     Router::new()
         .route("/v3/templates", post(request_build))
         .route("/templates", get(list))
-        .route("/templates/{id}", axum::routing::delete(delete_template))
+        .route(
+            "/templates/{id}",
+            get(get_template).patch(update_v1).delete(delete_template),
+        )
+        .route("/v2/templates/{id}", patch(update_v2))
         .route("/templates/{id}/files/{hash}", get(upload_link))
         .route("/v2/templates/{id}/builds/{build}", post(start_build))
         .route("/templates/{id}/builds/{build}/status", get(build_status))
@@ -53,6 +61,14 @@ struct LogsQuery {
     limit: Option<u64>,
     direction: Option<String>,
     level: Option<String>,
+}
+
+/// `GET /templates/{id}` query: the page of builds.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BuildsQuery {
+    limit: Option<i64>,
+    next_token: Option<String>,
 }
 
 /// A signed build-file link's query.
@@ -149,6 +165,57 @@ async fn build_logs(
 
 async fn list(State(cp): Cp, AuthTeam(team): AuthTeam) -> Result<Response, ApiError> {
     Ok(Json(cp.list_templates(&team).await?).into_response())
+}
+
+/// 200 with the template and a page of its builds; `x-next-token` only when another page
+/// follows.
+async fn get_template(
+    State(cp): Cp,
+    AuthTeam(team): AuthTeam,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let q: BuildsQuery = query(raw.as_deref())?;
+    let limit = match q.limit {
+        None => MAX_LIMIT,
+        Some(l) if (1..=MAX_LIMIT as i64).contains(&l) => l as usize,
+        Some(l) => {
+            return Err(ApiError::BadRequest(format!(
+                "Invalid limit {l}: use 1 to {MAX_LIMIT}"
+            )));
+        }
+    };
+    let token = q.next_token.as_deref().filter(|t| !t.is_empty());
+    let (tpl, next) = cp.template_with_builds(&team, &id, token, limit).await?;
+    let mut resp = Json(tpl).into_response();
+    if let Some(next) = next {
+        resp.headers_mut().insert(
+            wrenn_api::NEXT_TOKEN_HEADER,
+            HeaderValue::from_str(&next).expect("base64 is a valid header"),
+        );
+    }
+    Ok(resp)
+}
+
+/// The deprecated v1 update: 200 with no body.
+async fn update_v1(
+    State(cp): Cp,
+    AuthTeam(team): AuthTeam,
+    Path(id): Path<String>,
+    Body(body): Body<TemplateUpdateRequest>,
+) -> Result<StatusCode, ApiError> {
+    cp.update_template(&team, &id, body).await?;
+    Ok(StatusCode::OK)
+}
+
+/// 200 with the template's names.
+async fn update_v2(
+    State(cp): Cp,
+    AuthTeam(team): AuthTeam,
+    Path(id): Path<String>,
+    Body(body): Body<TemplateUpdateRequest>,
+) -> Result<Response, ApiError> {
+    Ok(Json(cp.update_template(&team, &id, body).await?).into_response())
 }
 
 /// A template, or a snapshot: the SDKs delete snapshots here (204; unknown: 404).

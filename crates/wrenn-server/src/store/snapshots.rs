@@ -164,6 +164,24 @@ impl Store {
         row.as_ref().map(snapshot_from_row).transpose()
     }
 
+    /// Whether a team other than `team` has a snapshot (in any state) whose ID or name is one
+    /// of `refs`.
+    pub async fn snapshot_known_elsewhere(&self, team: &TeamId, refs: &[&str]) -> Result<bool> {
+        for r in refs {
+            let row = sqlx::query(
+                "SELECT id FROM snapshots WHERE team_id <> $1 AND (id = $2 OR name = $2) LIMIT 1",
+            )
+            .bind(team.as_str())
+            .bind(*r)
+            .fetch_optional(&self.pool)
+            .await?;
+            if row.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Removes a snapshot's record; `false` if there was none.
     pub async fn delete_snapshot(&self, id: &str) -> Result<bool> {
         let done = sqlx::query("DELETE FROM snapshots WHERE id = $1")

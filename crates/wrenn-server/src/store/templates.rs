@@ -4,15 +4,21 @@
 //! a host took it, then `ready` (in one transaction with its template, whose current version it
 //! becomes, and its tags) or `error`. A running build's `updated_at` is its heartbeat: one that
 //! stops beating (its control plane died) is failed by [`Store::fail_stale_builds`].
+//!
+//! A team's template may be shared with every team (`public`), which makes it usable by them
+//! as the built-in templates (those with no team) are.
 
 use sqlx::Row;
 use sqlx::any::AnyRow;
 use wrenn_core::{HostId, TeamId, UnixMillis};
 
-use super::{Result, Store, StoreError, TemplateRecord, parse_id, to_i64, u32_col, u64_col};
+use super::{
+    Cursor, Result, Store, StoreError, TemplateRecord, parse_id, to_i64, u32_col, u64_col,
+};
 
-pub(super) const TEMPLATE_COLUMNS: &str =
-    "id, team_id, envd_version, vcpus, memory_mb, disk_size_mb, name, build_id, build_host_id";
+/// A template's record, whether it is shared, and when it was made and last changed.
+const TEMPLATE_COLUMNS: &str = "id, team_id, envd_version, vcpus, memory_mb, disk_size_mb, name, \
+    build_id, build_host_id, public, created_at, COALESCE(updated_at, created_at) AS changed";
 
 const BUILD_COLUMNS: &str = "id, template_id, team_id, status, host_id, vcpus, memory_mb, \
     disk_size_mb, envd_version, tags, reason, created_at, updated_at";
@@ -65,7 +71,38 @@ pub struct TagRecord {
     pub created_at: UnixMillis,
 }
 
-pub(super) fn template_from_row(r: &AnyRow) -> Result<TemplateRecord> {
+/// A template with what its routes show beyond the record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateEntry {
+    pub template: TemplateRecord,
+    /// Its team shared it with every team.
+    pub shared: bool,
+    pub created_at: UnixMillis,
+    pub updated_at: UnixMillis,
+}
+
+impl TemplateEntry {
+    /// Every team may use it: built in, or shared by its team.
+    pub fn public(&self) -> bool {
+        self.template.team_id.is_none() || self.shared
+    }
+
+    /// Whether `team` may use it: it is public or the team's own.
+    pub fn visible_to(&self, team: &TeamId) -> bool {
+        self.public() || self.template.team_id.as_ref() == Some(team)
+    }
+}
+
+fn entry_from_row(r: &AnyRow) -> Result<TemplateEntry> {
+    Ok(TemplateEntry {
+        template: template_from_row(r)?,
+        shared: r.try_get::<i64, _>("public")? != 0,
+        created_at: UnixMillis(r.try_get("created_at")?),
+        updated_at: UnixMillis(r.try_get("changed")?),
+    })
+}
+
+fn template_from_row(r: &AnyRow) -> Result<TemplateRecord> {
     let id: String = r.try_get("id")?;
     let build = match (
         r.try_get::<Option<String>, _>("build_id")?,
@@ -157,28 +194,52 @@ impl Store {
         Ok(res.rows_affected() == 1)
     }
 
-    /// The templates `team` may use (its own and the public ones), oldest first, with when
-    /// each was made and last changed.
-    pub async fn list_templates(
-        &self,
-        team: &TeamId,
-    ) -> Result<Vec<(TemplateRecord, UnixMillis, UnixMillis)>> {
+    /// A template by ID, else by name, whoever owns it.
+    pub async fn template_entry(&self, id: &str) -> Result<Option<TemplateEntry>> {
+        for col in ["id", "name"] {
+            let row = sqlx::query(&format!(
+                "SELECT {TEMPLATE_COLUMNS} FROM templates WHERE {col} = $1"
+            ))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some(r) = row {
+                return entry_from_row(&r).map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    /// The templates `team` may use (its own, the built-in ones and those other teams
+    /// shared), oldest first.
+    pub async fn list_templates(&self, team: &TeamId) -> Result<Vec<TemplateEntry>> {
         let rows = sqlx::query(&format!(
-            "SELECT {TEMPLATE_COLUMNS}, created_at, COALESCE(updated_at, created_at) AS changed \
-             FROM templates WHERE team_id IS NULL OR team_id = $1 ORDER BY created_at, id"
+            "SELECT {TEMPLATE_COLUMNS} FROM templates \
+             WHERE team_id IS NULL OR team_id = $1 OR public = 1 ORDER BY created_at, id"
         ))
         .bind(team.as_str())
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    template_from_row(r)?,
-                    UnixMillis(r.try_get("created_at")?),
-                    UnixMillis(r.try_get("changed")?),
-                ))
-            })
-            .collect()
+        rows.iter().map(entry_from_row).collect()
+    }
+
+    /// Shares the team template `id` with every team, or stops; `false` if there is no such
+    /// template of a team (a built-in one is every team's whatever this says).
+    pub async fn set_template_public(
+        &self,
+        id: &str,
+        public: bool,
+        now: UnixMillis,
+    ) -> Result<bool> {
+        let res = sqlx::query(
+            "UPDATE templates SET public = $2, updated_at = $3 WHERE id = $1 AND team_id IS NOT NULL",
+        )
+        .bind(id)
+        .bind(i64::from(public))
+        .bind(now.0)
+        .execute(&self.pool)
+        .await?;
+        Ok(res.rows_affected() == 1)
     }
 
     /// Deletes template `id` with its builds, their logs and its tags (the hosts' files are
@@ -249,6 +310,35 @@ impl Store {
                 .await?
                 .try_get("n")?;
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// A page of template `id`'s builds, newest first, after `after` (the last of the page
+    /// before); whether more follow.
+    pub async fn list_builds(
+        &self,
+        template_id: &str,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<(Vec<BuildRecord>, bool)> {
+        let rows = sqlx::query(&format!(
+            "SELECT {BUILD_COLUMNS} FROM template_builds WHERE template_id = $1 \
+             AND ($2 = 0 OR created_at < $3 OR (created_at = $3 AND id < $4)) \
+             ORDER BY created_at DESC, id DESC LIMIT $5"
+        ))
+        .bind(template_id)
+        .bind(i64::from(after.is_some()))
+        .bind(after.map_or(0, |c| c.time))
+        .bind(after.map_or("", |c| c.id.as_str()))
+        .bind(to_i64(limit as u64 + 1))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = rows
+            .iter()
+            .map(build_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        let more = out.len() > limit;
+        out.truncate(limit);
+        Ok((out, more))
     }
 
     /// The newest build of template `id`.
