@@ -216,10 +216,21 @@ def test_bad_build_requests_are_refused_clearly(wrenn, ctx, built):
             },
         )
         assert missing.status_code == 400 and "not uploaded" in missing.json()["message"]
+        # Image sources the server cannot use are refused before any pull (never a real
+        # registry's name here: the agent would resolve and reach it).
         image = c.post(
-            f"/v2/templates/{tid}/builds/{bid}", json={"fromImage": "python:3.12", "steps": []}
+            f"/v2/templates/{tid}/builds/{bid}", json={"fromImage": "not an image", "steps": []}
         )
-        assert image.status_code == 400 and "python:3.12" in image.json()["message"]
+        assert image.status_code == 400 and "not an image reference" in image.json()["message"]
+        aws = c.post(
+            f"/v2/templates/{tid}/builds/{bid}",
+            json={
+                "fromImage": f"{netlab.REGISTRY}:{netlab.REGISTRY_PORT}/wrenn/tiny:1",
+                "fromImageRegistry": {"type": "aws", "awsRegion": "x"},
+                "steps": [],
+            },
+        )
+        assert aws.status_code == 400 and "type 'aws'" in aws.json()["message"], aws.text
         assert c.get(f"/templates/{tid}/files/not-a-hash").status_code == 400
         assert c.get(f"/templates/{tid}/builds/{uuid.uuid4()}/status").status_code == 404
         # Upload links are signed: a changed signature or a link for reading is refused.

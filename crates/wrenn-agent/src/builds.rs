@@ -524,8 +524,13 @@ impl Builds {
                 }
             };
             let build_req = build_request(req, parent, parent_defaults, files);
+            // `image:<reference>` is what build.json records; the log says it in words.
+            let shown = match parent_name.strip_prefix("image:") {
+                Some(reference) => format!("image {reference}"),
+                None => format!("template {parent_name}"),
+            };
             info(format!(
-                "building on {parent_name} (envd {envd_version}): {} vCPU, {} MiB",
+                "building on {shown} (envd {envd_version}): {} vCPU, {} MiB",
                 build_req.vcpus, build_req.memory_mib
             ));
             let dirs = BuildDirs {
