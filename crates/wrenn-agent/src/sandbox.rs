@@ -651,8 +651,10 @@ impl<N: SandboxNet> Sandbox<N> {
         }
         let prepared = start.elapsed();
         let saved = async {
-            let diff = self.save().await?;
-            let manifest = self.paused_manifest(&diff).await?;
+            let diff = self.save_into(&self.root).await?;
+            let manifest = self
+                .manifest_in(&self.root, self.disk.clone(), &diff)
+                .await?;
             let pausing = Phase::Pausing {
                 paused: manifest.clone(),
                 vm: VmProcess::of(&self.vm, self.net.slot_index()).ok(),
@@ -730,9 +732,15 @@ impl<N: SandboxNet> Sandbox<N> {
         }
     }
 
-    /// The paused manifest for the files [`Sandbox::save`] wrote.
-    async fn paused_manifest(&self, diff: &DiffInfo) -> Result<PausedManifest, SandboxError> {
-        let state = self.root.join(STATE_FILE);
+    /// The paused manifest for the files [`Sandbox::save_into`] wrote into `dir`, with
+    /// `disk` (a file name in `dir`) as its disk.
+    async fn manifest_in(
+        &self,
+        dir: &Path,
+        disk: String,
+        diff: &DiffInfo,
+    ) -> Result<PausedManifest, SandboxError> {
+        let state = dir.join(STATE_FILE);
         let state2 = state.clone();
         let (state_bytes, state_sha) = blocking(move || {
             let bytes = std::fs::metadata(&state2)
@@ -745,7 +753,7 @@ impl<N: SandboxNet> Sandbox<N> {
         Ok(PausedManifest {
             spec: self.spec.clone(),
             template: self.template.clone(),
-            disk: self.disk.clone(),
+            disk,
             state: FileRecord {
                 file: STATE_FILE.into(),
                 bytes: state_bytes,
@@ -764,9 +772,10 @@ impl<N: SandboxNet> Sandbox<N> {
     }
 
     /// Stops the vCPUs (QEMU drains and flushes the disk) and writes the device state and
-    /// the memory diff, synced, under their final names.
-    async fn save(&self) -> Result<DiffInfo, SandboxError> {
-        let diff_tmp = self.root.join("memory.diff.tmp");
+    /// the memory diff into `dir` (the sandbox's own, or a snapshot's), synced, under their
+    /// final names.
+    async fn save_into(&self, dir: &Path) -> Result<DiffInfo, SandboxError> {
+        let diff_tmp = dir.join("memory.diff.tmp");
         // QEMU (jailed) writes the device state into its runtime directory, in a file lent to
         // its uid until the save returned.
         let out = self.vm.output_file("state.tmp", 0o600)?;
@@ -784,7 +793,7 @@ impl<N: SandboxNet> Sandbox<N> {
         let pid = self.vm.pid();
         let memory = self.memory.clone();
         let ram = u64::from(self.spec.memory_mib) << 20;
-        let root = self.root.clone();
+        let root = dir.to_owned();
         blocking(move || {
             let diff = crate::memdiff::save(pid, &memory, ram, &diff_tmp)?;
             sync_file(&state_tmp)?;

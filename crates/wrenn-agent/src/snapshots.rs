@@ -97,13 +97,9 @@ fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// Snapshot `id` of `paused` (sandbox `meta`) under `root`. Blocking.
-pub fn take(
-    root: &Path,
-    id: &str,
-    meta: &SandboxMeta,
-    paused: &PausedSandbox,
-) -> Result<SnapshotInfo, SnapshotsError> {
+/// Snapshot `id`'s directory under `root` (which must not exist yet) and a fresh, empty
+/// staging directory its files are written into before it is renamed there.
+fn staging_for(root: &Path, id: &str) -> Result<(PathBuf, PathBuf), SnapshotsError> {
     if !valid_id(id) {
         return Err(SnapshotsError::BadId(id.to_owned()));
     }
@@ -114,6 +110,17 @@ pub fn take(
     let staging = root.join(format!(".{id}.staging"));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(io("create", &staging))?;
+    Ok((dir, staging))
+}
+
+/// Snapshot `id` of `paused` (sandbox `meta`) under `root`. Blocking.
+pub fn take(
+    root: &Path,
+    id: &str,
+    meta: &SandboxMeta,
+    paused: &PausedSandbox,
+) -> Result<SnapshotInfo, SnapshotsError> {
+    let (dir, staging) = staging_for(root, id)?;
     let res = fill(root, &staging, id, meta, paused);
     match res {
         Ok(info) => {
@@ -211,16 +218,7 @@ pub async fn take_running<N: SandboxNet>(
     sandbox: &Sandbox<N>,
     deadlines: &Deadlines,
 ) -> Result<(SnapshotInfo, std::time::Duration), SnapshotsError> {
-    if !valid_id(id) {
-        return Err(SnapshotsError::BadId(id.to_owned()));
-    }
-    let dir = root.join(id);
-    if dir.exists() {
-        return Err(SnapshotsError::Exists(id.to_owned()));
-    }
-    let staging = root.join(format!(".{id}.staging"));
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging).map_err(io("create", &staging))?;
+    let (dir, staging) = staging_for(root, id)?;
     let res = async {
         let c = sandbox
             .checkpoint(&staging, deadlines)

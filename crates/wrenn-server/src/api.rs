@@ -428,14 +428,19 @@ async fn list(
         ],
     )?;
     let (items, next) = cp.list(&filter).await?;
-    let mut resp = Json(items).into_response();
+    Ok(paged(Json(items), next))
+}
+
+/// A page of a listing, with `X-Next-Token` when another page follows.
+pub(crate) fn paged(body: impl IntoResponse, next: Option<String>) -> Response {
+    let mut resp = body.into_response();
     if let Some(next) = next {
         resp.headers_mut().insert(
             wrenn_api::NEXT_TOKEN_HEADER,
             HeaderValue::from_str(&next).expect("base64 is a valid header"),
         );
     }
-    Ok(resp)
+    resp
 }
 
 /// v1 list: running sandboxes only, no pagination (as E2B's deprecated route).

@@ -86,6 +86,23 @@ impl Fake {
         Ok(())
     }
 
+    /// A snapshot of `meta` the fake host now holds.
+    fn record_snapshot(&self, meta: &SandboxMeta, id: &str) -> crate::runtime::SnapshotTaken {
+        let taken = crate::runtime::SnapshotTaken {
+            template_id: meta.template_id.clone(),
+            vcpus: meta.vcpus,
+            memory_mb: meta.memory_mb,
+            envd_version: meta.envd_version.clone(),
+            disk_bytes: 1,
+            memory_bytes: 1,
+            parent: None,
+        };
+        lock(&self.host)
+            .snapshots
+            .insert(id.to_owned(), taken.clone());
+        taken
+    }
+
     fn start_vm(&self, id: &str) -> FakeVm {
         lock(&self.host).live.insert(id.to_owned());
         FakeVm {
@@ -174,18 +191,7 @@ impl Runtime for Fake {
         snapshot_id: &str,
     ) -> Result<crate::runtime::SnapshotTaken, RuntimeError> {
         self.step("snapshot:files").await?;
-        let taken = crate::runtime::SnapshotTaken {
-            template_id: meta.template_id.clone(),
-            vcpus: meta.vcpus,
-            memory_mb: meta.memory_mb,
-            envd_version: meta.envd_version.clone(),
-            disk_bytes: 1,
-            memory_bytes: 1,
-            parent: None,
-        };
-        lock(&self.host)
-            .snapshots
-            .insert(snapshot_id.to_owned(), taken.clone());
+        let taken = self.record_snapshot(meta, snapshot_id);
         Ok(taken)
     }
 
@@ -198,18 +204,7 @@ impl Runtime for Fake {
         for s in STEPS_SNAPSHOT {
             self.step(s).await?;
         }
-        let taken = crate::runtime::SnapshotTaken {
-            template_id: meta.template_id.clone(),
-            vcpus: meta.vcpus,
-            memory_mb: meta.memory_mb,
-            envd_version: meta.envd_version.clone(),
-            disk_bytes: 1,
-            memory_bytes: 1,
-            parent: None,
-        };
-        lock(&self.host)
-            .snapshots
-            .insert(snapshot_id.to_owned(), taken.clone());
+        let taken = self.record_snapshot(meta, snapshot_id);
         Ok((taken, Duration::from_millis(1)))
     }
 

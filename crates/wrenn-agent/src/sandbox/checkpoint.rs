@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::{
-    DIFF_FILE, Deadlines, FileRecord, PausedManifest, STATE_FILE, Sandbox, SandboxError,
-    SandboxNet, blocking, qemu_version, sha256_file, sync_file, unix_now,
+    DIFF_FILE, Deadlines, PausedManifest, STATE_FILE, Sandbox, SandboxError, SandboxNet, blocking,
+    sync_file,
 };
 use crate::vm::VmError;
 
@@ -74,57 +74,12 @@ impl<N: SandboxNet> Sandbox<N> {
         Ok(Checkpoint { manifest, stopped })
     }
 
-    /// Stops the vCPUs and writes the device state, the memory diff and the disk layer into
-    /// `dest`, synced.
+    /// Stops the vCPUs and writes the device state, the memory diff (as a pause does) and the
+    /// disk layer into `dest`, synced.
     async fn capture(&self, dest: &Path) -> Result<PausedManifest, SandboxError> {
-        let out = self.vm.output_file("state.tmp", 0o600)?;
-        let state_tmp = out.path().to_owned();
-        let qmp = self.vm.qmp();
-        qmp.stop().await.map_err(SandboxError::qmp("stop"))?;
-        qmp.execute_raw(
-            "xen-save-devices-state",
-            Some(serde_json::json!({ "filename": &state_tmp, "live": false })),
-        )
-        .await
-        .map_err(SandboxError::qmp("xen-save-devices-state"))?;
-        drop(out);
-        let (pid, memory) = (self.vm.pid(), self.memory.clone());
-        let ram = u64::from(self.spec.memory_mib) << 20;
-        let d = dest.to_owned();
-        let (diff, state) = blocking(move || {
-            let tmp = d.join("memory.diff.tmp");
-            let diff = crate::memdiff::save(pid, &memory, ram, &tmp)?;
-            std::fs::rename(&tmp, d.join(DIFF_FILE)).map_err(VmError::io("rename", &tmp))?;
-            sync_file(&state_tmp)?;
-            let state = d.join(STATE_FILE);
-            crate::snapshot::move_file(&state_tmp, &state)?;
-            let bytes = std::fs::metadata(&state)
-                .map_err(VmError::io("stat", &state))?
-                .len();
-            let sha = sha256_file(&state).map_err(VmError::io("hash", &state))?;
-            Ok::<_, SandboxError>((diff, (bytes, sha)))
-        })
-        .await?;
+        let diff = self.save_into(dest).await?;
         self.copy_disk(dest).await?;
-        Ok(PausedManifest {
-            spec: self.spec.clone(),
-            template: self.template.clone(),
-            disk: CHECKPOINT_DISK.into(),
-            state: FileRecord {
-                file: STATE_FILE.into(),
-                bytes: state.0,
-                sha256: state.1,
-            },
-            memory_diff: FileRecord {
-                file: DIFF_FILE.into(),
-                bytes: diff.bytes,
-                sha256: diff.sha256.clone(),
-            },
-            dirty_pages: diff.pages,
-            init: self.init.clone(),
-            paused_unix: unix_now(),
-            qemu_version: qemu_version().await,
-        })
+        self.manifest_in(dest, CHECKPOINT_DISK.into(), &diff).await
     }
 
     /// The disk as one layer in `dest` on the first layer outside the sandbox's directory.

@@ -8,7 +8,7 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use http::{HeaderValue, StatusCode};
+use http::StatusCode;
 use serde::Deserialize;
 use wrenn_api::{ForkSandbox, NewSnapshot};
 
@@ -83,12 +83,5 @@ async fn list(
             limit,
         )
         .await?;
-    let mut resp = Json(items).into_response();
-    if let Some(next) = next {
-        resp.headers_mut().insert(
-            wrenn_api::NEXT_TOKEN_HEADER,
-            HeaderValue::from_str(&next).expect("base64 is a valid header"),
-        );
-    }
-    Ok(resp)
+    Ok(super::paged(Json(items), next))
 }

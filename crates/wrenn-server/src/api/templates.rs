@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post, put};
 use axum::{Json, Router};
 use futures::StreamExt as _;
-use http::{HeaderMap, HeaderValue, StatusCode};
+use http::{HeaderMap, StatusCode};
 use tokio::io::AsyncWriteExt as _;
 use wrenn_api::{
     AssignTemplateTags, DeleteTemplateTags, TemplateBuildRequest, TemplateBuildStart,
@@ -187,14 +187,7 @@ async fn get_template(
     };
     let token = q.next_token.as_deref().filter(|t| !t.is_empty());
     let (tpl, next) = cp.template_with_builds(&team, &id, token, limit).await?;
-    let mut resp = Json(tpl).into_response();
-    if let Some(next) = next {
-        resp.headers_mut().insert(
-            wrenn_api::NEXT_TOKEN_HEADER,
-            HeaderValue::from_str(&next).expect("base64 is a valid header"),
-        );
-    }
-    Ok(resp)
+    Ok(super::paged(Json(tpl), next))
 }
 
 /// The deprecated v1 update: 200 with no body.
