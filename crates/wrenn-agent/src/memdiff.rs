@@ -9,7 +9,14 @@
 //! `/proc/<pid>/mem`. On resume the pages are written back the same way into a new QEMU that
 //! maps the same template file privately and is still waiting in `-incoming defer` (so it has
 //! not loaded ROMs into RAM and no vCPU runs); they become anonymous again, so every later diff
-//! holds all pages that differ from the template (one diff per sandbox, never a chain).
+//! holds all pages that differ from the template.
+//!
+//! A sandbox started from a named snapshot has the snapshot's diffs written in first, its
+//! *base* (oldest first: a snapshot of a sandbox that started from a snapshot has that one's
+//! below its own). Its saves leave out the pages that still read as the base has them, so a
+//! snapshot of it stores only what changed since, and its resume writes the base, then its
+//! own diff. The base files are never written again (the snapshot keeps them while anything is
+//! layered on it).
 //!
 //! File format (little endian): magic `WRNMDIF1`, `u32` page size, `u32` zero, `u64` RAM bytes,
 //! `u64` run count, then `(u64 first page, u64 page count)` per run in ascending order, then
@@ -80,6 +87,16 @@ pub(crate) struct DiffInfo {
     pub bytes: u64,
     /// sha256 of the whole file, hex.
     pub sha256: String,
+}
+
+/// A diff a sandbox's memory was restored from before its own: its saves leave out the pages
+/// that read as it has them.
+#[derive(Debug, Clone)]
+pub(crate) struct Layer {
+    /// The diff file.
+    pub path: PathBuf,
+    /// What it holds (checked when it is applied).
+    pub info: DiffInfo,
 }
 
 /// The address range of guest RAM inside QEMU.
@@ -172,17 +189,48 @@ fn dirty_runs(pid: u32, ram: RamMapping) -> Result<Vec<(u64, u64)>, MemDiffError
 }
 
 /// Writes the pages QEMU `pid` changed in its private mapping of `mem_file` (`ram_bytes`
-/// long) to `out`, synced. The VM must be stopped.
+/// long) to `out`, synced, leaving out those that read as `base` (the diffs its memory was
+/// restored from, oldest first) has them. The VM must be stopped.
 pub(crate) fn save(
     pid: u32,
     mem_file: &Path,
     ram_bytes: u64,
+    base: &[Layer],
     out: &Path,
 ) -> Result<DiffInfo, MemDiffError> {
     let ram = find_ram_mapping(pid, mem_file, ram_bytes)?;
-    let runs = dirty_runs(pid, ram)?;
     let mem_path = PathBuf::from(format!("/proc/{pid}/mem"));
     let mem = File::open(&mem_path).map_err(io("open", &mem_path))?;
+    let dirty = dirty_runs(pid, ram)?;
+    let runs = if base.is_empty() {
+        dirty
+    } else {
+        let index = BaseIndex::open(base, ram_bytes)?;
+        index.changed(&dirty, &mem, &mem_path, ram)?
+    };
+    write_diff(&runs, &mem, &mem_path, ram, out)
+}
+
+/// Writes a diff of no pages (a sandbox whose memory is exactly its base) to `out`, synced.
+pub(crate) fn save_empty(ram_bytes: u64, out: &Path) -> Result<DiffInfo, MemDiffError> {
+    let mem_path = PathBuf::from("/dev/null");
+    let mem = File::open(&mem_path).map_err(io("open", &mem_path))?;
+    let ram = RamMapping {
+        start: 0,
+        len: ram_bytes,
+    };
+    write_diff(&[], &mem, &mem_path, ram, out)
+}
+
+/// Writes `runs` of the guest RAM `ram` (read from `mem`) as a diff to `out`, synced.
+fn write_diff(
+    runs: &[(u64, u64)],
+    mem: &File,
+    mem_path: &Path,
+    ram: RamMapping,
+    out: &Path,
+) -> Result<DiffInfo, MemDiffError> {
+    let ram_bytes = ram.len;
     let mut file = File::create(out).map_err(io("create", out))?;
     let mut hash = Sha256::new();
     let mut header = Vec::with_capacity((HEADER + 16 * runs.len() as u64) as usize);
@@ -191,7 +239,7 @@ pub(crate) fn save(
     header.extend_from_slice(&0u32.to_le_bytes());
     header.extend_from_slice(&ram_bytes.to_le_bytes());
     header.extend_from_slice(&(runs.len() as u64).to_le_bytes());
-    for (first, count) in &runs {
+    for (first, count) in runs {
         header.extend_from_slice(&first.to_le_bytes());
         header.extend_from_slice(&count.to_le_bytes());
     }
@@ -199,13 +247,13 @@ pub(crate) fn save(
     file.write_all(&header).map_err(io("write", out))?;
     let mut buf = vec![0u8; CHUNK as usize];
     let mut pages = 0;
-    for &(first, count) in &runs {
+    for &(first, count) in runs {
         let mut off = first * PAGE;
         let end = (first + count) * PAGE;
         while off < end {
             let n = (end - off).min(CHUNK) as usize;
             mem.read_exact_at(&mut buf[..n], ram.start + off)
-                .map_err(io("read guest RAM from", &mem_path))?;
+                .map_err(io("read guest RAM from", mem_path))?;
             hash.update(&buf[..n]);
             file.write_all(&buf[..n]).map_err(io("write", out))?;
             off += n as u64;
@@ -256,8 +304,50 @@ pub(crate) fn apply(
         return Err(corrupt("sha256 does not match the manifest".into()));
     }
     let f = File::open(diff).map_err(io("open", diff))?;
+    let (runs, pages) = read_runs(&f, diff, ram_bytes, len)?;
+    if pages != expect.pages {
+        return Err(corrupt(format!(
+            "{pages} pages, the manifest says {}",
+            expect.pages
+        )));
+    }
+    let ram = find_ram_mapping(pid, mem_file, ram_bytes)?;
+    let mem_path = PathBuf::from(format!("/proc/{pid}/mem"));
+    let mem = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&mem_path)
+        .map_err(io("open", &mem_path))?;
+    let mut at = HEADER + runs.len() as u64 * 16;
+    for (first, count) in runs {
+        let mut off = first * PAGE;
+        let end = (first + count) * PAGE;
+        while off < end {
+            let n = (end - off).min(CHUNK) as usize;
+            f.read_exact_at(&mut buf[..n], at)
+                .map_err(io("read", diff))?;
+            mem.write_all_at(&buf[..n], ram.start + off)
+                .map_err(io("write guest RAM to", &mem_path))?;
+            off += n as u64;
+            at += n as u64;
+        }
+    }
+    Ok(())
+}
+
+/// The runs of diff `f` (`path`, `len` bytes, for `ram_bytes` of RAM) and how many pages they
+/// hold, checked against the file's size.
+fn read_runs(
+    f: &File,
+    path: &Path,
+    ram_bytes: u64,
+    len: u64,
+) -> Result<(Vec<(u64, u64)>, u64), MemDiffError> {
+    let corrupt = |reason: String| MemDiffError::Corrupt {
+        path: path.to_owned(),
+        reason,
+    };
     let mut head = [0u8; HEADER as usize];
-    f.read_exact_at(&mut head, 0).map_err(io("read", diff))?;
+    f.read_exact_at(&mut head, 0).map_err(io("read", path))?;
     let u64_at =
         |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]));
     if &head[..8] != MAGIC {
@@ -276,7 +366,7 @@ pub(crate) fn apply(
     }
     let mut table = vec![0u8; (nruns * 16) as usize];
     f.read_exact_at(&mut table, HEADER)
-        .map_err(io("read", diff))?;
+        .map_err(io("read", path))?;
     let mut runs = Vec::with_capacity(nruns as usize);
     let (mut next_free, mut pages) = (0u64, 0u64);
     for r in table.chunks_exact(16) {
@@ -288,30 +378,73 @@ pub(crate) fn apply(
         pages += count;
         runs.push((first, count));
     }
-    if HEADER + nruns * 16 + pages * PAGE != len || pages != expect.pages {
+    if HEADER + nruns * 16 + pages * PAGE != len {
         return Err(corrupt("runs do not match the file size".into()));
     }
-    let ram = find_ram_mapping(pid, mem_file, ram_bytes)?;
-    let mem_path = PathBuf::from(format!("/proc/{pid}/mem"));
-    let mem = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&mem_path)
-        .map_err(io("open", &mem_path))?;
-    let mut at = HEADER + nruns * 16;
-    for (first, count) in runs {
-        let mut off = first * PAGE;
-        let end = (first + count) * PAGE;
-        while off < end {
-            let n = (end - off).min(CHUNK) as usize;
-            f.read_exact_at(&mut buf[..n], at)
-                .map_err(io("read", diff))?;
-            mem.write_all_at(&buf[..n], ram.start + off)
-                .map_err(io("write guest RAM to", &mem_path))?;
-            off += n as u64;
-            at += n as u64;
+    Ok((runs, pages))
+}
+
+/// Where each page of a base (its newest layer holding it) is, to compare saved pages with.
+struct BaseIndex {
+    files: Vec<(File, PathBuf)>,
+    /// Per guest page: the layer (index into `files`) and offset of its bytes there.
+    at: Vec<Option<(usize, u64)>>,
+}
+
+impl BaseIndex {
+    fn open(base: &[Layer], ram_bytes: u64) -> Result<Self, MemDiffError> {
+        let mut at = vec![None; (ram_bytes / PAGE) as usize];
+        let mut files = Vec::with_capacity(base.len());
+        for (i, layer) in base.iter().enumerate() {
+            let f = File::open(&layer.path).map_err(io("open", &layer.path))?;
+            let len = f.metadata().map_err(io("stat", &layer.path))?.len();
+            let (runs, _) = read_runs(&f, &layer.path, ram_bytes, len)?;
+            let mut off = HEADER + runs.len() as u64 * 16;
+            for (first, count) in runs {
+                for p in first..first + count {
+                    at[p as usize] = Some((i, off));
+                    off += PAGE;
+                }
+            }
+            files.push((f, layer.path.clone()));
         }
+        Ok(Self { files, at })
     }
-    Ok(())
+
+    /// The runs of pages to save: those `dirty` that the base does not hold, and those the base
+    /// holds that read differently now (the guest's RAM `ram` in `mem`).
+    fn changed(
+        &self,
+        dirty: &[(u64, u64)],
+        mem: &File,
+        mem_path: &Path,
+        ram: RamMapping,
+    ) -> Result<Vec<(u64, u64)>, MemDiffError> {
+        let mut keep = vec![false; self.at.len()];
+        for &(first, count) in dirty {
+            for p in first..first + count {
+                keep[p as usize] = self.at[p as usize].is_none();
+            }
+        }
+        let (mut now, mut then) = (vec![0u8; PAGE as usize], vec![0u8; PAGE as usize]);
+        for (p, src) in self.at.iter().enumerate() {
+            let Some((layer, off)) = *src else { continue };
+            let (f, path) = &self.files[layer];
+            f.read_exact_at(&mut then, off).map_err(io("read", path))?;
+            mem.read_exact_at(&mut now, ram.start + p as u64 * PAGE)
+                .map_err(io("read guest RAM from", mem_path))?;
+            keep[p] = now != then;
+        }
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (p, _) in keep.iter().enumerate().filter(|(_, k)| **k) {
+            let p = p as u64;
+            match runs.last_mut() {
+                Some((first, count)) if *first + *count == p => *count += 1,
+                _ => runs.push((p, 1)),
+            }
+        }
+        Ok(runs)
+    }
 }
 
 #[cfg(test)]
@@ -391,7 +524,7 @@ mod tests {
             b[10 * PAGE as usize..11 * PAGE as usize].fill(0);
             b[(PAGES - 1) * PAGE as usize + 5] = 0xcc;
             expected = b.to_vec();
-            info = save(pid, &path, len as u64, &diff).unwrap();
+            info = save(pid, &path, len as u64, &[], &diff).unwrap();
         }
         assert_eq!(info.pages, 4, "{info:?}");
         assert_eq!(info.bytes, std::fs::metadata(&diff).unwrap().len());
@@ -404,6 +537,67 @@ mod tests {
     }
 
     #[test]
+    fn saves_over_a_base_only_what_differs_from_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, file) = template(dir.path());
+        let (len, pg) = (PAGES * PAGE as usize, PAGE as usize);
+        let pid = std::process::id();
+        let (a, b) = (dir.path().join("a.diff"), dir.path().join("b.diff"));
+        let a_info = {
+            let mut m = Mapping::new(&file, len);
+            for p in [2, 3, 5] {
+                m.bytes()[p * pg + 1] = 0x50 + p as u8;
+            }
+            save(pid, &path, len as u64, &[], &a).unwrap()
+        };
+        assert_eq!(a_info.pages, 3);
+        let base = [Layer {
+            path: a.clone(),
+            info: a_info.clone(),
+        }];
+        // A sandbox started from `a`: page 2 dropped (it reads as the template again), page 3
+        // changed, page 5 written back to the template's bytes, page 7 new.
+        let (expected, b_info) = {
+            let mut m = Mapping::new(&file, len);
+            apply(pid, &path, len as u64, &a, &a_info).unwrap();
+            let bytes = m.bytes();
+            // SAFETY: page 2 of the mapping made above, which nothing else references.
+            let r = unsafe {
+                libc::madvise(bytes[2 * pg..].as_mut_ptr().cast(), pg, libc::MADV_DONTNEED)
+            };
+            assert_eq!(r, 0);
+            bytes[3 * pg + 9] = 0x99;
+            bytes[5 * pg + 1] = 6;
+            bytes[7 * pg] = 0x77;
+            (
+                bytes.to_vec(),
+                save(pid, &path, len as u64, &base, &b).unwrap(),
+            )
+        };
+        assert_eq!(b_info.pages, 4, "{b_info:?}");
+        let (_, pages) = read_runs(&File::open(&b).unwrap(), &b, len as u64, b_info.bytes).unwrap();
+        assert_eq!(pages, 4);
+        let mut m = Mapping::new(&file, len);
+        apply(pid, &path, len as u64, &a, &a_info).unwrap();
+        apply(pid, &path, len as u64, &b, &b_info).unwrap();
+        assert!(
+            m.bytes() == &expected[..],
+            "base + diff differs from the saved memory"
+        );
+        drop(m);
+        // Nothing changed since the base: a diff of no pages, as `save_empty` writes.
+        let (c, empty) = (dir.path().join("c.diff"), dir.path().join("e.diff"));
+        let m = Mapping::new(&file, len);
+        apply(pid, &path, len as u64, &a, &a_info).unwrap();
+        let c_info = save(pid, &path, len as u64, &base, &c).unwrap();
+        let e_info = save_empty(len as u64, &empty).unwrap();
+        assert_eq!((c_info.pages, c_info.bytes), (0, HEADER));
+        assert_eq!(c_info, e_info);
+        apply(pid, &path, len as u64, &empty, &e_info).unwrap();
+        drop(m);
+    }
+
+    #[test]
     fn rejects_corrupt_or_mismatched_diffs() {
         let dir = tempfile::tempdir().unwrap();
         let (path, file) = template(dir.path());
@@ -413,7 +607,7 @@ mod tests {
         let info = {
             let mut m = Mapping::new(&file, len);
             m.bytes()[PAGE as usize] = 9;
-            save(pid, &path, len as u64, &diff).unwrap()
+            save(pid, &path, len as u64, &[], &diff).unwrap()
         };
         let _m = Mapping::new(&file, len);
         let mut bytes = std::fs::read(&diff).unwrap();

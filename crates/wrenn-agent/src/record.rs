@@ -442,6 +442,12 @@ pub(crate) mod tests {
             state: file("state"),
             memory_diff: file("memory.diff"),
             dirty_pages: 1,
+            memory_base: vec![crate::sandbox::MemoryLayer {
+                path: "/snapshots/s1/memory.diff".into(),
+                bytes: 4096 + 48,
+                sha256: "22".repeat(32),
+                pages: 1,
+            }],
             init: InitConfig {
                 access_token: Some("secret".into()),
                 ..Default::default()

@@ -260,6 +260,33 @@ pub struct FileRecord {
     pub sha256: String,
 }
 
+/// A named snapshot's memory diff that a sandbox's memory is restored from before its own
+/// (the base of [`crate::memdiff`]: its saves store only what differs from it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryLayer {
+    /// The diff file, in the snapshot's directory (kept while anything is layered on it).
+    pub path: PathBuf,
+    /// Its size.
+    pub bytes: u64,
+    /// Its sha256, hex.
+    pub sha256: String,
+    /// How many pages it holds.
+    pub pages: u64,
+}
+
+impl MemoryLayer {
+    fn diff(&self) -> crate::memdiff::Layer {
+        crate::memdiff::Layer {
+            path: self.path.clone(),
+            info: DiffInfo {
+                pages: self.pages,
+                bytes: self.bytes,
+                sha256: self.sha256.clone(),
+            },
+        }
+    }
+}
+
 /// A paused snapshot: everything needed to resume (in the record of a pausing, paused or
 /// resuming sandbox), so a restarted agent can find paused sandboxes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -272,10 +299,13 @@ pub struct PausedManifest {
     pub disk: String,
     /// Device state.
     pub state: FileRecord,
-    /// Changed guest pages.
+    /// Changed guest pages (against the template with `memory_base` written over it).
     pub memory_diff: FileRecord,
     /// How many pages the diff holds.
     pub dirty_pages: u64,
+    /// The snapshots' diffs written before `memory_diff`, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub memory_base: Vec<MemoryLayer>,
     /// What `/init` gets on resume.
     pub init: InitConfig,
     /// When it was paused (seconds since the epoch).
@@ -294,6 +324,9 @@ pub struct RunningManifest {
     pub template: TemplateRef,
     /// That memory file.
     pub memory: PathBuf,
+    /// The snapshots' diffs written over it before the guest ran, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub memory_base: Vec<MemoryLayer>,
     /// What `/init` gave the guest (a pause keeps it for the resume).
     pub init: InitConfig,
     /// The disk image QEMU writes to (a file name in the sandbox directory).
@@ -314,6 +347,9 @@ pub struct Sandbox<N: SandboxNet> {
     spec: VmSpec,
     template: TemplateRef,
     memory: PathBuf,
+    /// The snapshots' diffs over `memory` the guest started from (saves leave out what still
+    /// reads as they have it).
+    memory_base: Vec<MemoryLayer>,
     init: InitConfig,
     /// The disk QEMU writes to (a file name in `root`).
     disk: String,
@@ -417,6 +453,7 @@ impl<N: SandboxNet> Sandbox<N> {
                 created_unix: template.manifest.created_unix,
             },
             memory: template.memory_path(),
+            memory_base: Vec::new(),
             init,
             disk: DISK_FILE.into(),
             commit_into: None,
@@ -518,6 +555,7 @@ impl<N: SandboxNet> Sandbox<N> {
             spec: self.spec.clone(),
             template: self.template.clone(),
             memory: self.memory.clone(),
+            memory_base: self.memory_base.clone(),
             init: self.init.clone(),
             disk: self.disk.clone(),
             commit_into: self.commit_into.clone(),
@@ -557,6 +595,7 @@ impl<N: SandboxNet> Sandbox<N> {
             spec: m.spec,
             template: m.template,
             memory: m.memory,
+            memory_base: m.memory_base,
             init: m.init,
             disk: m.disk,
             commit_into: m.commit_into,
@@ -765,6 +804,7 @@ impl<N: SandboxNet> Sandbox<N> {
                 sha256: diff.sha256.clone(),
             },
             dirty_pages: diff.pages,
+            memory_base: self.memory_base.clone(),
             init: self.init.clone(),
             paused_unix: unix_now(),
             qemu_version: qemu_version().await,
@@ -794,8 +834,9 @@ impl<N: SandboxNet> Sandbox<N> {
         let memory = self.memory.clone();
         let ram = u64::from(self.spec.memory_mib) << 20;
         let root = dir.to_owned();
+        let base: Vec<_> = self.memory_base.iter().map(MemoryLayer::diff).collect();
         blocking(move || {
-            let diff = crate::memdiff::save(pid, &memory, ram, &diff_tmp)?;
+            let diff = crate::memdiff::save(pid, &memory, ram, &base, &diff_tmp)?;
             sync_file(&state_tmp)?;
             crate::snapshot::move_file(&state_tmp, &root.join(STATE_FILE))?;
             std::fs::rename(&diff_tmp, root.join(DIFF_FILE))

@@ -6,8 +6,11 @@
 //! a copy of the paused disk layer (`rootfs.qcow2`, layered on the template's disk or on the
 //! disk of the snapshot the source started from, so it stores only the source's own disk
 //! changes), and [`INFO_FILE`]. A sandbox starts from it as a paused sandbox made for it: the
-//! state and diff linked into its new directory, a disk overlay on the snapshot's disk, then
-//! the ordinary resume (fresh `/init`: its own token, clock and entropy).
+//! state linked into its new directory, the snapshot's memory diffs as its memory base (see
+//! [`crate::memdiff`]: a snapshot of it stores only the pages that changed since) with an
+//! empty diff of its own, a disk overlay on the snapshot's disk, then the ordinary resume
+//! (fresh `/init`: its own token, clock and entropy). A base diff lives in its snapshot's
+//! directory, which the disk chain keeps while anything is layered on it.
 //!
 //! A deleted snapshot takes no more creates; its files go once no sandbox (running or paused)
 //! and no other snapshot has its disk in their chain ([`sweep`]).
@@ -18,7 +21,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::runtime::SandboxMeta;
-use crate::sandbox::{Deadlines, PausedManifest, PausedSandbox, Sandbox, SandboxNet};
+use crate::sandbox::{Deadlines, MemoryLayer, PausedManifest, PausedSandbox, Sandbox, SandboxNet};
 
 /// What a snapshot's directory says about it.
 pub const INFO_FILE: &str = "snapshot.json";
@@ -281,14 +284,26 @@ pub async fn materialize(
     std::fs::create_dir_all(dir).map_err(io("create", dir))?;
     let res = async {
         let m = &info.manifest;
-        for file in [&m.state.file, &m.memory_diff.file] {
-            link_or_copy(&snap.join(file), &dir.join(file))?;
-        }
+        link_or_copy(&snap.join(&m.state.file), &dir.join(&m.state.file))?;
         crate::vm::create_overlay(&snap.join(DISK), "qcow2", &dir.join(DISK))
             .await
             .map_err(|e| SnapshotsError::Prepare(Box::new(e)))?;
         let mut manifest = m.clone();
         manifest.disk = DISK.into();
+        // The snapshot's memory is the new sandbox's base, and its own diff starts empty: its
+        // saves (a pause, or a snapshot of it) store only what changed since.
+        manifest.memory_base.push(MemoryLayer {
+            path: snap.join(&m.memory_diff.file),
+            bytes: m.memory_diff.bytes,
+            sha256: m.memory_diff.sha256.clone(),
+            pages: m.dirty_pages,
+        });
+        let ram = u64::from(m.spec.memory_mib) << 20;
+        let empty = crate::memdiff::save_empty(ram, &dir.join(&m.memory_diff.file))
+            .map_err(|e| SnapshotsError::Prepare(Box::new(e)))?;
+        manifest.memory_diff.bytes = empty.bytes;
+        manifest.memory_diff.sha256 = empty.sha256;
+        manifest.dirty_pages = empty.pages;
         let rec = crate::record::Recorder::new(dir, Some(meta.clone()));
         rec.write(crate::record::Phase::Paused { paused: manifest })
             .map_err(|e| SnapshotsError::Prepare(Box::new(e)))?;

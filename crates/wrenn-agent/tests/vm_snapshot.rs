@@ -88,6 +88,7 @@ async fn snapshots_copy_running_and_paused_sandboxes() {
     let secret = run_ok_with(&src, opts("t-src"), "cat /tmp/mem").await;
 
     let c = ctl.snapshot("src", "s1").await.expect("snapshot");
+    let s1_memory = c.snapshot.memory_bytes;
     eprintln!(
         "snapshot of a running sandbox: stopped {:?}, disk {} B, memory {} B",
         c.paused_for, c.snapshot.disk_bytes, c.snapshot.memory_bytes
@@ -134,6 +135,37 @@ async fn snapshots_copy_running_and_paused_sandboxes() {
         run_ok_with(&src, opts("t-src"), "cat /root/f").await,
         "on-disk"
     );
+    // A snapshot of a copy stores only the pages that changed since s1 (s1's are its base),
+    // and a sandbox from it has both.
+    let cc = ctl.snapshot("c1", "s1c").await.expect("snapshot of a copy");
+    eprintln!(
+        "snapshot of a copy: memory {} B (s1: {s1_memory} B), disk {} B",
+        cc.snapshot.memory_bytes, cc.snapshot.disk_bytes
+    );
+    assert!(
+        cc.snapshot.memory_bytes * 2 < s1_memory,
+        "a copy's snapshot stores {} B of memory, its base s1 {s1_memory} B",
+        cc.snapshot.memory_bytes
+    );
+    ctl.create(create_args("c6", "t-c6", Some("s1c")))
+        .await
+        .expect("create from the copy's snapshot");
+    let c6 = a.envd_base_url("c6").unwrap();
+    assert_eq!(run_ok_with(&c6, opts("t-c6"), "cat /root/f").await, "c1");
+    assert_eq!(run_ok_with(&c6, opts("t-c6"), "cat /tmp/mem").await, secret);
+    ctl.kill("c6").await.unwrap();
+    // A copy paused and resumed: its diff over s1, then s1, give its memory back.
+    run_ok_with(&c2, opts("t-c2"), "echo c2-mem > /tmp/c2").await;
+    ctl.pause("c2").await.expect("pause a copy");
+    ctl.resume("c2", GuestInit::default(), 0)
+        .await
+        .expect("resume a copy");
+    let c2 = a.envd_base_url("c2").unwrap();
+    assert_eq!(
+        run_ok_with(&c2, opts("t-c2"), "cat /tmp/mem /tmp/c2").await,
+        format!("{secret}c2-mem")
+    );
+
     // A copy's token is its own: the source's is refused there.
     let refused = reqwest::Client::new()
         .post(format!("{c1}/process.Process/Start"))
@@ -192,7 +224,11 @@ async fn snapshots_copy_running_and_paused_sandboxes() {
         ctl.kill(id).await.unwrap();
     }
     a.sweep_snapshots();
+    assert!(snaps.join("s1").exists(), "kept while s1c is layered on it");
+    assert!(a.delete_snapshot("s1c").await);
+    a.sweep_snapshots();
     assert!(!snaps.join("s1").exists(), "removed once nothing uses it");
+    assert!(!snaps.join("s1c").exists());
     assert!(snaps.join("s2").exists());
     ctl.kill("c3").await.unwrap();
     a.shutdown().await;

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::{
-    DIFF_FILE, Deadlines, Failed, InitConfig, OnFail, PausedManifest, RUN_DISK_PREFIX, STATE_FILE,
-    Sandbox, SandboxError, SandboxNet, Timings, VM_DIR, blocking, identity, sync_file, unix_now_ms,
-    warm_in_background,
+    DIFF_FILE, Deadlines, Failed, InitConfig, MemoryLayer, OnFail, PausedManifest, RUN_DISK_PREFIX,
+    STATE_FILE, Sandbox, SandboxError, SandboxNet, Timings, VM_DIR, blocking, identity, sync_file,
+    unix_now_ms, warm_in_background,
 };
 use crate::envd::EnvdClient;
 use crate::memdiff::DiffInfo;
@@ -127,7 +127,16 @@ impl PausedSandbox {
             &m.state.sha256,
         )
         .map_err(invalid)?;
-        // The diff's hash is checked while it is applied (one read instead of two).
+        for layer in &m.memory_base {
+            let len = std::fs::metadata(&layer.path).map(|md| md.len());
+            if len.ok() != Some(layer.bytes) {
+                return Err(invalid(format!(
+                    "the snapshot memory {} it starts from is missing or changed",
+                    layer.path.display()
+                )));
+            }
+        }
+        // The diffs' hashes are checked while they are applied (one read instead of two).
         if m.disk.contains('/') {
             return Err(invalid(format!("bad disk name {}", m.disk)));
         }
@@ -191,6 +200,7 @@ impl PausedSandbox {
             spec: m.spec.clone(),
             template: m.template.clone(),
             memory,
+            memory_base: m.memory_base.clone(),
             init: self.init().clone(),
             disk: run_disk,
             commit_into: Some(m.disk.clone()),
@@ -229,12 +239,16 @@ impl PausedSandbox {
         }
         let ram = u64::from(m.spec.memory_mib) << 20;
         let memory = template.memory_path();
-        let diff_path = self.root.join(&m.memory_diff.file);
-        let expect = DiffInfo {
-            pages: m.dirty_pages,
-            bytes: m.memory_diff.bytes,
-            sha256: m.memory_diff.sha256.clone(),
-        };
+        // The base first, oldest first, then the sandbox's own diff over it.
+        let mut diffs: Vec<_> = m.memory_base.iter().map(MemoryLayer::diff).collect();
+        diffs.push(crate::memdiff::Layer {
+            path: self.root.join(&m.memory_diff.file),
+            info: DiffInfo {
+                pages: m.dirty_pages,
+                bytes: m.memory_diff.bytes,
+                sha256: m.memory_diff.sha256.clone(),
+            },
+        });
         let mem2 = memory.clone();
         let vm = restore_vm(RestoreFrom {
             snapshot_dir: &self.root,
@@ -243,7 +257,9 @@ impl PausedSandbox {
             state: &self.root.join(&m.state.file),
             ignore_shared: false,
             before_load: Some(Box::new(move |pid| {
-                crate::memdiff::apply(pid, &mem2, ram, &diff_path, &expect)
+                diffs
+                    .iter()
+                    .try_for_each(|d| crate::memdiff::apply(pid, &mem2, ram, &d.path, &d.info))
             })),
             vm_dir: &self.root.join(VM_DIR),
             disk: &run_path,

@@ -32,6 +32,7 @@ fn running_manifest() -> RunningManifest {
         spec: p.spec,
         template: p.template,
         memory: "/templates/base/memory".into(),
+        memory_base: p.memory_base,
         init: InitConfig::default(),
         disk: "rootfs.qcow2".into(),
         commit_into: None,
