@@ -46,9 +46,9 @@ if [ "${WRENN_VM_TESTS:-0}" = 1 ]; then
   # official Python SDK, and the JS SDK from inside the same run (tests/e2e/test_js_sdk.py).
   cargo build -p wrenn
   echo "==> end-to-end: wrenn up on SQLite + official E2B SDKs"
-  .venv/bin/python -m pytest tests/e2e -q -p no:cacheprovider
+  .venv/bin/python -m pytest tests/e2e -q -p no:cacheprovider --durations=25
   if [ -n "${WRENN_TEST_POSTGRES_URL:-}" ]; then
     echo "==> end-to-end: wrenn up on PostgreSQL + official E2B SDKs"
-    WRENN_E2E_DATABASE=postgres .venv/bin/python -m pytest tests/e2e -q -p no:cacheprovider
+    WRENN_E2E_DATABASE=postgres .venv/bin/python -m pytest tests/e2e -q -p no:cacheprovider --durations=25
   fi
 fi

@@ -239,9 +239,20 @@ def _apply_env(w: Wrenn) -> None:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests that restart `wrenn up` run last, so the rest of the suite shares one process."""
+    """Tests that restart `wrenn up` run last, so the rest of the suite shares one process.
+    Tests marked `one_database` run only on SQLite: what they check (guests, images, the
+    network, memory and disk across pauses) does not depend on the database, whose own part
+    (the records they write) the other tests and the ring-2 store tests cover on PostgreSQL."""
     items.sort(key=lambda item: item.get_closest_marker("restarts_wrenn") is not None)
+    if os.environ.get("WRENN_E2E_DATABASE") == "postgres":
+        skip = pytest.mark.skip(reason="database-independent: run in the SQLite pass")
+        for item in items:
+            if item.get_closest_marker("one_database"):
+                item.add_marker(skip)
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "restarts_wrenn: stops and starts the wrenn up process")
+    config.addinivalue_line(
+        "markers", "one_database: independent of the database; runs in the SQLite pass only"
+    )

@@ -1,5 +1,6 @@
 """`wrenn sandbox ...` against the real `wrenn up`: create, list, exec (stdout, exit code,
-stdin, user), pause, resume with the file intact, info, kill."""
+stdin, user), pause, resume with the file intact, info, kill; a template built from a Dockerfile,
+paused filesystem-only and resumed by a cold boot with its start command running again."""
 
 import json
 import os
@@ -103,6 +104,14 @@ def test_cli_builds_a_template_from_a_dockerfile(wrenn, tmp_path):
         assert out == f"hi from root\ncli {tag}\nuser\n/srv/site\n", out
         served = cli("exec", sid, "--", "curl -s localhost:8080/who.txt").stdout
         assert served == "hi from root\n", served
+        # Paused keeping only the disk: the resume boots it, and the start command runs again.
+        assert "filesystem only" in cli("pause", sid, "--filesystem").stdout
+        cli("resume", sid)
+        again = cli(
+            "exec", sid, "--",
+            "for i in $(seq 100); do curl -sf localhost:8080/who.txt && break; sleep 0.2; done",
+        ).stdout
+        assert again == "hi from root\n", again
     finally:
         cli("kill", sid, check=False)
 

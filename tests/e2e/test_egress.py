@@ -11,6 +11,9 @@ from e2b.sandbox.commands.command_handle import CommandExitException
 
 import netlab
 
+# Guest, image and network paths: the same on either database (see conftest).
+pytestmark = pytest.mark.one_database
+
 
 def fetch(sbx: Sandbox, url: str, *extra: str) -> str | None:
     """The body of `url` fetched inside the guest, or None when it could not be reached."""

@@ -9,12 +9,17 @@ filler, the template's hashes) are the VM test `crates/wrenn-agent/tests/jail_la
 import time
 import urllib.request
 
+import pytest
 from e2b import Sandbox
 
 import netlab
 
+# Guest, image and network paths: the same on either database (see conftest).
+pytestmark = pytest.mark.one_database
+
 FAKE_ENVD = r'''#!/usr/bin/python3
 import socketserver
+
 served = {"requests": 0, "bytes": 0}
 CHUNK = b'{"cpu_count":2,"mem_total":1},' * 2048
 

@@ -100,3 +100,59 @@ def test_a_paused_sandbox_without_auto_resume_is_not_running(wrenn):
             sbx.kill()
         except Exception:
             pass
+
+
+BOOT_ID = "cat /proc/sys/kernel/random/boot_id"
+
+
+@pytest.mark.one_database
+def test_filesystem_pauses_and_reboots_keep_only_the_disk(wrenn):
+    """`pause(mode="filesystem")` keeps only the disk: the resume is a cold boot (a new kernel
+    boot ID) with the files written before the pause and none of the processes or memory; a
+    full pause resumed with `on_resume="reboot"` boots cold the same way; a timeout with
+    `{"action": "pause", "mode": "filesystem"}` pauses filesystem-only."""
+    # Created first, so that its timeout passes while the rest runs.
+    timed = Sandbox.create(
+        timeout=15,
+        lifecycle={"on_timeout": {"action": "pause", "mode": "filesystem"}},
+        metadata={"run": RUN, "role": "timeout-filesystem"},
+    )
+    sbx = Sandbox.create(timeout=300, metadata={"run": RUN, "role": "filesystem"})
+    try:
+        timed.files.write("/home/user/timed.txt", "timed")
+        boot_timed = timed.commands.run(BOOT_ID).stdout.strip()
+        sbx.files.write("/home/user/disk.txt", "on disk")
+        sbx.commands.run("echo in-memory > /dev/shm/mem")
+        sbx.commands.run("sleep 4242", background=True, timeout=0)
+        boot0 = sbx.commands.run(BOOT_ID).stdout.strip()
+
+        assert sbx.pause(mode="filesystem") is True
+        assert sbx.pause(mode="filesystem") is False, "already paused"
+        assert state_of(sbx.sandbox_id) == SandboxState.PAUSED
+        cold = Sandbox.connect(sbx.sandbox_id, timeout=300)
+        boot1 = cold.commands.run(BOOT_ID).stdout.strip()
+        assert boot1 != boot0, "the resume of a filesystem-only pause is a new boot"
+        assert cold.files.read("/home/user/disk.txt") == "on disk"
+        assert not cold.files.exists("/dev/shm/mem")
+        assert cold.commands.run("pgrep -f 'sleep 424[2]' || echo none").stdout.strip() == "none"
+
+        # A full pause keeps the memory; `on_resume="reboot"` drops it anyway.
+        cold.commands.run("echo again > /dev/shm/mem2")
+        assert cold.pause() is True
+        rebooted = Sandbox.connect(sbx.sandbox_id, timeout=300, on_resume="reboot")
+        assert rebooted.commands.run(BOOT_ID).stdout.strip() not in (boot0, boot1)
+        assert not rebooted.files.exists("/dev/shm/mem2")
+        assert rebooted.files.read("/home/user/disk.txt") == "on disk"
+
+        assert wait_until(lambda: state_of(timed.sandbox_id) == SandboxState.PAUSED, 120), (
+            "the timeout did not pause the sandbox"
+        )
+        woken = Sandbox.connect(timed.sandbox_id, timeout=300)
+        assert woken.commands.run(BOOT_ID).stdout.strip() != boot_timed
+        assert woken.files.read("/home/user/timed.txt") == "timed"
+    finally:
+        for s in (sbx, timed):
+            try:
+                s.kill()
+            except Exception:
+                pass

@@ -28,6 +28,9 @@ import oci_image
 import registry as registry_mod
 from conftest import ROOT, wrenn_binary
 
+# Guest, image and network paths: the same on either database (see conftest).
+pytestmark = pytest.mark.one_database
+
 RUN = uuid.uuid4().hex[:8]
 NAME = f"e2e-oci-{RUN}"
 REPO = "wrenn/tiny:1"

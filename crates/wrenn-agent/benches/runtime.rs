@@ -29,6 +29,7 @@ fn deadlines() -> Deadlines {
         health: Duration::from_secs(60),
         init: Duration::from_secs(30),
         prepare: Duration::from_secs(30),
+        boot: Duration::from_secs(180),
     }
 }
 

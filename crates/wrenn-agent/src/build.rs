@@ -172,9 +172,13 @@ pub struct Defaults {
     /// Environment variables every sandbox of the template has (its own `envs` on top).
     #[serde(default)]
     pub envs: Vec<(String, String)>,
-    /// The start command running in the snapshot, if any (informational).
+    /// The start command running in the snapshot, if any: started again when a sandbox's disk
+    /// is booted cold.
     #[serde(default)]
     pub start_cmd: Option<String>,
+    /// What told the build the start command was ready (polled again after a cold boot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_cmd: Option<String>,
 }
 
 impl Defaults {
@@ -453,6 +457,7 @@ async fn run(
         workdir: ctx.workdir.clone(),
         envs: ctx.envs.clone(),
         start_cmd: req.start_cmd.clone(),
+        ready_cmd: req.ready_cmd.clone(),
     };
     if let Err(e) = start_and_wait(&guest, req, &ctx, report).await {
         let _ = vm.kill().await;

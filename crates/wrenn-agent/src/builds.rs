@@ -811,6 +811,7 @@ fn image_defaults(config: &wrenn_oci::ImageConfig) -> Defaults {
         ),
         envs: config.env.clone(),
         start_cmd: None,
+        ready_cmd: None,
     }
 }
 

@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::runtime::{
-    Egress, GuestInit, Held, PauseFailure, ResumeFailure, Runtime, RuntimeError, SandboxMeta,
-    TemplateInfo,
+    Egress, GuestInit, Held, PauseFailure, PauseMode, ResumeFailure, Runtime, RuntimeError,
+    SandboxMeta, TemplateInfo,
 };
 
 /// How often the backstop reaper looks for sandboxes past their deadline.
@@ -540,8 +540,13 @@ impl<R: Runtime> Controller<R> {
         .await
     }
 
-    /// Pauses a running sandbox.
+    /// Pauses a running sandbox with its memory.
     pub async fn pause(self: &Arc<Self>, id: &str) -> Result<(), ControlError> {
+        self.pause_as(id, PauseMode::Full).await
+    }
+
+    /// Pauses a running sandbox, keeping what `mode` says.
+    pub async fn pause_as(self: &Arc<Self>, id: &str, mode: PauseMode) -> Result<(), ControlError> {
         let (meta, slot) = self.take(id, Op::Pause, |s| matches!(s, Slot::Running(_)))?;
         let Slot::Running(sb) = slot else {
             unreachable!("take checked the state");
@@ -549,7 +554,7 @@ impl<R: Runtime> Controller<R> {
         let guard = OpGuard::new(self, id, Op::Pause);
         let ctl = self.clone();
         self.detach(id, Op::Pause, async move {
-            match ctl.runtime.pause(&meta, sb).await {
+            match ctl.runtime.pause(&meta, sb, mode).await {
                 Ok(p) => {
                     tracing::info!("paused");
                     guard.finish(Some(Slot::Paused(p)), &meta);

@@ -16,8 +16,8 @@ use crate::observe::Observer;
 use crate::pool::{SlotLease, SlotPool, WarmPool};
 use crate::record::Recorder;
 use crate::runtime::{
-    Egress, GuestInit, Held, PauseFailure, ResumeFailure, Runtime, RuntimeError, SandboxMeta,
-    SnapshotTaken, TemplateInfo,
+    Egress, GuestInit, Held, PauseFailure, PauseMode, ResumeFailure, Runtime, RuntimeError,
+    SandboxMeta, SnapshotTaken, TemplateInfo,
 };
 use crate::sandbox::{
     Deadlines, Failed, InitConfig, PauseError, PausedSandbox, Sandbox, SandboxError,
@@ -271,6 +271,7 @@ impl Runtime for QemuRuntime {
         &self,
         meta: &SandboxMeta,
         sb: Running,
+        mode: PauseMode,
     ) -> Result<Paused, PauseFailure<Running>> {
         let id = meta.sandbox_id.as_str();
         if let Err(e) = self.check_pause_space(&sb) {
@@ -280,7 +281,11 @@ impl Runtime for QemuRuntime {
         sb.recorder().set_meta(Some(meta.clone()));
         // The VM's console goes with it: read it first.
         self.observe.catch_up(id).await;
-        match sb.pause(&self.deadlines).await {
+        let paused = match mode {
+            PauseMode::Full => sb.pause(&self.deadlines).await,
+            PauseMode::Filesystem => sb.pause_filesystem(&self.deadlines).await,
+        };
+        match paused {
             Ok((paused, lease, t)) => {
                 tracing::info!(total = ?t.total, dirty = t.dirty_bytes, "snapshot written");
                 self.observe.paused(id);
@@ -315,6 +320,9 @@ impl Runtime for QemuRuntime {
             }
         };
         paused.recorder().set_meta(Some(meta.clone()));
+        if init.reboot {
+            paused.set_reboot();
+        }
         let saved = paused.init().clone();
         if init.access_token.is_some() || !init.env_vars.is_empty() {
             let mut next = saved.clone();

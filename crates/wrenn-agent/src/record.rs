@@ -439,8 +439,8 @@ pub(crate) mod tests {
                 created_unix: 1_700_000_000,
             },
             disk: disk.into(),
-            state: file("state"),
-            memory_diff: file("memory.diff"),
+            state: Some(file("state")),
+            memory_diff: Some(file("memory.diff")),
             dirty_pages: 1,
             memory_base: vec![crate::sandbox::MemoryLayer {
                 path: "/snapshots/s1/memory.diff".into(),

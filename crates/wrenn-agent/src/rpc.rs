@@ -18,7 +18,7 @@ use wrenn_connect::{BoxStream, Code, ConnectError, RpcRouter};
 
 use crate::agent::Agent;
 use crate::controller::{ControlError, CreateArgs, Phase, Status};
-use crate::runtime::{Egress, GuestInit, RuntimeError};
+use crate::runtime::{Egress, GuestInit, PauseMode, RuntimeError};
 
 /// The one place agent errors become Connect codes. A busy sandbox is `aborted` (HTTP 409 in
 /// Connect's mapping): retry later; a sandbox in the wrong state is `failed_precondition`.
@@ -98,6 +98,7 @@ async fn create(agent: Arc<Agent>, req: CreateRequest) -> Result<CreateResponse,
         init: GuestInit {
             env_vars: spec.env_vars.into_iter().collect(),
             access_token: Some(spec.envd_access_token).filter(|t| !t.is_empty()),
+            reboot: false,
         },
         snapshot_id: Some(spec.snapshot_id).filter(|s| !s.is_empty()),
     };
@@ -141,6 +142,7 @@ async fn resume(agent: Arc<Agent>, req: ResumeRequest) -> Result<ResumeResponse,
     let init = GuestInit {
         env_vars: req.env_vars.into_iter().collect(),
         access_token: Some(req.envd_access_token).filter(|t| !t.is_empty()),
+        reboot: req.reboot,
     };
     let s = agent
         .controller()
@@ -215,8 +217,13 @@ pub fn router(agent: Arc<Agent>) -> axum::Router {
             move |_ctx, req: PauseRequest| {
                 let a = a.clone();
                 async move {
+                    let mode = if req.keep_memory {
+                        PauseMode::Full
+                    } else {
+                        PauseMode::Filesystem
+                    };
                     a.controller()
-                        .pause(&req.sandbox_id)
+                        .pause_as(&req.sandbox_id, mode)
                         .await
                         .map(|()| PauseResponse {})
                         .map_err(into_connect)

@@ -110,6 +110,19 @@ pub struct GuestInit {
     pub env_vars: BTreeMap<String, String>,
     /// envd's access token (`None`: unsecured).
     pub access_token: Option<String>,
+    /// A resume only: boot the paused disk cold even if the memory was kept (E2B's
+    /// `on_resume: reboot`), losing processes and memory.
+    pub reboot: bool,
+}
+
+/// What a pause keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PauseMode {
+    /// Memory, processes and disk: the resume goes on where the guest stopped.
+    #[default]
+    Full,
+    /// The disk only (synced first): the resume boots it cold.
+    Filesystem,
 }
 
 /// Why a runtime operation failed. The controller passes it on whole (with its sources).
@@ -198,6 +211,7 @@ pub trait Runtime: Send + Sync + 'static {
         &self,
         meta: &SandboxMeta,
         sandbox: Self::Running,
+        mode: PauseMode,
     ) -> impl Future<Output = Result<Self::Paused, PauseFailure<Self::Running>>> + Send;
 
     /// Resumes, optionally with a new access token and more env vars.

@@ -43,15 +43,18 @@ use crate::memdiff::{DiffInfo, MemDiffError};
 use crate::pool::{PoolError, RestoredWarm, SlotLease, SlotPool, WarmPool, restore_warm};
 use crate::record::{Phase, RecordError, Recorder, VmProcess};
 use crate::runtime::SandboxMeta;
-use crate::snapshot::{Snapshot, SnapshotError, sha256_file};
-use crate::vm::{NetAttach, Vm, VmError, VmSpec, create_overlay, qemu_version};
+use crate::snapshot::{Snapshot, SnapshotError};
+use crate::vm::{NetAttach, Vm, VmError, VmSpec, create_overlay};
 
 mod checkpoint;
+mod coldboot;
+mod pause;
 mod paused;
 
 pub use checkpoint::{CHECKPOINT_DISK, Checkpoint};
+pub use pause::PauseTimings;
 pub use paused::{PausedSandbox, settle_interrupted};
-use paused::{back_to_paused, commit_paused, remove_paused_files};
+use paused::{back_to_paused, remove_paused_files};
 
 const DISK_FILE: &str = "rootfs.qcow2";
 const VM_DIR: &str = "vm";
@@ -126,6 +129,8 @@ pub struct Deadlines {
     pub init: Duration,
     /// For `/snapshot/prepare`.
     pub prepare: Duration,
+    /// From QEMU running to envd answering `/health` when a paused disk is booted cold.
+    pub boot: Duration,
 }
 
 impl Default for Deadlines {
@@ -135,6 +140,8 @@ impl Default for Deadlines {
             health: Duration::from_secs(20),
             init: Duration::from_secs(10),
             prepare: Duration::from_secs(10),
+            // A Debian guest boots in about 7 s under TCG on an idle host.
+            boot: Duration::from_secs(120),
         }
     }
 }
@@ -297,10 +304,13 @@ pub struct PausedManifest {
     pub template: TemplateRef,
     /// The disk overlay (on the template's disk).
     pub disk: String,
-    /// Device state.
-    pub state: FileRecord,
+    /// Device state (none, and no `memory_diff`: a filesystem-only pause, whose resume boots
+    /// the disk cold).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<FileRecord>,
     /// Changed guest pages (against the template with `memory_base` written over it).
-    pub memory_diff: FileRecord,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_diff: Option<FileRecord>,
     /// How many pages the diff holds.
     pub dirty_pages: u64,
     /// The snapshots' diffs written before `memory_diff`, oldest first.
@@ -312,6 +322,13 @@ pub struct PausedManifest {
     pub paused_unix: u64,
     /// The pausing QEMU.
     pub qemu_version: String,
+}
+
+impl PausedManifest {
+    /// The device state and memory diff, if the pause kept the guest's memory.
+    pub fn memory(&self) -> Option<(&FileRecord, &FileRecord)> {
+        self.state.as_ref().zip(self.memory_diff.as_ref())
+    }
 }
 
 /// What a restarted agent needs to take a running [`Sandbox`] over, besides its QEMU (in the
@@ -667,185 +684,6 @@ impl<N: SandboxNet> Sandbox<N> {
         net
     }
 
-    /// Pauses: envd quiesces, the vCPUs stop (QEMU flushes the disk), the device state and
-    /// the changed pages are written and synced, the record says `pausing` (the snapshot is
-    /// complete), QEMU exits and the slot is returned; the record then says `paused`, and a
-    /// resumed sandbox's run overlay is committed into its paused disk. A failure before the
-    /// `pausing` record leaves the sandbox running; from there on the snapshot is complete and
-    /// the pause is finished whatever fails.
-    pub async fn pause(
-        self,
-        deadlines: &Deadlines,
-    ) -> Result<(PausedSandbox, N, PauseTimings), PauseError<N>> {
-        let start = Instant::now();
-        // envd requires the sandbox's access token once `/init` has set one.
-        let envd = (self.envd.clone()).with_access_token(self.init.access_token.clone());
-        if let Err(e) = envd.snapshot_prepare(deadlines.prepare).await {
-            // envd may have stopped some of its work: /init restarts it.
-            let _ = self.reinit(deadlines).await;
-            return Err(PauseError::StillRunning {
-                error: SandboxError::envd("prepare")(e),
-                sandbox: Box::new(self),
-            });
-        }
-        let prepared = start.elapsed();
-        let saved = async {
-            let diff = self.save_into(&self.root).await?;
-            let manifest = self
-                .manifest_in(&self.root, self.disk.clone(), &diff)
-                .await?;
-            let pausing = Phase::Pausing {
-                paused: manifest.clone(),
-                vm: VmProcess::of(&self.vm, self.net.slot_index()).ok(),
-                commit_into: self.commit_into.clone(),
-            };
-            let rec = self.rec.clone();
-            blocking(move || rec.write(pausing)).await?;
-            crate::fault::point("pause:saved");
-            Ok::<_, SandboxError>((diff, manifest))
-        }
-        .await;
-        let (diff, manifest) = match saved {
-            Ok(x) => x,
-            Err(error) => {
-                let root = self.root.clone();
-                blocking(move || {
-                    for f in ["memory.diff.tmp", STATE_FILE, DIFF_FILE] {
-                        let _ = std::fs::remove_file(root.join(f));
-                    }
-                    let _ = std::fs::remove_file(root.join(VM_DIR).join("state.tmp"));
-                })
-                .await;
-                if let Err(e) = self.vm.qmp().cont().await {
-                    tracing::warn!(error = %crate::error_chain(&e), "cont after a failed pause");
-                }
-                let _ = self.reinit(deadlines).await;
-                return Err(PauseError::StillRunning {
-                    error,
-                    sandbox: Box::new(self),
-                });
-            }
-        };
-        let saved_at = start.elapsed();
-        let Sandbox {
-            root,
-            mut vm,
-            net,
-            disk,
-            commit_into,
-            rec,
-            ..
-        } = self;
-        // The snapshot is complete: from here the pause is finished whatever QEMU does.
-        let quit = async {
-            vm.qmp().quit().await.map_err(SandboxError::qmp("quit"))?;
-            vm.wait_exit(QUIT_TIMEOUT).await?;
-            Ok::<_, SandboxError>(())
-        }
-        .await;
-        if let Err(e) = quit {
-            tracing::warn!(error = %e, "QEMU did not quit after the snapshot; killed");
-        }
-        let _ = vm.kill().await;
-        net.publish(None);
-        crate::fault::point("pause:quit");
-        let rec2 = rec.clone();
-        let committed =
-            blocking(move || commit_paused(&rec2, manifest, &disk, commit_into.as_deref())).await;
-        match committed {
-            Ok(manifest) => {
-                let timings = PauseTimings {
-                    prepared,
-                    saved: saved_at,
-                    total: start.elapsed(),
-                    dirty_bytes: diff.pages * crate::memdiff::PAGE,
-                };
-                tracing::debug!(?timings, "paused");
-                Ok((PausedSandbox::new(rec, manifest), net, timings))
-            }
-            Err(error) => {
-                rec.retire();
-                let _ = std::fs::remove_dir_all(&root);
-                Err(PauseError::Lost { error, net })
-            }
-        }
-    }
-
-    /// The paused manifest for the files [`Sandbox::save_into`] wrote into `dir`, with
-    /// `disk` (a file name in `dir`) as its disk.
-    async fn manifest_in(
-        &self,
-        dir: &Path,
-        disk: String,
-        diff: &DiffInfo,
-    ) -> Result<PausedManifest, SandboxError> {
-        let state = dir.join(STATE_FILE);
-        let state2 = state.clone();
-        let (state_bytes, state_sha) = blocking(move || {
-            let bytes = std::fs::metadata(&state2)
-                .map_err(VmError::io("stat", &state2))?
-                .len();
-            let sha = sha256_file(&state2).map_err(VmError::io("hash", &state2))?;
-            Ok::<_, VmError>((bytes, sha))
-        })
-        .await?;
-        Ok(PausedManifest {
-            spec: self.spec.clone(),
-            template: self.template.clone(),
-            disk,
-            state: FileRecord {
-                file: STATE_FILE.into(),
-                bytes: state_bytes,
-                sha256: state_sha,
-            },
-            memory_diff: FileRecord {
-                file: DIFF_FILE.into(),
-                bytes: diff.bytes,
-                sha256: diff.sha256.clone(),
-            },
-            dirty_pages: diff.pages,
-            memory_base: self.memory_base.clone(),
-            init: self.init.clone(),
-            paused_unix: unix_now(),
-            qemu_version: qemu_version().await,
-        })
-    }
-
-    /// Stops the vCPUs (QEMU drains and flushes the disk) and writes the device state and
-    /// the memory diff into `dir` (the sandbox's own, or a snapshot's), synced, under their
-    /// final names.
-    async fn save_into(&self, dir: &Path) -> Result<DiffInfo, SandboxError> {
-        let diff_tmp = dir.join("memory.diff.tmp");
-        // QEMU (jailed) writes the device state into its runtime directory, in a file lent to
-        // its uid until the save returned.
-        let out = self.vm.output_file("state.tmp", 0o600)?;
-        let state_tmp = out.path().to_owned();
-        let qmp = self.vm.qmp();
-        qmp.stop().await.map_err(SandboxError::qmp("stop"))?;
-        // Devices only: RAM is the template's file plus the diff written below.
-        qmp.execute_raw(
-            "xen-save-devices-state",
-            Some(serde_json::json!({ "filename": &state_tmp, "live": false })),
-        )
-        .await
-        .map_err(SandboxError::qmp("xen-save-devices-state"))?;
-        drop(out);
-        let pid = self.vm.pid();
-        let memory = self.memory.clone();
-        let ram = u64::from(self.spec.memory_mib) << 20;
-        let root = dir.to_owned();
-        let base: Vec<_> = self.memory_base.iter().map(MemoryLayer::diff).collect();
-        blocking(move || {
-            let diff = crate::memdiff::save(pid, &memory, ram, &base, &diff_tmp)?;
-            sync_file(&state_tmp)?;
-            crate::snapshot::move_file(&state_tmp, &root.join(STATE_FILE))?;
-            std::fs::rename(&diff_tmp, root.join(DIFF_FILE))
-                .map_err(VmError::io("rename", &diff_tmp))?;
-            Ok::<_, SandboxError>(diff)
-        })
-        .await
-    }
-
     /// `/init` again with fresh entropy (after an aborted pause).
     async fn reinit(&self, deadlines: &Deadlines) -> Result<(), SandboxError> {
         let body = init_body(&self.init)?;
@@ -930,19 +768,6 @@ impl Sandbox<SlotLease> {
             }
         }
     }
-}
-
-/// How long the steps of a pause took.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct PauseTimings {
-    /// `/snapshot/prepare` returned.
-    pub prepared: Duration,
-    /// Device state and memory diff written and synced.
-    pub saved: Duration,
-    /// QEMU gone, manifest written.
-    pub total: Duration,
-    /// The changed guest memory written.
-    pub dirty_bytes: u64,
 }
 
 /// Runs blocking file work off the async workers.

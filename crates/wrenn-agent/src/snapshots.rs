@@ -21,7 +21,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::runtime::SandboxMeta;
-use crate::sandbox::{Deadlines, MemoryLayer, PausedManifest, PausedSandbox, Sandbox, SandboxNet};
+use crate::sandbox::{
+    Deadlines, FileRecord, MemoryLayer, PausedManifest, PausedSandbox, Sandbox, SandboxNet,
+};
 
 /// What a snapshot's directory says about it.
 pub const INFO_FILE: &str = "snapshot.json";
@@ -146,8 +148,10 @@ fn fill(
 ) -> Result<SnapshotInfo, SnapshotsError> {
     let m = paused.manifest();
     let src = paused.root();
-    for file in [&m.state.file, &m.memory_diff.file] {
-        link_or_copy(&src.join(file), &staging.join(file))?;
+    if let Some((state, diff)) = m.memory() {
+        for file in [&state.file, &diff.file] {
+            link_or_copy(&src.join(file), &staging.join(file))?;
+        }
     }
     // The disk layer is copied: a later resume of the source commits into its paused disk.
     let disk = src.join(&m.disk);
@@ -185,17 +189,17 @@ fn describe(
         )
     });
     let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
-    for f in [
-        manifest.state.file.as_str(),
-        manifest.memory_diff.file.as_str(),
-        DISK,
-    ] {
+    let mut files = vec![DISK];
+    if let Some((state, diff)) = manifest.memory() {
+        files.extend([state.file.as_str(), diff.file.as_str()]);
+    }
+    for f in files {
         let p = staging.join(f);
         std::fs::File::open(&p)
             .and_then(|f| f.sync_all())
             .map_err(io("sync", &p))?;
     }
-    let memory_bytes = size(&staging.join(&manifest.memory_diff.file));
+    let memory_bytes = (manifest.memory()).map_or(0, |(_, diff)| size(&staging.join(&diff.file)));
     let info = SnapshotInfo {
         id: id.to_owned(),
         source_sandbox_id: meta.sandbox_id.clone(),
@@ -284,26 +288,32 @@ pub async fn materialize(
     std::fs::create_dir_all(dir).map_err(io("create", dir))?;
     let res = async {
         let m = &info.manifest;
-        link_or_copy(&snap.join(&m.state.file), &dir.join(&m.state.file))?;
         crate::vm::create_overlay(&snap.join(DISK), "qcow2", &dir.join(DISK))
             .await
             .map_err(|e| SnapshotsError::Prepare(Box::new(e)))?;
         let mut manifest = m.clone();
         manifest.disk = DISK.into();
-        // The snapshot's memory is the new sandbox's base, and its own diff starts empty: its
-        // saves (a pause, or a snapshot of it) store only what changed since.
-        manifest.memory_base.push(MemoryLayer {
-            path: snap.join(&m.memory_diff.file),
-            bytes: m.memory_diff.bytes,
-            sha256: m.memory_diff.sha256.clone(),
-            pages: m.dirty_pages,
-        });
-        let ram = u64::from(m.spec.memory_mib) << 20;
-        let empty = crate::memdiff::save_empty(ram, &dir.join(&m.memory_diff.file))
-            .map_err(|e| SnapshotsError::Prepare(Box::new(e)))?;
-        manifest.memory_diff.bytes = empty.bytes;
-        manifest.memory_diff.sha256 = empty.sha256;
-        manifest.dirty_pages = empty.pages;
+        // A snapshot without memory (of a filesystem-only pause) starts by a cold boot.
+        if let Some((state, diff)) = m.memory() {
+            link_or_copy(&snap.join(&state.file), &dir.join(&state.file))?;
+            // The snapshot's memory is the new sandbox's base, and its own diff starts empty:
+            // its saves (a pause, or a snapshot of it) store only what changed since.
+            manifest.memory_base.push(MemoryLayer {
+                path: snap.join(&diff.file),
+                bytes: diff.bytes,
+                sha256: diff.sha256.clone(),
+                pages: m.dirty_pages,
+            });
+            let ram = u64::from(m.spec.memory_mib) << 20;
+            let empty = crate::memdiff::save_empty(ram, &dir.join(&diff.file))
+                .map_err(|e| SnapshotsError::Prepare(Box::new(e)))?;
+            manifest.memory_diff = Some(FileRecord {
+                file: diff.file.clone(),
+                bytes: empty.bytes,
+                sha256: empty.sha256,
+            });
+            manifest.dirty_pages = empty.pages;
+        }
         let rec = crate::record::Recorder::new(dir, Some(meta.clone()));
         rec.write(crate::record::Phase::Paused { paused: manifest })
             .map_err(|e| SnapshotsError::Prepare(Box::new(e)))?;

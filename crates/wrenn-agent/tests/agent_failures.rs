@@ -34,6 +34,7 @@ fn deadlines(health: Duration) -> Deadlines {
         health,
         init: Duration::from_secs(30),
         prepare: Duration::from_secs(30),
+        boot: Duration::from_secs(180),
     }
 }
 

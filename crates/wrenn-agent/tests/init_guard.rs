@@ -181,6 +181,7 @@ fn deadlines() -> Deadlines {
         health: Duration::from_secs(90),
         init: Duration::from_secs(60),
         prepare: Duration::from_secs(60),
+        boot: Duration::from_secs(180),
     }
 }
 

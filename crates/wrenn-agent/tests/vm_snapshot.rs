@@ -48,6 +48,7 @@ async fn agent(first: u32, root: &Path, template: &Snapshot) -> Agent {
         health: Duration::from_secs(60),
         init: Duration::from_secs(30),
         prepare: Duration::from_secs(30),
+        boot: Duration::from_secs(180),
     };
     let a = Agent::new("test-host", slots, root.to_owned(), 6, deadlines);
     a.register_template(TEMPLATE, template.clone(), None, "test-envd");

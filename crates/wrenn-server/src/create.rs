@@ -379,6 +379,8 @@ impl ControlPlane {
             end_at: end,
             auto_pause: lifecycle.auto_pause,
             auto_resume: lifecycle.auto_resume,
+            auto_pause_memory: lifecycle.auto_pause_memory,
+            paused_memory: true,
             allow_internet_access: body.allow_internet_access,
             updated_at: now,
             network,

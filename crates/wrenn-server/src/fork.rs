@@ -35,6 +35,7 @@ fn child_request(source: &SandboxRecord, timeout: Option<i64>) -> NewSandbox {
         template_id: source.template_id.clone(),
         timeout,
         auto_pause: Some(source.auto_pause),
+        auto_pause_memory: source.auto_pause.then_some(source.auto_pause_memory),
         auto_resume: Some(AutoResume {
             enabled: source.auto_resume,
         }),

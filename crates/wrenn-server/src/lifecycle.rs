@@ -1,14 +1,15 @@
 //! A sandbox's lifecycle settings and auto-resume: what happens at its timeout (`autoPause`:
-//! paused, else killed) and whether traffic wakes it while it is paused (`autoResume`), as the
-//! SDKs send them on create and read them back from `GET /sandboxes/{id}`; and the edge
-//! proxy's side of auto-resume.
+//! paused, else killed; `autoPauseMemory`: with its memory, else filesystem-only) and whether
+//! traffic wakes it while it is paused (`autoResume`), as the SDKs send them on create and read
+//! them back from `GET /sandboxes/{id}`; and the edge proxy's side of auto-resume.
 //!
 //! The SDKs send three create keys (`autoPause`, `autoPauseMemory`, `autoResume.enabled`) and
 //! check their combinations before they send them; the same rules are checked here, for
-//! clients that do not. Every pause here keeps the sandbox's memory and files (`pauseMode:
-//! full`): a filesystem-only pause (`autoPauseMemory: false` on create, `memory: false` on
-//! pause) would resume as a cold boot, which the agent cannot do, so it is a 400 that says so
-//! rather than a full pause the client did not ask for.
+//! clients that do not. A pause keeps the sandbox's memory and files (`pauseMode: full`) unless
+//! asked for a filesystem-only one (`autoPauseMemory: false` on create, `memory: false` on
+//! pause: `pauseMode: filesystem`), which keeps its disk, synced, and resumes by booting it
+//! cold (processes and memory are gone). `connect` with `memory: false` (`on_resume:
+//! reboot`) boots a fully paused sandbox's disk cold the same way.
 //!
 //! Auto-resume: a request through the edge proxy for a paused sandbox with auto-resume resumes
 //! it as `POST /v2/sandboxes/{id}/connect` would (the default timeout, under the sandbox's
@@ -40,6 +41,8 @@ const POLL: Duration = Duration::from_millis(100);
 pub(crate) struct Lifecycle {
     pub(crate) auto_pause: bool,
     pub(crate) auto_resume: bool,
+    /// A pause at the timeout keeps the memory.
+    pub(crate) auto_pause_memory: bool,
 }
 
 impl Lifecycle {
@@ -47,11 +50,17 @@ impl Lifecycle {
     pub(crate) fn of(body: &NewSandbox) -> Result<Lifecycle, ApiError> {
         let auto_pause = body.auto_pause.unwrap_or(false);
         let auto_resume = body.auto_resume.is_some_and(|a| a.enabled);
-        if body.auto_pause_memory == Some(false) {
+        let auto_pause_memory = body.auto_pause_memory.unwrap_or(true);
+        if !auto_pause_memory && !auto_pause {
             return Err(ApiError::BadRequest(
-                "Filesystem-only pause (autoPauseMemory: false) is not supported by this \
-                 server: every pause keeps the sandbox's memory and files; omit \
-                 autoPauseMemory or set it to true"
+                "autoPauseMemory: false requires autoPause: true (it is how a timeout pauses)"
+                    .to_owned(),
+            ));
+        }
+        if !auto_pause_memory && auto_resume {
+            return Err(ApiError::BadRequest(
+                "autoPauseMemory: false cannot be combined with autoResume.enabled (a \
+                 filesystem-only pause resumes by a cold boot, which traffic does not wait for)"
                     .to_owned(),
             ));
         }
@@ -65,20 +74,14 @@ impl Lifecycle {
         Ok(Lifecycle {
             auto_pause,
             auto_resume,
+            auto_pause_memory,
         })
     }
 }
 
-/// Refuses a pause this server cannot do as asked.
-pub(crate) fn check_pause(body: &PauseSandbox) -> Result<(), ApiError> {
-    if body.memory == Some(false) {
-        return Err(ApiError::BadRequest(
-            "Filesystem-only pause (memory: false) is not supported by this server: every \
-             pause keeps the sandbox's memory and files; omit memory or set it to true"
-                .to_owned(),
-        ));
-    }
-    Ok(())
+/// Whether a pause request keeps the memory (the default) or only the disk.
+pub(crate) fn pause_keeps_memory(body: &PauseSandbox) -> bool {
+    body.memory.unwrap_or(true)
 }
 
 /// `lifecycle` of `GET /sandboxes/{id}`, from the record.
@@ -89,10 +92,15 @@ pub(crate) fn reported(rec: &SandboxRecord) -> wrenn_api::Lifecycle {
     }
 }
 
-/// `pauseMode` of `GET /sandboxes/{id}`: set once a pause finished (paused, or being resumed),
-/// and always `full` here.
+/// `pauseMode` of `GET /sandboxes/{id}`: set once a pause finished (paused, or being
+/// resumed): `full` or `filesystem`.
 pub(crate) fn pause_mode(rec: &SandboxRecord) -> Option<String> {
-    matches!(rec.state, SandboxState::Paused | SandboxState::Resuming).then(|| "full".to_owned())
+    let mode = if rec.paused_memory {
+        "full"
+    } else {
+        "filesystem"
+    };
+    matches!(rec.state, SandboxState::Paused | SandboxState::Resuming).then(|| mode.to_owned())
 }
 
 /// Why a proxied request could not get its paused sandbox resumed.
@@ -170,7 +178,7 @@ impl ControlPlane {
             match rec.state {
                 SandboxState::Running => return Ok(Some(rec)),
                 SandboxState::Paused if rec.auto_resume => {
-                    self.resume_locked(rec, None).await?;
+                    self.resume_locked(rec, None, false).await?;
                     tracing::info!(sandbox_id = %id, "sandbox resumed by its traffic");
                     let rec = self.store.get_sandbox(id.as_str()).await?;
                     return Ok(rec.filter(|r| r.state == SandboxState::Running));
@@ -222,8 +230,14 @@ mod tests {
         let ok = |pause, resume| Lifecycle {
             auto_pause: pause,
             auto_resume: resume,
+            auto_pause_memory: true,
         };
-        // omitted; kill; pause; full; pause with auto-resume; auto_resume False alone.
+        let filesystem = Lifecycle {
+            auto_pause_memory: false,
+            ..ok(true, false)
+        };
+        // omitted; kill; pause; full; pause with auto-resume; auto_resume False alone;
+        // filesystem-only.
         for (body, want) in [
             (create(None, None, None), ok(false, false)),
             (create(Some(false), None, None), ok(false, false)),
@@ -232,15 +246,17 @@ mod tests {
             (create(Some(true), Some(true), Some(true)), ok(true, true)),
             (create(Some(true), None, Some(false)), ok(true, false)),
             (create(None, None, Some(false)), ok(false, false)),
+            (create(Some(true), Some(false), None), filesystem),
+            (create(Some(true), Some(false), Some(false)), filesystem),
         ] {
             assert_eq!(Lifecycle::of(&body).unwrap(), want, "{body:?}");
         }
         for (body, says) in [
-            (create(Some(true), Some(false), None), "autoPauseMemory"),
             (
                 create(Some(true), Some(false), Some(true)),
-                "autoPauseMemory",
+                "cannot be combined",
             ),
+            (create(None, Some(false), None), "requires autoPause"),
             (create(Some(false), Some(false), None), "autoPauseMemory"),
             (create(None, None, Some(true)), "autoResume"),
             (create(Some(false), None, Some(true)), "autoResume"),
@@ -251,18 +267,12 @@ mod tests {
                 "{body:?}: {e}"
             );
         }
-        assert!(check_pause(&PauseSandbox::default()).is_ok());
-        let full = PauseSandbox {
-            memory: Some(true),
+        assert!(pause_keeps_memory(&PauseSandbox::default()));
+        let with = |memory| PauseSandbox {
+            memory: Some(memory),
             ..Default::default()
         };
-        assert!(check_pause(&full).is_ok());
-        let fs = PauseSandbox {
-            memory: Some(false),
-            ..Default::default()
-        };
-        assert!(
-            matches!(check_pause(&fs), Err(ApiError::BadRequest(m)) if m.contains("memory: false"))
-        );
+        assert!(pause_keeps_memory(&with(true)));
+        assert!(!pause_keeps_memory(&with(false)));
     }
 }

@@ -360,7 +360,11 @@ impl ControlPlane {
                 self.move_end(&rec, end).await?;
                 Ok((self.sandbox_response(&rec), false))
             }
-            SandboxState::Paused => Ok((self.resume_locked(rec, body.timeout).await?, true)),
+            SandboxState::Paused => {
+                // `memory: false` (`on_resume: reboot`): boot the disk cold.
+                let reboot = body.memory == Some(false);
+                Ok((self.resume_locked(rec, body.timeout, reboot).await?, true))
+            }
             _ => Err(ApiError::Conflict(format!(
                 "Sandbox \"{id}\" is being paused or resumed, try again"
             ))),
@@ -379,7 +383,7 @@ impl ControlPlane {
         let _guard = self.lock(&rec.id).await;
         let rec = self.team_sandbox(&team.id, id).await?;
         match rec.state {
-            SandboxState::Paused => self.resume_locked(rec, timeout).await,
+            SandboxState::Paused => self.resume_locked(rec, timeout, false).await,
             SandboxState::Running => Err(ApiError::Conflict(format!(
                 "Sandbox \"{id}\" is already running"
             ))),
@@ -390,11 +394,13 @@ impl ControlPlane {
     }
 
     /// Resumes paused sandbox `rec`, whose lock the caller holds, with a new timeout (`None`:
-    /// the default).
+    /// the default); `reboot`: by a cold boot of its disk even if its memory was kept (one
+    /// paused filesystem-only always resumes so).
     pub(crate) async fn resume_locked(
         &self,
         rec: SandboxRecord,
         timeout: Option<i64>,
+        reboot: bool,
     ) -> Result<Sandbox, ApiError> {
         let now = now();
         let end = self
@@ -420,6 +426,7 @@ impl ControlPlane {
                 end_unix_ms: end.0,
                 backstop_unix_ms: backstop(end, self.config.backstop_grace_secs).0,
                 env_vars: rec.env_vars.clone().into_iter().collect(),
+                reboot,
             })
             .await;
         if let Err(e) = res {
@@ -564,16 +571,17 @@ impl ControlPlane {
         id: &str,
         body: PauseSandbox,
     ) -> Result<(), ApiError> {
-        lifecycle::check_pause(&body)?;
+        let memory = lifecycle::pause_keeps_memory(&body);
         let rec = self.team_sandbox(&team.id, id).await?;
         let _guard = self.lock(&rec.id).await;
         let rec = self.team_sandbox(&team.id, id).await?;
-        self.pause_locked(&rec).await
+        self.pause_locked(&rec, memory).await
     }
 
-    /// Pauses running sandbox `rec`, whose lock the caller holds; one already paused (or being
-    /// paused) is a 409, which the SDKs read as "already paused".
-    async fn pause_locked(&self, rec: &SandboxRecord) -> Result<(), ApiError> {
+    /// Pauses running sandbox `rec`, whose lock the caller holds, with its memory or (`memory`
+    /// false) only its disk; one already paused (or being paused) is a 409, which the SDKs
+    /// read as "already paused".
+    async fn pause_locked(&self, rec: &SandboxRecord, memory: bool) -> Result<(), ApiError> {
         match rec.state {
             SandboxState::Running => {}
             SandboxState::Paused | SandboxState::Pausing => {
@@ -590,11 +598,7 @@ impl ControlPlane {
             }
         }
         let (_host, client) = self.host_of(rec).await?;
-        if !self
-            .store
-            .transition(&rec.id, SandboxState::Running, SandboxState::Pausing, now())
-            .await?
-        {
+        if !self.store.start_pause(&rec.id, memory, now()).await? {
             return Err(ApiError::Conflict(format!(
                 "Sandbox \"{}\" changed state, try again",
                 rec.id
@@ -603,8 +607,7 @@ impl ControlPlane {
         if let Err(e) = client
             .pause(agent::PauseRequest {
                 sandbox_id: rec.id.to_string(),
-                // Always: filesystem-only pauses are refused (see `lifecycle`).
-                keep_memory: true,
+                keep_memory: memory,
             })
             .await
         {
@@ -616,7 +619,7 @@ impl ControlPlane {
         self.store
             .transition(&rec.id, SandboxState::Pausing, SandboxState::Paused, now())
             .await?;
-        tracing::info!(sandbox_id = %rec.id, "sandbox paused");
+        tracing::info!(sandbox_id = %rec.id, memory, "sandbox paused");
         Ok(())
     }
 
@@ -816,7 +819,7 @@ impl ControlPlane {
             return Ok(false);
         }
         let res = if rec.auto_pause {
-            self.pause_locked(&rec).await
+            self.pause_locked(&rec, rec.auto_pause_memory).await
         } else {
             self.kill_locked(&rec).await
         };

@@ -131,6 +131,11 @@ pub struct SandboxRecord {
     pub auto_pause: bool,
     /// Traffic through the edge proxy resumes it while it is paused (only with `auto_pause`).
     pub auto_resume: bool,
+    /// A pause at the timeout keeps the memory (else only the disk).
+    pub auto_pause_memory: bool,
+    /// The pause under way or done keeps the memory (`pauseMode` `full`), or only the disk
+    /// (`filesystem`: the resume boots it cold).
+    pub paused_memory: bool,
     pub allow_internet_access: Option<bool>,
     /// When the record last changed (state or end); for a record in a transition, since when
     /// it has been in it.
@@ -171,7 +176,7 @@ pub struct SandboxFilter {
 
 const SANDBOX_COLUMNS: &str = "id, team_id, template_id, state, host_id, vcpus, memory_mb, \
     disk_size_mb, envd_version, metadata, env_vars, started_at, end_at, auto_pause, \
-    allow_internet_access, updated_at, network, auto_resume";
+    allow_internet_access, updated_at, network, auto_resume, auto_pause_memory, paused_memory";
 
 /// The states whose sandboxes hold (or are getting) a VM on their host, as SQL; the same set as
 /// `SandboxState::occupies_host`.
@@ -392,7 +397,7 @@ impl Store {
         bind_sandbox(
             sqlx::query(&format!(
                 "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)"
             )),
             s,
         )
@@ -413,7 +418,7 @@ impl Store {
     pub async fn insert_placed(&self, s: &SandboxRecord) -> Result<bool> {
         let sql = format!(
             "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) \
-             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18 \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20 \
              FROM hosts h WHERE h.id = $5 AND h.schedulable <> 0 \
              AND (h.max_sandboxes = 0 OR h.max_sandboxes > \
                   (SELECT COUNT(*) FROM sandboxes o WHERE o.host_id = h.id AND o.state IN {OCCUPYING})) \
@@ -501,6 +506,21 @@ impl Store {
         .bind(now.0)
         .bind(id.as_str())
         .bind(from.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Starts a pause of a running sandbox that keeps its memory or (`memory` false) only its
+    /// disk; `false`: it was not running.
+    pub async fn start_pause(&self, id: &SandboxId, memory: bool, now: UnixMillis) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE sandboxes SET state = 'pausing', paused_memory = $1, updated_at = $2 \
+             WHERE id = $3 AND state = 'running'",
+        )
+        .bind(i64::from(memory))
+        .bind(now.0)
+        .bind(id.as_str())
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -670,7 +690,7 @@ fn to_i64(v: u64) -> i64 {
 
 type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
 
-/// Binds `s` as `$1..$18` in the order of [`SANDBOX_COLUMNS`].
+/// Binds `s` as `$1..$20` in the order of [`SANDBOX_COLUMNS`].
 fn bind_sandbox<'q>(q: AnyQuery<'q>, s: &'q SandboxRecord) -> AnyQuery<'q> {
     q.bind(s.id.as_str())
         .bind(s.team_id.as_str())
@@ -694,6 +714,8 @@ fn bind_sandbox<'q>(q: AnyQuery<'q>, s: &'q SandboxRecord) -> AnyQuery<'q> {
                 .map(|n| serde_json::to_string(n).expect("a network config always serializes")),
         )
         .bind(i64::from(s.auto_resume))
+        .bind(i64::from(s.auto_pause_memory))
+        .bind(i64::from(s.paused_memory))
 }
 
 fn to_json(m: &BTreeMap<String, String>) -> String {
@@ -778,6 +800,8 @@ fn sandbox_from_row(r: &AnyRow) -> Result<SandboxRecord> {
         end_at: UnixMillis(r.try_get("end_at")?),
         auto_pause: r.try_get::<i64, _>("auto_pause")? != 0,
         auto_resume: r.try_get::<i64, _>("auto_resume")? != 0,
+        auto_pause_memory: r.try_get::<i64, _>("auto_pause_memory")? != 0,
+        paused_memory: r.try_get::<i64, _>("paused_memory")? != 0,
         allow_internet_access: r
             .try_get::<Option<i64>, _>("allow_internet_access")?
             .map(|v| v != 0),

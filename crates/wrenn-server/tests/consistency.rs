@@ -96,6 +96,8 @@ fn raw_record(team: &str, state: SandboxState, updated_at: i64) -> SandboxRecord
         end_at: UnixMillis(now + 600_000),
         auto_pause: false,
         auto_resume: false,
+        auto_pause_memory: true,
+        paused_memory: true,
         allow_internet_access: None,
         updated_at: UnixMillis(updated_at),
         network: None,

@@ -1,7 +1,9 @@
 //! Sandbox lifecycles in the control plane, over real HTTP with the test-double agent (see
 //! `support`): the create keys the SDKs send (`autoPause`, `autoPauseMemory`, `autoResume`)
 //! checked, stored and reported by `GET /sandboxes/{id}` (forks inherit them), pauses of
-//! paused sandboxes, timeouts that kill or pause, and auto-resume: traffic through the edge
+//! paused sandboxes, filesystem-only pauses (`memory: false`, `autoPauseMemory: false`) and
+//! reboots (`connect` with `memory: false`) passed to the agent and reported as `pauseMode`,
+//! timeouts that kill or pause, and auto-resume: traffic through the edge
 //! proxy to a paused sandbox with auto-resume resumes it once (however many requests) and is
 //! forwarded, waits for a pause under way, and without auto-resume gets the SDKs' 502 "not
 //! running". Each test runs on a SQLite file and, when `WRENN_TEST_POSTGRES_URL` is set, again
@@ -18,7 +20,7 @@ use wrenn_agent_proto::v1::SandboxState as AgentState;
 
 on_both_databases!(
     create_lifecycles_are_checked_stored_and_reported,
-    pauses_of_paused_sandboxes_and_filesystem_pauses_are_refused,
+    pauses_of_paused_sandboxes_are_refused_and_filesystem_pauses_keep_the_disk,
     traffic_resumes_a_paused_auto_resume_sandbox_once,
     traffic_to_a_paused_sandbox_without_auto_resume_is_not_running,
     traffic_waits_for_a_pause_under_way,
@@ -100,6 +102,10 @@ async fn create_lifecycles_are_checked_stored_and_reported(db: Db) {
             json!({"autoResume": {"enabled": false}}),
             lifecycle(false, "kill"),
         ),
+        (
+            json!({"autoPause": true, "autoPauseMemory": false}),
+            lifecycle(false, "pause"),
+        ),
     ] {
         let mut create = json!({"templateID": "base", "metadata": {}, "envVars": {}});
         create
@@ -113,8 +119,12 @@ async fn create_lifecycles_are_checked_stored_and_reported(db: Db) {
         assert!(v.get("pauseMode").is_none(), "{v}");
         let rec = s.server.cp.store().get_sandbox(&id).await.unwrap().unwrap();
         assert_eq!(
-            (rec.auto_pause, rec.auto_resume),
-            (want["onTimeout"] == "pause", want["autoResume"] == true)
+            (rec.auto_pause, rec.auto_resume, rec.auto_pause_memory),
+            (
+                want["onTimeout"] == "pause",
+                want["autoResume"] == true,
+                body["autoPauseMemory"] != false
+            )
         );
     }
 
@@ -126,13 +136,10 @@ async fn create_lifecycles_are_checked_stored_and_reported(db: Db) {
             json!({"autoPause": false, "autoResume": {"enabled": true}}),
             "autoResume",
         ),
-        (
-            json!({"autoPause": true, "autoPauseMemory": false}),
-            "autoPauseMemory: false",
-        ),
+        (json!({"autoPauseMemory": false}), "requires autoPause"),
         (
             json!({"autoPause": true, "autoPauseMemory": false, "autoResume": {"enabled": true}}),
-            "autoPauseMemory: false",
+            "cannot be combined with autoResume",
         ),
     ] {
         let mut create = json!({"templateID": "base"});
@@ -185,18 +192,31 @@ async fn create_lifecycles_are_checked_stored_and_reported(db: Db) {
     s.stop().await;
 }
 
-async fn pauses_of_paused_sandboxes_and_filesystem_pauses_are_refused(db: Db) {
+async fn pauses_of_paused_sandboxes_are_refused_and_filesystem_pauses_keep_the_disk(db: Db) {
     let s = Stack::with(db, FakeAgent::default(), |_| {}).await;
     let id = sandbox(&s, json!({"templateID": "base"})).await;
-    // A filesystem-only pause is not done as a full one behind the client's back.
-    let (st, v) = pause(&s, &id, json!({"memory": false})).await;
-    assert_eq!(st, 400);
-    assert!(
-        v["message"].as_str().unwrap().contains("memory: false"),
-        "{v}"
-    );
-    assert_eq!(s.server.agent.state(&id), Some(AgentState::Running));
+    let connect = async |body: Value| {
+        let url = format!("/v2/sandboxes/{id}/connect");
+        json(s.req(Method::POST, &url).json(&body)).await.0
+    };
+    // A filesystem-only pause is asked of the agent as one, and reported so.
+    assert_eq!(pause(&s, &id, json!({"memory": false})).await.0, 204);
+    assert_eq!(s.server.agent.state(&id), Some(AgentState::Paused));
+    assert_eq!(info(&s, &id).await["pauseMode"], "filesystem");
+    assert_eq!(connect(json!({})).await, 201);
+    // A full pause, then `on_resume: reboot` (`memory: false`): the agent boots it cold.
     assert_eq!(pause(&s, &id, json!({"memory": true})).await.0, 204);
+    assert_eq!(info(&s, &id).await["pauseMode"], "full");
+    assert_eq!(connect(json!({"memory": false})).await, 201);
+    assert_eq!(
+        s.server.agent.calls_of(&format!("pause {id}")),
+        [format!("pause {id} filesystem"), format!("pause {id}")]
+    );
+    assert_eq!(
+        s.server.agent.calls_of(&format!("resume {id}")),
+        [format!("resume {id}"), format!("resume {id} reboot")]
+    );
+    assert_eq!(pause(&s, &id, json!({})).await.0, 204);
     // Already paused: 409 with `code` 409 (the JS SDK reads the body's code, Python the
     // status: both then answer `false`).
     for _ in 0..2 {
@@ -208,7 +228,7 @@ async fn pauses_of_paused_sandboxes_and_filesystem_pauses_are_refused(db: Db) {
             "{v}"
         );
     }
-    assert_eq!(s.server.agent.calls_of("pause ").len(), 1);
+    assert_eq!(s.server.agent.calls_of("pause ").len(), 3);
     s.stop().await;
 }
 
@@ -370,14 +390,25 @@ async fn timeouts_kill_or_pause_as_the_lifecycle_says(db: Db) {
         json!({"templateID": "base", "timeout": 1, "autoPause": true, "autoResume": {"enabled": true}}),
     )
     .await;
+    let disk_only = sandbox(
+        &s,
+        json!({"templateID": "base", "timeout": 1, "autoPause": true, "autoPauseMemory": false}),
+    )
+    .await;
     wait_for("the reaper", async || {
         let gone = json(s.req(Method::GET, &format!("/sandboxes/{kill}")))
             .await
             .0
             == 404;
         gone && info(&s, &paused).await["state"] == "paused"
+            && info(&s, &disk_only).await["state"] == "paused"
     })
     .await;
+    assert_eq!(info(&s, &disk_only).await["pauseMode"], "filesystem");
+    assert_eq!(
+        s.server.agent.calls_of(&format!("pause {disk_only}")),
+        [format!("pause {disk_only} filesystem")]
+    );
     assert_eq!(s.server.agent.state(&kill), None);
     assert_eq!(s.server.agent.state(&paused), Some(AgentState::Paused));
     let v = info(&s, &paused).await;

@@ -80,18 +80,17 @@ assert no_wake.is_running() is False
 assert no_wake.get_info().state == SandboxState.PAUSED
 assert lc.is_running() is True
 assert lc.get_info().state == SandboxState.RUNNING
-try:
-    Sandbox.create(lifecycle={"on_timeout": {"action": "pause", "mode": "filesystem"}})
-    raise AssertionError("filesystem-only pauses are refused")
-except SandboxException as e:
-    assert "400" in str(e) and "autoPauseMemory" in str(e), e
-try:
-    no_wake.pause(mode="filesystem")
-    raise AssertionError("filesystem-only pauses are refused")
-except SandboxException as e:
-    assert "400" in str(e), e
+# Filesystem-only: taken, paused as asked, resumed (also by `on_resume="reboot"`).
+fs = Sandbox.create(timeout=60, lifecycle={"on_timeout": {"action": "pause", "mode": "filesystem"}})
+assert fs.get_info().lifecycle == {"on_timeout": "pause", "auto_resume": False}
+assert fs.pause(mode="filesystem") is True
+assert fs.pause(mode="filesystem") is False
+assert fs.get_info().state == SandboxState.PAUSED
+Sandbox.connect(fs.sandbox_id, on_resume="reboot")
+assert fs.get_info().state == SandboxState.RUNNING
 lc.kill()
 no_wake.kill()
+fs.kill()
 
 assert Sandbox.kill(sbx.sandbox_id) is True
 assert Sandbox.kill(sbx.sandbox_id) is False

@@ -35,6 +35,8 @@ fn sandbox(id: &str, team: &TeamId, started: i64, meta: &[(&str, &str)]) -> Sand
         end_at: UnixMillis(started + 1000),
         auto_pause: false,
         auto_resume: false,
+        auto_pause_memory: true,
+        paused_memory: true,
         allow_internet_access: None,
         updated_at: UnixMillis(1_000),
         network: None,
@@ -181,6 +183,8 @@ async fn exercise(store: Store) {
     let lifecycle = SandboxRecord {
         auto_pause: true,
         auto_resume: true,
+        auto_pause_memory: false,
+        paused_memory: false,
         ..placed(2)
     };
     assert!(store.insert_placed(&lifecycle).await.unwrap());
@@ -204,11 +208,13 @@ async fn exercise(store: Store) {
 
     // State changes are compare-and-set.
     let a = SandboxId::parse(&ids[0]).unwrap();
+    assert!(store.start_pause(&a, false, now).await.unwrap());
+    assert!(!store.start_pause(&a, true, now).await.unwrap());
+    let pausing = store.get_sandbox(a.as_str()).await.unwrap().unwrap();
+    assert_eq!(pausing.state, SandboxState::Pausing);
     assert!(
-        store
-            .transition(&a, SandboxState::Running, SandboxState::Pausing, now)
-            .await
-            .unwrap()
+        !pausing.paused_memory,
+        "a filesystem-only pause is recorded"
     );
     assert!(
         !store

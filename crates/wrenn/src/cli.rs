@@ -86,8 +86,8 @@ enum SandboxCmd {
     /// Kill a sandbox.
     #[command(alias = "rm")]
     Kill(IdArg),
-    /// Pause a sandbox (memory and disk kept).
-    Pause(IdArg),
+    /// Pause a sandbox (memory and disk kept; `--filesystem`: only the disk).
+    Pause(PauseArgs),
     /// Resume a paused sandbox (a running one just gets its timeout extended).
     Resume(ResumeArgs),
     /// Show a sandbox.
@@ -149,12 +149,24 @@ struct ListArgs {
 }
 
 #[derive(Debug, clap::Args)]
+struct PauseArgs {
+    /// Sandbox ID.
+    id: String,
+    /// Keep only the disk (synced): the resume boots it cold, without processes or memory.
+    #[arg(long)]
+    filesystem: bool,
+}
+
+#[derive(Debug, clap::Args)]
 struct ResumeArgs {
     /// Sandbox ID.
     id: String,
     /// Seconds the sandbox lives after resuming.
     #[arg(long, default_value_t = 300)]
     timeout: i64,
+    /// Boot the disk cold even if the pause kept the memory (processes and memory are lost).
+    #[arg(long)]
+    reboot: bool,
 }
 
 /// Parses `K=V` (the value may contain `=`; an empty key is refused).
@@ -234,13 +246,18 @@ async fn dispatch(config: Config, cmd: SandboxCmd) -> anyhow::Result<ExitCode> {
             }
         }
         SandboxCmd::Pause(a) => {
-            api.pause(&a.id).await?;
+            api.pause(&a.id, !a.filesystem).await?;
             if !json {
-                println!("paused {}", a.id);
+                let how = if a.filesystem {
+                    " (filesystem only)"
+                } else {
+                    ""
+                };
+                println!("paused {}{how}", a.id);
             }
         }
         SandboxCmd::Resume(a) => {
-            let (sbx, resumed) = api.connect(&a.id, Some(a.timeout)).await?;
+            let (sbx, resumed) = api.connect(&a.id, Some(a.timeout), a.reboot).await?;
             if json {
                 output::print_json(&sbx)?;
             } else if resumed {

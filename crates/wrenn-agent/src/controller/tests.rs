@@ -145,6 +145,7 @@ impl Runtime for Fake {
         &self,
         meta: &SandboxMeta,
         sb: FakeVm,
+        _mode: PauseMode,
     ) -> Result<FakePaused, PauseFailure<FakeVm>> {
         for s in &STEPS_PAUSE[..2] {
             if let Err(e) = self.step(s).await {

@@ -264,7 +264,7 @@ mod tests {
         };
         assert_eq!(paused.disk, "rootfs-1700000050000.qcow2");
         assert_eq!(paused.init.access_token.as_deref(), Some("tok"));
-        assert_eq!(paused.memory_diff.bytes, 4096);
+        assert_eq!(paused.memory_diff.as_ref().unwrap().bytes, 4096);
     }
 
     #[test]

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::{
-    DIFF_FILE, Deadlines, Failed, InitConfig, MemoryLayer, OnFail, PausedManifest, RUN_DISK_PREFIX,
-    STATE_FILE, Sandbox, SandboxError, SandboxNet, Timings, VM_DIR, blocking, identity, sync_file,
-    unix_now_ms, warm_in_background,
+    DIFF_FILE, Deadlines, Failed, FileRecord, InitConfig, MemoryLayer, OnFail, PausedManifest,
+    RUN_DISK_PREFIX, STATE_FILE, Sandbox, SandboxError, SandboxNet, Timings, VM_DIR, blocking,
+    identity, sync_file, unix_now_ms, warm_in_background,
 };
 use crate::envd::EnvdClient;
 use crate::memdiff::DiffInfo;
@@ -25,6 +25,8 @@ pub struct PausedSandbox {
     manifest: PausedManifest,
     /// What the next resume's `/init` gives the guest instead of the recorded one.
     init: Option<InitConfig>,
+    /// The next resume boots the disk cold even though the memory was kept.
+    reboot: bool,
     rec: Recorder,
 }
 
@@ -34,6 +36,7 @@ impl PausedSandbox {
             root: rec.dir().to_owned(),
             manifest,
             init: None,
+            reboot: false,
             rec,
         }
     }
@@ -90,6 +93,18 @@ impl PausedSandbox {
         self.init = Some(init);
     }
 
+    /// Makes the next resume boot the disk cold, discarding the kept memory (E2B's
+    /// `on_resume: reboot`). In memory only, like [`PausedSandbox::set_init`].
+    pub fn set_reboot(&mut self) {
+        self.reboot = true;
+    }
+
+    /// Whether the next resume boots the disk cold: the pause kept no memory, or a reboot was
+    /// asked for.
+    pub fn boots_cold(&self) -> bool {
+        self.reboot || self.manifest.memory().is_none()
+    }
+
     /// Deletes the paused sandbox.
     pub fn remove(self) -> Result<(), SandboxError> {
         self.rec.retire();
@@ -116,18 +131,23 @@ impl PausedSandbox {
             return Err(invalid("machine differs from the template's".into()));
         }
         check_memory_file(&template.memory_path(), &m.spec).map_err(invalid)?;
-        for rec in [&m.state, &m.memory_diff] {
-            if rec.file.contains('/') {
-                return Err(invalid(format!("bad file name {}", rec.file)));
-            }
+        if m.state.is_some() != m.memory_diff.is_some() {
+            return Err(invalid(
+                "a device state without memory, or memory without one".into(),
+            ));
         }
-        check_file(
-            &self.root.join(&m.state.file),
-            m.state.bytes,
-            &m.state.sha256,
-        )
-        .map_err(invalid)?;
-        for layer in &m.memory_base {
+        // A cold boot reads only the disk.
+        let kept = m.memory().filter(|_| !self.boots_cold());
+        if let Some((state, diff)) = kept {
+            for rec in [state, diff] {
+                if rec.file.contains('/') {
+                    return Err(invalid(format!("bad file name {}", rec.file)));
+                }
+            }
+            check_file(&self.root.join(&state.file), state.bytes, &state.sha256)
+                .map_err(invalid)?;
+        }
+        for layer in m.memory_base.iter().filter(|_| kept.is_some()) {
             let len = std::fs::metadata(&layer.path).map(|md| md.len());
             if len.ok() != Some(layer.bytes) {
                 return Err(invalid(format!(
@@ -181,7 +201,12 @@ impl PausedSandbox {
             &template.dir,
             self.init(),
         )));
-        let vm = match self.restore(&template, &run_disk, &net).await {
+        let cold = self.boots_cold();
+        let vm = match self.manifest.memory().filter(|_| !cold) {
+            Some((state, diff)) => self.restore(&template, state, diff, &run_disk, &net).await,
+            None => self.boot_cold(&template, &run_disk, &net).await,
+        };
+        let vm = match vm {
             Ok(vm) => vm,
             Err(error) => {
                 net.publish(None);
@@ -192,6 +217,13 @@ impl PausedSandbox {
         let m = &self.manifest;
         let memory = template.memory_path();
         warm_in_background(memory.clone());
+        // A cold-booted guest's RAM is a private mapping of the template's memory with nothing
+        // written over it: its next pause diffs against the template alone.
+        let memory_base = if cold {
+            Vec::new()
+        } else {
+            m.memory_base.clone()
+        };
         let sandbox = Sandbox {
             root: self.root.clone(),
             vm,
@@ -200,26 +232,87 @@ impl PausedSandbox {
             spec: m.spec.clone(),
             template: m.template.clone(),
             memory,
-            memory_base: m.memory_base.clone(),
+            memory_base,
             init: self.init().clone(),
             disk: run_disk,
             commit_into: Some(m.disk.clone()),
             rec: self.rec.clone(),
         };
-        sandbox
-            .start_guest(start, restored, deadlines, OnFail::KeepPaused)
-            .await
+        if !cold {
+            return (sandbox.start_guest(start, restored, deadlines, OnFail::KeepPaused)).await;
+        }
+        let booting = Deadlines {
+            health: deadlines.boot,
+            ..*deadlines
+        };
+        let (sandbox, timings) = sandbox
+            .start_guest(start, restored, &booting, OnFail::KeepPaused)
+            .await?;
+        sandbox.start_template_command(deadlines).await;
+        Ok((sandbox, timings))
     }
 
-    /// Records the resume, creates the run overlay `run_disk` on the paused disk and starts
-    /// QEMU on it with the paused state loaded. On failure the overlay is gone and the record
-    /// says paused again.
+    /// Starts QEMU on a new run overlay `run_disk` on the paused disk with the paused state
+    /// loaded (the device state, the memory base and the diff).
     async fn restore<N: SandboxNet>(
         &self,
         template: &Snapshot,
+        state: &FileRecord,
+        diff: &FileRecord,
         run_disk: &str,
         net: &N,
     ) -> Result<Vm, SandboxError> {
+        let m = &self.manifest;
+        let ram = u64::from(m.spec.memory_mib) << 20;
+        let memory = template.memory_path();
+        // The base first, oldest first, then the sandbox's own diff over it.
+        let mut diffs: Vec<_> = m.memory_base.iter().map(MemoryLayer::diff).collect();
+        diffs.push(crate::memdiff::Layer {
+            path: self.root.join(&diff.file),
+            info: DiffInfo {
+                pages: m.dirty_pages,
+                bytes: diff.bytes,
+                sha256: diff.sha256.clone(),
+            },
+        });
+        let state = self.root.join(&state.file);
+        self.start_qemu(run_disk, net, |run_path| async move {
+            let mem2 = memory.clone();
+            let vm = restore_vm(RestoreFrom {
+                snapshot_dir: &self.root,
+                spec: &m.spec,
+                memory: &memory,
+                state: &state,
+                ignore_shared: false,
+                before_load: Some(Box::new(move |pid| {
+                    diffs
+                        .iter()
+                        .try_for_each(|d| crate::memdiff::apply(pid, &mem2, ram, &d.path, &d.info))
+                })),
+                vm_dir: &self.root.join(VM_DIR),
+                disk: &run_path,
+                net: Some(net.attach()),
+            })
+            .await?;
+            Ok(vm)
+        })
+        .await
+    }
+
+    /// Records the resume, creates the run overlay `run_disk` on the paused disk and starts
+    /// QEMU on it with `start`. On failure the overlay is gone and the record says paused
+    /// again.
+    pub(super) async fn start_qemu<N, F, Fut>(
+        &self,
+        run_disk: &str,
+        net: &N,
+        start: F,
+    ) -> Result<Vm, SandboxError>
+    where
+        N: SandboxNet,
+        F: FnOnce(PathBuf) -> Fut,
+        Fut: std::future::Future<Output = Result<Vm, SandboxError>>,
+    {
         let m = &self.manifest;
         let run_path = self.root.join(run_disk);
         // Intent first: from here a crash leaves a sandbox that is still paused.
@@ -237,40 +330,11 @@ impl PausedSandbox {
             undo(run_path, self.rec.clone()).await;
             return Err(e.into());
         }
-        let ram = u64::from(m.spec.memory_mib) << 20;
-        let memory = template.memory_path();
-        // The base first, oldest first, then the sandbox's own diff over it.
-        let mut diffs: Vec<_> = m.memory_base.iter().map(MemoryLayer::diff).collect();
-        diffs.push(crate::memdiff::Layer {
-            path: self.root.join(&m.memory_diff.file),
-            info: DiffInfo {
-                pages: m.dirty_pages,
-                bytes: m.memory_diff.bytes,
-                sha256: m.memory_diff.sha256.clone(),
-            },
-        });
-        let mem2 = memory.clone();
-        let vm = restore_vm(RestoreFrom {
-            snapshot_dir: &self.root,
-            spec: &m.spec,
-            memory: &memory,
-            state: &self.root.join(&m.state.file),
-            ignore_shared: false,
-            before_load: Some(Box::new(move |pid| {
-                diffs
-                    .iter()
-                    .try_for_each(|d| crate::memdiff::apply(pid, &mem2, ram, &d.path, &d.info))
-            })),
-            vm_dir: &self.root.join(VM_DIR),
-            disk: &run_path,
-            net: Some(net.attach()),
-        })
-        .await;
-        let vm = match vm {
+        let vm = match start(run_path.clone()).await {
             Ok(vm) => vm,
             Err(e) => {
                 undo(run_path, self.rec.clone()).await;
-                return Err(e.into());
+                return Err(e);
             }
         };
         // So that a restarted agent stops this QEMU before it keeps the sandbox paused (one it

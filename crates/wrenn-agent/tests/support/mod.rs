@@ -343,6 +343,7 @@ pub async fn start_agent(
             health: Duration::from_secs(60),
             init: Duration::from_secs(30),
             prepare: Duration::from_secs(30),
+            boot: Duration::from_secs(180),
         },
     ));
     agent.register_template(template_id, template, None, "test-envd");

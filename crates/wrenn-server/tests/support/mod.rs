@@ -255,7 +255,8 @@ impl AgentClient for FakeAgent {
         }
     }
     async fn pause(&self, req: PauseRequest) -> Result<PauseResponse, ConnectError> {
-        self.log(format!("pause {}", req.sandbox_id));
+        let mode = if req.keep_memory { "" } else { " filesystem" };
+        self.log(format!("pause {}{mode}", req.sandbox_id));
         self.refuse_busy(&req.sandbox_id)?;
         let gate = self.pause_gate.lock().unwrap().clone();
         if let Some(gate) = gate {
@@ -272,7 +273,8 @@ impl AgentClient for FakeAgent {
         }
     }
     async fn resume(&self, req: ResumeRequest) -> Result<ResumeResponse, ConnectError> {
-        self.log(format!("resume {}", req.sandbox_id));
+        let how = if req.reboot { " reboot" } else { "" };
+        self.log(format!("resume {}{how}", req.sandbox_id));
         self.refuse_busy(&req.sandbox_id)?;
         let gate = self.resume_gate.lock().unwrap().clone();
         if let Some(gate) = gate {

@@ -174,10 +174,13 @@ impl Api {
         Ok(())
     }
 
-    /// `POST /sandboxes/{id}/pause`.
-    pub(super) async fn pause(&self, id: &str) -> Result<(), ApiError> {
+    /// `POST /sandboxes/{id}/pause`, with the memory or (`memory` false) only the disk.
+    pub(super) async fn pause(&self, id: &str, memory: bool) -> Result<(), ApiError> {
         let path = format!("/sandboxes/{}/pause", segment(id)?);
-        let body = wrenn_api::PauseSandbox::default();
+        let body = wrenn_api::PauseSandbox {
+            memory: (!memory).then_some(false),
+            ..Default::default()
+        };
         self.send(self.request(Method::POST, &path).json(&body), Some(id))
             .await?;
         Ok(())
@@ -206,16 +209,18 @@ impl Api {
     }
 
     /// `POST /v2/sandboxes/{id}/connect`: resumes a paused sandbox, extends a running one's
-    /// timeout when one is given. Returns the sandbox and whether it was resumed.
+    /// timeout when one is given; `reboot`: a paused one by a cold boot of its disk. Returns
+    /// the sandbox and whether it was resumed.
     pub(super) async fn connect(
         &self,
         id: &str,
         timeout: Option<i64>,
+        reboot: bool,
     ) -> Result<(Value, bool), ApiError> {
         let path = format!("/v2/sandboxes/{}/connect", segment(id)?);
         let body = wrenn_api::ConnectSandbox {
             timeout,
-            memory: None,
+            memory: reboot.then_some(false),
         };
         let resp = self
             .send(self.request(Method::POST, &path).json(&body), Some(id))

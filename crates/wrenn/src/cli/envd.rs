@@ -40,7 +40,7 @@ impl Envd {
         id: &str,
         user: Option<&str>,
     ) -> anyhow::Result<Envd> {
-        let (sbx, _) = api.connect(id, None).await?;
+        let (sbx, _) = api.connect(id, None, false).await?;
         let token = sbx
             .get("envdAccessToken")
             .and_then(|t| t.as_str())
