@@ -6,7 +6,8 @@ E2B_API_KEY). Prints medians and p99 (over few runs: the p99 is the worst run).
   .venv/bin/python scripts/bench-fork.py [--runs 5] [--state-dir DIR]
 
 `--state-dir` (the instance's, on this machine) adds the proportional set size (PSS) of each
-QEMU, read from /proc, for the idle-children measurement.
+QEMU, read from /proc, for the idle-children measurement, and what a snapshot and a snapshot of
+a child made from it store on disk.
 """
 
 import argparse
@@ -43,6 +44,33 @@ def qemu_pss_kib(sandbox_ids, state_dir: Path) -> dict:
                     if l.startswith("Pss:"):
                         out[sid] = int(l.split()[1])
     return out
+
+
+def stored_mb(state_dir: Path, snapshot_id: str) -> tuple:
+    """What a snapshot's directory holds on disk (allocated bytes): its memory diff and its disk
+    layer, in MB."""
+    d = state_dir / "snapshots" / snapshot_id
+    size = lambda f: (d / f).stat().st_blocks * 512 / 1e6 if (d / f).exists() else 0.0
+    return size("memory.diff"), size("rootfs.qcow2")
+
+
+def layered_sizes(src: Sandbox, state_dir: Path):
+    """A snapshot of the source, a child from it that changes a little, and the child's
+    snapshot: what each stores itself."""
+    src.commands.run("head -c 8M /dev/urandom > /dev/shm/parent && sync", timeout=120)
+    parent = src.create_snapshot()
+    child = Sandbox.create(template=parent.snapshot_id, timeout=600)
+    try:
+        child.commands.run("echo child > /home/user/child.txt && head -c 1M /dev/urandom > /dev/shm/child && sync")
+        grandchild = child.create_snapshot()
+        pm, pd = stored_mb(state_dir, parent.snapshot_id)
+        cm, cd = stored_mb(state_dir, grandchild.snapshot_id)
+        print(f"snapshot of the source stores: memory {pm:.1f} MB, disk {pd:.1f} MB")
+        print(f"snapshot of a child of it stores: memory {cm:.1f} MB, disk {cd:.1f} MB")
+        Sandbox.delete_snapshot(grandchild.snapshot_id)
+    finally:
+        child.kill()
+        Sandbox.delete_snapshot(parent.snapshot_id)
 
 
 def main():
@@ -85,6 +113,8 @@ def main():
                 times.append(time.monotonic() - t)
                 Sandbox.delete_snapshot(snap.snapshot_id)
             report(f"snapshot of a running sandbox, {mib} MiB dirtied", times)
+        if a.state_dir:
+            layered_sizes(src, a.state_dir)
     finally:
         src.kill()
 
