@@ -170,16 +170,20 @@ def test_named_snapshot_outlives_its_source_and_starts_sandboxes(wrenn):
     assert Sandbox.list_snapshots(name=name).next_items() == []
 
 
-def test_a_snapshot_of_a_snapshots_child_stores_only_its_own_disk_changes(wrenn):
+def test_a_snapshot_of_a_snapshots_child_stores_only_its_own_changes(wrenn):
     """A snapshot of a sandbox started from a snapshot is layered on it: its disk layer holds
-    the child's own writes (1 MiB), not the parent snapshot's (16 MiB)."""
+    the child's own writes (1 MiB), not the parent snapshot's (16 MiB), and its memory diff
+    the pages the child changed, not the parent snapshot's (16 MiB more in /dev/shm)."""
     if wrenn.external:
         pytest.skip("reads the agent's snapshot files")
     src = Sandbox.create(timeout=TIMEOUT, metadata={"run": RUN, "role": "layers"})
     child = None
     snaps = []
     try:
-        src.commands.run("head -c 16777216 /dev/urandom > /home/user/big.bin && sync")
+        src.commands.run(
+            "head -c 16777216 /dev/urandom > /home/user/big.bin && sync"
+            " && head -c 16777216 /dev/urandom > /dev/shm/big.bin"
+        )
         snaps.append(src.create_snapshot())
         child = Sandbox.create(snaps[0].snapshot_id, timeout=TIMEOUT)
         child.commands.run("head -c 1048576 /dev/urandom > /home/user/small.bin && sync")
@@ -195,6 +199,8 @@ def test_a_snapshot_of_a_snapshots_child_stores_only_its_own_disk_changes(wrenn)
         assert first["disk_bytes"] > 16 << 20, first
         assert second["disk_bytes"] < 8 << 20, second
         assert second["parent"] == first_id, second
+        assert first["memory_bytes"] > 16 << 20, first
+        assert second["memory_bytes"] < 8 << 20, second
         # The child's layer really sits on the first snapshot's disk.
         root = Path(wrenn.state_dir) / "snapshots"
         assert (root / first_id / "rootfs.qcow2").exists()
