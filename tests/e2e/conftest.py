@@ -59,6 +59,10 @@ class Wrenn:
         self.external = False
         # What the current process printed on stdout up to its environment (the banner).
         self.banner = ""
+        # No hot pool by default: tests that count the host's QEMU processes, slots and
+        # directories see only what the API shows and the warm pool (test_hot_pool.py restarts
+        # with one).
+        self.extra_args: list[str] = ["--hot-pool", "0"]
 
     def start(self, env: dict[str, str] | None = None) -> None:
         """Starts `wrenn up`; `env` adds to its environment (e.g. a `WRENN_FAULT` point)."""
@@ -88,6 +92,7 @@ class Wrenn:
         ]
         if self.database_url:
             args += ["--database-url", self.database_url]
+        args += self.extra_args
         log = open(self.log, "ab")
         self.proc = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, **(env or {})}

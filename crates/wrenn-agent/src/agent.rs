@@ -119,6 +119,18 @@ impl Agent {
             .register_template(template_id, snapshot, warm, envd_version);
     }
 
+    /// [`Agent::register_template`] with a hot pool too.
+    pub fn register_template_with(
+        &self,
+        template_id: impl Into<String>,
+        snapshot: Snapshot,
+        warm: Option<WarmPool>,
+        hot: Option<crate::hotpool::HotPool>,
+        envd_version: impl Into<String>,
+    ) {
+        (self.runtime()).register_template_with(template_id, snapshot, warm, hot, envd_version);
+    }
+
     /// The base URL of a running sandbox's envd (through its slot).
     pub fn envd_base_url(&self, id: &str) -> Option<String> {
         self.ctl.with_running(id, |sb| sb.envd().base_url())

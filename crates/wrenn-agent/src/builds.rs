@@ -50,7 +50,7 @@ const MAX_BLOB_AGE: Duration = Duration::from_secs(24 * 3600);
 /// The largest context archive fetched for a build.
 const MAX_ARCHIVE_BYTES: u64 = 8 << 30;
 /// What a built template's steps run as when its parent says nothing (E2B's defaults).
-const DEFAULT_USER: &str = "user";
+pub(crate) const DEFAULT_USER: &str = "user";
 const DEFAULT_WORKDIR: &str = "/home/user";
 
 /// What a built template was built from.

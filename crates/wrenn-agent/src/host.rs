@@ -32,6 +32,11 @@ pub struct HostConfig {
     pub slots: Range<u32>,
     /// QEMU processes kept waiting per template.
     pub warm_pool: usize,
+    /// Sandboxes kept restored and warmed up per template of `hot_templates`
+    /// ([`crate::hotpool`]).
+    pub hot_pool: usize,
+    /// The templates that get a hot pool.
+    pub hot_templates: Vec<String>,
     /// The most sandboxes with a VM at once.
     pub max_sandboxes: u32,
     /// vCPUs offered per host core.
@@ -240,8 +245,27 @@ impl Host {
         &self.config.vms_root
     }
 
-    /// Makes `snapshot` startable as `template_id`, with a warm pool of the configured size.
+    /// Makes `snapshot` startable as `template_id`, with a warm pool of the configured size
+    /// and, for the templates configured to, a hot pool.
     pub fn add_template(&self, template_id: &str, snapshot: Snapshot, envd_version: &str) {
+        let hot = (self.config.hot_pool > 0
+            && self.config.hot_templates.iter().any(|t| t == template_id))
+        .then(|| {
+            // The warm-up runs as the user the template's sandboxes run commands as.
+            let defaults = crate::build::Defaults::read(&snapshot.dir, Default::default());
+            crate::hotpool::HotPool::start(
+                snapshot.clone(),
+                template_id,
+                self.slots.clone(),
+                self.config.vms_root.clone(),
+                self.config.hot_pool,
+                defaults
+                    .user
+                    .as_deref()
+                    .unwrap_or(crate::builds::DEFAULT_USER),
+                self.config.deadlines,
+            )
+        });
         let warm = (self.config.warm_pool > 0).then(|| {
             WarmPool::start(
                 snapshot.clone(),
@@ -252,6 +276,6 @@ impl Host {
             )
         });
         self.agent
-            .register_template(template_id, snapshot, warm, envd_version);
+            .register_template_with(template_id, snapshot, warm, hot, envd_version);
     }
 }

@@ -17,6 +17,7 @@ pub mod controller;
 pub mod envd;
 mod fault;
 pub mod host;
+pub mod hotpool;
 pub mod jail;
 mod memdiff;
 mod observe;

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::hotpool::HotPool;
 use crate::observe::Observer;
 use crate::pool::{SlotLease, SlotPool, WarmPool};
 use crate::record::Recorder;
@@ -41,6 +42,8 @@ struct Template {
     /// Environment variables its sandboxes start with (a built template's `ENV`s).
     envs: Vec<(String, String)>,
     warm: Option<WarmPool>,
+    /// Sandboxes restored and warmed up ahead of time, given their identity by a create.
+    hot: Option<HotPool>,
     envd_version: String,
 }
 
@@ -72,6 +75,26 @@ fn step(what: &'static str, e: SandboxError) -> RuntimeError {
 }
 
 impl QemuRuntime {
+    /// A sandbox of `template`'s hot pool given `meta` and `init`, if one is waiting. One that
+    /// fails to take its identity is killed, and the create restores one instead.
+    async fn take_hot(
+        &self,
+        template: &Template,
+        meta: &SandboxMeta,
+        init: &InitConfig,
+    ) -> Option<Sandbox<SlotLease>> {
+        let mut sb = template.hot.as_ref()?.take()?;
+        match sb.assume(meta.clone(), init.clone(), &self.deadlines).await {
+            Ok(()) => Some(sb),
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "a hot sandbox did not take its identity; restoring one");
+                let lease = sb.kill().await;
+                self.slots.release(lease).await;
+                None
+            }
+        }
+    }
+
     /// A runtime keeping sandbox directories under `root`, with slots from `slots`.
     pub fn new(slots: SlotPool, root: PathBuf, deadlines: Deadlines) -> Self {
         Self {
@@ -107,6 +130,18 @@ impl QemuRuntime {
         warm: Option<WarmPool>,
         envd_version: impl Into<String>,
     ) {
+        self.register_template_with(template_id, snapshot, warm, None, envd_version);
+    }
+
+    /// [`QemuRuntime::register_template`] with a hot pool too.
+    pub fn register_template_with(
+        &self,
+        template_id: impl Into<String>,
+        snapshot: Snapshot,
+        warm: Option<WarmPool>,
+        hot: Option<HotPool>,
+        envd_version: impl Into<String>,
+    ) {
         let disk_mb = crate::jail::disk::virtual_size(&snapshot.disk_path())
             .map_or(0, |b| b.div_ceil(1 << 20));
         // A built template's environment variables: every sandbox of it gets them (its own
@@ -117,6 +152,7 @@ impl QemuRuntime {
             envs,
             snapshot,
             warm,
+            hot,
             envd_version: envd_version.into(),
         };
         lock(&self.templates).insert(template_id.into(), Arc::new(t));
@@ -243,6 +279,20 @@ impl Runtime for QemuRuntime {
             ..Default::default()
         };
         let token = init.access_token.clone();
+        let start = std::time::Instant::now();
+        if let Some(sb) = self.take_hot(&template, meta, &init).await {
+            if let Err(e) = open_egress(&sb, meta).await {
+                let lease = sb.kill().await;
+                self.slots.release(lease).await;
+                return Err(e);
+            }
+            tracing::info!(total = ?start.elapsed(), "guest started from the hot pool");
+            self.track(id, sb.root());
+            self.observe
+                .started(id, token, sb.vm().console(), "created")
+                .await;
+            return Ok(Box::new(sb));
+        }
         let (sb, t) = Sandbox::create_pooled(
             &template.snapshot,
             template.warm.as_ref(),

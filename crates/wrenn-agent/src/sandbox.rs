@@ -48,10 +48,12 @@ use crate::vm::{NetAttach, Vm, VmError, VmSpec, create_overlay};
 
 mod checkpoint;
 mod coldboot;
+mod hot;
 mod pause;
 mod paused;
 
 pub use checkpoint::{CHECKPOINT_DISK, Checkpoint};
+pub use hot::WarmUpError;
 pub use pause::PauseTimings;
 pub use paused::{PausedSandbox, settle_interrupted};
 use paused::{back_to_paused, remove_paused_files};

@@ -84,6 +84,12 @@ pub struct UpArgs {
     /// Pre-started QEMU processes kept ready for creates.
     #[arg(long, default_value_t = 1)]
     pub warm_pool: usize,
+    /// Sandboxes kept restored and warmed up per hot template, taken by creates (0: none).
+    #[arg(long, default_value_t = 2)]
+    pub hot_pool: usize,
+    /// A template that gets a hot pool (repeatable).
+    #[arg(long = "hot-template", default_value = "base")]
+    pub hot_templates: Vec<String>,
     /// vCPUs offered to sandboxes per host core (most sandboxes are idle most of the time).
     #[arg(long, default_value_t = 8)]
     pub cpu_overcommit: u32,
@@ -194,6 +200,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         vms_root: vms_root.clone(),
         slots: args.first_slot..args.first_slot.saturating_add(args.slots),
         warm_pool: args.warm_pool,
+        hot_pool: args.hot_pool,
+        hot_templates: args.hot_templates.clone(),
         max_sandboxes: args.max_sandboxes,
         cpu_overcommit: args.cpu_overcommit,
         deadlines: Deadlines {

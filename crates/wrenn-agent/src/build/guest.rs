@@ -33,9 +33,9 @@ pub enum GuestError {
     /// The step did not finish in time.
     #[error("the command did not finish within {0:?}")]
     Timeout(Duration),
-    /// Uploading a file failed.
-    #[error("upload {path} into the build VM")]
-    Upload {
+    /// Writing or reading a file in the guest failed.
+    #[error("file {path} in the guest")]
+    File {
         /// The guest path.
         path: String,
         /// The cause.
@@ -155,7 +155,7 @@ impl Guest {
 
     /// Streams the host file `file` into the guest at `path` (as root; envd makes the parents).
     pub async fn upload(&self, file: &Path, path: &str) -> Result<(), GuestError> {
-        let err = |source: Box<dyn std::error::Error + Send + Sync>| GuestError::Upload {
+        let err = |source: Box<dyn std::error::Error + Send + Sync>| GuestError::File {
             path: path.to_owned(),
             source,
         };
@@ -182,6 +182,52 @@ impl Guest {
             return Err(err(format!("status {status}: {}", body.trim()).into()));
         }
         Ok(())
+    }
+}
+
+impl Guest {
+    /// Writes `data` to `path` in the guest as `user` (envd's `POST /files`).
+    pub async fn write_file(
+        &self,
+        path: &str,
+        user: &str,
+        data: Vec<u8>,
+    ) -> Result<(), GuestError> {
+        let req = (self.http.post(format!("{}/files", self.base)))
+            .query(&[("path", path), ("username", user)])
+            .header("content-type", "application/octet-stream")
+            .body(data);
+        self.file_call(path, req).await.map(|_| ())
+    }
+
+    /// Reads `path` in the guest as `user` (envd's `GET /files`), up to 1 MiB.
+    pub async fn read_file(&self, path: &str, user: &str) -> Result<Vec<u8>, GuestError> {
+        let req = (self.http.get(format!("{}/files", self.base)))
+            .query(&[("path", path), ("username", user)]);
+        self.file_call(path, req).await
+    }
+
+    async fn file_call(
+        &self,
+        path: &str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<Vec<u8>, GuestError> {
+        let err = |source: Box<dyn std::error::Error + Send + Sync>| GuestError::File {
+            path: path.to_owned(),
+            source,
+        };
+        let resp = (req.header("x-access-token", &self.token).send())
+            .await
+            .map_err(|e| err(e.into()))?;
+        let status = resp.status();
+        let body = crate::envd::read_capped(resp, 1 << 20)
+            .await
+            .map_err(|e| err(e.into()))?;
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&body);
+            return Err(err(format!("status {status}: {}", text.trim()).into()));
+        }
+        Ok(body)
     }
 }
 

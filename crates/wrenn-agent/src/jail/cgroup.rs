@@ -263,6 +263,27 @@ impl Leaf {
             .collect()
     }
 
+    /// Sets its CPU weight relative to its siblings' (`cpu.weight` on v2, 1..=10000, default
+    /// 100; `cpu.shares` scaled to match on v1). Only the share of a contended CPU changes:
+    /// its quota stays.
+    pub fn set_cpu_weight(&self, weight: u32) -> Result<(), CgroupError> {
+        let weight = weight.clamp(1, 10_000);
+        for d in &self.dirs {
+            let (file, value) = if d.join("cpu.weight").exists() {
+                (d.join("cpu.weight"), weight.to_string())
+            } else if d.join("cpu.shares").exists() {
+                (
+                    d.join("cpu.shares"),
+                    (weight * 1024 / 100).max(2).to_string(),
+                )
+            } else {
+                continue;
+            };
+            std::fs::write(&file, value).map_err(io("write", &file))?;
+        }
+        Ok(())
+    }
+
     /// Removes it, waiting briefly for an exited process to leave it.
     pub fn remove(&self) {
         for d in &self.dirs {
