@@ -40,10 +40,13 @@ EOF
 fi
 
 apt-get update -q
-apt-get install -y -q -t bookworm-backports qemu-system-x86 qemu-utils
-apt-get install -y -q busybox-static bash-static nftables iproute2 e2fsprogs cpio debootstrap
+# --no-install-recommends: QEMU recommends its GUI, SPICE, OpenGL and GStreamer stack and OVMF,
+# none of which a headless microVM host uses (bios-microvm.bin comes with seabios, a dependency).
+apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils
+apt-get install -y -q --no-install-recommends busybox-static bash-static nftables iproute2 e2fsprogs cpio \
+  debootstrap debian-archive-keyring gpgv
 # The end-to-end egress lab: its DNS server and test certificates (tests/e2e/netlab.py).
-apt-get install -y -q dnsmasq-base openssl curl
+apt-get install -y -q --no-install-recommends dnsmasq-base openssl curl
 
 # Guest kernel: extract, do not install. Re-extract only when the candidate version changed.
 kver=$(apt-cache policy linux-image-cloud-amd64 | awk '/Candidate:/ { print $2 }')
