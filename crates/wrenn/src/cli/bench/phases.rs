@@ -53,6 +53,8 @@ pub(super) async fn measure(b: &Bench) -> anyhow::Result<Report> {
         }
     }
     let sdk = run_sdk(b, &mut notes).await;
+    // Before the phases that keep many sandboxes alive: their guests are load of their own.
+    let load_before_alive = host::load_average();
     eprintln!("[5/5] host memory with {} alive", b.plan.alive);
     let memory = memory_with_alive(b, &mut notes).await;
     kill_all(b, &mut notes).await;
@@ -86,7 +88,7 @@ pub(super) async fn measure(b: &Bench) -> anyhow::Result<Report> {
         e2b_version: sdk.e2b_version.clone().unwrap_or_else(|| "not run".into()),
         target,
         template: b.rest.template().to_owned(),
-        load: (load_at_start, host::load_average()),
+        load: (load_at_start, load_before_alive),
         sections,
         notes,
     })

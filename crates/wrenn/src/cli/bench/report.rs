@@ -86,7 +86,8 @@ pub(crate) struct Report {
     pub(crate) e2b_version: String,
     pub(crate) target: String,
     pub(crate) template: String,
-    /// 1-minute load average at the start and the end.
+    /// 1-minute load average at the start, and before the phases that keep many sandboxes
+    /// alive (whose guests load the machine themselves).
     pub(crate) load: (Option<f64>, Option<f64>),
     pub(crate) sections: Vec<Section>,
     /// Errors and other things the reader must know.
@@ -126,7 +127,7 @@ pub(crate) fn render(r: &Report) -> String {
     let load = |l: Option<f64>| l.map_or("unknown".to_owned(), |l| format!("{l:.2}"));
     let _ = writeln!(
         w,
-        "- Load average (1 min): {} at the start, {} at the end; other work on the machine makes every figure an upper bound",
+        "- Load average (1 min): {} at the start, {} before the host-memory and capacity phases (which keep sandboxes alive); other work on the machine makes every figure an upper bound",
         load(r.load.0),
         load(r.load.1)
     );
@@ -243,7 +244,9 @@ mod tests {
         assert!(text.contains(
             "- Versions: wrenn 0.1.0; QEMU emulator version 10.0.0; e2b (Python SDK) 2.63.0\n"
         ));
-        assert!(text.contains("- Load average (1 min): 0.50 at the start, unknown at the end;"));
+        assert!(text.contains(
+            "- Load average (1 min): 0.50 at the start, unknown before the host-memory and capacity phases"
+        ));
         assert!(!text.contains("## Notes"));
     }
 
