@@ -83,6 +83,21 @@ pub(crate) async fn qemu_version() -> String {
     }
 }
 
+/// The accelerator a running QEMU was started with: its `-accel` argument (`tcg,tb-size=32`).
+pub(crate) fn qemu_accel(pid: u32) -> Option<String> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    accel_arg(&cmdline)
+}
+
+/// The value after `-accel` in a NUL-separated command line.
+fn accel_arg(cmdline: &[u8]) -> Option<String> {
+    let mut args = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned());
+    args.find(|a| a == "-accel")?;
+    args.next()
+}
+
 /// The accelerator guests get here, decided as the agent decides it (`WRENN_ACCEL`, else KVM
 /// where it can run guests, else TCG).
 pub(crate) fn accelerator() -> String {
@@ -185,6 +200,14 @@ mod tests {
         assert_eq!(cpu_model("processor : 0\n"), None);
         let meminfo = "MemTotal:       24641224 kB\nMemFree:  1 kB\n";
         assert_eq!(mem_total_kib(meminfo), Some(24641224));
+    }
+
+    #[test]
+    fn accel_argument_of_a_command_line() {
+        let cmd = b"qemu-system-x86_64\0-M\0microvm\0-accel\0tcg,tb-size=32\0-m\x00512\x00";
+        assert_eq!(accel_arg(cmd).as_deref(), Some("tcg,tb-size=32"));
+        assert_eq!(accel_arg(b"qemu-system-x86_64\0-m\x00512\x00"), None);
+        assert_eq!(accel_arg(b"qemu\0-accel\0"), Some(String::new()));
     }
 
     #[test]

@@ -57,6 +57,16 @@ pub(super) async fn measure(b: &Bench) -> anyhow::Result<Report> {
     let load_before_alive = host::load_average();
     eprintln!("[5/5] host memory with {} alive", b.plan.alive);
     let memory = memory_with_alive(b, &mut notes).await;
+    let accelerator = match &memory.accel {
+        Some(arg) => format!(
+            "{} (`-accel {arg}` of the sandboxes' QEMU)",
+            if arg.starts_with("kvm") { "KVM" } else { "TCG" }
+        ),
+        None => format!(
+            "{} (decided on this machine as the agent decides it; the API does not report it and no sandbox's QEMU was found here)",
+            host::accelerator()
+        ),
+    };
     kill_all(b, &mut notes).await;
     eprintln!("[5/5] capacity (at most {})", b.plan.cap);
     let held = rest::probe_capacity(&b.rest, b.plan.cap, b.plan.limit).await;
@@ -79,10 +89,7 @@ pub(super) async fn measure(b: &Bench) -> anyhow::Result<Report> {
         mode: if b.plan.quick { "quick" } else { "default" },
         took_s: 0.0,
         machine: host::Machine::read(),
-        accelerator: format!(
-            "{} (decided on this machine as the agent decides it; the API does not report it)",
-            host::accelerator()
-        ),
+        accelerator,
         wrenn_version: env!("CARGO_PKG_VERSION").to_owned(),
         qemu_version: host::qemu_version().await,
         e2b_version: sdk.e2b_version.clone().unwrap_or_else(|| "not run".into()),
@@ -243,6 +250,8 @@ fn sdk_section(sdk: &SdkResults) -> Section {
 struct MemoryFigures {
     per_sandbox: Vec<QemuMemory>,
     alive: usize,
+    /// `-accel` of the first QEMU measured.
+    accel: Option<String>,
     /// Why there are no figures.
     missing: Option<String>,
 }
@@ -277,6 +286,9 @@ async fn memory_with_alive(b: &Bench, notes: &mut Vec<String>) -> MemoryFigures 
     match host::qemu_pids(&b.state_dir) {
         Ok(pids) => {
             for (id, pid) in pids.iter().filter(|(id, _)| ids.contains(id)) {
+                if figures.accel.is_none() {
+                    figures.accel = host::qemu_accel(*pid);
+                }
                 match host::qemu_memory(*pid) {
                     Ok(m) => figures.per_sandbox.push(m),
                     Err(e) => notes.push(format!("host memory: read /proc/{pid} ({id}): {e}")),
