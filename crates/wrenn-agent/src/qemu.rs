@@ -285,17 +285,23 @@ impl Runtime for QemuRuntime {
         let token = init.access_token.clone();
         let start = std::time::Instant::now();
         if let Some(sb) = self.take_hot(&template, meta, &init).await {
+            // A hot sandbox is already restored and warm: its create is the `/init` that gives
+            // it its identity, then its egress.
+            let mut stages = Stages::default();
+            stages.push("hot", start.elapsed());
+            let egress_start = std::time::Instant::now();
             if let Err(e) = open_egress(&sb, meta).await {
                 let lease = sb.kill().await;
                 self.slots.release(lease).await;
                 return Err(e);
             }
+            stages.push("egress", egress_start.elapsed());
             tracing::info!(total = ?start.elapsed(), "guest started from the hot pool");
             self.track(id, sb.root());
             self.observe
                 .started(id, token, sb.vm().console(), "created")
                 .await;
-            return Ok(Box::new(sb));
+            return Ok((Box::new(sb), stages));
         }
         let (sb, t) = Sandbox::create_pooled(
             &template.snapshot,

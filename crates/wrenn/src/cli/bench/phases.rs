@@ -179,7 +179,7 @@ fn stages_section(burst: &Burst, concurrency: &str) -> Section {
         .collect::<Vec<_>>();
     let mut intro = vec![format!(
         "From the `Server-Timing` header of the concurrency-{concurrency} creates: the control plane's steps and, inside `agent`, the host's own. \
-         A `slot` near 0 means a pre-started QEMU from the warm pool was there; without one, `restore` includes QEMU's start."
+         `hot` is a create served by the hot pool (restored and warmed up ahead of time); the others restore now, and a `slot` near 0 means a pre-started QEMU from the warm pool was there (without one, `restore` includes QEMU's start)."
     )];
     if rows.is_empty() {
         intro.push("The server sent no `Server-Timing` header.".into());
@@ -194,6 +194,7 @@ fn stages_section(burst: &Burst, concurrency: &str) -> Section {
 fn stage_label(name: &str) -> String {
     let what = match name {
         "placement" => "placement and record (control plane)",
+        "hot" => "a hot-pool sandbox taken and given its identity, `/init` (agent)",
         "slot" => "slot or pre-started QEMU (agent)",
         "restore" => "QEMU restore, device state, `cont` (agent)",
         "envd" => "envd ready (agent)",
