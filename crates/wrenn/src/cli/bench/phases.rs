@@ -173,6 +173,14 @@ fn stages_section(burst: &Burst, concurrency: &str) -> Section {
             by_name.entry(name.clone()).or_default().push(*dur);
         }
     }
+    // In the order a create goes through them (hot and restored creates mixed in one burst
+    // would otherwise interleave), then any the server added, as they came.
+    order.sort_by_key(|n| {
+        STAGE_ORDER
+            .iter()
+            .position(|k| k == n)
+            .unwrap_or(usize::MAX)
+    });
     let rows = order
         .iter()
         .map(|n| Row::new(stage_label(n), Unit::Ms, summarize(&by_name[n])))
@@ -190,6 +198,20 @@ fn stages_section(burst: &Burst, concurrency: &str) -> Section {
         rows,
     }
 }
+
+/// The stages a create goes through, in order.
+const STAGE_ORDER: &[&str] = &[
+    "placement",
+    "hot",
+    "slot",
+    "restore",
+    "envd",
+    "init",
+    "egress",
+    "agent",
+    "store",
+    "total",
+];
 
 fn stage_label(name: &str) -> String {
     let what = match name {
@@ -399,4 +421,53 @@ fn today() -> String {
         u8::from(now.month()),
         now.day()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn created(stages: &[(&str, f64)]) -> rest::Created {
+        rest::Created {
+            id: "x".into(),
+            ms: 1.0,
+            stages: stages.iter().map(|(n, d)| ((*n).to_owned(), *d)).collect(),
+        }
+    }
+
+    #[test]
+    fn stages_of_hot_and_restored_creates_come_in_create_order() {
+        let burst = Burst {
+            created: vec![
+                created(&[
+                    ("placement", 1.0),
+                    ("hot", 5.0),
+                    ("agent", 6.0),
+                    ("x-new", 1.0),
+                ]),
+                created(&[
+                    ("placement", 2.0),
+                    ("slot", 0.0),
+                    ("restore", 9.0),
+                    ("agent", 10.0),
+                ]),
+            ],
+            ..Default::default()
+        };
+        let s = stages_section(&burst, "1");
+        let names: Vec<&str> = s.rows.iter().map(|r| r.what.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "`placement`: placement and record (control plane)",
+                "`hot`: a hot-pool sandbox taken and given its identity, `/init` (agent)",
+                "`slot`: slot or pre-started QEMU (agent)",
+                "`restore`: QEMU restore, device state, `cont` (agent)",
+                "`agent`: agent call, all of the above (control plane)",
+                "`x-new`",
+            ]
+        );
+        assert_eq!(s.rows[0].summary.unwrap().n, 2);
+        assert_eq!(s.rows[1].summary.unwrap().n, 1);
+    }
 }
