@@ -17,7 +17,7 @@ use tracing::Instrument as _;
 
 use crate::runtime::{
     Egress, GuestInit, Held, PauseFailure, PauseMode, ResumeFailure, Runtime, RuntimeError,
-    SandboxMeta, TemplateInfo,
+    SandboxMeta, Stages, TemplateInfo,
 };
 
 /// How often the backstop reaper looks for sandboxes past their deadline.
@@ -387,8 +387,11 @@ impl<R: Runtime> Controller<R> {
         }
     }
 
-    /// Creates a sandbox.
-    pub async fn create(self: &Arc<Self>, args: CreateArgs) -> Result<Status, ControlError> {
+    /// Creates a sandbox; also says how long the runtime's steps took.
+    pub async fn create(
+        self: &Arc<Self>,
+        args: CreateArgs,
+    ) -> Result<(Status, Stages), ControlError> {
         check_id(&args.sandbox_id)?;
         if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(ControlError::ShuttingDown);
@@ -465,10 +468,10 @@ impl<R: Runtime> Controller<R> {
                 None => ctl.runtime.create(&meta, args.init).await,
             };
             match made {
-                Ok(sb) => {
+                Ok((sb, stages)) => {
                     tracing::info!("created");
                     guard.finish(Some(Slot::Running(sb)), &meta);
-                    Ok(ctl.status_of(&id, Phase::Running, meta))
+                    Ok((ctl.status_of(&id, Phase::Running, meta), stages))
                 }
                 Err(source) => {
                     tracing::warn!(error = %crate::error_chain(&source), "create failed");

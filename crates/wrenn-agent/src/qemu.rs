@@ -18,10 +18,10 @@ use crate::pool::{SlotLease, SlotPool, WarmPool};
 use crate::record::Recorder;
 use crate::runtime::{
     Egress, GuestInit, Held, PauseFailure, PauseMode, ResumeFailure, Runtime, RuntimeError,
-    SandboxMeta, SnapshotTaken, TemplateInfo,
+    SandboxMeta, SnapshotTaken, Stages, TemplateInfo,
 };
 use crate::sandbox::{
-    Deadlines, Failed, InitConfig, PauseError, PausedSandbox, Sandbox, SandboxError,
+    Deadlines, Failed, InitConfig, PauseError, PausedSandbox, Sandbox, SandboxError, Timings,
 };
 use crate::snapshot::Snapshot;
 
@@ -265,7 +265,11 @@ impl Runtime for QemuRuntime {
             .collect()
     }
 
-    async fn create(&self, meta: &SandboxMeta, init: GuestInit) -> Result<Running, RuntimeError> {
+    async fn create(
+        &self,
+        meta: &SandboxMeta,
+        init: GuestInit,
+    ) -> Result<(Running, Stages), RuntimeError> {
         let id = meta.sandbox_id.as_str();
         let template = lock(&self.templates)
             .get(&meta.template_id)
@@ -281,17 +285,23 @@ impl Runtime for QemuRuntime {
         let token = init.access_token.clone();
         let start = std::time::Instant::now();
         if let Some(sb) = self.take_hot(&template, meta, &init).await {
+            // A hot sandbox is already restored and warm: its create is the `/init` that gives
+            // it its identity, then its egress.
+            let mut stages = Stages::default();
+            stages.push("hot", start.elapsed());
+            let egress_start = std::time::Instant::now();
             if let Err(e) = open_egress(&sb, meta).await {
                 let lease = sb.kill().await;
                 self.slots.release(lease).await;
                 return Err(e);
             }
+            stages.push("egress", egress_start.elapsed());
             tracing::info!(total = ?start.elapsed(), "guest started from the hot pool");
             self.track(id, sb.root());
             self.observe
                 .started(id, token, sb.vm().console(), "created")
                 .await;
-            return Ok(Box::new(sb));
+            return Ok((Box::new(sb), stages));
         }
         let (sb, t) = Sandbox::create_pooled(
             &template.snapshot,
@@ -304,17 +314,20 @@ impl Runtime for QemuRuntime {
         )
         .await
         .map_err(|e| step("restore the template", e))?;
+        let egress_start = std::time::Instant::now();
         if let Err(e) = open_egress(&sb, meta).await {
             let lease = sb.kill().await;
             self.slots.release(lease).await;
             return Err(e);
         }
+        let mut stages = create_stages(&t);
+        stages.push("egress", egress_start.elapsed());
         tracing::info!(total = ?t.total, warm = t.warm, "guest started");
         self.track(id, sb.root());
         self.observe
             .started(id, token, sb.vm().console(), "created")
             .await;
-        Ok(Box::new(sb))
+        Ok((Box::new(sb), stages))
     }
 
     async fn pause(
@@ -462,14 +475,15 @@ impl Runtime for QemuRuntime {
         meta: &SandboxMeta,
         snapshot_id: &str,
         init: GuestInit,
-    ) -> Result<Running, RuntimeError> {
+    ) -> Result<(Running, Stages), RuntimeError> {
         let dir = self.root.join(&meta.sandbox_id);
         let paused = crate::snapshots::materialize(&self.snapshots_root(), snapshot_id, &dir, meta)
             .await
             .map_err(|e| RuntimeError::step("prepare from the snapshot")(Box::new(e)))?;
         self.track(&meta.sandbox_id, &dir);
+        // Its steps are a resume's, which the runtime does not break down (yet).
         match self.resume(meta, Box::new(paused), init).await {
-            Ok(sb) => Ok(sb),
+            Ok(sb) => Ok((sb, Stages::default())),
             Err(ResumeFailure::Paused(e, p)) => {
                 // A sandbox that never ran leaves nothing.
                 let _ = tokio::task::spawn_blocking(move || p.remove()).await;
@@ -565,6 +579,18 @@ async fn open_egress(sb: &Sandbox<SlotLease>, meta: &SandboxMeta) -> Result<(), 
         .map_err(|e| RuntimeError::step("apply the egress policy")(Box::new(e)))
 }
 
+/// A create's steps from its cumulative timings: the slot (or pre-started QEMU), the restore
+/// (a cold QEMU's start, the disk overlay, device state loaded, `cont`), envd's first
+/// `/health` answer and `/init`.
+fn create_stages(t: &Timings) -> Stages {
+    let mut s = Stages::default();
+    s.push("slot", t.slot);
+    s.push("restore", t.restored.saturating_sub(t.slot));
+    s.push("envd", t.healthy.saturating_sub(t.restored));
+    s.push("init", t.total.saturating_sub(t.healthy));
+    s
+}
+
 fn info(t: &Template) -> TemplateInfo {
     let m = &t.snapshot.manifest.spec;
     TemplateInfo {
@@ -585,5 +611,33 @@ fn taken(info: &crate::snapshots::SnapshotInfo) -> SnapshotTaken {
         disk_bytes: info.disk_bytes,
         memory_bytes: info.memory_bytes,
         parent: info.parent.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn create_stages_split_the_cumulative_timings() {
+        let ms = Duration::from_millis;
+        let t = Timings {
+            slot: ms(2),
+            restored: ms(30),
+            healthy: ms(200),
+            total: ms(260),
+            warm: false,
+        };
+        assert_eq!(
+            create_stages(&t).0,
+            [
+                ("slot", ms(2)),
+                ("restore", ms(28)),
+                ("envd", ms(170)),
+                ("init", ms(60))
+            ]
+        );
     }
 }

@@ -11,14 +11,14 @@ use wrenn_agent_proto::v1::{
     DeleteSnapshotResponse, HostInfoRequest, HostInfoResponse, KillRequest, KillResponse,
     ListRequest, ListResponse, LogEntry, LogsRequest, MetricsRequest, PauseRequest, PauseResponse,
     ReleaseTemplateRequest, ReleaseTemplateResponse, ResumeRequest, ResumeResponse, SandboxState,
-    SandboxStatus, SetTimeoutRequest, SetTimeoutResponse, SnapshotRequest, SnapshotResponse,
+    SandboxStatus, SetTimeoutRequest, SetTimeoutResponse, SnapshotRequest, SnapshotResponse, Stage,
     UpdateNetworkRequest, UpdateNetworkResponse,
 };
 use wrenn_connect::{BoxStream, Code, ConnectError, RpcRouter};
 
 use crate::agent::Agent;
 use crate::controller::{ControlError, CreateArgs, Phase, Status};
-use crate::runtime::{Egress, GuestInit, PauseMode, RuntimeError};
+use crate::runtime::{Egress, GuestInit, PauseMode, RuntimeError, Stages};
 
 /// The one place agent errors become Connect codes. A busy sandbox is `aborted` (HTTP 409 in
 /// Connect's mapping): retry later; a sandbox in the wrong state is `failed_precondition`.
@@ -102,10 +102,22 @@ async fn create(agent: Arc<Agent>, req: CreateRequest) -> Result<CreateResponse,
         },
         snapshot_id: Some(spec.snapshot_id).filter(|s| !s.is_empty()),
     };
-    let s = agent.controller().create(args).await?;
+    let (s, stages) = agent.controller().create(args).await?;
     Ok(CreateResponse {
         sandbox: Some(status(s)),
+        stages: stages_of(&stages),
     })
+}
+
+fn stages_of(stages: &Stages) -> Vec<Stage> {
+    stages
+        .0
+        .iter()
+        .map(|(name, took)| Stage {
+            name: (*name).to_owned(),
+            duration_ms: took.as_secs_f64() * 1000.0,
+        })
+        .collect()
 }
 
 fn egress_of(e: wrenn_agent_proto::v1::Egress) -> Egress {

@@ -199,12 +199,12 @@ pub trait Runtime: Send + Sync + 'static {
     /// Every template, for host info.
     fn templates(&self) -> Vec<(String, TemplateInfo)>;
 
-    /// Makes a running sandbox; on failure nothing is left.
+    /// Makes a running sandbox, and says how long its steps took; on failure nothing is left.
     fn create(
         &self,
         meta: &SandboxMeta,
         init: GuestInit,
-    ) -> impl Future<Output = Result<Self::Running, RuntimeError>> + Send;
+    ) -> impl Future<Output = Result<(Self::Running, Stages), RuntimeError>> + Send;
 
     /// Pauses: the guest's memory and disk go to files.
     fn pause(
@@ -245,13 +245,13 @@ pub trait Runtime: Send + Sync + 'static {
     fn snapshot_info(&self, snapshot_id: &str) -> Option<SnapshotTaken>;
 
     /// A new sandbox `meta` from snapshot `snapshot_id` (its state, processes and files), with
-    /// its own `/init`.
+    /// its own `/init`, and how long its steps took.
     fn create_from_snapshot(
         &self,
         meta: &SandboxMeta,
         snapshot_id: &str,
         init: GuestInit,
-    ) -> impl Future<Output = Result<Self::Running, RuntimeError>> + Send;
+    ) -> impl Future<Output = Result<(Self::Running, Stages), RuntimeError>> + Send;
 
     fn kill(&self, id: &str, sandbox: Self::Running) -> impl Future<Output = ()> + Send;
 
@@ -280,6 +280,18 @@ pub trait Runtime: Send + Sync + 'static {
         sandbox: &Self::Running,
         egress: &Egress,
     ) -> futures::future::BoxFuture<'static, Result<(), RuntimeError>>;
+}
+
+/// How long the steps of an operation on the host took, in order: what the control plane
+/// passes on in its `Server-Timing` header. Names are short tokens (`slot`, `restore`, ...).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stages(pub Vec<(&'static str, std::time::Duration)>);
+
+impl Stages {
+    /// Appends a step.
+    pub fn push(&mut self, name: &'static str, took: std::time::Duration) {
+        self.0.push((name, took));
+    }
 }
 
 /// A sandbox handle lent to the runtime.

@@ -390,6 +390,8 @@ enum OnFail {
 /// How long the steps of a create or resume took.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Timings {
+    /// Until a slot (or a pre-started QEMU, which has one) was in hand.
+    pub slot: Duration,
     /// Until QEMU ran the guest (for resume: including writing the memory diff).
     pub restored: Duration,
     /// Until envd answered `/health`.
@@ -523,6 +525,7 @@ impl<N: SandboxNet> Sandbox<N> {
             Ok(healthy) => Ok((
                 self,
                 Timings {
+                    slot: Duration::ZERO,
                     restored,
                     healthy,
                     total: start.elapsed(),
@@ -722,6 +725,7 @@ impl Sandbox<SlotLease> {
             s.dir == template.dir && s.manifest.created_unix == template.manifest.created_unix
         };
         if let Some(vm) = warm.filter(same).and_then(WarmPool::take) {
+            let took_slot = start.elapsed();
             // The warm QEMU waits in `-incoming defer`: its guest has not run yet.
             vm.slot.publish(Some(identity(
                 meta.as_ref(),
@@ -739,7 +743,14 @@ impl Sandbox<SlotLease> {
                         .start_guest(start, restored, deadlines, OnFail::RemoveAll)
                         .await
                     {
-                        Ok((sb, t)) => Ok((sb, Timings { warm: true, ..t })),
+                        Ok((sb, t)) => Ok((
+                            sb,
+                            Timings {
+                                slot: took_slot,
+                                warm: true,
+                                ..t
+                            },
+                        )),
                         Err(Failed { error, net }) => {
                             slots.release(net).await;
                             Err(error)
@@ -758,6 +769,7 @@ impl Sandbox<SlotLease> {
             Ok((sb, t)) => Ok((
                 sb,
                 Timings {
+                    slot: before,
                     restored: before + t.restored,
                     healthy: before + t.healthy,
                     total: before + t.total,

@@ -106,7 +106,7 @@ async fn snapshots_copy_running_and_paused_sandboxes() {
     // Two sandboxes from it: the source's state, their own tokens, RNGs and changes.
     let mut rng = vec![run_ok_with(&src, opts("t-src"), RNG).await];
     for (id, token) in [("c1", "t-c1"), ("c2", "t-c2")] {
-        let st = ctl
+        let (st, _) = ctl
             .create(create_args(id, token, Some("s1")))
             .await
             .expect("create from the snapshot");

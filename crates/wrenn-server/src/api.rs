@@ -26,7 +26,7 @@ use crate::create::IdempotencyKey;
 use crate::error::ApiError;
 use crate::service::{ControlPlane, decode_cursor};
 use crate::store::{SandboxFilter, TeamRecord, TemplateRecord};
-use crate::tokens;
+use crate::{timing, tokens};
 
 mod snapshots;
 mod templates;
@@ -187,8 +187,16 @@ async fn create(
         None => None,
         Some(v) => Some(IdempotencyKey::parse(v.to_str().unwrap_or("\u{fffd}"))?),
     };
-    let sbx = detached(async move { cp.create(&team, body, key.as_ref()).await }).await?;
-    Ok((StatusCode::CREATED, Json(sbx)).into_response())
+    let created = detached(async move { cp.create(&team, body, key.as_ref()).await }).await?;
+    let mut response = (StatusCode::CREATED, Json(created.sandbox)).into_response();
+    if let Some(v) = created
+        .timing
+        .header_value()
+        .and_then(|v| HeaderValue::from_str(&v).ok())
+    {
+        response.headers_mut().insert(timing::HEADER, v);
+    }
+    Ok(response)
 }
 
 async fn create_v1(

@@ -17,7 +17,7 @@
 //! polling its record) and answers with the same sandbox. A failed create gives its key up, so
 //! a retry creates afresh, as if it were the first.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use wrenn_agent_proto::v1 as agent;
@@ -35,6 +35,7 @@ use crate::service::{ControlPlane, now};
 use crate::store::{
     HostRecord, IdempotencyClaim, IdempotencyRecord, SandboxRecord, TeamRecord, TemplateRecord,
 };
+use crate::timing::ServerTiming;
 
 /// How long an idempotency key names its sandbox.
 pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
@@ -183,6 +184,14 @@ pub(crate) fn outcome_unknown(e: &ConnectError) -> bool {
     )
 }
 
+/// A create's answer, and where its time went.
+#[derive(Debug)]
+pub(crate) struct Created {
+    pub(crate) sandbox: Sandbox,
+    /// Empty for a retry answered with an earlier create's sandbox, but for `total`.
+    pub(crate) timing: ServerTiming,
+}
+
 impl ControlPlane {
     /// Creates a sandbox (201 on the API); with `key`, a retry of an earlier create with the
     /// same key and request answers with that create's sandbox instead.
@@ -191,12 +200,13 @@ impl ControlPlane {
         skip_all,
         fields(sandbox_id = tracing::field::Empty, team_id = %team.id)
     )]
-    pub async fn create(
+    pub(crate) async fn create(
         &self,
         team: &TeamRecord,
         body: NewSandbox,
         key: Option<&IdempotencyKey>,
-    ) -> Result<Sandbox, ApiError> {
+    ) -> Result<Created, ApiError> {
+        let start = Instant::now();
         // Bad input is refused before anything is claimed or placed.
         self.config
             .deadline
@@ -204,14 +214,16 @@ impl ControlPlane {
             .map_err(bad_request)?;
         Lifecycle::of(&body)?;
         let launch = self.launch_of(&team.id, &body.template_id).await?;
-        match key {
+        let mut created = match key {
             None => {
                 let id = SandboxId::from_random(rand::random());
                 let _guard = self.lock(&id).await;
                 self.create_locked(team, id, &launch, &body).await
             }
             Some(key) => self.create_keyed(team, &launch, &body, key).await,
-        }
+        }?;
+        created.timing.push("total", start.elapsed());
+        Ok(created)
     }
 
     /// What `templateID` names for `team`: a template (by ID, name or `name:tag`), else one
@@ -242,7 +254,7 @@ impl ControlPlane {
         launch: &Launch,
         body: &NewSandbox,
         key: &IdempotencyKey,
-    ) -> Result<Sandbox, ApiError> {
+    ) -> Result<Created, ApiError> {
         let hash = request_hash(body);
         for _ in 0..KEYED_ATTEMPTS {
             let id = SandboxId::from_random(rand::random());
@@ -278,8 +290,11 @@ impl ControlPlane {
                         .to_owned(),
                 ));
             }
-            if let Some(sbx) = self.await_keyed(team, key, &held).await? {
-                return Ok(sbx);
+            if let Some(sandbox) = self.await_keyed(team, key, &held).await? {
+                return Ok(Created {
+                    sandbox,
+                    timing: ServerTiming::default(),
+                });
             }
         }
         Err(in_progress())
@@ -339,7 +354,7 @@ impl ControlPlane {
         id: SandboxId,
         launch: &Launch,
         body: &NewSandbox,
-    ) -> Result<Sandbox, ApiError> {
+    ) -> Result<Created, ApiError> {
         tracing::Span::current().record("sandbox_id", tracing::field::display(&id));
         let now = now();
         let end = self
@@ -385,14 +400,30 @@ impl ControlPlane {
             updated_at: now,
             network,
         };
+        let mut timing = ServerTiming::default();
+        let step = Instant::now();
         let host = self.place_and_insert(&mut rec, launch).await?;
-        if let Err(e) = self.start_vm(&rec, &host, launch).await {
-            self.forget_create(&rec).await;
-            return Err(e);
+        timing.push("placement", step.elapsed());
+        let step = Instant::now();
+        match self.start_vm(&rec, &host, launch).await {
+            Ok(stages) => {
+                // The agent's own steps first: `agent` is the whole call, theirs included.
+                timing.extend_from_agent(&stages);
+                timing.push("agent", step.elapsed());
+            }
+            Err(e) => {
+                self.forget_create(&rec).await;
+                return Err(e);
+            }
         }
+        let step = Instant::now();
         self.finish_create(&rec, &host).await?;
+        timing.push("store", step.elapsed());
         tracing::info!(sandbox_id = %rec.id, host_id = %host.id, template = %rec.template_id, "sandbox created");
-        Ok(self.sandbox_response(&rec))
+        Ok(Created {
+            sandbox: self.sandbox_response(&rec),
+            timing,
+        })
     }
 
     /// The most-free registered host that fits the request, counting creates in flight.
@@ -449,13 +480,13 @@ impl ControlPlane {
         Err(no_capacity())
     }
 
-    /// Asks the host's agent for the VM.
+    /// Asks the host's agent for the VM; answers the steps the agent reported.
     async fn start_vm(
         &self,
         rec: &SandboxRecord,
         host: &HostRecord,
         launch: &Launch,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Vec<agent::Stage>, ApiError> {
         let client = self.client_for(host)?;
         let spec = agent::SandboxSpec {
             sandbox_id: rec.id.to_string(),
@@ -483,7 +514,7 @@ impl ControlPlane {
             })
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(answer) => Ok(answer.stages),
             Err(e) => {
                 if outcome_unknown(&e) {
                     self.kill_quietly(rec, host).await;

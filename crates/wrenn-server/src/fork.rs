@@ -105,8 +105,8 @@ impl ControlPlane {
         let id = SandboxId::from_random(rand::random());
         let _guard = self.lock(&id).await;
         match self.create_locked(team, id, launch, request).await {
-            Ok(sandbox) => ForkResult {
-                sandbox: Some(sandbox),
+            Ok(created) => ForkResult {
+                sandbox: Some(created.sandbox),
                 error: None,
             },
             Err(e) => ForkResult {

@@ -20,6 +20,7 @@ mod snapshots;
 pub mod store;
 mod template_info;
 mod templates;
+mod timing;
 pub mod tokens;
 
 pub use config::{Config, DEFAULT_ENVD_VERSION};

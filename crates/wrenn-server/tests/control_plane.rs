@@ -244,6 +244,82 @@ async fn lifecycle_through_every_sandbox_route() {
     s.server.stop().await;
 }
 
+/// `Server-Timing` of a create response, as (name, milliseconds) in order.
+fn server_timing(r: &reqwest::Response) -> Vec<(String, f64)> {
+    let v = r
+        .headers()
+        .get("server-timing")
+        .expect("a Server-Timing header")
+        .to_str()
+        .unwrap();
+    v.split(", ")
+        .map(|m| {
+            let (name, dur) = m.split_once(";dur=").expect("name;dur=ms");
+            (name.to_owned(), dur.parse::<f64>().expect("a number"))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn create_answers_where_its_time_went_in_server_timing() {
+    let s = Stack::start().await;
+    for path in ["/v2/sandboxes", "/sandboxes"] {
+        let r = s
+            .req(Method::POST, path)
+            .json(&json!({"templateID": "base"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let t = server_timing(&r);
+        let names: Vec<&str> = t.iter().map(|(n, _)| n.as_str()).collect();
+        // The control plane's steps around the agent's own (what the agent cannot name as a
+        // metric is left out).
+        assert_eq!(
+            names,
+            [
+                "placement",
+                "slot",
+                "restore",
+                "envd",
+                "init",
+                "agent",
+                "store",
+                "total"
+            ],
+            "{path}"
+        );
+        assert_eq!(t[2].1, 21.5);
+        assert_eq!(t[3].1, 310.3);
+        assert!(t.iter().all(|(_, ms)| *ms >= 0.0));
+        let own: f64 = [0, 5, 6].iter().map(|i| t[*i].1).sum();
+        // Rounded to 0.1 ms each.
+        assert!(t[7].1 + 0.15 >= own, "total {} < its steps {own}", t[7].1);
+    }
+    // A retry answered with an earlier create's sandbox did none of the steps.
+    let keyed = || {
+        s.req(Method::POST, "/v2/sandboxes")
+            .header("idempotency-key", "timing-key")
+            .json(&json!({"templateID": "base"}))
+    };
+    let first = keyed().send().await.unwrap();
+    assert_eq!(server_timing(&first).len(), 8);
+    let again = keyed().send().await.unwrap();
+    assert_eq!(again.status(), 201);
+    let names: Vec<String> = server_timing(&again).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["total"]);
+    // Errors carry none.
+    let r = s
+        .req(Method::POST, "/v2/sandboxes")
+        .json(&json!({"templateID": "no-such-template"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(r.headers().get("server-timing").is_none());
+    s.server.stop().await;
+}
+
 #[tokio::test]
 async fn bad_input_gets_the_right_code_and_changes_nothing() {
     let s = Stack::start().await;

@@ -2,6 +2,7 @@
 //! of envd, configured like the E2B SDKs (`E2B_API_URL`, `E2B_SANDBOX_URL`, `E2B_API_KEY`).
 
 mod api;
+mod bench;
 mod config;
 mod dockerfile;
 mod envd;
@@ -13,6 +14,8 @@ mod terminal;
 use std::process::ExitCode;
 
 use clap::Subcommand;
+
+pub use self::bench::{BenchArgs, run as run_bench};
 
 use self::api::Api;
 use self::config::Config;

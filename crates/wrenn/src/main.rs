@@ -23,6 +23,9 @@ enum Cmd {
     /// Build, list and delete templates (`wrenn template build -f Dockerfile --name NAME`).
     #[command(alias = "tpl")]
     Template(wrenn::cli::TemplateArgs),
+    /// Measure a running Wrenn (create, first command, pause/resume, files, memory, capacity)
+    /// and write docs/performance.md.
+    Bench(wrenn::cli::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -31,6 +34,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Up(args) => wrenn::up::run(args),
         Cmd::Sandbox(args) => wrenn::cli::run(args),
         Cmd::Template(args) => wrenn::cli::run_template(args),
+        Cmd::Bench(args) => wrenn::cli::run_bench(args),
     };
     match result {
         Ok(code) => code,

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
 use super::*;
-use crate::runtime::TemplateInfo;
+use crate::runtime::{Stages, TemplateInfo};
 
 const STEPS_CREATE: &[&str] = &[
     "create:slot",
@@ -129,7 +129,11 @@ impl Runtime for Fake {
         vec![("base".into(), self.template("base").unwrap())]
     }
 
-    async fn create(&self, meta: &SandboxMeta, _init: GuestInit) -> Result<FakeVm, RuntimeError> {
+    async fn create(
+        &self,
+        meta: &SandboxMeta,
+        _init: GuestInit,
+    ) -> Result<(FakeVm, Stages), RuntimeError> {
         self.step("create:slot").await?;
         let vm = self.start_vm(&meta.sandbox_id);
         self.step("create:restore").await?;
@@ -138,7 +142,7 @@ impl Runtime for Fake {
         lock(&self.host)
             .saved_meta
             .insert(meta.sandbox_id.clone(), meta.clone());
-        Ok(vm)
+        Ok((vm, Stages::default()))
     }
 
     async fn pause(
@@ -218,7 +222,7 @@ impl Runtime for Fake {
         meta: &SandboxMeta,
         _snapshot_id: &str,
         init: GuestInit,
-    ) -> Result<FakeVm, RuntimeError> {
+    ) -> Result<(FakeVm, Stages), RuntimeError> {
         self.create(meta, init).await
     }
 
@@ -727,7 +731,7 @@ fn a_snapshot_leaves_its_source_as_it_was_and_starts_sandboxes() {
                 template_id: String::new(),
                 ..create_args(id)
             };
-            let st = ctl.create(args).await.unwrap();
+            let (st, _) = ctl.create(args).await.unwrap();
             assert_eq!(st.meta.template_id, "base");
             assert_eq!(st.phase, Phase::Running);
         }

@@ -30,6 +30,17 @@ pub const ADMIN: &str = "admin-token-for-tests";
 pub const SECRET: &[u8] = b"test-secret";
 pub const DOMAIN: &str = "wrenn.test";
 
+/// The steps every Create of the double reports, as a real agent names them; `bad name`
+/// and the negative one are what a real agent never sends, and must not reach the header.
+pub const FAKE_CREATE_STAGES: &[(&str, f64)] = &[
+    ("slot", 0.04),
+    ("restore", 21.5),
+    ("envd", 310.26),
+    ("init", 4.0),
+    ("bad name", 1.0),
+    ("neg", -3.0),
+];
+
 /// In-memory stand-in for a host agent (test double).
 pub struct FakeAgent {
     pub sandboxes: Mutex<HashMap<String, (SandboxState, SandboxSpec)>>,
@@ -238,6 +249,13 @@ impl AgentClient for FakeAgent {
         }
         Ok(CreateResponse {
             sandbox: Some(status(&id, SandboxState::Running)),
+            stages: FAKE_CREATE_STAGES
+                .iter()
+                .map(|(name, duration_ms)| Stage {
+                    name: (*name).to_owned(),
+                    duration_ms: *duration_ms,
+                })
+                .collect(),
         })
     }
     async fn list(&self, _: ListRequest) -> Result<ListResponse, ConnectError> {
