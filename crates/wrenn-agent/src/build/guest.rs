@@ -70,6 +70,7 @@ pub struct Guest {
     base: String,
     token: String,
     http: reqwest::Client,
+    codec: wrenn_connect::Codec,
 }
 
 impl Guest {
@@ -83,7 +84,14 @@ impl Guest {
             base: format!("http://{addr}"),
             token,
             http,
+            codec: wrenn_connect::Codec::Proto,
         }
+    }
+
+    /// Speaks Connect's JSON codec to envd, as the E2B SDKs do (the default is protobuf).
+    pub fn with_json(mut self) -> Self {
+        self.codec = wrenn_connect::Codec::Json;
+        self
     }
 
     /// Runs `/bin/bash -l -c <cmd>` as `how`, handing each output line to `on_line`; returns
@@ -99,7 +107,7 @@ impl Guest {
         let header = |v: String| HeaderValue::try_from(v).map_err(|e| rpc_err(e.to_string()));
         let client = Client::new(&self.base)
             .map_err(|e| rpc_err(e.to_string()))?
-            .with_codec(wrenn_connect::Codec::Proto)
+            .with_codec(self.codec)
             .with_timeout(timeout)
             .with_header(
                 HeaderName::from_static("authorization"),

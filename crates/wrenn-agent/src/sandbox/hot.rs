@@ -31,10 +31,12 @@ impl<N: SandboxNet> Sandbox<N> {
     /// Runs, as `user`, what a new sandbox's first client does: a login-shell command, a file
     /// written and read back; then removes the file. The guest keeps nothing of it.
     pub async fn warm_up(&self, user: &str, timeout: Duration) -> Result<(), WarmUpError> {
+        // JSON, as the SDKs speak it: envd's JSON paths are other code than its protobuf ones.
         let guest = Guest::new(
             self.net.envd_addr(),
             self.init.access_token.clone().unwrap_or_default(),
-        );
+        )
+        .with_json();
         let how = RunAs {
             user: user.to_owned(),
             cwd: None,
@@ -42,7 +44,8 @@ impl<N: SandboxNet> Sandbox<N> {
         };
         let fail = |step| move |source| WarmUpError { step, source };
         let quiet = &mut |_: crate::build::Stream, _: &str| {};
-        (guest.run("true", &how, timeout, quiet).await).map_err(fail("command"))?;
+        // With output, so the output events' paths run too.
+        (guest.run("echo warm", &how, timeout, quiet).await).map_err(fail("command"))?;
         let data = b"warm".to_vec();
         (guest.write_file(WARM_FILE, user, data.clone()).await).map_err(fail("write"))?;
         let read = (guest.read_file(WARM_FILE, user).await).map_err(fail("read"))?;
