@@ -359,12 +359,37 @@ fn paused_meta(p: &crate::state::PausedVm, paused: &PausedSandbox) -> Option<San
 
 /// Host memory in MiB (`MemTotal` of /proc/meminfo), 0 if unknown.
 fn mem_total_mb() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
+    proc_kib("/proc/meminfo", "MemTotal").map_or(0, |kb| kb / 1024)
+}
+
+/// The `field: N kB` line of a `/proc` file (`meminfo`, `smaps_rollup`), in KiB.
+pub(crate) fn proc_kib(path: &str, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn proc_fields_are_read_by_their_whole_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meminfo");
+        std::fs::write(
+            &path,
+            "MemTotal:  2048 kB\nMemAvailable:    1024 kB\nSwap: x kB\n",
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        assert_eq!(super::proc_kib(p, "MemTotal"), Some(2048));
+        assert_eq!(super::proc_kib(p, "MemAvailable"), Some(1024));
+        assert_eq!(super::proc_kib(p, "Mem"), None);
+        assert_eq!(super::proc_kib(p, "Swap"), None);
+        assert_eq!(super::proc_kib("/nonexistent", "MemTotal"), None);
+    }
 }

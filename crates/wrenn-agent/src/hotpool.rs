@@ -117,16 +117,8 @@ impl HotPool {
 
     /// Waits until `target` sandboxes are waiting (or `timeout` passes); true if full.
     pub async fn wait_full(&self, timeout: Duration) -> bool {
-        let full = async {
-            loop {
-                let notified = self.inner.filled.notified();
-                if self.ready() >= self.inner.target {
-                    return;
-                }
-                notified.await;
-            }
-        };
-        tokio::time::timeout(timeout, full).await.is_ok()
+        let target = self.inner.target;
+        crate::pool::wait_until(&self.inner.filled, || self.ready() >= target, timeout).await
     }
 
     /// Stops refilling and kills every waiting sandbox (their directories go, their slots
@@ -176,14 +168,8 @@ async fn discard(inner: &Inner, sb: Sandbox<SlotLease>) {
 
 /// Whether the host has room for another sandbox of `ram_bytes` besides the reserve.
 fn memory_allows(ram_bytes: u64) -> bool {
-    let Ok(text) = std::fs::read_to_string("/proc/meminfo") else {
-        return true;
-    };
-    let available = text
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
-    available.is_none_or(|kib| kib * 1024 >= ram_bytes + RESERVE_BYTES)
+    crate::agent::proc_kib("/proc/meminfo", "MemAvailable")
+        .is_none_or(|kib| kib * 1024 >= ram_bytes + RESERVE_BYTES)
 }
 
 async fn refill(inner: Arc<Inner>) {

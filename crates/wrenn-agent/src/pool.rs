@@ -791,16 +791,8 @@ impl WarmPool {
 
     /// Waits until `target` processes are waiting (or `timeout` passes); true if full.
     pub async fn wait_full(&self, timeout: Duration) -> bool {
-        let full = async {
-            loop {
-                let notified = self.inner.filled.notified();
-                if self.ready() >= self.inner.target {
-                    return;
-                }
-                notified.await;
-            }
-        };
-        tokio::time::timeout(timeout, full).await.is_ok()
+        let target = self.inner.target;
+        wait_until(&self.inner.filled, || self.ready() >= target, timeout).await
     }
 
     /// Stops refilling, kills every waiting QEMU and returns their slots.
@@ -884,6 +876,25 @@ async fn refill(inner: Arc<WarmInner>) {
             } => {}
         }
     }
+}
+
+/// Waits until `done` holds, checking it whenever `changed` is signalled (or `timeout`
+/// passes); whether it holds.
+pub(crate) async fn wait_until(
+    changed: &Notify,
+    done: impl Fn() -> bool,
+    timeout: Duration,
+) -> bool {
+    let until = async {
+        loop {
+            let notified = changed.notified();
+            if done() {
+                return;
+            }
+            notified.await;
+        }
+    };
+    tokio::time::timeout(timeout, until).await.is_ok()
 }
 
 /// Kills a waiting QEMU, removes its directory and returns its slot to the pool.

@@ -232,15 +232,7 @@ impl QemuRuntime {
 /// `Anonymous` of `/proc/<pid>/smaps_rollup`: the guest pages QEMU copied from the template
 /// (plus its own heap), an upper bound of the memory diff.
 fn anonymous_bytes(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    let kb = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Anonymous:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse::<u64>()
-        .ok()?;
+    let kb = crate::agent::proc_kib(&format!("/proc/{pid}/smaps_rollup"), "Anonymous")?;
     Some(kb << 10)
 }
 

@@ -10,52 +10,14 @@
 
 mod support;
 
-use std::path::Path;
-use std::time::Duration;
-
-use support::{RunOpts, qemu_pids_under, run_ok_with};
-use wrenn_agent::Agent;
-use wrenn_agent::controller::{CreateArgs, Phase};
-use wrenn_agent::pool::SlotPool;
+use support::{qemu_pids_under, run_ok_with, secured_create, vm_agent, with_token as opts};
+use wrenn_agent::controller::Phase;
 use wrenn_agent::runtime::{GuestInit, PauseMode};
-use wrenn_agent::sandbox::{Deadlines, PausedSandbox};
+use wrenn_agent::sandbox::PausedSandbox;
 use wrenn_agent::snapshot::Snapshot;
 
 const TEMPLATE: &str = "small";
 const BOOT_ID: &str = "cat /proc/sys/kernel/random/boot_id";
-
-fn opts(token: &str) -> RunOpts<'_> {
-    RunOpts {
-        token: Some(token),
-        ..Default::default()
-    }
-}
-
-fn create_args(id: &str, token: &str, snapshot: Option<&str>) -> CreateArgs {
-    CreateArgs {
-        sandbox_id: id.into(),
-        template_id: TEMPLATE.into(),
-        init: GuestInit {
-            access_token: Some(token.into()),
-            ..Default::default()
-        },
-        snapshot_id: snapshot.map(str::to_owned),
-        ..Default::default()
-    }
-}
-
-async fn agent(first: u32, root: &Path, template: &Snapshot) -> Agent {
-    let slots = SlotPool::new(2, first, 4).await.expect("slot pool");
-    let deadlines = Deadlines {
-        health: Duration::from_secs(60),
-        init: Duration::from_secs(30),
-        prepare: Duration::from_secs(30),
-        boot: Duration::from_secs(180),
-    };
-    let a = Agent::new("test-host", slots, root.to_owned(), 4, deadlines);
-    a.register_template(TEMPLATE, template.clone(), None, "test-envd");
-    a
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filesystem_pauses_boot_the_disk_cold() {
@@ -81,10 +43,10 @@ async fn filesystem_pauses_boot_the_disk_cold() {
     let template = Snapshot::open(&built.dir).expect("open template");
     let sandboxes = w.join("sandboxes");
     std::fs::create_dir_all(&sandboxes).unwrap();
-    let a = agent(first, &sandboxes, &template).await;
+    let a = vm_agent(first, 4, &sandboxes, TEMPLATE, &template).await;
     let ctl = a.controller();
 
-    ctl.create(create_args("a", "t-a", None))
+    ctl.create(secured_create("a", TEMPLATE, "t-a", None))
         .await
         .expect("create");
     let url = || a.envd_base_url("a").unwrap();
@@ -182,7 +144,7 @@ async fn filesystem_pauses_boot_the_disk_cold() {
         .expect("filesystem pause");
     let taken = ctl.snapshot("a", "fs1").await.expect("snapshot");
     assert_eq!(taken.snapshot.memory_bytes, 0);
-    ctl.create(create_args("b", "t-b", Some("fs1")))
+    ctl.create(secured_create("b", TEMPLATE, "t-b", Some("fs1")))
         .await
         .expect("create from a filesystem snapshot");
     let b = a.envd_base_url("b").unwrap();

@@ -11,13 +11,11 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use support::{RunOpts, qemu_pids_under, run_ok_with};
+use support::{qemu_pids_under, run_ok_with, secured_create, vm_deadlines, with_token as opts};
 use wrenn_agent::Agent;
 use wrenn_agent::controller::CreateArgs;
 use wrenn_agent::hotpool::HotPool;
 use wrenn_agent::pool::SlotPool;
-use wrenn_agent::runtime::GuestInit;
-use wrenn_agent::sandbox::Deadlines;
 use wrenn_agent::snapshot::Snapshot;
 
 const HOT: &str = "small";
@@ -31,24 +29,10 @@ const FINGERPRINT: &str = "for p in /proc/[0-9]*; do s=$(cat $p/stat 2>/dev/null
     echo ---; cat /root/.bash_history 2>/dev/null | wc -l";
 const RNG: &str = "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
 
-fn opts(token: &str) -> RunOpts<'_> {
-    RunOpts {
-        token: Some(token),
-        ..Default::default()
-    }
-}
-
 fn create_args(id: &str, template: &str, token: &str) -> CreateArgs {
-    CreateArgs {
-        sandbox_id: id.into(),
-        template_id: template.into(),
-        init: GuestInit {
-            access_token: Some(token.into()),
-            env_vars: BTreeMap::from([("FROM".to_owned(), id.to_owned())]),
-            ..Default::default()
-        },
-        ..Default::default()
-    }
+    let mut args = secured_create(id, template, token, None);
+    args.init.env_vars = BTreeMap::from([("FROM".to_owned(), id.to_owned())]);
+    args
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,12 +49,7 @@ async fn hot_sandboxes_show_no_trace_of_their_warm_up() {
     let sandboxes = w.join("sandboxes");
     std::fs::create_dir_all(&sandboxes).unwrap();
     let slots = SlotPool::new(2, first, 8).await.expect("slot pool");
-    let deadlines = Deadlines {
-        health: Duration::from_secs(60),
-        init: Duration::from_secs(30),
-        prepare: Duration::from_secs(30),
-        boot: Duration::from_secs(180),
-    };
+    let deadlines = vm_deadlines();
     let hot = HotPool::start(
         template.clone(),
         HOT,

@@ -9,51 +9,14 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::Duration;
 
-use support::{RunOpts, qemu_pids_under, run_ok_with};
-use wrenn_agent::Agent;
-use wrenn_agent::controller::{CreateArgs, Phase};
-use wrenn_agent::pool::SlotPool;
+use support::{qemu_pids_under, run_ok_with, secured_create, vm_agent, with_token as opts};
+use wrenn_agent::controller::Phase;
 use wrenn_agent::runtime::GuestInit;
-use wrenn_agent::sandbox::Deadlines;
 use wrenn_agent::snapshot::Snapshot;
 
 const TEMPLATE: &str = "small";
-
-fn opts(token: &str) -> RunOpts<'_> {
-    RunOpts {
-        token: Some(token),
-        ..Default::default()
-    }
-}
-
-fn create_args(id: &str, token: &str, snapshot: Option<&str>) -> CreateArgs {
-    CreateArgs {
-        sandbox_id: id.into(),
-        template_id: TEMPLATE.into(),
-        init: GuestInit {
-            access_token: Some(token.into()),
-            ..Default::default()
-        },
-        snapshot_id: snapshot.map(str::to_owned),
-        ..Default::default()
-    }
-}
-
-async fn agent(first: u32, root: &Path, template: &Snapshot) -> Agent {
-    let slots = SlotPool::new(2, first, 6).await.expect("slot pool");
-    let deadlines = Deadlines {
-        health: Duration::from_secs(60),
-        init: Duration::from_secs(30),
-        prepare: Duration::from_secs(30),
-        boot: Duration::from_secs(180),
-    };
-    let a = Agent::new("test-host", slots, root.to_owned(), 6, deadlines);
-    a.register_template(TEMPLATE, template.clone(), None, "test-envd");
-    a
-}
 
 /// Sixteen random bytes from the guest's kernel RNG, as hex.
 const RNG: &str = "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
@@ -71,11 +34,11 @@ async fn snapshots_copy_running_and_paused_sandboxes() {
     let template = Snapshot::open(&built.dir).expect("open template");
     let sandboxes = w.join("sandboxes");
     std::fs::create_dir_all(&sandboxes).unwrap();
-    let a = agent(first, &sandboxes, &template).await;
+    let a = vm_agent(first, 6, &sandboxes, TEMPLATE, &template).await;
     let ctl = a.controller();
     let snaps = w.join("snapshots");
 
-    ctl.create(create_args("src", "t-src", None))
+    ctl.create(secured_create("src", TEMPLATE, "t-src", None))
         .await
         .expect("create");
     let src = a.envd_base_url("src").unwrap();
@@ -107,7 +70,7 @@ async fn snapshots_copy_running_and_paused_sandboxes() {
     let mut rng = vec![run_ok_with(&src, opts("t-src"), RNG).await];
     for (id, token) in [("c1", "t-c1"), ("c2", "t-c2")] {
         let (st, _) = ctl
-            .create(create_args(id, token, Some("s1")))
+            .create(secured_create(id, TEMPLATE, token, Some("s1")))
             .await
             .expect("create from the snapshot");
         assert_eq!(st.meta.template_id, TEMPLATE);
@@ -148,7 +111,7 @@ async fn snapshots_copy_running_and_paused_sandboxes() {
         "a copy's snapshot stores {} B of memory, its base s1 {s1_memory} B",
         cc.snapshot.memory_bytes
     );
-    ctl.create(create_args("c6", "t-c6", Some("s1c")))
+    ctl.create(secured_create("c6", TEMPLATE, "t-c6", Some("s1c")))
         .await
         .expect("create from the copy's snapshot");
     let c6 = a.envd_base_url("c6").unwrap();
@@ -197,7 +160,7 @@ async fn snapshots_copy_running_and_paused_sandboxes() {
         .await
         .expect("snapshot of a resumed sandbox");
     ctl.kill("src").await.unwrap();
-    ctl.create(create_args("c5", "t-c5", Some("s3")))
+    ctl.create(secured_create("c5", TEMPLATE, "t-c5", Some("s3")))
         .await
         .expect("create from the resumed source's snapshot");
     let c5 = a.envd_base_url("c5").unwrap();
@@ -206,7 +169,7 @@ async fn snapshots_copy_running_and_paused_sandboxes() {
         "on-disk\nafter-resume"
     );
     ctl.kill("c5").await.unwrap();
-    ctl.create(create_args("c3", "t-c3", Some("s2")))
+    ctl.create(secured_create("c3", TEMPLATE, "t-c3", Some("s2")))
         .await
         .expect("create from the paused source's snapshot");
     let c3 = a.envd_base_url("c3").unwrap();
@@ -216,7 +179,7 @@ async fn snapshots_copy_running_and_paused_sandboxes() {
     assert!(a.delete_snapshot("s1").await);
     assert!(!a.delete_snapshot("s1").await, "a second delete finds none");
     assert!(
-        ctl.create(create_args("c4", "t-c4", Some("s1")))
+        ctl.create(secured_create("c4", TEMPLATE, "t-c4", Some("s1")))
             .await
             .is_err()
     );

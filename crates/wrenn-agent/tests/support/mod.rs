@@ -404,3 +404,58 @@ pub fn slot_metadata(netns: &str) -> (bool, String) {
         ],
     )
 }
+
+/// Run options carrying envd's access token `token` (as root).
+pub fn with_token(token: &str) -> RunOpts<'_> {
+    RunOpts {
+        token: Some(token),
+        ..Default::default()
+    }
+}
+
+/// The lifecycle deadlines the VM tests run with: generous for TCG on a loaded machine.
+pub fn vm_deadlines() -> wrenn_agent::sandbox::Deadlines {
+    wrenn_agent::sandbox::Deadlines {
+        health: Duration::from_secs(60),
+        init: Duration::from_secs(30),
+        prepare: Duration::from_secs(30),
+        boot: Duration::from_secs(180),
+    }
+}
+
+/// A create of `template` as `id` whose envd takes only `token`, from snapshot `snapshot`
+/// when given.
+pub fn secured_create(
+    id: &str,
+    template: &str,
+    token: &str,
+    snapshot: Option<&str>,
+) -> wrenn_agent::controller::CreateArgs {
+    wrenn_agent::controller::CreateArgs {
+        sandbox_id: id.into(),
+        template_id: template.into(),
+        init: wrenn_agent::runtime::GuestInit {
+            access_token: Some(token.into()),
+            ..Default::default()
+        },
+        snapshot_id: snapshot.map(str::to_owned),
+        ..Default::default()
+    }
+}
+
+/// An agent over `slots` slots from index `first`, sandboxes under `root` (at most `slots`),
+/// with `template` registered as `template_id`.
+pub async fn vm_agent(
+    first: u32,
+    slots: u32,
+    root: &Path,
+    template_id: &str,
+    template: &Snapshot,
+) -> wrenn_agent::Agent {
+    let pool = wrenn_agent::pool::SlotPool::new(2, first, slots)
+        .await
+        .expect("slot pool");
+    let a = wrenn_agent::Agent::new("test-host", pool, root.to_owned(), slots, vm_deadlines());
+    a.register_template(template_id, template.clone(), None, "test-envd");
+    a
+}
