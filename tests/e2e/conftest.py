@@ -259,5 +259,8 @@ def pytest_collection_modifyitems(config, items):
 def pytest_configure(config):
     config.addinivalue_line("markers", "restarts_wrenn: stops and starts the wrenn up process")
     config.addinivalue_line(
+        "markers", "cluster: starts its own wrenn server replicas and agents (tests/e2e/cluster.py)"
+    )
+    config.addinivalue_line(
         "markers", "one_database: independent of the database; runs in the SQLite pass only"
     )

@@ -11,10 +11,12 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod hosts;
 mod sandbox;
 mod template;
 
 pub use admin::{AgentSecret, CreatedApiKey, Host, NewApiKey, NewHost, NewTeam, Team};
+pub use hosts::{Heartbeat, HostJoin, HostJoined, HostStatus, HostTemplate};
 pub use sandbox::{
     AutoResume, ConnectSandbox, Error, ForkResult, ForkSandbox, Lifecycle, ListedSandbox,
     NetworkConfig, NetworkUpdate, NewSandbox, NewSnapshot, PauseSandbox, RefreshSandbox,

@@ -16,7 +16,7 @@ pub use egress::{
     ALL_TRAFFIC, DomainPattern, EgressError, EgressPolicy, Ipv4Net, MAX_RULES, Rule, Verdict,
 };
 pub use ids::{HostId, IdError, SANDBOX_ID_LEN, SandboxId, SnapshotId, TeamId, TemplateId};
-pub use placement::{HostCapacity, Request as PlacementRequest, pick_host};
+pub use placement::{HostCapacity, Request as PlacementRequest, pick_host, pick_host_sampled};
 pub use state::{Action, PublicState, SandboxState, TransitionError};
 pub use timeout::{
     DEFAULT_TIMEOUT_SECS, Deadline, MAX_TIMEOUT_SECS, MIN_REFRESH_SECS, TimeoutError, UnixMillis,

@@ -59,15 +59,64 @@ impl HostCapacity {
 
 /// The host to place `req` on, or `None` when none fits.
 pub fn pick_host(hosts: &[HostCapacity], req: Request) -> Option<&HostCapacity> {
-    hosts
+    best(hosts.iter().filter_map(|h| h.score(req).map(|s| (h, s))))
+}
+
+/// The best of `k` hosts drawn at random (by `seed`) among those that fit `req`: the "power
+/// of k choices". Control-plane replicas placing at the same moment read the same usage, and
+/// would all pick the one emptiest host; drawing candidates first spreads them, and keeping the
+/// best of a few still avoids full hosts. With `k` at least the number of hosts that fit, the
+/// answer is as good as [`pick_host`]'s (ties broken at random).
+pub fn pick_host_sampled(
+    hosts: &[HostCapacity],
+    req: Request,
+    k: usize,
+    seed: u64,
+) -> Option<&HostCapacity> {
+    let mut fit: Vec<(&HostCapacity, u64)> = hosts
         .iter()
         .filter_map(|h| h.score(req).map(|s| (h, s)))
+        .collect();
+    // A partial Fisher-Yates shuffle: the first `k` entries become a uniform sample, in random
+    // order (also when all fit in it), and the first drawn wins a tie, so equal hosts share
+    // the load instead of the one with the smallest ID taking it all.
+    let k = k.max(1).min(fit.len());
+    let mut state = seed;
+    for i in 0..k {
+        let span = u64::try_from(fit.len() - i).unwrap_or(u64::MAX);
+        let j = i + usize::try_from(splitmix64(&mut state) % span).unwrap_or(0);
+        fit.swap(i, j);
+    }
+    fit.truncate(k);
+    let mut chosen: Option<(&HostCapacity, u64)> = None;
+    for (h, score) in fit {
+        let better = chosen.is_none_or(|(c, cs)| {
+            (score, std::cmp::Reverse(h.sandboxes)) > (cs, std::cmp::Reverse(c.sandboxes))
+        });
+        if better {
+            chosen = Some((h, score));
+        }
+    }
+    chosen.map(|(h, _)| h)
+}
+
+fn best<'a>(scored: impl Iterator<Item = (&'a HostCapacity, u64)>) -> Option<&'a HostCapacity> {
+    scored
         .max_by(|(a, sa), (b, sb)| {
             sa.cmp(sb)
                 .then(b.sandboxes.cmp(&a.sandboxes))
                 .then(b.id.cmp(&a.id))
         })
         .map(|(h, _)| h)
+}
+
+/// One step of SplitMix64: a small, well-mixed generator (the caller supplies the entropy).
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 #[cfg(test)]
@@ -153,5 +202,56 @@ mod tests {
             SMALL,
             Some("b"),
         );
+    }
+
+    #[test]
+    fn sampled_placement_spreads_and_never_picks_a_host_that_does_not_fit() {
+        let hosts = vec![
+            host("a", (16, 0), (4096, 0), 0),
+            host("b", (16, 0), (4096, 0), 0),
+            host("c", (16, 0), (4096, 0), 0),
+            host("full", (16, 16), (4096, 0), 4),
+        ];
+        let req = Request {
+            vcpus: 2,
+            memory_mb: 512,
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in 0..64 {
+            let h = pick_host_sampled(&hosts, req, 2, seed).unwrap();
+            assert_ne!(h.id.as_str(), "full");
+            seen.insert(h.id.as_str().to_owned());
+        }
+        // Equal hosts: deterministic placement would always answer "a".
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        // Enough candidates: as good as the full comparison.
+        let best = pick_host(&hosts, req).unwrap().score(req);
+        for seed in 0..8 {
+            assert_eq!(
+                pick_host_sampled(&hosts, req, 8, seed).unwrap().score(req),
+                best
+            );
+        }
+        assert!(pick_host_sampled(&hosts[3..], req, 2, 1).is_none());
+    }
+
+    #[test]
+    fn sampled_placement_keeps_the_better_of_its_candidates() {
+        // Of two candidates the emptier wins, so with one nearly full host among two it is
+        // chosen only when it is drawn with itself, which cannot happen.
+        let hosts = vec![
+            host("empty", (16, 0), (4096, 0), 0),
+            host("busy", (16, 12), (4096, 3072), 6),
+        ];
+        let req = Request {
+            vcpus: 2,
+            memory_mb: 512,
+        };
+        for seed in 0..32 {
+            assert_eq!(
+                pick_host_sampled(&hosts, req, 2, seed).unwrap().id.as_str(),
+                "empty"
+            );
+        }
     }
 }

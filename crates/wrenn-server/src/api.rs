@@ -28,6 +28,7 @@ use crate::service::{ControlPlane, decode_cursor};
 use crate::store::{SandboxFilter, TeamRecord, TemplateRecord};
 use crate::{timing, tokens};
 
+mod hosts;
 mod snapshots;
 mod templates;
 
@@ -55,10 +56,10 @@ pub(crate) fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/admin/teams", post(admin_create_team))
         .route("/admin/teams/{team}/api-keys", post(admin_create_key))
         .route("/admin/templates", post(admin_register_template))
-        .route("/admin/hosts", post(admin_register_host))
         .route("/admin/hosts/{id}", delete(not_implemented))
         .route("/admin/hosts/{id}/secret", get(admin_host_secret))
         .merge(templates::routes())
+        .merge(hosts::routes())
         .merge(snapshots::routes())
         .fallback(not_found)
         .with_state(cp)
@@ -583,7 +584,7 @@ async fn admin_host_secret(
     }))
 }
 
-async fn admin_register_host(
+pub(super) async fn admin_register_host(
     State(cp): Cp,
     _: Admin,
     RequiredBody(h): RequiredBody<NewHost>,

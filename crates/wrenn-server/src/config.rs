@@ -42,6 +42,20 @@ pub struct Config {
     /// The URL this API is reached at, for the upload links the SDKs get and the download links
     /// agents get. `None`: the request's `Host`.
     pub api_url: Option<String>,
+    /// The token agents on other machines join with (`POST /hosts/join`); `None`: no joins.
+    pub join_token: Option<String>,
+    /// How often joined agents send heartbeats (told to each at its join).
+    pub heartbeat_interval: Duration,
+    /// A joined host silent this long is unhealthy: nothing new is placed on it.
+    pub host_unhealthy_after: Duration,
+    /// A joined host silent this long is lost: its running sandboxes are written off.
+    pub host_lost_after: Duration,
+    /// How long one control plane owns a timed-out sandbox it is stopping before another may
+    /// take it over (longer than a pause takes).
+    pub expire_lease: Duration,
+    /// Placement weighs this many random hosts among those that fit (the best of them wins),
+    /// so replicas placing at once do not all pick the same emptiest host.
+    pub placement_candidates: usize,
 }
 
 impl Config {
@@ -61,6 +75,12 @@ impl Config {
             default_envd_version: DEFAULT_ENVD_VERSION.to_owned(),
             build_files: None,
             api_url: None,
+            join_token: None,
+            heartbeat_interval: Duration::from_secs(5),
+            host_unhealthy_after: Duration::from_secs(15),
+            host_lost_after: Duration::from_secs(60),
+            expire_lease: Duration::from_secs(60),
+            placement_candidates: 2,
         }
     }
 }

@@ -25,7 +25,7 @@ use wrenn_api::{NewSandbox, Sandbox};
 use wrenn_connect::{Code, ConnectError};
 use wrenn_core::{
     HostCapacity, HostId, PlacementRequest, SandboxId, SandboxState, TeamId, TemplateId,
-    UnixMillis, backstop, pick_host,
+    UnixMillis, backstop, pick_host_sampled,
 };
 
 use crate::error::{ApiError, Chain};
@@ -427,14 +427,22 @@ impl ControlPlane {
     }
 
     /// The most-free registered host that fits the request, counting creates in flight.
+    /// A host for a sandbox of `vcpus` and `memory_mb`: `only` that one if set (it holds what
+    /// the sandbox starts from), else a healthy host that holds host template `template`, the
+    /// best of a few drawn at random (`Config::placement_candidates`).
     pub(crate) async fn place(
         &self,
         vcpus: u32,
         memory_mb: u64,
         only: Option<&HostId>,
+        template: Option<&str>,
     ) -> Result<HostRecord, ApiError> {
         let mut hosts = self.store.list_hosts().await?;
-        hosts.retain(|h| only.is_none_or(|o| *o == h.id));
+        hosts.retain(|h| {
+            only.is_none_or(|o| *o == h.id)
+                && (only.is_some() || template.is_none_or(|t| h.holds(t)))
+                && self.host_health(h) == crate::hosts::Health::Healthy
+        });
         let usage = self.store.host_usage().await?;
         let caps: Vec<HostCapacity> = hosts
             .iter()
@@ -452,8 +460,13 @@ impl ControlPlane {
                 }
             })
             .collect();
-        let chosen =
-            pick_host(&caps, PlacementRequest { vcpus, memory_mb }).ok_or_else(no_capacity)?;
+        let chosen = pick_host_sampled(
+            &caps,
+            PlacementRequest { vcpus, memory_mb },
+            self.config.placement_candidates,
+            rand::random(),
+        )
+        .ok_or_else(no_capacity)?;
         Ok(hosts
             .into_iter()
             .find(|h| h.id == chosen.id)
@@ -470,7 +483,8 @@ impl ControlPlane {
     ) -> Result<HostRecord, ApiError> {
         let only = launch.host.as_ref();
         for _ in 0..PLACE_ATTEMPTS {
-            let host = self.place(rec.vcpus, rec.memory_mb, only).await?;
+            let template = only.is_none().then_some(launch.on_host.as_str());
+            let host = self.place(rec.vcpus, rec.memory_mb, only, template).await?;
             rec.host_id = Some(host.id.clone());
             if self.store.insert_placed(rec).await? {
                 return Ok(host);

@@ -9,6 +9,7 @@ mod config;
 mod create;
 mod error;
 mod fork;
+pub mod hosts;
 mod http;
 mod lifecycle;
 mod network;

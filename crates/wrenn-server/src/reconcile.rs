@@ -85,6 +85,10 @@ impl ControlPlane {
             }
         };
         for host in &hosts {
+            // A silent host would only time out; a lost one is reconciled when it is back.
+            if self.host_health(host) != crate::hosts::Health::Healthy {
+                continue;
+            }
             match self.reconcile_host(host.id.as_str()).await {
                 Ok(done) if done != Reconciled::default() => tracing::info!(
                     host_id = %host.id,

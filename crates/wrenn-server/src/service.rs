@@ -250,6 +250,9 @@ impl ControlPlane {
             max_sandboxes: info.max_sandboxes,
             version: info.version.clone(),
             schedulable: true,
+            heartbeat_at: None,
+            lost_at: None,
+            templates: None,
         };
         self.store.upsert_host(&host, now()).await?;
         for (tpl, envd_version) in &info.template_envd_versions {
@@ -321,6 +324,15 @@ impl ControlPlane {
                     && !matches!(s.state, SandboxState::Killed | SandboxState::Creating) =>
             {
                 Ok(s)
+            }
+            Some(s) if s.team_id == *team && s.state == SandboxState::Killed => {
+                match self.store.sandbox_lost_at(&sid).await? {
+                    Some(_) => Err(ApiError::NotFound(format!(
+                        "Sandbox \"{id}\" was lost: its host {} stopped answering",
+                        s.host_id.as_ref().map_or("-", |h| h.as_str())
+                    ))),
+                    None => Err(ApiError::sandbox_not_found(id)),
+                }
             }
             _ => Err(ApiError::sandbox_not_found(id)),
         }
@@ -798,7 +810,11 @@ impl ControlPlane {
     /// Kills, or pauses when created with auto-pause, every running sandbox whose end has
     /// passed; returns how many it handled.
     pub async fn expire(&self) -> Result<usize, StoreError> {
-        let expired = self.store.expired(now(), 100).await?;
+        let t = now();
+        let lease = UnixMillis(t.0.saturating_add(
+            i64::try_from(self.config.expire_lease.as_millis()).unwrap_or(i64::MAX),
+        ));
+        let expired = self.store.claim_expired(t, lease, 100).await?;
         let mut handled = 0;
         for rec in expired {
             if self.expire_one(&rec.id).await? {
@@ -816,6 +832,7 @@ impl ControlPlane {
             return Ok(false);
         };
         if rec.state != SandboxState::Running || rec.end_at > now() {
+            self.store.release_expiry(id).await?;
             return Ok(false);
         }
         let res = if rec.auto_pause {
@@ -826,8 +843,11 @@ impl ControlPlane {
         match res {
             Ok(()) => {
                 tracing::info!(sandbox_id = %rec.id, paused = rec.auto_pause, "sandbox timed out");
+                self.store.release_expiry(id).await?;
                 Ok(true)
             }
+            // The claim stays until its lease ends: then this or another control plane tries
+            // again.
             Err(e) => {
                 tracing::warn!(sandbox_id = %rec.id, error = %Chain(&e), "could not stop a timed-out sandbox");
                 Ok(false)

@@ -36,10 +36,12 @@ use sqlx::{AnyPool, Executor, Row};
 use wrenn_api::NetworkConfig;
 use wrenn_core::{HostId, SandboxId, SandboxState, TeamId, UnixMillis};
 
+mod hosts;
 mod idempotency;
 mod snapshots;
 mod templates;
 
+pub use hosts::{HeartbeatOutcome, HostRecord};
 pub use idempotency::{IdempotencyClaim, IdempotencyRecord};
 pub use snapshots::SnapshotRecord;
 pub use templates::{BuildLogRecord, BuildRecord, CurrentBuild, TagRecord, TemplateEntry};
@@ -98,18 +100,6 @@ pub struct TemplateRecord {
     /// A built template's ready version; `None` for the others (the host knows them by ID),
     /// and for a built template whose first build is not ready yet.
     pub build: Option<CurrentBuild>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostRecord {
-    pub id: HostId,
-    pub rpc_url: String,
-    pub proxy_url: String,
-    pub vcpus: u32,
-    pub memory_mb: u64,
-    pub max_sandboxes: u32,
-    pub version: String,
-    pub schedulable: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -317,49 +307,6 @@ impl Store {
     /// A template by ID or name, whoever owns it.
     pub async fn find_template(&self, id: &str) -> Result<Option<TemplateRecord>> {
         Ok(self.template_entry(id).await?.map(|e| e.template))
-    }
-
-    // Hosts.
-
-    pub async fn upsert_host(&self, h: &HostRecord, now: UnixMillis) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO hosts (id, rpc_url, proxy_url, vcpus, memory_mb, max_sandboxes, version, schedulable, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-             ON CONFLICT (id) DO UPDATE SET rpc_url = excluded.rpc_url, proxy_url = excluded.proxy_url, \
-             vcpus = excluded.vcpus, memory_mb = excluded.memory_mb, max_sandboxes = excluded.max_sandboxes, \
-             version = excluded.version, schedulable = excluded.schedulable, updated_at = excluded.updated_at",
-        )
-        .bind(h.id.as_str())
-        .bind(&h.rpc_url)
-        .bind(&h.proxy_url)
-        .bind(i64::from(h.vcpus))
-        .bind(to_i64(h.memory_mb))
-        .bind(i64::from(h.max_sandboxes))
-        .bind(&h.version)
-        .bind(i64::from(h.schedulable))
-        .bind(now.0)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    pub async fn list_hosts(&self) -> Result<Vec<HostRecord>> {
-        let rows = sqlx::query(
-            "SELECT id, rpc_url, proxy_url, vcpus, memory_mb, max_sandboxes, version, schedulable FROM hosts ORDER BY id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(host_from_row).collect()
-    }
-
-    pub async fn get_host(&self, id: &HostId) -> Result<Option<HostRecord>> {
-        let row = sqlx::query(
-            "SELECT id, rpc_url, proxy_url, vcpus, memory_mb, max_sandboxes, version, schedulable FROM hosts WHERE id = $1",
-        )
-        .bind(id.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(host_from_row).transpose()
     }
 
     /// What each host has handed out to sandboxes that hold a VM.
@@ -587,16 +534,46 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Running sandboxes whose end has passed, oldest end first.
-    pub async fn expired(&self, now: UnixMillis, limit: i64) -> Result<Vec<SandboxRecord>> {
+    /// Claims up to `limit` running sandboxes whose end has passed, oldest end first, for this
+    /// control plane until `lease_until`: one another control plane claimed (its lease not
+    /// over) is skipped, so replicas on one database handle each timeout once, and one whose
+    /// claimer died is claimed again when its lease ends. On PostgreSQL rows another replica is
+    /// claiming right now are skipped (`SKIP LOCKED`) instead of waited for.
+    pub async fn claim_expired(
+        &self,
+        now: UnixMillis,
+        lease_until: UnixMillis,
+        limit: i64,
+    ) -> Result<Vec<SandboxRecord>> {
+        let lock = match self.backend {
+            Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
         let rows = sqlx::query(&format!(
-            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE state = 'running' AND end_at <= $1 ORDER BY end_at LIMIT $2"
+            "UPDATE sandboxes SET expire_lease_until = $2 WHERE id IN \
+             (SELECT id FROM sandboxes WHERE state = 'running' AND end_at <= $1 \
+              AND (expire_lease_until IS NULL OR expire_lease_until <= $1) \
+              ORDER BY end_at LIMIT $3{lock}) \
+             RETURNING {SANDBOX_COLUMNS}"
         ))
         .bind(now.0)
+        .bind(lease_until.0)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(sandbox_from_row).collect()
+        let mut out: Vec<SandboxRecord> =
+            rows.iter().map(sandbox_from_row).collect::<Result<_>>()?;
+        out.sort_by_key(|s| s.end_at);
+        Ok(out)
+    }
+
+    /// Ends this control plane's claim on a sandbox's timeout (handled, or no longer due).
+    pub async fn release_expiry(&self, id: &SandboxId) -> Result<()> {
+        sqlx::query("UPDATE sandboxes SET expire_lease_until = NULL WHERE id = $1")
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// The sandboxes a host holds or is getting by our records (everything but killed).
@@ -748,20 +725,6 @@ fn team_from_row(r: &AnyRow) -> Result<TeamRecord> {
     Ok(TeamRecord {
         id: parse_id("teams", &id, &id, TeamId::parse)?,
         name: r.try_get("name")?,
-    })
-}
-
-fn host_from_row(r: &AnyRow) -> Result<HostRecord> {
-    let id: String = r.try_get("id")?;
-    Ok(HostRecord {
-        id: parse_id("hosts", &id, &id, HostId::parse)?,
-        rpc_url: r.try_get("rpc_url")?,
-        proxy_url: r.try_get("proxy_url")?,
-        vcpus: u32_col(r, "vcpus")?,
-        memory_mb: u64_col(r, "memory_mb")?,
-        max_sandboxes: u32_col(r, "max_sandboxes")?,
-        version: r.try_get("version")?,
-        schedulable: r.try_get::<i64, _>("schedulable")? != 0,
     })
 }
 

@@ -503,7 +503,12 @@ impl ControlPlane {
         }
         let (parent, host, image) = self.build_parent(team, &body, base).await?;
         let host = self
-            .place(0, 0, host.as_ref())
+            .place(
+                0,
+                0,
+                host.as_ref(),
+                host.is_none().then_some(parent.as_str()),
+            )
             .await
             .map_err(|_| ApiError::NoCapacity("No host can build templates now".to_owned()))?;
         let client = self.client_for(&host)?;

@@ -130,6 +130,9 @@ async fn exercise(store: Store) {
         max_sandboxes: 0,
         version: "1".into(),
         schedulable: true,
+        heartbeat_at: None,
+        lost_at: None,
+        templates: None,
     };
     store.upsert_host(&host, now).await.unwrap();
     store
@@ -294,15 +297,30 @@ async fn exercise(store: Store) {
     filter.template_id = Some("other".into());
     assert!(store.list_sandboxes(&filter).await.unwrap().0.is_empty());
 
-    // Expiry: running sandboxes with end_at <= now.
-    let expired = store.expired(UnixMillis(1_020), 100).await.unwrap();
-    let mine: Vec<_> = expired
-        .iter()
-        .filter(|s| s.team_id == team)
-        .map(|s| s.id.as_str())
-        .collect();
-    assert_eq!(mine, [ids[1].as_str()]);
+    // Expiry: running sandboxes with end_at <= now, each claimed by one control plane until
+    // its lease ends or it is released.
+    let mine = |claimed: Vec<SandboxRecord>| -> Vec<String> {
+        claimed
+            .iter()
+            .filter(|s| s.team_id == team)
+            .map(|s| s.id.to_string())
+            .collect()
+    };
+    let claim = |at: i64| store.claim_expired(UnixMillis(at), UnixMillis(at + 1_000), 100);
+    assert_eq!(mine(claim(1_020).await.unwrap()), [ids[1].clone()]);
+    // Only b is due by 1 020; later claims see it only when its lease is over or released.
+    let b_claimed = |v: Vec<String>| v.contains(&ids[1]);
+    assert!(!b_claimed(mine(claim(1_500).await.unwrap())), "leased");
+    assert!(b_claimed(mine(claim(2_020).await.unwrap())), "lease over");
     let b = SandboxId::parse(&ids[1]).unwrap();
+    store.release_expiry(&b).await.unwrap();
+    assert!(b_claimed(mine(claim(2_100).await.unwrap())), "released");
+    for id in &ids {
+        store
+            .release_expiry(&SandboxId::parse(id).unwrap())
+            .await
+            .unwrap();
+    }
     assert!(
         store
             .set_end_at(&b, SandboxState::Running, UnixMillis(9_999), now)
@@ -335,6 +353,7 @@ async fn exercise(store: Store) {
 
     snapshots(&store, &team, &ids, &sfx).await;
     idempotency_keys(&store, &team, &host, &sfx).await;
+    joined_hosts(&store, &team, &sfx).await;
 }
 
 fn snapshot(id: &str, team: &TeamId, sandbox: &str, name: Option<&str>, at: i64) -> SnapshotRecord {
@@ -594,7 +613,8 @@ async fn sqlite_file() {
     let store = Store::open(&format!("sqlite://{}", path.display()))
         .await
         .unwrap();
-    assert!(store.list_hosts().await.unwrap().len() == 1);
+    // The registered host and the joined one.
+    assert_eq!(store.list_hosts().await.unwrap().len(), 2);
 }
 
 #[tokio::test]
@@ -612,4 +632,129 @@ async fn postgres_when_configured() {
 #[tokio::test]
 async fn bad_urls_are_refused() {
     assert!(Store::open("mysql://localhost/x").await.is_err());
+}
+
+/// A joined host: its heartbeats, its write-off when silent (once, and only while silent), its
+/// sandboxes killed with the time they were lost (paused ones kept), and its return.
+async fn joined_hosts(store: &Store, team: &TeamId, sfx: &str) {
+    let id = HostId::parse(&format!("j-{sfx}")).unwrap();
+    store
+        .join_host(&id, "http://10.9.0.2:7000", UnixMillis(100))
+        .await
+        .unwrap();
+    let joined = store.get_host(&id).await.unwrap().unwrap();
+    assert_eq!((joined.vcpus, joined.schedulable), (0, false));
+    assert_eq!(joined.templates, Some(vec![]));
+    assert_eq!(joined.heartbeat_at, Some(UnixMillis(100)));
+    let beat = wrenn_api::Heartbeat {
+        vcpus: 16,
+        memory_mb: 8192,
+        memory_available_mb: 6000,
+        disk_free_mb: 50_000,
+        max_sandboxes: 64,
+        sandboxes: 0,
+        version: "v".into(),
+        templates: vec![wrenn_api::HostTemplate {
+            id: "base".into(),
+            envd_version: "0.6.4".into(),
+            vcpus: 2,
+            memory_mb: 512,
+            disk_size_mb: 2048,
+        }],
+        stopping: false,
+    };
+    let out = store
+        .heartbeat(&id, &beat, UnixMillis(1_000))
+        .await
+        .unwrap();
+    assert_eq!(out.unwrap().was_lost, None);
+    let h = store.get_host(&id).await.unwrap().unwrap();
+    assert_eq!((h.vcpus, h.schedulable), (16, true));
+    assert!(h.holds("base") && !h.holds("other"));
+    assert_eq!(h.heartbeat_at, Some(UnixMillis(1_000)));
+    let stranger = HostId::parse(&format!("x-{sfx}")).unwrap();
+    assert_eq!(
+        store
+            .heartbeat(&stranger, &beat, UnixMillis(1_000))
+            .await
+            .unwrap(),
+        None
+    );
+
+    let mut running = sandbox(&format!("r{sfx}"), team, 10, &[]);
+    running.host_id = Some(id.clone());
+    running.state = SandboxState::Running;
+    let mut paused = sandbox(&format!("p{sfx}"), team, 10, &[]);
+    paused.host_id = Some(id.clone());
+    paused.state = SandboxState::Paused;
+    store.insert_sandbox(&running).await.unwrap();
+    store.insert_sandbox(&paused).await.unwrap();
+
+    // Heard from after `silent_since`: not written off.
+    assert_eq!(
+        store
+            .write_off_host(&id, UnixMillis(900), UnixMillis(5_000))
+            .await
+            .unwrap(),
+        None
+    );
+    let lost = store
+        .write_off_host(&id, UnixMillis(2_000), UnixMillis(5_000))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(lost, vec![running.id.clone()]);
+    // Once: a second control plane finds it written off already.
+    assert_eq!(
+        store
+            .write_off_host(&id, UnixMillis(2_000), UnixMillis(5_001))
+            .await
+            .unwrap(),
+        None
+    );
+    let r = store
+        .get_sandbox(running.id.as_str())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.state, SandboxState::Killed);
+    assert_eq!(
+        store.sandbox_lost_at(&running.id).await.unwrap(),
+        Some(UnixMillis(5_000))
+    );
+    let p = store
+        .get_sandbox(paused.id.as_str())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(p.state, SandboxState::Paused);
+    assert_eq!(store.sandbox_lost_at(&paused.id).await.unwrap(), None);
+    assert_eq!(
+        store.get_host(&id).await.unwrap().unwrap().lost_at,
+        Some(UnixMillis(5_000))
+    );
+
+    // It comes back.
+    let out = store
+        .heartbeat(&id, &beat, UnixMillis(9_000))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.was_lost, Some(UnixMillis(5_000)));
+    assert_eq!(store.get_host(&id).await.unwrap().unwrap().lost_at, None);
+    // A stopping agent takes nothing new.
+    let stopping = wrenn_api::Heartbeat {
+        stopping: true,
+        ..beat
+    };
+    store
+        .heartbeat(&id, &stopping, UnixMillis(9_500))
+        .await
+        .unwrap();
+    assert!(!store.get_host(&id).await.unwrap().unwrap().schedulable);
+
+    // Cluster settings: the first value stays.
+    let name = format!("setting-{sfx}");
+    assert_eq!(store.setting_or_init(&name, "one").await.unwrap(), "one");
+    assert_eq!(store.setting_or_init(&name, "two").await.unwrap(), "one");
 }

@@ -552,13 +552,14 @@ impl Server {
         let serve = tokio::spawn(wrenn_server::serve(listener, app, shutdown.clone()));
         let reaper = wrenn_server::reaper::spawn(cp.clone(), shutdown.clone());
         let reconciler = wrenn_server::reconcile::spawn(cp.clone(), shutdown.clone());
+        let monitor = wrenn_server::hosts::spawn_monitor(cp.clone(), shutdown.clone());
         Server {
             url,
             cp,
             agent,
             db: db.to_owned(),
             shutdown,
-            tasks: vec![serve, reaper, reconciler],
+            tasks: vec![serve, reaper, reconciler, monitor],
         }
     }
 

@@ -1,5 +1,5 @@
-//! `wrenn up`'s egress settings: the uplink guests leave by, where their resolver forwards,
-//! and the private ranges the operator lets them reach.
+//! A host's egress settings (`wrenn up`, `wrenn agent`): the uplink guests leave by, where
+//! their resolver forwards, and the private ranges the operator lets them reach.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
@@ -7,11 +7,11 @@ use anyhow::{Context as _, bail};
 use wrenn_agent::pool::EgressSettings;
 use wrenn_core::Ipv4Net;
 
-use super::UpArgs;
+use super::HostArgs;
 
 /// The uplink interface (`None`: no egress at all) and the egress settings of the host.
 pub(super) async fn host_settings(
-    args: &UpArgs,
+    args: &HostArgs,
 ) -> anyhow::Result<(Option<String>, EgressSettings)> {
     let uplink = match args.uplink.as_deref() {
         Some("none") => None,

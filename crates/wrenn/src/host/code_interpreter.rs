@@ -19,7 +19,7 @@ use wrenn_agent::build::{self, BuildDirs, BuildEvent, BuildRequest, Defaults, Ra
 use wrenn_agent::snapshot::Snapshot;
 use wrenn_hostnet::Slot;
 
-use super::{GuestParts, UpArgs, boot_template, debian_image, default_guest_binary};
+use super::{GuestParts, HostArgs, boot_template, debian_image, default_guest_binary};
 
 /// The template ID the code-interpreter SDKs default to.
 pub const CODE_INTERPRETER_TEMPLATE: &str = "code-interpreter-v1";
@@ -56,7 +56,7 @@ pub(crate) struct CodeInterpreter {
 
 /// Finds or builds the template (minutes under TCG on the first start).
 pub(crate) async fn template(
-    args: &UpArgs,
+    args: &HostArgs,
     parts: &GuestParts,
     templates: &Path,
     build_slot: u32,
