@@ -5,7 +5,7 @@ Starts the cluster of tests/e2e/cluster.py (PostgreSQL, two `wrenn server` repli
 
 - create latency at concurrency 1 (each sandbox killed after its create), through replica 0;
 - creates/s sustained for `--seconds` at concurrency 8, each worker creating and killing in a
-  loop, all through replica 0, then spread over both replicas.
+  loop, all through replica 0, then spread over both replicas, alternated `--rounds` times.
 
 Prints one JSON line per figure (median and p99 in ms, count) and a Markdown table. Needs root,
 a local PostgreSQL server and the Debian image in the image cache (a `wrenn up` builds it).
@@ -88,6 +88,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--serial", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     c = lab.Cluster()
     try:
@@ -102,13 +103,16 @@ def main() -> None:
             "p99_ms": round(pct(lat, 99) * 1000, 1),
         }
         print(json.dumps(serial), flush=True)
-        one = sustained(c, [0], args.seconds)
-        print(json.dumps({"figure": "sustained, concurrency 8", **one}), flush=True)
-        two = sustained(c, [0, 1], args.seconds)
-        print(json.dumps({"figure": "sustained, concurrency 8", **two}), flush=True)
+        # Alternated, so what the machine does meanwhile (the agents' cleanup of the sandboxes
+        # killed, page cache) weighs on both the same.
+        rounds = []
+        for replicas in ([0], [0, 1]) * args.rounds:
+            r = sustained(c, replicas, args.seconds)
+            print(json.dumps({"figure": "sustained, concurrency 8", **r}), flush=True)
+            rounds.append(r)
         print("\n| through | creates/s | create p50 | create p99 | creates | errors |")
         print("|---|---|---|---|---|---|")
-        for r in (one, two):
+        for r in rounds:
             print(
                 f"| {r['replicas']} replica(s) | {r['creates_per_s']} | {r['p50_ms']} ms "
                 f"| {r['p99_ms']} ms | {r['creates']} | {r['errors']} |"

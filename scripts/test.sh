@@ -31,6 +31,8 @@ fi
 scripts/sdk-env.sh
 # wrenn-interpreter's SDK test runs @e2b/code-interpreter from there.
 export WRENN_TEST_NODE_MODULES="${WRENN_TEST_NODE_MODULES:-$PWD/tests/sdk/node_modules}"
+# The shared store's S3 tests start this S3-compatible server (moto's) on loopback.
+export WRENN_TEST_MOTO_SERVER="${WRENN_TEST_MOTO_SERVER:-$PWD/.venv/bin/moto_server}"
 
 echo "==> cargo test (WRENN_VM_TESTS=${WRENN_VM_TESTS:-0})"
 cargo test --workspace --no-fail-fast

@@ -7,7 +7,10 @@ Agent `i` lives in namespace `wrenn-c<i>`, joined to the host by a veth pair (ho
 so agents reach them at 172.31.<i>.1, and the replicas reach agent `i` at 172.31.<i>.2:5007.
 Guests reach nothing outside their slot (`--uplink none`; DNS forwarded to a closed port on the
 agent's own loopback). The agents share one template cache (`--template-cache`): the first to
-start builds `base` there, the others wait for its lock and open it.
+start builds `base` there, the others wait for its lock and open it; and one shared store
+(`--shared-store`) their paused sandboxes are copied to: a bucket of a real S3-compatible
+server (moto's, from PyPI, listening on the host; agents reach it at 172.31.<i>.1), or a
+directory when moto is not installed.
 
 Everything is removed on `teardown()`, also after a failure, and stale pieces of an earlier
 run at `setup()`.
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import free_port, psql, wrenn_binary
+from conftest import ROOT, free_port, psql, wrenn_binary
 
 AGENTS = 3
 REPLICAS = 2
@@ -62,14 +65,20 @@ def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 class Process:
     """A `wrenn server` or `wrenn agent` with its log file."""
 
-    def __init__(self, name: str, args: list[str], log: Path, ready: str):
+    def __init__(self, name: str, args: list[str], log: Path, ready: str, env: dict | None = None):
         self.name, self.args, self.log, self.ready = name, args, log, ready
+        self.env = env or {}
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         log = open(self.log, "ab")
         self.proc = subprocess.Popen(
-            self.args, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True
+            self.args,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            start_new_session=True,
+            env={**os.environ, **self.env},
         )
         seen = threading.Event()
         out: list[str] = []
@@ -121,6 +130,12 @@ class Cluster:
         self.api_key = ""
         self.admin_token = ""
         self.join_token = ""
+        # The shared store: a real S3-compatible server (moto's, from PyPI) when installed,
+        # else a directory.
+        server = os.environ.get("WRENN_TEST_MOTO_SERVER", str(ROOT / ".venv" / "bin" / "moto_server"))
+        self.moto_bin = server if Path(server).exists() else None
+        self.s3_port = free_port()
+        self.moto: subprocess.Popen | None = None
 
     # Network.
 
@@ -186,6 +201,7 @@ class Cluster:
                 "--listen", f"{agent_ip(i)}:{AGENT_PORT}",
                 "--state-dir", str(self.agent_state(i)),
                 "--template-cache", str(self.work / "templates"),
+                "--shared-store", self.shared_store(),
                 "--first-slot", str(first), "--slots", str(SLOTS_PER_AGENT),
                 "--uplink", "none", "--dns-upstream", "127.0.0.1:9",
                 "--no-code-interpreter", "--hot-pool", "0",
@@ -194,12 +210,53 @@ class Cluster:
             ],
             self.work / f"agent{i}.log",
             "wrenn agent host",
+            env=self.s3_env(i),
         )
+
+    BUCKET = "wrenn-cluster"
+
+    def shared_store(self) -> str:
+        if self.moto_bin:
+            return f"s3://{self.BUCKET}/copies"
+        return str(self.work / "store")
+
+    def s3_env(self, i: int) -> dict:
+        """What agent `i` reaches the S3 server with (from its namespace, at the host's end of
+        its veth); static test credentials, so nothing looks for others."""
+        if not self.moto_bin:
+            return {}
+        return {
+            "AWS_ENDPOINT_URL": f"http://{host_ip(i)}:{self.s3_port}",
+            "AWS_ALLOW_HTTP": "true",
+            "AWS_REGION": "us-east-1",
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+        }
+
+    def _start_s3(self) -> None:
+        if not self.moto_bin:
+            return
+        log = open(self.work / "moto.log", "ab")
+        self.moto = subprocess.Popen(
+            [self.moto_bin, "-H", "0.0.0.0", "-p", str(self.s3_port)],
+            stdout=log, stderr=log, start_new_session=True,
+        )
+        url = f"http://127.0.0.1:{self.s3_port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.put(f"{url}/{self.BUCKET}", timeout=2).raise_for_status()
+                return
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def setup(self) -> "Cluster":
         self._remove_network()
         self._make_network()
         psql(f"CREATE DATABASE {self.db}")
+        self._start_s3()
         for r in range(REPLICAS):
             s = self._server(r)
             s.start()
@@ -264,6 +321,26 @@ class Cluster:
                     pass
         return None
 
+    def store_has(self, sandbox_id: str) -> bool:
+        """Whether the shared store holds a complete copy of the paused sandbox."""
+        if self.moto_bin:
+            import boto3  # moto's own dependency
+            import botocore.exceptions
+
+            s3 = boto3.client(
+                "s3",
+                endpoint_url=f"http://127.0.0.1:{self.s3_port}",
+                aws_access_key_id="test",
+                aws_secret_access_key="test",
+                region_name="us-east-1",
+            )
+            try:
+                s3.head_object(Bucket=self.BUCKET, Key=f"copies/paused/{sandbox_id}/complete")
+                return True
+            except botocore.exceptions.ClientError:
+                return False
+        return (self.work / "store" / "paused" / sandbox_id / "complete").exists()
+
     def qemu_pids(self, i: int) -> list[int]:
         out = sh("pgrep", "-f", f"qemu-system.*{self.agent_state(i)}", check=False).stdout
         return [int(p) for p in out.split()]
@@ -300,6 +377,9 @@ class Cluster:
             if index.isdigit() and first <= int(index) < last:
                 sh("ip", "netns", "del", ns.name, check=False)
         self._remove_network()
+        if self.moto:
+            self.moto.kill()
+            self.moto.wait()
         try:
             psql(f"DROP DATABASE IF EXISTS {self.db} WITH (FORCE)")
         except subprocess.CalledProcessError:

@@ -7,8 +7,11 @@ by the official Python SDK through either replica.
 - A replica killed with SIGKILL during traffic: the other keeps serving, and of 20 sandboxes
   with short timeouts each is paused or killed exactly once (counted on the agents).
 - An agent killed with SIGKILL: its running sandboxes are reported lost through the API within
-  the heartbeat window, creates go to the other agents, its paused sandbox stays paused; when
-  it comes back the written-off sandboxes are killed on it and the paused one resumes intact.
+  the heartbeat window, creates go to the other agents, and its paused sandbox, copied to the
+  shared store (a bucket of a real S3-compatible server) after its pause, resumes on another
+  agent with its memory,
+  processes and files; when the agent comes back the written-off sandboxes and its stale copy
+  of the moved one are killed on it.
 """
 
 import re
@@ -170,19 +173,25 @@ def test_a_replica_dies_during_traffic_and_every_timeout_fires_once(cluster):
         cluster.restart_server(0)
 
 
-def test_a_killed_agent_is_written_off_and_reconciled_when_back(cluster):
+def test_a_killed_agent_is_written_off_and_its_paused_sandbox_resumes_elsewhere(cluster):
     sbxs = [Sandbox.create(timeout=600, **cluster.opts(n % 2)) for n in range(6)]
     later = []
     try:
         where = {s.sandbox_id: cluster.host_of(s.sandbox_id) for s in sbxs}
-        # The agent with the most of them goes; one of its sandboxes is paused first.
+        # The agent with the most of them goes; one of its sandboxes is paused first, with a
+        # process, a file and memory to keep.
         victim = max((1, 2, 3), key=lambda i: list(where.values()).count(i))
         on_victim = [s for s in sbxs if where[s.sandbox_id] == victim]
         assert len(on_victim) >= 2, where
         paused = on_victim[0]
         paused.files.write("/home/user/kept", "paused on the lost host")
         paused.commands.run("echo 41 > /dev/shm/counter")
+        paused.commands.run("sleep 3600", background=True)
         paused.pause()
+        deadline = time.monotonic() + 60
+        while not cluster.store_has(paused.sandbox_id):
+            assert time.monotonic() < deadline, "the paused sandbox never reached the shared store"
+            time.sleep(0.5)
         lost = on_victim[1:]
         survivors = [s for s in sbxs if where[s.sandbox_id] != victim]
 
@@ -213,17 +222,33 @@ def test_a_killed_agent_is_written_off_and_reconciled_when_back(cluster):
             later.append(Sandbox.create(timeout=300, **cluster.opts(n % 2)))
         assert victim not in {cluster.host_of(s.sandbox_id) for s in later}
 
+        # The paused one resumes on another host, from the shared store, with its memory,
+        # processes and files; the store's copy goes.
+        moved = Sandbox.connect(paused.sandbox_id, **cluster.opts(1))
+        new_host = cluster.host_of(paused.sandbox_id)
+        assert new_host not in (None, victim)
+        assert moved.files.read("/home/user/kept") == "paused on the lost host"
+        assert moved.commands.run("cat /dev/shm/counter").stdout == "41\n"
+        assert "sleep 3600" in moved.commands.run("ps -eo args").stdout
+        deadline = time.monotonic() + 30
+        while cluster.store_has(paused.sandbox_id):
+            assert time.monotonic() < deadline, "the copy of a resumed sandbox stayed"
+            time.sleep(0.5)
+
         # Back: its QEMUs are taken over at start, then killed, since the control plane wrote
-        # them off; the paused sandbox is kept and resumes with its memory and files.
+        # them off; its stale copy of the moved sandbox goes too, which keeps running.
         cluster.restart_agent(victim)
         cluster.wait_hosts(lambda hs: all(h["health"] == "healthy" for h in hs))
         deadline = time.monotonic() + 60
-        while any(cluster.host_of(s.sandbox_id) for s in lost):
+        while any(cluster.host_of(s.sandbox_id) == victim for s in lost + [paused]):
             assert time.monotonic() < deadline, "written-off sandboxes kept on the agent"
             time.sleep(1)
-        back = Sandbox.connect(paused.sandbox_id, **cluster.opts(1))
-        assert back.files.read("/home/user/kept") == "paused on the lost host"
-        assert back.commands.run("cat /dev/shm/counter").stdout == "41\n"
-        assert cluster.host_of(paused.sandbox_id) == victim
+        assert cluster.host_of(paused.sandbox_id) == new_host
+        assert moved.commands.run("cat /home/user/kept").stdout == "paused on the lost host"
+        # And it pauses and resumes again where it is now.
+        moved.pause()
+        again = Sandbox.connect(paused.sandbox_id, **cluster.opts(0))
+        assert again.commands.run("cat /dev/shm/counter").stdout == "41\n"
+        assert cluster.host_of(paused.sandbox_id) == new_host
     finally:
         kill_all(sbxs + later)

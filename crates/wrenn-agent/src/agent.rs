@@ -25,6 +25,8 @@ pub struct Agent {
     ctl: Arc<Controller<QemuRuntime>>,
     /// Template builds (`None`: this agent builds none).
     builds: Option<Arc<crate::builds::Builds>>,
+    /// Where paused sandboxes are copied for other hosts (`None`: they stay here only).
+    shared: Option<crate::shared::SharedStore>,
 }
 
 /// What the host has and uses, for placement.
@@ -67,7 +69,25 @@ impl Agent {
             cpu_overcommit: 1,
             ctl: Controller::new(runtime, max_sandboxes),
             builds: None,
+            shared: None,
         }
+    }
+
+    /// Copies paused sandboxes into `store` (and resumes ones it holds that this host does
+    /// not), see [`crate::shared`].
+    pub fn with_shared_store(mut self, store: crate::shared::SharedStore) -> Self {
+        self.shared = Some(store);
+        self
+    }
+
+    /// This host's ID.
+    pub fn host_id(&self) -> &str {
+        &self.host_id
+    }
+
+    /// The shared store of paused sandboxes, if any.
+    pub fn shared_store(&self) -> Option<&crate::shared::SharedStore> {
+        self.shared.as_ref()
     }
 
     /// Offers `ratio` vCPUs per host core to placement (HostInfo's `vcpus_total`).

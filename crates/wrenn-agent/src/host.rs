@@ -57,6 +57,8 @@ pub struct HostConfig {
     pub template_release_grace: std::time::Duration,
     /// Registries (`host[:port]`) builds pull images from over plain HTTP, at any address.
     pub insecure_registries: Vec<String>,
+    /// Where paused sandboxes are copied so that other hosts can resume them.
+    pub shared_store: Option<crate::shared::SharedStore>,
 }
 
 /// Why a host could not be brought up.
@@ -196,6 +198,9 @@ impl Host {
                 crate::builds::Builds::new(dir, range.start, config.template_release_grace)
                     .with_insecure_registries(config.insecure_registries.clone()),
             );
+        }
+        if let Some(store) = &config.shared_store {
+            agent = agent.with_shared_store(store.clone());
         }
         let agent = Arc::new(agent);
         crate::builds::spawn_sweeper(Arc::downgrade(&agent), TEMPLATE_SWEEP);

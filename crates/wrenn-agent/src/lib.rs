@@ -28,6 +28,7 @@ pub mod record;
 pub mod rpc;
 pub mod runtime;
 pub mod sandbox;
+pub mod shared;
 pub mod snapshot;
 pub mod snapshots;
 pub mod state;

@@ -183,7 +183,8 @@ impl QemuRuntime {
         lock(&self.dirs).insert(id.to_owned(), dir.to_owned());
     }
 
-    fn dir_of(&self, id: &str) -> PathBuf {
+    /// Where sandbox `id` lives.
+    pub(crate) fn dir_of(&self, id: &str) -> PathBuf {
         lock(&self.dirs)
             .get(id)
             .cloned()

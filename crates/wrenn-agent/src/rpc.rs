@@ -151,6 +151,20 @@ async fn snapshot(
 }
 
 async fn resume(agent: Arc<Agent>, req: ResumeRequest) -> Result<ResumeResponse, ControlError> {
+    if req.fetch && agent.controller().get(&req.sandbox_id).is_none() {
+        crate::controller::check_id(&req.sandbox_id)?;
+        let fetched = crate::shared::fetch_for_resume(&agent, &req.sandbox_id)
+            .await
+            .map_err(|e| {
+                ControlError::Invalid(format!(
+                    "fetch from the shared store: {}",
+                    crate::error_chain(&e)
+                ))
+            })?;
+        if !fetched {
+            return Err(ControlError::NotFound(req.sandbox_id));
+        }
+    }
     let init = GuestInit {
         env_vars: req.env_vars.into_iter().collect(),
         access_token: Some(req.envd_access_token).filter(|t| !t.is_empty()),
@@ -160,6 +174,8 @@ async fn resume(agent: Arc<Agent>, req: ResumeRequest) -> Result<ResumeResponse,
         .controller()
         .resume(&req.sandbox_id, init, req.backstop_unix_ms)
         .await?;
+    // Running again: any copy in the shared store is out of date.
+    crate::shared::forget(&agent, &req.sandbox_id, false);
     Ok(ResumeResponse {
         sandbox: Some(status(s)),
     })
@@ -219,8 +235,9 @@ pub fn router(agent: Arc<Agent>) -> axum::Router {
                     a.controller()
                         .kill(&req.sandbox_id)
                         .await
-                        .map(|()| KillResponse {})
-                        .map_err(into_connect)
+                        .map_err(into_connect)?;
+                    crate::shared::forget(&a, &req.sandbox_id, true);
+                    Ok(KillResponse {})
                 }
             }
         })
@@ -237,8 +254,9 @@ pub fn router(agent: Arc<Agent>) -> axum::Router {
                     a.controller()
                         .pause_as(&req.sandbox_id, mode)
                         .await
-                        .map(|()| PauseResponse {})
-                        .map_err(into_connect)
+                        .map_err(into_connect)?;
+                    crate::shared::push_after_pause(&a, &req.sandbox_id);
+                    Ok(PauseResponse {})
                 }
             }
         })

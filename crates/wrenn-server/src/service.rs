@@ -420,7 +420,25 @@ impl ControlPlane {
             .deadline
             .end_at(now, timeout)
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let (_host, client) = self.host_of(&rec).await?;
+        let (host, client) = self.host_of(&rec).await?;
+        // Its host is gone or silent: another one takes it from the shared store, if its host
+        // copied it there.
+        let moving = self.host_health(&host) != crate::hosts::Health::Healthy;
+        let (target, client) = if moving {
+            let other = self
+                .place(rec.vcpus, rec.memory_mb, None, Some(&rec.template_id))
+                .await
+                .map_err(|_| {
+                    ApiError::NoCapacity(format!(
+                        "Sandbox \"{}\" is paused on host {}, which is not answering, and no other host can take it",
+                        rec.id, host.id
+                    ))
+                })?;
+            let client = self.client_for(&other)?;
+            (other, client)
+        } else {
+            (host.clone(), client)
+        };
         if !self
             .store
             .transition(&rec.id, SandboxState::Paused, SandboxState::Resuming, now)
@@ -439,6 +457,7 @@ impl ControlPlane {
                 backstop_unix_ms: backstop(end, self.config.backstop_grace_secs).0,
                 env_vars: rec.env_vars.clone().into_iter().collect(),
                 reboot,
+                fetch: moving,
             })
             .await;
         if let Err(e) = res {
@@ -450,10 +469,21 @@ impl ControlPlane {
                     self::now(),
                 )
                 .await?;
+            if moving && e.code == Code::NotFound {
+                // Not "not found": it is paused, and resumes once its host is back.
+                return Err(ApiError::NoCapacity(format!(
+                    "Sandbox \"{}\" cannot be resumed now: its host {} is not answering and the shared store has no copy of it",
+                    rec.id, host.id
+                )));
+            }
             return Err(ApiError::agent("resume sandbox", e));
         }
+        if moving {
+            self.store.move_resuming(&rec.id, &target.id).await?;
+            tracing::info!(sandbox_id = %rec.id, from = %host.id, to = %target.id, "paused sandbox moved to another host");
+        }
         self.store.resumed(&rec.id, now, end, self::now()).await?;
-        tracing::info!(sandbox_id = %rec.id, "sandbox resumed");
+        tracing::info!(sandbox_id = %rec.id, host_id = %target.id, "sandbox resumed");
         Ok(self.sandbox_response(&rec))
     }
 

@@ -236,23 +236,54 @@ async fn joins_heartbeats_placement_and_loss(db: Db) {
     );
     assert_eq!(a.calls_of("kill").len(), 0, "nobody can reach a lost host");
 
-    // a is back: the sandboxes written off are killed on it, the paused one is kept.
-    let beats_a = keep_beating(&s, "ha", &secret_a, &["base"]);
-    wait_for("written-off sandboxes killed on a", async || {
-        on_a.iter().all(|id| a.state(id).is_none())
-    })
-    .await;
-    assert!(a.state(&kept).is_some());
-    assert_eq!(hosts(&s).await["ha"]["health"], "healthy");
+    // Its paused sandbox resumes on b from the shared store, once the store has it.
+    let connect = |id: &str| {
+        s.req(Method::POST, &format!("/sandboxes/{id}/connect"))
+            .json(&json!({"timeout": 300}))
+    };
+    let (st, v) = json(connect(&kept)).await;
+    assert_eq!(st, 503, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("its host ha is not answering and the shared store has no copy of it"),
+        "{v}"
+    );
     let (st, v) = json(s.req(Method::GET, &format!("/sandboxes/{kept}"))).await;
     assert_eq!((st, v["state"].as_str()), (200, Some("paused")));
+    b.fetchable.lock().unwrap().insert(kept.clone());
+    let (st, v) = json(connect(&kept)).await;
+    assert!(st == 200 || st == 201, "{st} {v}");
+    assert_eq!(
+        b.state(&kept),
+        Some(wrenn_agent_proto::v1::SandboxState::Running)
+    );
+    assert!(b.calls().contains(&format!("resume {kept} fetch")));
+    let (st, v) = json(s.req(Method::GET, &format!("/sandboxes/{kept}"))).await;
+    assert_eq!((st, v["state"].as_str()), (200, Some("running")));
+
+    // a is back: the sandboxes written off are killed on it, and so is its stale copy of the
+    // one that moved to b.
+    let beats_a = keep_beating(&s, "ha", &secret_a, &["base"]);
+    wait_for("written-off and moved sandboxes killed on a", async || {
+        on_a.iter().chain([&kept]).all(|id| a.state(id).is_none())
+    })
+    .await;
+    assert_eq!(hosts(&s).await["ha"]["health"], "healthy");
+    assert_eq!(
+        b.state(&kept),
+        Some(wrenn_agent_proto::v1::SandboxState::Running)
+    );
 
     // A stopping host is reconciled at once and takes nothing new.
+    beats_b.cancel();
+    // A beat already on its way lands first.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         beat(&s, "hb", &secret_b, &heartbeat(&["base"], true)).await,
         204
     );
-    beats_b.cancel();
     assert_eq!(hosts(&s).await["hb"]["schedulable"], false);
     beats_a.cancel();
     s.stop().await;

@@ -111,6 +111,10 @@ pub struct HostArgs {
     /// the same path on every host); default: `<state>/templates`, this host's own.
     #[arg(long, env = "WRENN_TEMPLATE_CACHE")]
     pub template_cache: Option<PathBuf>,
+    /// A directory shared by the hosts of a cluster where paused sandboxes are copied, so
+    /// another host resumes them when theirs is gone (needs `--template-cache` there too).
+    #[arg(long, env = "WRENN_SHARED_STORE")]
+    pub shared_store: Option<String>,
 }
 
 /// A started host and the host templates it serves.
@@ -156,6 +160,13 @@ pub(crate) async fn start(
         templates_dir: Some(templates.clone()),
         template_release_grace: Duration::from_secs(args.template_release_grace),
         insecure_registries: args.insecure_registries.clone(),
+        shared_store: match &args.shared_store {
+            Some(url) => Some(
+                wrenn_agent::shared::SharedStore::open(url)
+                    .with_context(|| format!("open the shared store {url}"))?,
+            ),
+            None => None,
+        },
     })
     .await
     .map_err(|e| anyhow::anyhow!(wrenn_agent::error_chain(&e)))?;

@@ -186,6 +186,17 @@ impl Store {
         Ok(Some(ids))
     }
 
+    /// Sandbox `id`, being resumed, now lives on `host` (it moved there from the shared store).
+    pub async fn move_resuming(&self, id: &SandboxId, host: &HostId) -> Result<bool> {
+        let done =
+            sqlx::query("UPDATE sandboxes SET host_id = $2 WHERE id = $1 AND state = 'resuming'")
+                .bind(id.as_str())
+                .bind(host.as_str())
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// When sandbox `id` was written off with its host, if it was.
     pub async fn sandbox_lost_at(&self, id: &SandboxId) -> Result<Option<UnixMillis>> {
         let row = sqlx::query("SELECT lost_at FROM sandboxes WHERE id = $1")

@@ -77,6 +77,8 @@ pub struct FakeAgent {
     /// The agents of further hosts, by their RPC URL (register a host with that URL): every
     /// other URL reaches this one.
     pub others: Mutex<HashMap<String, Arc<FakeAgent>>>,
+    /// Sandboxes a resume with `fetch` finds in "the shared store".
+    pub fetchable: Mutex<HashSet<String>>,
 }
 
 impl Default for FakeAgent {
@@ -99,6 +101,7 @@ impl Default for FakeAgent {
             snapshots: Default::default(),
             fail_next_snapshot: Default::default(),
             others: Default::default(),
+            fetchable: Default::default(),
         }
     }
 }
@@ -291,9 +294,18 @@ impl AgentClient for FakeAgent {
         }
     }
     async fn resume(&self, req: ResumeRequest) -> Result<ResumeResponse, ConnectError> {
-        let how = if req.reboot { " reboot" } else { "" };
+        let how = match (req.reboot, req.fetch) {
+            (true, _) => " reboot",
+            (false, true) => " fetch",
+            _ => "",
+        };
         self.log(format!("resume {}{how}", req.sandbox_id));
         self.refuse_busy(&req.sandbox_id)?;
+        let known = self.sandboxes.lock().unwrap().contains_key(&req.sandbox_id);
+        if req.fetch && !known && self.fetchable.lock().unwrap().remove(&req.sandbox_id) {
+            self.add_vm(&req.sandbox_id);
+            self.set_state(&req.sandbox_id, SandboxState::Paused);
+        }
         let gate = self.resume_gate.lock().unwrap().clone();
         if let Some(gate) = gate {
             gate.acquire().await.unwrap().forget();
