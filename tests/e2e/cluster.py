@@ -309,16 +309,23 @@ class Cluster:
                 raise AssertionError(f"hosts never got there: {hs}")
             time.sleep(0.5)
 
-    def host_of(self, sandbox_id: str) -> int | None:
-        """The agent whose state directory holds the sandbox (its record names it; the
+    def holds(self, i: int, sandbox_id: str) -> bool:
+        """Whether agent `i`'s state directory holds the sandbox (its record names it; the
         directory of one made from a warm VM is named after that VM)."""
+        for record in (self.agent_state(i) / "sandboxes").glob("*/sandbox.json"):
+            try:
+                if f'"{sandbox_id}"' in record.read_text():
+                    return True
+            except FileNotFoundError:
+                pass
+        return False
+
+    def host_of(self, sandbox_id: str, exclude: int | None = None) -> int | None:
+        """The agent that holds the sandbox (`exclude`: not that one, e.g. a dead agent whose
+        directory still has it)."""
         for i in range(1, AGENTS + 1):
-            for record in (self.agent_state(i) / "sandboxes").glob("*/sandbox.json"):
-                try:
-                    if f'"{sandbox_id}"' in record.read_text():
-                        return i
-                except FileNotFoundError:
-                    pass
+            if i != exclude and self.holds(i, sandbox_id):
+                return i
         return None
 
     def store_has(self, sandbox_id: str) -> bool:

@@ -120,15 +120,18 @@ def state_of(cluster, r: int, sandbox_id: str) -> str:
 def test_a_replica_dies_during_traffic_and_every_timeout_fires_once(cluster):
     steady = Sandbox.create(timeout=600, **cluster.opts(1))
     results: list[tuple[float, int, bool]] = []
+    errors: list[str] = []
     stop = threading.Event()
 
     def traffic(r: int):
         sbx = Sandbox.connect(steady.sandbox_id, **cluster.opts(r))
         while not stop.is_set():
             try:
-                ok = sbx.commands.run("echo ok", request_timeout=10).stdout == "ok\n"
-            except Exception:
+                # Generous: 20 creates share the two cores with this guest meanwhile.
+                ok = sbx.commands.run("echo ok", request_timeout=30).stdout == "ok\n"
+            except Exception as e:
                 ok = False
+                errors.append(f"replica {r}: {e!r}")
             results.append((time.monotonic(), r, ok))
             time.sleep(0.2)
 
@@ -146,6 +149,9 @@ def test_a_replica_dies_during_traffic_and_every_timeout_fires_once(cluster):
         # and those the dead replica had claimed are taken over when its lease ends.
         first_end = min(s.get_info().end_at for s in short).timestamp()
         time.sleep(max(0.0, first_end - time.time() + 5))
+        # A request through replica 0 that fails because of the kill can end before `kill()`
+        # returns (it waits for the process): "before" is before the signal.
+        kill_sent = time.monotonic()
         cluster.servers[0].kill()
         killed_at = time.monotonic()
 
@@ -164,9 +170,9 @@ def test_a_replica_dies_during_traffic_and_every_timeout_fires_once(cluster):
         for t in threads:
             t.join(30)
         after = [ok for (t, r, ok) in results if r == 1 and t > killed_at + 1]
-        assert len(after) >= 5 and all(after), after
-        before = [ok for (t, r, ok) in results if t < killed_at]
-        assert before and all(before)
+        assert len(after) >= 5 and all(after), (after, errors)
+        before = [ok for (t, r, ok) in results if t < kill_sent]
+        assert before and all(before), errors
     finally:
         stop.set()
         kill_all([steady] + short)
@@ -176,6 +182,7 @@ def test_a_replica_dies_during_traffic_and_every_timeout_fires_once(cluster):
 def test_a_killed_agent_is_written_off_and_its_paused_sandbox_resumes_elsewhere(cluster):
     sbxs = [Sandbox.create(timeout=600, **cluster.opts(n % 2)) for n in range(6)]
     later = []
+    victim = None
     try:
         where = {s.sandbox_id: cluster.host_of(s.sandbox_id) for s in sbxs}
         # The agent with the most of them goes; one of its sandboxes is paused first, with a
@@ -225,8 +232,8 @@ def test_a_killed_agent_is_written_off_and_its_paused_sandbox_resumes_elsewhere(
         # The paused one resumes on another host, from the shared store, with its memory,
         # processes and files; the store's copy goes.
         moved = Sandbox.connect(paused.sandbox_id, **cluster.opts(1))
-        new_host = cluster.host_of(paused.sandbox_id)
-        assert new_host not in (None, victim)
+        new_host = cluster.host_of(paused.sandbox_id, exclude=victim)
+        assert new_host is not None
         assert moved.files.read("/home/user/kept") == "paused on the lost host"
         assert moved.commands.run("cat /dev/shm/counter").stdout == "41\n"
         assert "sleep 3600" in moved.commands.run("ps -eo args").stdout
@@ -240,7 +247,7 @@ def test_a_killed_agent_is_written_off_and_its_paused_sandbox_resumes_elsewhere(
         cluster.restart_agent(victim)
         cluster.wait_hosts(lambda hs: all(h["health"] == "healthy" for h in hs))
         deadline = time.monotonic() + 60
-        while any(cluster.host_of(s.sandbox_id) == victim for s in lost + [paused]):
+        while any(cluster.holds(victim, s.sandbox_id) for s in lost + [paused]):
             assert time.monotonic() < deadline, "written-off sandboxes kept on the agent"
             time.sleep(1)
         assert cluster.host_of(paused.sandbox_id) == new_host
@@ -252,3 +259,34 @@ def test_a_killed_agent_is_written_off_and_its_paused_sandbox_resumes_elsewhere(
         assert cluster.host_of(paused.sandbox_id) == new_host
     finally:
         kill_all(sbxs + later)
+        # The later tests need every agent.
+        if victim and cluster.agent(victim).proc is None:
+            cluster.restart_agent(victim)
+
+
+def test_an_agent_stopped_with_sigterm_pauses_its_sandboxes_and_loses_none(cluster):
+    sbxs = [Sandbox.create(timeout=600, **cluster.opts(n % 2)) for n in range(3)]
+    try:
+        where = {s.sandbox_id: cluster.host_of(s.sandbox_id) for s in sbxs}
+        host = where[sbxs[0].sandbox_id]
+        mine = [s for s in sbxs if where[s.sandbox_id] == host]
+        for s in mine:
+            s.commands.run(f"echo {s.sandbox_id} > /dev/shm/who")
+        assert cluster.agent(host).stop() == 0
+        # Paused to disk and recorded so before it stopped; it stays down past the lost
+        # window, and nothing is written off.
+        for s in mine:
+            assert state_of(cluster, 0, s.sandbox_id) == "paused"
+            assert cluster.store_has(s.sandbox_id)
+        health = {h["id"]: h for h in cluster.hosts(1)}[f"host{host}"]
+        assert not health["schedulable"], health
+        time.sleep(lab.LOST_AFTER + 3)
+        for s in mine:
+            assert state_of(cluster, 1, s.sandbox_id) == "paused"
+        cluster.restart_agent(host)
+        cluster.wait_hosts(lambda hs: all(h["health"] == "healthy" and h["schedulable"] for h in hs))
+        for s in mine:
+            back = Sandbox.connect(s.sandbox_id, **cluster.opts(1))
+            assert back.commands.run("cat /dev/shm/who").stdout == f"{s.sandbox_id}\n"
+    finally:
+        kill_all(sbxs)

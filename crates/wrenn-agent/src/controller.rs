@@ -847,18 +847,19 @@ impl<R: Runtime> Controller<R> {
 
     /// Sandboxes whose backstop passed (and that no operation holds), with whether to pause
     /// (auto_pause and running) rather than kill them.
+    /// Running sandboxes past their backstop, with whether to pause them (auto-pause) rather
+    /// than kill them. Paused ones are never overdue: nothing of theirs runs, and a sandbox
+    /// the control plane paused (at its timeout, or on request) keeps its old backstop, which
+    /// must not delete it a minute later.
     fn overdue(&self, now: i64) -> Vec<(String, bool)> {
         lock(&self.table)
             .iter()
             .filter(|(_, e)| {
                 e.meta.backstop_unix_ms > 0
                     && e.meta.backstop_unix_ms <= now
-                    && !matches!(e.slot, Slot::Busy(_))
+                    && matches!(e.slot, Slot::Running(_))
             })
-            .map(|(id, e)| {
-                let pause = e.meta.auto_pause && matches!(e.slot, Slot::Running(_));
-                (id.clone(), pause)
-            })
+            .map(|(id, e)| (id.clone(), e.meta.auto_pause))
             .collect()
     }
 

@@ -296,6 +296,19 @@ fn qcow2_backing(path: &Path) -> Option<PathBuf> {
 /// After a pause: copies the sandbox into the agent's shared store in the background, if it has
 /// one and the sandbox can resume elsewhere.
 pub(crate) fn push_after_pause(agent: &Arc<crate::Agent>, id: &str) {
+    let (agent, id) = (agent.clone(), id.to_owned());
+    tokio::spawn(async move { push(&agent, &id).await });
+}
+
+/// Copies every sandbox of `ids` (paused, e.g. by [`crate::Agent::suspend`] before the agent
+/// stops) into the shared store, one after the other, and waits for it.
+pub async fn push_all(agent: &Arc<crate::Agent>, ids: &[String]) {
+    for id in ids {
+        push(agent, id).await;
+    }
+}
+
+async fn push(agent: &Arc<crate::Agent>, id: &str) {
     let Some(store) = agent.shared_store().cloned() else {
         return;
     };
@@ -304,29 +317,26 @@ pub(crate) fn push_after_pause(agent: &Arc<crate::Agent>, id: &str) {
         agent.runtime().root().to_owned(),
         agent.runtime().snapshots_root(),
     ];
-    let (id, host) = (id.to_owned(), agent.host_id().to_owned());
-    tokio::spawn(async move {
-        let check = dir.clone();
-        if !tokio::task::spawn_blocking(move || movable(&check, &local))
-            .await
-            .unwrap_or(false)
-        {
-            tracing::info!(sandbox_id = %id, "paused sandbox not copied to the shared store: it is layered on this host's snapshot files");
-            return;
+    let check = dir.clone();
+    if !tokio::task::spawn_blocking(move || movable(&check, &local))
+        .await
+        .unwrap_or(false)
+    {
+        tracing::info!(sandbox_id = %id, "paused sandbox not copied to the shared store: it is layered on this host's snapshot files");
+        return;
+    }
+    let started = std::time::Instant::now();
+    match store.push_paused(id, &dir, agent.host_id()).await {
+        Ok(bytes) => tracing::info!(
+            sandbox_id = %id,
+            mb = bytes >> 20,
+            ms = started.elapsed().as_millis() as u64,
+            "paused sandbox copied to the shared store"
+        ),
+        Err(e) => {
+            tracing::warn!(sandbox_id = %id, error = %crate::error_chain(&e), "copy a paused sandbox to the shared store")
         }
-        let started = std::time::Instant::now();
-        match store.push_paused(&id, &dir, &host).await {
-            Ok(bytes) => tracing::info!(
-                sandbox_id = %id,
-                mb = bytes >> 20,
-                ms = started.elapsed().as_millis() as u64,
-                "paused sandbox copied to the shared store"
-            ),
-            Err(e) => {
-                tracing::warn!(sandbox_id = %id, error = %crate::error_chain(&e), "copy a paused sandbox to the shared store")
-            }
-        }
-    });
+    }
 }
 
 /// Removes sandbox `id`'s copy in the background: after a resume here (any copy is stale

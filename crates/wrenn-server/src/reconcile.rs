@@ -116,6 +116,9 @@ impl ControlPlane {
             tracing::warn!(error = %Chain(&e), "delete leftover snapshots");
         }
         for host in &hosts {
+            if self.host_health(host) != crate::hosts::Health::Healthy {
+                continue;
+            }
             if let Err(e) = self.release_unused_versions(host).await {
                 tracing::warn!(host_id = %host.id, error = %Chain(&e), "release unused template versions");
             }

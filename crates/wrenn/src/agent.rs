@@ -7,8 +7,8 @@
 //! sandbox proxy on a TCP port where every request needs that secret. It heartbeats what it has
 //! (`POST /hosts/{id}/heartbeat`) to whichever replica answers, and joins again when a control
 //! plane no longer knows it. On SIGTERM it tells the control plane it is stopping (nothing new
-//! is placed on it), pauses every running sandbox to disk, and has the control plane reconcile
-//! its records before it stops serving, so a restart loses nothing and the control plane never
+//! is placed on it), pauses every running sandbox to disk (and copies each to the shared store,
+//! if it has one), and has the control plane reconcile its records before it stops serving, so a restart loses nothing and the control plane never
 //! writes off a sandbox that is only paused.
 
 use std::net::SocketAddr;
@@ -113,6 +113,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         templates,
         secret: joined.secret,
         interval: Duration::from_millis(joined.heartbeat_interval_ms.max(100)),
+        preferred: 0,
     };
     let stop_beating = CancellationToken::new();
     let beats = tokio::spawn(reporter.clone().run(stop_beating.clone()));
@@ -130,6 +131,8 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     // while the RPC still answers.
     reporter.beat(true).await;
     let paused = agent.suspend().await;
+    // Copied for other hosts too, so they stay resumable while this one is down.
+    wrenn_agent::shared::push_all(&agent, &paused).await;
     reporter.beat(true).await;
     stop_serving.cancel();
     let _ = server.await;
@@ -233,6 +236,8 @@ struct Reporter {
     templates: Vec<HostTemplate>,
     secret: String,
     interval: Duration,
+    /// The replica that took the last heartbeat.
+    preferred: usize,
 }
 
 impl Reporter {
@@ -266,11 +271,15 @@ impl Reporter {
         }
     }
 
-    /// One heartbeat, to the first replica that takes it; a control plane that does not know
-    /// this host (or its secret) any more gets a new join first.
+    /// One heartbeat, to the first replica that takes it, starting with the one that took the
+    /// last (a dead replica costs one failed attempt, not one per beat); a control plane that
+    /// does not know this host (or its secret) any more gets a new join first.
     async fn beat(&mut self, stopping: bool) {
         let body = self.heartbeat(stopping);
-        for server in &self.servers.urls {
+        let n = self.servers.urls.len();
+        for k in 0..n {
+            let at = (self.preferred + k) % n;
+            let server = &self.servers.urls[at];
             let res = self
                 .servers
                 .http
@@ -280,7 +289,10 @@ impl Reporter {
                 .send()
                 .await;
             match res {
-                Ok(r) if r.status().is_success() => return,
+                Ok(r) if r.status().is_success() => {
+                    self.preferred = at;
+                    return;
+                }
                 Ok(r)
                     if r.status() == reqwest::StatusCode::NOT_FOUND
                         || r.status() == reqwest::StatusCode::UNAUTHORIZED =>
@@ -298,6 +310,7 @@ impl Reporter {
                 Err(e) => tracing::warn!(server, error = %e, "heartbeat: no answer"),
             }
         }
+        tracing::error!("no control plane took the heartbeat");
     }
 }
 

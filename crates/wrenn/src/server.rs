@@ -22,6 +22,8 @@ use crate::up::{
 };
 
 /// `wrenn server` arguments.
+///
+/// Replicas share the database and, for template builds with `COPY` steps, `--build-files`.
 #[derive(Debug, clap::Args)]
 pub struct ServerArgs {
     /// Where the API, sandbox traffic and the agents' joins and heartbeats are served.
@@ -33,6 +35,10 @@ pub struct ServerArgs {
     /// This replica's files: the default API key, the SDK environment, uploaded build contexts.
     #[arg(long, env = "WRENN_STATE_DIR", default_value = "/var/lib/wrenn-server")]
     pub state_dir: PathBuf,
+    /// Where uploaded template build contexts are kept (default `<state>/build-files`): a
+    /// directory every replica mounts, so a build can start through any of them.
+    #[arg(long, env = "WRENN_BUILD_FILES")]
+    pub build_files: Option<PathBuf>,
     /// `postgres://...` (needed for several replicas); default: SQLite in the state directory.
     #[arg(long, env = "WRENN_DATABASE_URL")]
     pub database_url: Option<String>,
@@ -124,7 +130,11 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
     config.join_token = Some(settings.join_token.clone());
     config.domain = sandbox_domain(args.domain.as_deref(), addr);
     config.api_url = Some(url.clone());
-    config.build_files = Some(state.join("build-files"));
+    config.build_files = Some(
+        args.build_files
+            .clone()
+            .unwrap_or_else(|| state.join("build-files")),
+    );
     config.reconcile_interval = Duration::from_secs(args.reconcile_interval.max(1));
     config.heartbeat_interval = secs(args.heartbeat_interval)?;
     config.host_unhealthy_after = secs(args.host_unhealthy_after)?;

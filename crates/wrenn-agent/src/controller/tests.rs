@@ -753,3 +753,21 @@ fn a_snapshot_leaves_its_source_as_it_was_and_starts_sandboxes() {
         assert_consistent(&ctl);
     });
 }
+
+#[test]
+fn the_backstop_stops_running_sandboxes_and_never_deletes_paused_ones() {
+    let rt = runtime();
+    rt.block_on(async {
+        let ctl = prepared(Op::Pause).await;
+        ctl.create(create_args("other")).await.unwrap();
+        ctl.set_timeout("sb", 1_000).unwrap();
+        ctl.set_timeout("other", 1_000).unwrap();
+        let mut due = ctl.overdue(2_000);
+        due.sort();
+        assert_eq!(due, [("other".to_owned(), false), ("sb".to_owned(), false)]);
+        assert!(ctl.overdue(999).is_empty(), "not yet");
+        // Paused by the control plane (its timeout, or a request): kept past the backstop.
+        ctl.pause("sb").await.unwrap();
+        assert_eq!(ctl.overdue(2_000), [("other".to_owned(), false)]);
+    });
+}
