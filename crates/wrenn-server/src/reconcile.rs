@@ -53,7 +53,11 @@ enum Settled {
 /// cancelled.
 pub fn spawn(cp: Arc<ControlPlane>, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(cp.config.reconcile_interval);
+        // The first round one interval from now, not at once: whoever starts the reconciler
+        // has just reconciled (`wrenn up`), or has nothing in flight to settle yet, and a round
+        // at once would race whatever the caller does next.
+        let period = cp.config.reconcile_interval;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

@@ -449,6 +449,11 @@ impl ControlPlane {
                 rec.id
             )));
         }
+        // A moving sandbox's record names its new host before that host is asked, so the
+        // new host's reconciler sees a fresh `resuming` record and leaves the VM alone.
+        if moving {
+            self.store.move_resuming(&rec.id, &target.id).await?;
+        }
         let res = client
             .resume(agent::ResumeRequest {
                 sandbox_id: rec.id.to_string(),
@@ -461,6 +466,9 @@ impl ControlPlane {
             })
             .await;
         if let Err(e) = res {
+            if moving {
+                self.store.move_resuming(&rec.id, &host.id).await?;
+            }
             self.store
                 .transition(
                     &rec.id,
@@ -479,7 +487,6 @@ impl ControlPlane {
             return Err(ApiError::agent("resume sandbox", e));
         }
         if moving {
-            self.store.move_resuming(&rec.id, &target.id).await?;
             tracing::info!(sandbox_id = %rec.id, from = %host.id, to = %target.id, "paused sandbox moved to another host");
         }
         self.store.resumed(&rec.id, now, end, self::now()).await?;
