@@ -42,6 +42,10 @@ pub struct HostUsage {
     pub memory_mb_total: u64,
     /// Memory held by sandboxes with a VM.
     pub memory_mb_used: u64,
+    /// Memory the host has free now (`MemAvailable`).
+    pub memory_mb_available: u64,
+    /// Free space where the sandboxes live.
+    pub disk_free_mb: u64,
     /// Sandboxes, paused ones included.
     pub sandboxes: u32,
     /// The most sandboxes with a VM at once.
@@ -197,6 +201,9 @@ impl Agent {
             vcpus_used,
             memory_mb_total: mem_total_mb(),
             memory_mb_used,
+            memory_mb_available: proc_kib("/proc/meminfo", "MemAvailable")
+                .map_or(0, |kb| kb / 1024),
+            disk_free_mb: crate::qemu::free_bytes(self.runtime().root()).map_or(0, |b| b >> 20),
             sandboxes,
             max_sandboxes: self.ctl.max_sandboxes(),
             proxy_url: self.proxy_url.clone(),

@@ -238,7 +238,7 @@ fn anonymous_bytes(pid: u32) -> Option<u64> {
 }
 
 /// Bytes free for unprivileged writers on the filesystem holding `dir`.
-fn free_bytes(dir: &Path) -> Option<u64> {
+pub(crate) fn free_bytes(dir: &Path) -> Option<u64> {
     let s = nix::sys::statvfs::statvfs(dir).ok()?;
     Some(s.blocks_available() * s.fragment_size())
 }

@@ -258,8 +258,7 @@ impl SharedStore {
 }
 
 /// Whether paused sandbox `dir` can resume on another host from a copy: it has no memory base
-/// (it was not made from a snapshot) and its disk layer is not on a file of this host's own
-/// (`local`: its sandboxes' and snapshots' directories), only on its template's disk.
+/// (it was not made from a snapshot) and its disk is layered on no file of this host's own.
 fn movable(dir: &Path, local: &[PathBuf]) -> bool {
     let Ok(Some(rec)) = crate::record::read(dir) else {
         return false;
@@ -267,30 +266,18 @@ fn movable(dir: &Path, local: &[PathBuf]) -> bool {
     let crate::record::Phase::Paused { paused } = rec.phase else {
         return false;
     };
-    if !paused.memory_base.is_empty() {
-        return false;
-    }
-    qcow2_backing(&dir.join(&paused.disk)).is_some_and(|b| !local.iter().any(|l| b.starts_with(l)))
+    paused.memory_base.is_empty() && !on_local_files(&dir.join(&paused.disk), local)
 }
 
-/// The backing file a qcow2 image names in its header, if any.
-fn qcow2_backing(path: &Path) -> Option<PathBuf> {
-    use std::io::{Read as _, Seek as _, SeekFrom};
-    let mut f = std::fs::File::open(path).ok()?;
-    let mut header = [0u8; 20];
-    f.read_exact(&mut header).ok()?;
-    if &header[..4] != b"QFI\xfb" {
-        return None;
+/// Whether a layer under the qcow2 disk `top` lies in one of `local` (this host's sandbox and
+/// snapshot directories, which other hosts do not have); an unreadable chain counts as local.
+fn on_local_files(top: &Path, local: &[PathBuf]) -> bool {
+    match crate::jail::disk::chain(top) {
+        Ok(layers) => layers[1..]
+            .iter()
+            .any(|l| local.iter().any(|root| l.path.starts_with(root))),
+        Err(_) => true,
     }
-    let offset = u64::from_be_bytes(header[8..16].try_into().ok()?);
-    let len = u32::from_be_bytes(header[16..20].try_into().ok()?);
-    if offset == 0 || len == 0 || len > 4096 {
-        return None;
-    }
-    f.seek(SeekFrom::Start(offset)).ok()?;
-    let mut name = vec![0u8; len as usize];
-    f.read_exact(&mut name).ok()?;
-    Some(PathBuf::from(String::from_utf8(name).ok()?))
 }
 
 /// After a pause: copies the sandbox into the agent's shared store in the background, if it has
@@ -463,24 +450,39 @@ mod tests {
     }
 
     #[test]
-    fn the_backing_file_is_read_from_the_qcow2_header() {
+    fn a_disk_layered_on_this_hosts_files_stays_here() {
         let tmp = tempfile::tempdir().unwrap();
-        let base = tmp.path().join("base.raw");
+        let (shared, local) = (tmp.path().join("shared"), tmp.path().join("local"));
+        std::fs::create_dir_all(&shared).unwrap();
+        std::fs::create_dir_all(&local).unwrap();
+        let overlay = |backing: &Path, format: &str, path: &Path| {
+            std::process::Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", format, "-b"])
+                .arg(backing)
+                .arg(path)
+                .status()
+        };
+        let base = shared.join("base.raw");
         std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
-        let top = tmp.path().join("top.qcow2");
-        let made = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(&base)
-            .arg(&top)
-            .status();
-        let Ok(status) = made else {
+        let Ok(status) = overlay(&base, "raw", &tmp.path().join("on-template.qcow2")) else {
             eprintln!("qemu-img not installed: skipped");
             return;
         };
         assert!(status.success());
-        assert_eq!(qcow2_backing(&top), Some(base.clone()));
-        assert_eq!(qcow2_backing(&base), None, "not a qcow2 image");
-        assert_eq!(qcow2_backing(&tmp.path().join("missing")), None);
+        let snap = local.join("snapshot.qcow2");
+        assert!(overlay(&base, "raw", &snap).unwrap().success());
+        let child = tmp.path().join("on-snapshot.qcow2");
+        assert!(overlay(&snap, "qcow2", &child).unwrap().success());
+        let roots = [local.clone()];
+        assert!(!on_local_files(
+            &tmp.path().join("on-template.qcow2"),
+            &roots
+        ));
+        assert!(on_local_files(&child, &roots));
+        assert!(
+            on_local_files(&tmp.path().join("missing"), &roots),
+            "unreadable"
+        );
     }
 
     /// The S3 path against a real S3-compatible server (moto's, from PyPI) started here, when

@@ -245,8 +245,8 @@ mod tests {
     fn host(beat: Option<i64>, lost: Option<i64>) -> HostRecord {
         HostRecord {
             id: HostId::parse("h1").unwrap(),
-            rpc_url: "http://10.0.0.1:5000".into(),
-            proxy_url: "http://10.0.0.1:5000".into(),
+            rpc_url: "http://127.0.0.1:5000".into(),
+            proxy_url: "http://127.0.0.1:5000".into(),
             vcpus: 8,
             memory_mb: 1024,
             max_sandboxes: 0,

@@ -73,13 +73,9 @@ async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, mut f: im
     }
 }
 
-fn now_ms() -> i64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
-}
-
 /// A record written straight into the store, as another control plane would have left it.
 fn raw_record(team: &str, state: SandboxState, updated_at: i64) -> SandboxRecord {
-    let now = now_ms();
+    let now = now_ms().0;
     SandboxRecord {
         id: SandboxId::from_random(rand::random()),
         team_id: TeamId::parse(team).unwrap(),
@@ -329,7 +325,7 @@ async fn reconcile_settles_stuck_transitions_after_the_grace(db: Db) {
     use SandboxState::{Creating, Paused, Pausing, Running};
     let s = quiet_stack(db).await;
     let (store, agent) = (s.server.cp.store(), &s.server.agent);
-    let (old, fresh) = (now_ms() - 600_000, now_ms() - 1_000);
+    let (old, fresh) = (now_ms().0 - 600_000, now_ms().0 - 1_000);
     // (record state, last change, VM on the agent) -> (record after, VM after); as records
     // another control plane left, so no lock of this process protects them.
     let cases = [
@@ -399,7 +395,7 @@ async fn periodic_reconcile_leaves_creates_in_flight_alone(db: Db) {
     let orphan = SandboxId::from_random(rand::random()).to_string();
     agent.add_vm(&orphan);
     // Another control plane's create in flight (its record fresh, its VM listed).
-    let elsewhere = raw_record(&s.team, SandboxState::Creating, now_ms());
+    let elsewhere = raw_record(&s.team, SandboxState::Creating, now_ms().0);
     agent.add_vm(elsewhere.id.as_str());
     s.server
         .cp

@@ -69,14 +69,6 @@ fn seconds_left(v: &Value) -> i64 {
     (end - time::OffsetDateTime::now_utc()).whole_seconds()
 }
 
-async fn wait_for(what: &str, mut ok: impl AsyncFnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !ok().await {
-        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn create_lifecycles_are_checked_stored_and_reported(db: Db) {
     let s = Stack::with(db, FakeAgent::default(), |_| {}).await;
     let lifecycle =

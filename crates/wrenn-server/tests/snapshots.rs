@@ -638,15 +638,7 @@ async fn the_reconciler_deletes_snapshots_that_operations_left_behind(db: Db) {
     let kept = last_snapshot_id(&s);
     let store = s.server.cp.store();
     let mut leftover = store.get_snapshot(&kept).await.unwrap().unwrap();
-    let now = UnixMillis(
-        i64::try_from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_millis(),
-        )
-        .unwrap(),
-    );
+    let now = now_ms();
     // A capture whose answer never came (older than the grace), and a fork's own snapshot an
     // hour old: both deleted on the agent, then forgotten.
     leftover.id = "unansweredcapture000".into();

@@ -639,7 +639,7 @@ async fn bad_urls_are_refused() {
 async fn joined_hosts(store: &Store, team: &TeamId, sfx: &str) {
     let id = HostId::parse(&format!("j-{sfx}")).unwrap();
     store
-        .join_host(&id, "http://10.9.0.2:7000", UnixMillis(100))
+        .join_host(&id, "http://127.0.0.1:7000", UnixMillis(100))
         .await
         .unwrap();
     let joined = store.get_host(&id).await.unwrap().unwrap();

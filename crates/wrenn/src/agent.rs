@@ -12,7 +12,7 @@
 //! writes off a sandbox that is only paused.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -109,7 +109,6 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         host_id,
         url,
         agent: agent.clone(),
-        state: state.clone(),
         templates,
         secret: joined.secret,
         interval: Duration::from_millis(joined.heartbeat_interval_ms.max(100)),
@@ -232,7 +231,6 @@ struct Reporter {
     host_id: String,
     url: String,
     agent: Arc<Agent>,
-    state: PathBuf,
     templates: Vec<HostTemplate>,
     secret: String,
     interval: Duration,
@@ -261,8 +259,8 @@ impl Reporter {
         Heartbeat {
             vcpus: u.vcpus_total,
             memory_mb: u.memory_mb_total,
-            memory_available_mb: mem_available_mb(),
-            disk_free_mb: disk_free_mb(&self.state),
+            memory_available_mb: u.memory_mb_available,
+            disk_free_mb: u.disk_free_mb,
             max_sandboxes: u.max_sandboxes,
             sandboxes: u.sandboxes,
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -312,23 +310,4 @@ impl Reporter {
         }
         tracing::error!("no control plane took the heartbeat");
     }
-}
-
-/// `MemAvailable` in MiB.
-fn mem_available_mb() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("MemAvailable:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb / 1024)
-}
-
-/// Free space of the file system holding `dir`, MiB.
-fn disk_free_mb(dir: &Path) -> u64 {
-    nix::sys::statvfs::statvfs(dir).map_or(0, |s| {
-        s.blocks_available().saturating_mul(s.fragment_size()) >> 20
-    })
 }

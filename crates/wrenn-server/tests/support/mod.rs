@@ -807,3 +807,25 @@ pub async fn json(r: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
     }
     (status, v)
 }
+
+/// Polls `ok` every 50 ms until it holds, for at most 10 s.
+pub async fn wait_for(what: &str, mut ok: impl AsyncFnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !ok().await {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The wall clock as the store keeps it.
+pub fn now_ms() -> wrenn_core::UnixMillis {
+    wrenn_core::UnixMillis(
+        i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+        )
+        .unwrap(),
+    )
+}
